@@ -1,0 +1,1 @@
+"""GTSRB data: reading the official and torchvision layouts, a synthetic generator, partitioners."""

@@ -1,0 +1,45 @@
+"""Error classes of the worker, each with its own process exit code.
+
+A Job that fails tells its cause through its exit code alone, so the operator (or the local
+runner) can tell a bad spec from broken data from a poisoned round from a bug without parsing logs.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_BAD_DATA = 3
+EXIT_REJECTED_UPDATES = 4
+EXIT_INTERNAL = 70
+
+EXIT_CODE_NAMES: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_BAD_INPUT: "bad input",
+    EXIT_BAD_DATA: "bad data",
+    EXIT_REJECTED_UPDATES: "rejected updates",
+    EXIT_INTERNAL: "internal error",
+}
+
+
+class WorkerError(Exception):
+    """Base of all errors the worker reports on purpose."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class BadInputError(WorkerError):
+    """An argument or configuration value is wrong; the message names it and the fix."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class BadDataError(WorkerError):
+    """A data set, weights file or manifest on disk is missing or malformed; the message names the file."""
+
+    exit_code = EXIT_BAD_DATA
+
+
+class RejectedUpdatesError(WorkerError):
+    """Too few client updates survived validation to aggregate a round."""
+
+    exit_code = EXIT_REJECTED_UPDATES
