@@ -1,0 +1,180 @@
+"""``fedtrain-worker``: the command line every Job (and every local subprocess) runs.
+
+Exit codes tell the cause of a failure (see `errors`): 2 bad input, 3 bad data, 4 rejected
+updates, 70 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedtrain.worker.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--architecture", default="mobilenet_v3_small",
+                       help="mobilenet_v3_small | mobilenet_v3_large | tiny_cnn")
+    group.add_argument("--num-classes", type=int, default=43)
+    group.add_argument("--image-size", type=int, default=64, help="square input size in pixels")
+    group.add_argument("--pretrained", default=None, help="local .safetensors or .pth weights file")
+    group.add_argument("--head-only", action="store_true", help="freeze the backbone, train the classifier only")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--optimizer", default="adam", help="sgd | adam")
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--scheduler", default="none", help="none | cosine (cosine annealing with warm restarts)")
+    group.add_argument("--restart-epochs", type=int, default=1, help="epochs per cosine cycle")
+    group.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all sub-commands."""
+    parser = argparse.ArgumentParser(prog="fedtrain-worker", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth-gtsrb", help="write a synthetic GTSRB-like data set (official layout)")
+    synth.add_argument("--out", required=True, type=Path)
+    synth.add_argument("--per-class", type=int, default=60)
+    synth.add_argument("--test-per-class", type=int, default=20)
+    synth.add_argument("--frames-per-track", type=int, default=10)
+    synth.add_argument("--min-size", type=int, default=15)
+    synth.add_argument("--max-size", type=int, default=250)
+    synth.add_argument("--seed", type=int, default=0)
+
+    init = commands.add_parser("init", help="partition the data and write the round-0 model")
+    init.add_argument("--workdir", required=True, type=Path)
+    init.add_argument("--data", required=True, help="GTSRB root (generated there with --synthetic-per-class)")
+    init.add_argument("--synthetic-per-class", type=int, default=None, help="generate synthetic data first")
+    init.add_argument("--synthetic-test-per-class", type=int, default=20)
+    init.add_argument("--synthetic-seed", type=int, default=0)
+    init.add_argument("--no-roi-crop", action="store_true", help="use whole images, not the ROI")
+    init.add_argument("--validation-fraction", type=float, default=0.1, help="per client, by track")
+    init.add_argument("--clients", type=int, required=True)
+    init.add_argument("--partition", default="iid", help="iid | dirichlet | classes | quantity")
+    init.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    init.add_argument("--partition-seed", type=int, default=0)
+    init.add_argument("--seed", type=int, default=0, help="model initialisation and client seeds")
+    _add_model_options(init)
+
+    train = commands.add_parser("train", help="one client, one round")
+    train.add_argument("--workdir", required=True, type=Path)
+    train.add_argument("--round", type=int, required=True)
+    train.add_argument("--client", required=True)
+    train.add_argument("--data", default=None, help="override the data path recorded by init")
+    train.add_argument("--device", default="auto")
+    _add_training_options(train)
+
+    aggregate = commands.add_parser("aggregate", help="one round: strategy over the updates, evaluate, save")
+    aggregate.add_argument("--workdir", required=True, type=Path)
+    aggregate.add_argument("--round", type=int, required=True)
+    aggregate.add_argument("--strategy", default="fedavg")
+    aggregate.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                           help="strategy parameter, repeatable (e.g. --param mu=0.01)")
+    aggregate.add_argument("--min-updates", type=int, default=1)
+    aggregate.add_argument("--max-norm-ratio", type=float, default=10.0,
+                           help="reject updates whose norm exceeds this many times the median (0: off)")
+    aggregate.add_argument("--clients", default="", help="comma-separated clients to use (default: all present)")
+    aggregate.add_argument("--data", default=None)
+    aggregate.add_argument("--device", default="auto")
+    aggregate.add_argument("--no-evaluate", action="store_true")
+    aggregate.add_argument("--termination-log", type=Path, default=None,
+                           help="also write the short JSON result here (Kubernetes: /dev/termination-log)")
+
+    evaluate = commands.add_parser("evaluate", help="score a global model on the test split")
+    evaluate.add_argument("--workdir", required=True, type=Path)
+    evaluate.add_argument("--round", type=int, required=True)
+    evaluate.add_argument("--data", default=None)
+    evaluate.add_argument("--split", default="test", choices=("test", "train"))
+    evaluate.add_argument("--device", default="auto")
+
+    predict = commands.add_parser("predict", help="classify image files with a model file")
+    predict.add_argument("--weights", required=True, type=Path)
+    predict.add_argument("--top", type=int, default=1)
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("images", nargs="+", type=Path)
+    return parser
+
+
+def _parameters(pairs: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    parsed = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadInputError(f"--param {pair!r} must look like KEY=VALUE")
+        parsed.append((key, value))
+    return tuple(parsed)
+
+
+def run(args: argparse.Namespace) -> Any:
+    """Dispatch one parsed command; returns what is printed as JSON."""
+    from fedtrain.worker import jobs  # torch is imported only once arguments parsed
+    from fedtrain.worker.data.partition import PartitionConfig
+    from fedtrain.worker.data.synth import SynthConfig, generate
+    from fedtrain.worker.layout import Layout
+    from fedtrain.worker.models import ModelConfig
+    from fedtrain.worker.training import TrainConfig
+
+    if args.command == "synth-gtsrb":
+        return generate(args.out, SynthConfig(args.per_class, args.test_per_class, args.frames_per_track, args.seed,
+                                              args.min_size, args.max_size))
+    if args.command == "init":
+        synth = None
+        if args.synthetic_per_class is not None:
+            synth = SynthConfig(args.synthetic_per_class, args.synthetic_test_per_class, seed=args.synthetic_seed)
+        model = ModelConfig(args.architecture, args.num_classes, args.image_size, args.pretrained, not args.head_only)
+        data = jobs.DataConfig(args.data, not args.no_roi_crop, args.validation_fraction)
+        partition = PartitionConfig(args.partition, args.clients, args.alpha, args.partition_seed)
+        manifest = jobs.init(Layout(args.workdir), data, model, partition, synth, args.seed)
+        return {"clients": manifest["partition"]["histograms"], "num_train_samples": manifest["num_train_samples"]}
+    if args.command == "predict":
+        return jobs.predict(args.weights, args.images, jobs.pick_device(args.device), args.top)
+    workspace = jobs.Workspace.open(args.workdir, args.data)
+    device = jobs.pick_device(args.device)
+    if args.command == "train":
+        config = TrainConfig(args.epochs, args.batch_size, args.optimizer, args.lr, args.momentum,
+                             args.weight_decay, args.scheduler, args.restart_epochs, args.mu)
+        config.check()
+        return jobs.train(workspace, args.round, args.client, config, device)
+    if args.command == "aggregate":
+        clients = tuple(c for c in args.clients.split(",") if c)
+        config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,
+                                       args.max_norm_ratio, clients, not args.no_evaluate)
+        result = jobs.aggregate(workspace, args.round, config_, device)
+        if args.termination_log is not None:
+            args.termination_log.write_text(jobs.termination_message(result))
+        return {k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}
+    weights, _ = workspace.load_global(args.round)
+    return jobs.evaluate_weights(workspace, weights, device, args.split).to_json()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run, print the result as JSON; map failures to exit codes."""
+    args = build_parser().parse_args(argv)
+    try:
+        output = run(args)
+    except WorkerError as error:
+        print(f"fedtrain-worker {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except Exception:
+        traceback.print_exc()
+        print(f"fedtrain-worker {args.command}: internal error (exit {EXIT_INTERNAL})", file=sys.stderr)
+        return EXIT_INTERNAL
+    print(json.dumps(output, indent=2))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""What each worker command does: init, train, aggregate, evaluate, predict.
+
+Every command reads and writes only the work directory (see `layout`) and the data set, so a
+Kubernetes Job and a local subprocess run them identically. Each one is idempotent: run again with
+the same arguments, it rewrites the same files atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree, sign_names, split_by_track
+from fedtrain.worker.data.images import load_image, load_samples
+from fedtrain.worker.data.partition import Partition, PartitionConfig, partition_samples
+from fedtrain.worker.data.synth import SynthConfig, generate
+from fedtrain.worker.errors import BadDataError, BadInputError
+from fedtrain.worker.layout import Layout
+from fedtrain.worker.models import ModelConfig, build_model
+from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
+from fedtrain.worker.training import (
+    Evaluation,
+    TrainConfig,
+    evaluate,
+    load_numpy_state,
+    predict_proba,
+    state_to_numpy,
+    train_local,
+)
+from fedtrain.worker.weights import read_json, read_weights, save_weights, write_json
+
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes Kubernetes keeps of /dev/termination-log
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data set is and how its images are read."""
+
+    path: str
+    roi_crop: bool = True
+    validation_fraction: float = 0.1
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` takes a GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise BadInputError(f"--device {name!r} is not a torch device (use auto, cpu or cuda)") from error
+
+
+# --- init -----------------------------------------------------------------------------------------
+
+
+def init(layout: Layout, data: DataConfig, model: ModelConfig, partition: PartitionConfig,
+         synth: SynthConfig | None, seed: int) -> dict[str, Any]:
+    """Generate synthetic data if asked, partition the training split, write the round-0 model."""
+    model.check()
+    if synth is not None:
+        generate(Path(data.path), synth)
+    tree = load_tree(Path(data.path), model.num_classes, need_test=False)
+    settings = {"data": asdict(data), "model": model.to_json(), "seed": seed,
+                "partition_config": asdict(partition), "synthetic": asdict(synth) if synth else None}
+    if layout.manifest.exists():
+        existing = read_json(layout.manifest)
+        if existing.get("settings") != settings:
+            raise BadInputError(
+                f"{layout.root} is already initialised with other settings; use a new work directory "
+                "(nothing was overwritten)"
+            )
+        if layout.global_weights(0).exists():
+            return existing
+    result = partition_samples(tree.train, partition, model.num_classes)
+    manifest = {"settings": settings, "layout": tree.layout, "num_train_samples": len(tree.train),
+                "partition": result.to_json()}
+    torch.manual_seed(seed)
+    network = build_model(model)
+    save_weights(layout.global_weights(0), state_to_numpy(network),
+                 {"round": 0, "model": model.to_json(), "num_examples": 0})
+    write_json(layout.manifest, manifest)
+    return manifest
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A work directory's manifest, read and typed."""
+
+    layout: Layout
+    model: ModelConfig
+    data: DataConfig
+    partition: Partition
+    seed: int
+
+    @classmethod
+    def open(cls, root: Path, data_path: str | None = None) -> Workspace:
+        """Read ``manifest.json``; ``data_path`` overrides where this process finds the data set."""
+        layout = Layout(Path(root))
+        if not layout.manifest.exists():
+            raise BadInputError(f"{layout.manifest} does not exist; run 'fedtrain-worker init' first")
+        manifest = read_json(layout.manifest)
+        settings = manifest["settings"]
+        data = DataConfig(**settings["data"])
+        if data_path:
+            data = DataConfig(data_path, data.roi_crop, data.validation_fraction)
+        return cls(layout, ModelConfig.from_json(settings["model"]), data,
+                   Partition.from_json(manifest["partition"]), int(settings["seed"]))
+
+    def tree(self, need_test: bool) -> GtsrbTree:
+        """The data set as this process sees it."""
+        return load_tree(Path(self.data.path), self.model.num_classes, need_test=need_test)
+
+    def load_global(self, round_number: int) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
+        """The global weights after ``round_number``."""
+        path = self.layout.global_weights(round_number)
+        if not path.exists():
+            raise BadInputError(f"{path} does not exist; round {round_number} has not been aggregated")
+        return read_weights(path)
+
+    def arrays(self, tree: GtsrbTree, samples: list[Sample]) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+        """Decoded images and labels at the model's input size."""
+        return load_samples(tree, samples, self.model.image_size, self.data.roi_crop)
+
+
+# --- train ----------------------------------------------------------------------------------------
+
+
+def client_seed(seed: int, round_number: int, client: str) -> int:
+    """A distinct, reproducible seed for each (training, round, client)."""
+    digest = hashlib.sha256(f"{seed}/{round_number}/{client}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def train(workspace: Workspace, round_number: int, client: str, config: TrainConfig, device: torch.device
+          ) -> dict[str, Any]:
+    """Train one client for one round from the previous global model; write its update."""
+    if round_number < 1:
+        raise BadInputError(f"--round must be >= 1, got {round_number}")
+    sample_ids = workspace.partition.clients.get(client)
+    if sample_ids is None:
+        known = ", ".join(sorted(workspace.partition.clients))
+        raise BadInputError(f"--client {client!r} is not in the partition (clients: {known})")
+    weights, meta = workspace.load_global(round_number - 1)
+    tree = workspace.tree(need_test=False)
+    by_id = {s.sample_id: s for s in tree.train}
+    missing = [i for i in sample_ids if i not in by_id]
+    if missing:
+        raise BadDataError(
+            f"{workspace.data.path}: {len(missing)} sample(s) of {client} are missing, e.g. {missing[0]}"
+        )
+    seed = client_seed(workspace.seed, round_number, client)
+    train_part, validation_part = split_by_track([by_id[i] for i in sample_ids], workspace.data.validation_fraction,
+                                                 seed)
+    model = build_model(workspace.model)
+    load_numpy_state(model, weights)
+    images, labels = workspace.arrays(tree, train_part)
+    result = train_local(model, images, labels, TrainConfig(**{**asdict(config), "seed": seed}), device)
+    metrics: dict[str, Any] = {"train_" + k: v for k, v in result.to_json().items() if k != "num_examples"}
+    if validation_part:
+        val_images, val_labels = workspace.arrays(tree, validation_part)
+        scores = evaluate(model, val_images, val_labels, workspace.model.num_classes, device=device)
+        metrics.update({"val_accuracy": scores.accuracy, "val_loss": scores.loss,
+                        "val_examples": scores.num_examples})
+    sidecar = {"client": client, "round": round_number, "num_examples": result.num_examples,
+               "metrics": metrics, "base_sha256": meta["sha256"], "train_config": asdict(config)}
+    sidecar["sha256"] = save_weights(workspace.layout.client_update(round_number, client),
+                                     state_to_numpy(model.cpu()), sidecar)
+    return sidecar
+
+
+# --- aggregate ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """Which strategy, with which parameters, and how strict the round is."""
+
+    strategy: str = "fedavg"
+    parameters: tuple[tuple[str, Any], ...] = ()
+    min_updates: int = 1
+    max_norm_ratio: float = 10.0
+    clients: tuple[str, ...] = ()  # empty: every update file present
+    evaluate: bool = True
+
+
+def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, device: torch.device
+              ) -> dict[str, Any]:
+    """Aggregate one round with the strategy, evaluate on the test split, write the new global model."""
+    if round_number < 1:
+        raise BadInputError(f"--round must be >= 1, got {round_number}")
+    started = time.perf_counter()
+    strategy = make_strategy(config.strategy, dict(config.parameters))
+    current, _ = workspace.load_global(round_number - 1)
+    layout = workspace.layout
+    state: dict[str, NDArray[Any]] = {}
+    if layout.strategy_state(round_number - 1).exists():
+        state, _ = read_weights(layout.strategy_state(round_number - 1))
+    clients = config.clients or tuple(sorted(p.stem for p in layout.client_dir(round_number).glob("*.safetensors")))
+    files = [UpdateFile(c, layout.client_update(round_number, c)) for c in clients]
+    updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates)
+    outcome = strategy.aggregate(current, updates, state)
+    aggregated_at = time.perf_counter()
+    result: dict[str, Any] = {
+        "round": round_number, "strategy": strategy.name, "accepted": updates.accepted,
+        "rejected": updates.rejected, "num_examples": sum(updates.examples[c] for c in updates.accepted),
+        "aggregation_seconds": aggregated_at - started, **outcome.details,
+    }
+    if config.evaluate:
+        scores = evaluate_weights(workspace, outcome.weights, device)
+        result.update(scores.summary())
+        result["per_class_accuracy"] = scores.per_class_accuracy
+        result["confusion"] = scores.confusion
+    if outcome.state:
+        save_weights(layout.strategy_state(round_number), outcome.state, {"round": round_number, "num_examples": 0})
+    meta = {"round": round_number, "model": workspace.model.to_json(), "num_examples": result["num_examples"],
+            "metrics": {k: result[k] for k in ("accuracy", "loss") if k in result}}
+    result["sha256"] = save_weights(layout.global_weights(round_number), outcome.weights, meta)
+    result["seconds"] = time.perf_counter() - started
+    write_json(layout.result(round_number), result)
+    return result
+
+
+def evaluate_weights(workspace: Workspace, weights: dict[str, NDArray[Any]], device: torch.device,
+                     split: str = "test") -> Evaluation:
+    """Score weights on the data set's test split (or its whole training split)."""
+    tree = workspace.tree(need_test=split == "test")
+    samples = list(tree.test if split == "test" else tree.train)
+    model = build_model(workspace.model)
+    load_numpy_state(model, weights)
+    images, labels = workspace.arrays(tree, samples)
+    return evaluate(model, images, labels, workspace.model.num_classes, device=device)
+
+
+def termination_message(result: dict[str, Any]) -> str:
+    """The small JSON a Kubernetes Pod leaves in its termination message (at most 4 KiB)."""
+    keys = ("round", "strategy", "accuracy", "loss", "num_examples", "accepted", "sha256", "seconds")
+    short = {k: result[k] for k in keys if k in result}
+    short["rejected"] = result.get("rejected", {})
+    text = json.dumps(short, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        short["rejected"] = {c: r[:80] for c, r in short["rejected"].items()}
+        text = json.dumps(short, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        short["rejected"] = sorted(short["rejected"])
+        short["accepted"] = len(short.get("accepted", []))
+        text = json.dumps(short, separators=(",", ":"))
+    return text
+
+
+# --- predict --------------------------------------------------------------------------------------
+
+
+def load_model_from_weights(path: Path) -> tuple[torch.nn.Module, ModelConfig]:
+    """A model ready for inference from a global weights file (its sidecar names the architecture)."""
+    weights, meta = read_weights(path)
+    if "model" not in meta:
+        raise BadDataError(f"{path}: its sidecar has no 'model' entry; use a global or final model file")
+    config = ModelConfig.from_json({**meta["model"], "pretrained_weights": None})
+    model = build_model(config)
+    load_numpy_state(model, weights)
+    return model.eval(), config
+
+
+def predict(weights_path: Path, images: list[Path], device: torch.device, top: int = 1) -> list[dict[str, Any]]:
+    """Class id, sign name and probability for each image file."""
+    model, config = load_model_from_weights(weights_path)
+    names = sign_names()
+    batch = np.stack([load_image(p, config.image_size) for p in images])
+    probabilities = predict_proba(model, batch, device=device)
+    rows = []
+    for path, row in zip(images, probabilities, strict=True):
+        best = np.argsort(row)[::-1][:top]
+        rows.append({"image": str(path), "class_id": int(best[0]), "probability": float(row[best[0]]),
+                     "sign_name": names[int(best[0])] if int(best[0]) < len(names) else str(int(best[0])),
+                     "top": [{"class_id": int(c), "probability": float(row[c])} for c in best]})
+    return rows

@@ -1,0 +1,44 @@
+"""Pure helpers over weight dicts shared by several strategies: no I/O, no logging."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedtrain.worker.weights import Weights
+
+# Batch-norm statistics are averaged but never stepped by a server optimiser: an Adam step could
+# push a running variance below zero.
+STATISTIC_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_statistic(name: str) -> bool:
+    """True for batch-norm running statistics (buffers, not trainable parameters)."""
+    return name.endswith(STATISTIC_SUFFIXES)
+
+
+def cast_like(values: Weights, reference: Weights) -> Weights:
+    """Cast float64 results back to each tensor's original dtype (rounding integer buffers)."""
+    out: Weights = {}
+    for name, array in values.items():
+        dtype = reference[name].dtype
+        out[name] = np.rint(array).astype(dtype) if np.issubdtype(dtype, np.integer) else array.astype(dtype)
+    return out
+
+
+def weighted_mean(updates: list[Weights], counts: list[int]) -> Weights:
+    """Example-weighted mean, tensor by tensor, in float64."""
+    total = float(sum(counts))
+    return {
+        name: sum(np.asarray(u[name], dtype=np.float64) * (n / total) for u, n in zip(updates, counts, strict=True))
+        for name in updates[0]
+    }
+
+
+def flat_delta_norm(update: Weights, current: Weights) -> float:
+    """L2 norm of ``update - current`` over all floating tensors."""
+    total = 0.0
+    for name, array in update.items():
+        if np.issubdtype(array.dtype, np.floating):
+            diff = np.asarray(array, dtype=np.float64) - current[name]
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return float(np.sqrt(total))

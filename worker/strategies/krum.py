@@ -1,0 +1,78 @@
+"""Krum and Multi-Krum: keep the update(s) closest to their neighbours.
+
+Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent".
+Each update is scored by the sum of squared distances to its ``n - f - 2`` nearest others, where
+``f`` is the number of Byzantine clients tolerated (needs ``n > 2f + 2``). Krum keeps the best one;
+Multi-Krum (``m > 1``) averages the ``m`` best, weighted by examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtrain.worker.errors import BadInputError, RejectedUpdatesError
+from fedtrain.worker.strategies.arrays import cast_like, weighted_mean
+from fedtrain.worker.strategies.protocol import Aggregate
+from fedtrain.worker.strategies.updates import UpdateSet
+from fedtrain.worker.weights import Weights
+
+
+def pairwise_squared_distances(updates: list[Weights]) -> np.ndarray:
+    """``(n, n)`` squared L2 distances over all floating tensors, through Gram matrices tensor by tensor."""
+    n = len(updates)
+    gram = np.zeros((n, n))
+    for name, first in updates[0].items():
+        if not np.issubdtype(first.dtype, np.floating):
+            continue
+        rows = np.stack([u[name].ravel() for u in updates]).astype(np.float64)
+        gram += rows @ rows.T
+    squared_norms = np.diag(gram)
+    return np.maximum(squared_norms[:, None] + squared_norms[None, :] - 2 * gram, 0.0)
+
+
+def krum_scores(distances: np.ndarray, byzantine: int) -> np.ndarray:
+    """Sum of squared distances from each update to its ``n - f - 2`` nearest neighbours."""
+    n = distances.shape[0]
+    neighbours = n - byzantine - 2
+    if neighbours < 1:
+        raise ValueError(f"Krum needs n > 2f + 2 updates: n={n}, f={byzantine}")
+    masked = distances + np.diag(np.full(n, np.inf))
+    return np.sort(masked, axis=1)[:, :neighbours].sum(axis=1)
+
+
+def krum_select(distances: np.ndarray, byzantine: int, keep: int) -> list[int]:
+    """Indices of the ``keep`` lowest-scored updates, best first."""
+    return [int(i) for i in np.argsort(krum_scores(distances, byzantine), kind="stable")[:keep]]
+
+
+@dataclass(frozen=True)
+class Krum:
+    """Krum (``m=1``) or Multi-Krum (``m>1``) tolerating ``f`` Byzantine clients."""
+
+    f: int = 1
+    m: int = 1
+    name: str = "krum"
+
+    def __post_init__(self) -> None:
+        if self.f < 0:
+            raise BadInputError(f"strategy.f must be >= 0, got {self.f}")
+        if self.m < 1:
+            raise BadInputError(f"strategy.m must be >= 1, got {self.m}")
+
+    def aggregate(self, current: Weights, updates: UpdateSet, state: Weights) -> Aggregate:
+        """Select by Krum score, then average the selected updates."""
+        accepted = updates.all()
+        try:
+            chosen = krum_select(pairwise_squared_distances([u.weights for u in accepted]), self.f,
+                                 min(self.m, len(accepted)))
+        except ValueError as error:
+            raise RejectedUpdatesError(f"krum: {error}") from error
+        picked = [accepted[i] for i in chosen]
+        merged = weighted_mean([u.weights for u in picked], [u.num_examples for u in picked])
+        return Aggregate(cast_like(merged, current), details={"selected": [u.client for u in picked]})
+
+    def client_options(self) -> dict[str, float]:
+        """Clients train plainly."""
+        return {}

@@ -1,0 +1,50 @@
+"""Checks every client update passes before any strategy sees it.
+
+Each check returns a reason (a sentence that reaches the training's status) or None. They are
+pure functions over arrays; reading files is `updates.UpdateSet`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedtrain.worker.weights import Weights
+
+
+def structural_problem(update: Weights, current: Weights, num_examples: object) -> str | None:
+    """Names, shapes, dtypes, finiteness and a positive example count; the first problem found, if any."""
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
+        return f"num_examples must be a positive integer, got {num_examples!r}"
+    missing = sorted(set(current) - set(update))
+    if missing:
+        return f"missing tensors: {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
+    extra = sorted(set(update) - set(current))
+    if extra:
+        return f"unexpected tensors: {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}"
+    for name, expected in current.items():
+        array = update[name]
+        if array.shape != expected.shape:
+            return f"tensor {name} has shape {tuple(array.shape)}, expected {tuple(expected.shape)}"
+        if array.dtype != expected.dtype:
+            return f"tensor {name} has dtype {array.dtype}, expected {expected.dtype}"
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            return f"tensor {name} contains NaN or Inf"
+    return None
+
+
+def norm_outliers(norms: Mapping[str, float], max_ratio: float, min_count: int = 3) -> dict[str, str]:
+    """Clients whose update norm exceeds ``max_ratio`` times the median norm of the round.
+
+    Needs ``min_count`` updates for the median to mean anything; ``max_ratio <= 0`` disables the check.
+    """
+    if max_ratio <= 0 or len(norms) < min_count:
+        return {}
+    median = float(np.median(list(norms.values())))
+    limit = max_ratio * median
+    return {
+        client: f"update norm {norm:.4g} exceeds {max_ratio:g}× the round's median norm {median:.4g}"
+        for client, norm in norms.items()
+        if median > 0 and norm > limit
+    }
