@@ -65,7 +65,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def save_weights(path: Path, weights: Weights, meta: dict[str, Any]) -> str:
     """Write ``weights`` and their sidecar; return the sha256 of the weights file."""
-    data = save_safetensors({name: np.ascontiguousarray(array) for name, array in weights.items()})
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make BatchNorm's scalar counters 1-d).
+    data = save_safetensors({name: np.require(array, requirements="C") for name, array in weights.items()})
     digest = hashlib.sha256(data).hexdigest()
     write_atomically(path, data)
     write_json(sidecar_of(path), {**meta, "sha256": digest, "file": path.name})

@@ -1,0 +1,107 @@
+"""The worker CLI alone, as Jobs run it: a 3-client, 2-round federation, and the exit code of each failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_REJECTED_UPDATES
+from fedtrain.worker.layout import Layout
+from fedtrain.worker.weights import save_weights
+
+CLIENTS = ("client-00", "client-01", "client-02")
+
+
+def worker(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "fedtrain.worker.cli", *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{command} exited {done.returncode}:\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def federation(synth_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Init, then two rounds of three clients and one aggregation each, all through the CLI."""
+    workdir = tmp_path_factory.mktemp("run")
+    worker("init", "--workdir", workdir, "--data", synth_tree, "--clients", 3, "--architecture", "tiny_cnn",
+           "--image-size", 32, "--seed", 1)
+    for round_number in (1, 2):
+        for client in CLIENTS:
+            worker("train", "--workdir", workdir, "--round", round_number, "--client", client, "--epochs", 4,
+                   "--lr", 0.01, "--batch-size", 16, "--device", "cpu")
+        worker("aggregate", "--workdir", workdir, "--round", round_number, "--min-updates", 3,
+               "--termination-log", workdir / f"termination-{round_number}", "--device", "cpu")
+    return workdir
+
+
+def test_two_rounds_beat_chance_and_leave_the_layout(federation: Path) -> None:
+    layout = Layout(federation)
+    result = json.loads(layout.result(2).read_text())
+    assert result["accepted"] == list(CLIENTS) and result["rejected"] == {}
+    assert result["num_examples"] > 0 and result["test_examples"] == 43 * 2
+    assert result["accuracy"] > 2 / 43  # twice chance after two short rounds on 8 images per class
+    assert len(result["confusion"]) == 43
+    for round_number in (0, 1, 2):
+        assert layout.global_weights(round_number).exists()
+    assert sorted(p.name for p in layout.client_dir(1).iterdir()) == sorted(
+        f"{c}.{ext}" for c in CLIENTS for ext in ("json", "safetensors"))
+    update = json.loads((layout.client_dir(2) / "client-01.json").read_text())
+    assert update["base_sha256"] == json.loads(layout.result(1).read_text())["sha256"]
+    assert {"train_loss", "train_accuracy", "val_accuracy"} <= set(update["metrics"])
+
+
+def test_termination_message_is_small_json(federation: Path) -> None:
+    text = (federation / "termination-2").read_text()
+    message = json.loads(text)
+    assert len(text.encode()) <= 4096
+    assert message["round"] == 2 and message["accepted"] == list(CLIENTS) and "confusion" not in message
+
+
+def test_evaluate_and_predict(federation: Path, synth_tree: Path) -> None:
+    scores = json.loads(worker("evaluate", "--workdir", federation, "--round", 2, "--device", "cpu").stdout)
+    assert scores["accuracy"] == json.loads(Layout(federation).result(2).read_text())["accuracy"]
+    images = sorted((synth_tree / "Final_Test" / "Images").glob("*.ppm"))[:3]
+    rows = json.loads(worker("predict", "--weights", Layout(federation).global_weights(2), "--top", 3,
+                             *images).stdout)
+    assert [Path(r["image"]).name for r in rows] == [p.name for p in images]
+    assert all(0 <= r["class_id"] < 43 and 0 < r["probability"] <= 1 and len(r["top"]) == 3 for r in rows)
+    assert all(isinstance(r["sign_name"], str) and r["sign_name"] for r in rows)
+
+
+def test_rerunning_init_with_other_settings_changes_nothing(federation: Path, synth_tree: Path) -> None:
+    before = Layout(federation).global_weights(0).read_bytes()
+    done = worker("init", "--workdir", federation, "--data", synth_tree, "--clients", 4, "--architecture",
+                  "tiny_cnn", "--image-size", 32, check=False)
+    assert done.returncode == EXIT_BAD_INPUT and "already initialised with other settings" in done.stderr
+    assert Layout(federation).global_weights(0).read_bytes() == before
+
+
+def test_exit_codes_tell_the_cause(federation: Path, tmp_path: Path) -> None:
+    unknown_client = worker("train", "--workdir", federation, "--round", 1, "--client", "client-07", check=False)
+    assert unknown_client.returncode == EXIT_BAD_INPUT and "--client 'client-07'" in unknown_client.stderr
+    no_data = worker("train", "--workdir", federation, "--round", 1, "--client", "client-00",
+                     "--data", tmp_path / "gone", check=False)
+    assert no_data.returncode == EXIT_BAD_DATA and "does not exist" in no_data.stderr
+    usage = worker("train", "--workdir", federation, check=False)
+    assert usage.returncode == EXIT_BAD_INPUT
+    bad_strategy = worker("aggregate", "--workdir", federation, "--round", 1, "--strategy", "nope", check=False)
+    assert bad_strategy.returncode == EXIT_BAD_INPUT and "strategy.name 'nope'" in bad_strategy.stderr
+
+
+def test_a_round_of_poisoned_updates_exits_rejected(federation: Path, tmp_path: Path) -> None:
+    layout = Layout(federation)
+    from fedtrain.worker.weights import read_weights
+
+    weights, _ = read_weights(layout.global_weights(2))
+    nan = {k: (np.full_like(v, np.nan) if v.dtype.kind == "f" else v) for k, v in weights.items()}
+    save_weights(layout.client_update(3, "client-00"), nan, {"num_examples": 5})
+    done = worker("aggregate", "--workdir", federation, "--round", 3, "--device", "cpu", check=False)
+    assert done.returncode == EXIT_REJECTED_UPDATES
+    assert "client-00: tensor" in done.stderr and "NaN" in done.stderr
+    assert not layout.global_weights(3).exists()

@@ -1,0 +1,99 @@
+"""Local training learns, FedProx stays near the anchor, evaluation reports per class, weights round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtrain.worker.data.gtsrb import load_tree
+from fedtrain.worker.data.images import load_samples
+from fedtrain.worker.errors import BadDataError, BadInputError
+from fedtrain.worker.models import ModelConfig, build_model
+from fedtrain.worker.strategies.arrays import is_statistic
+from fedtrain.worker.training import TrainConfig, evaluate, load_numpy_state, state_to_numpy, train_local
+from fedtrain.worker.weights import read_weights, save_weights, sidecar_of
+
+
+@pytest.fixture(scope="module")
+def arrays(synth_tree: Path) -> tuple[np.ndarray, np.ndarray]:
+    tree = load_tree(synth_tree)
+    few = [s for s in tree.train if s.class_id < 5]
+    return load_samples(tree, few, 32, True)
+
+
+def distance(a: dict, b: dict) -> float:
+    """Squared distance over trainable parameters (batch-norm statistics are no parameters)."""
+    return float(sum(np.square(a[k] - b[k]).sum() for k in a
+                     if np.issubdtype(a[k].dtype, np.floating) and not is_statistic(k)))
+
+
+def test_training_fits_the_training_data(arrays: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = arrays
+    model = build_model(ModelConfig("tiny_cnn", 5, 32))
+    before = evaluate(model, images, labels, 5).loss
+    result = train_local(model, images, labels, TrainConfig(local_epochs=15, batch_size=8, learning_rate=0.01,
+                                                            scheduler="cosine", seed=1))
+    after = evaluate(model, images, labels, 5)
+    assert result.num_examples == 40 and result.images_per_second > 0
+    assert after.loss < before and after.accuracy > 0.5
+    assert len(after.per_class_accuracy) == 5 and np.array(after.confusion).sum() == 40
+
+
+def test_training_is_reproducible_by_seed(arrays: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = arrays
+    runs = []
+    for _ in range(2):
+        model = build_model(ModelConfig("tiny_cnn", 5, 32))
+        load_numpy_state(model, state_to_numpy(build_model(ModelConfig("tiny_cnn", 5, 32))) if not runs else runs[0][1])
+        start = state_to_numpy(model)
+        train_local(model, images, labels, TrainConfig(optimizer="sgd", learning_rate=0.05, seed=4))
+        runs.append((state_to_numpy(model), start))
+    assert distance(runs[0][0], runs[1][0]) == 0.0
+
+
+def test_fedprox_term_keeps_the_client_near_the_global_model(arrays: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = arrays
+    start = state_to_numpy(build_model(ModelConfig("tiny_cnn", 5, 32)))
+    moved = {}
+    for mu in (0.0, 10.0):
+        model = build_model(ModelConfig("tiny_cnn", 5, 32))
+        load_numpy_state(model, start)
+        train_local(model, images, labels, TrainConfig(local_epochs=3, optimizer="sgd", learning_rate=0.05,
+                                                       mu=mu, seed=2))
+        moved[mu] = distance(state_to_numpy(model), start)
+    assert moved[10.0] < 0.7 * moved[0.0]
+
+
+def test_evaluation_marks_absent_classes() -> None:
+    model = build_model(ModelConfig("tiny_cnn", 3, 16))
+    scores = evaluate(model, np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 0]), 3)
+    assert scores.per_class_accuracy[1] is None and scores.per_class_accuracy[2] is None
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (TrainConfig(optimizer="rmsprop"), "training.optimizer 'rmsprop' is unknown"),
+    (TrainConfig(scheduler="step"), "training.scheduler 'step' is unknown"),
+    (TrainConfig(batch_size=0), "training.batchSize must be >= 1"),
+    (TrainConfig(learning_rate=0), "training.learningRate must be > 0"),
+])
+def test_bad_training_settings_name_the_field(config: TrainConfig, message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        config.check()
+
+
+def test_weights_round_trip_and_tampering_is_caught(tmp_path: Path) -> None:
+    weights = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(7, dtype=np.int64)}
+    path = tmp_path / "x.safetensors"
+    digest = save_weights(path, weights, {"num_examples": 3})
+    loaded, meta = read_weights(path)
+    assert meta["sha256"] == digest and meta["num_examples"] == 3
+    assert loaded["n"].shape == () and np.array_equal(loaded["a"], weights["a"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.safetensors"]  # no temporary left
+    path.write_bytes(path.read_bytes().replace(b"\x00\x00\x80?", b"\x00\x00\x00@"))
+    with pytest.raises(BadDataError, match="does not match its sidecar"):
+        read_weights(path)
+    sidecar_of(path).unlink()
+    with pytest.raises(BadDataError, match=r"x.json: missing"):
+        read_weights(path)
