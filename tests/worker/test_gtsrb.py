@@ -102,7 +102,7 @@ def test_test_csv_without_class_id_is_named(broken: Path) -> None:
 
 def test_missing_test_labels_are_named(broken: Path) -> None:
     (broken / "Final_Test/Images/GT-final_test.csv").unlink()
-    with pytest.raises(BadDataError, match="test labels missing: expected .*GT-final_test.csv"):
+    with pytest.raises(BadDataError, match=r"test labels missing: expected .*GT-final_test.csv"):
         load_tree(broken)
     assert len(load_tree(broken, need_test=False).train) == 43 * 8
 

@@ -41,7 +41,7 @@ def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
 
 
 def test_missing_or_garbage_weight_files(tmp_path: Path) -> None:
-    with pytest.raises(BadInputError, match="model.pretrainedWeights: .* does not exist"):
+    with pytest.raises(BadInputError, match=r"model.pretrainedWeights: .* does not exist"):
         build_model(ModelConfig("tiny_cnn", pretrained_weights=str(tmp_path / "none.pth")))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x80\x04garbage")

@@ -32,13 +32,3 @@ def weighted_mean(updates: list[Weights], counts: list[int]) -> Weights:
         name: sum(np.asarray(u[name], dtype=np.float64) * (n / total) for u, n in zip(updates, counts, strict=True))
         for name in updates[0]
     }
-
-
-def flat_delta_norm(update: Weights, current: Weights) -> float:
-    """L2 norm of ``update - current`` over all floating tensors."""
-    total = 0.0
-    for name, array in update.items():
-        if np.issubdtype(array.dtype, np.floating):
-            diff = np.asarray(array, dtype=np.float64) - current[name]
-            total += float(np.dot(diff.ravel(), diff.ravel()))
-    return float(np.sqrt(total))

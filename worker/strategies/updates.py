@@ -1,8 +1,11 @@
 """A round's client updates: read from safetensors, validated, offered streaming or all at once.
 
 FedAvg and the server-optimiser strategies only need the example-weighted mean, which is linear:
-`UpdateSet.weighted_mean` reads each file once and keeps a running sum, so memory stays at about
-one model whatever the number of clients. Norm outliers are only known once every norm has been
+`UpdateSet.weighted_mean` reads each file once and keeps a running sum of ``n * (update - current)``,
+so memory stays at about one model whatever the number of clients. Each tensor's difference is
+computed once and serves three ends: its squared norm (which also catches NaN and Inf), the norm
+outlier test, and the running sum. Summing deltas rather than weights keeps float32 sums precise,
+since deltas are small. Norm outliers are only known once every norm has been
 seen; their (rare) files are read a second time and their contribution subtracted.
 """
 
@@ -15,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from fedtrain.worker.errors import BadDataError, RejectedUpdatesError
-from fedtrain.worker.strategies.arrays import cast_like, flat_delta_norm
+from fedtrain.worker.strategies.arrays import cast_like
 from fedtrain.worker.strategies.protocol import Update
-from fedtrain.worker.strategies.validation import norm_outliers, structural_problem
+from fedtrain.worker.strategies.validation import delta_norm, non_finite_problem, norm_outliers, structural_problem
 from fedtrain.worker.weights import Weights, read_weights
 
 
@@ -66,37 +69,83 @@ class UpdateSet:
 
     def weighted_mean(self) -> Weights:
         """Example-weighted mean of the accepted updates, reading each file once (outliers twice)."""
-        sums: dict[str, np.ndarray] = {}
+        total = DeltaSum(self.current)
         norms: dict[str, float] = {}
         for source in self.files:
             update = self._read(source)
             if update is None:
                 continue
-            norms[update.client] = flat_delta_norm(update.weights, self.current)
+            norm, problem = total.add(update.weights, update.num_examples)
+            if problem is not None:
+                self.rejected[update.client] = problem
+                continue
+            norms[update.client] = norm
             self.examples[update.client] = update.num_examples
-            _accumulate(sums, update.weights, update.num_examples)
         outliers = self._settle(norms)
         for source in self.files:
             if source.client in outliers:
                 update = self._read(source)
                 assert update is not None  # it was valid a moment ago
-                _accumulate(sums, update.weights, -update.num_examples)
-        total = float(sum(self.examples[c] for c in self.accepted))
-        return cast_like({name: value / total for name, value in sums.items()}, self.current)
+                total.add(update.weights, -update.num_examples)
+        return total.mean(float(sum(self.examples[c] for c in self.accepted)))
 
     def all(self) -> list[Update]:
         """Every accepted update, in memory at once (for coordinate-wise and distance-based strategies)."""
-        updates = [u for u in (self._read(s) for s in self.files) if u is not None]
-        norms = {u.client: flat_delta_norm(u.weights, self.current) for u in updates}
-        self.examples = {u.client: u.num_examples for u in updates}
+        updates: list[Update] = []
+        norms: dict[str, float] = {}
+        for update in (self._read(s) for s in self.files):
+            if update is None:
+                continue
+            norm, problem = delta_norm(update.weights, self.current)
+            if problem is not None:
+                self.rejected[update.client] = problem
+                continue
+            updates.append(update)
+            norms[update.client] = norm
+            self.examples[update.client] = update.num_examples
         outliers = self._settle(norms)
         return [u for u in updates if u.client not in outliers]
 
 
-def _accumulate(sums: dict[str, np.ndarray], weights: Weights, factor: int) -> None:
-    for name, array in weights.items():
-        contribution = np.asarray(array, dtype=np.float64) * factor
-        if name in sums:
-            sums[name] += contribution
-        else:
-            sums[name] = contribution
+class DeltaSum:
+    """Running ``sum(n * (update - current))`` with preallocated buffers: no allocation per update.
+
+    Fresh multi-megabyte arrays per tensor and update cost page faults that outweigh the arithmetic.
+    """
+
+    def __init__(self, current: Weights) -> None:
+        self.current = current
+        self.floating = {name: bool(np.issubdtype(a.dtype, np.floating)) for name, a in current.items()}
+        self.sums = {name: np.zeros(a.shape, a.dtype if self.floating[name] else np.float64)
+                     for name, a in current.items()}
+        self.scratch = {name: np.empty_like(total) for name, total in self.sums.items()}
+
+    def add(self, weights: Weights, factor: int) -> tuple[float, str | None]:
+        """Add ``factor * (weights - current)``; return the delta's norm, or why the update is unusable.
+
+        Each tensor is differenced, measured, scaled and summed in one visit, while it is still in
+        cache. A tensor that is not finite rolls back what this update added, so the sums only ever
+        hold whole, finite updates.
+        """
+        squared_norm = 0.0
+        added: list[str] = []
+        for name, array in weights.items():
+            delta = self.scratch[name]
+            np.subtract(array, self.current[name], out=delta)
+            if self.floating[name]:
+                flat = delta.reshape(-1)
+                squared = float(np.dot(flat, flat))
+                if not np.isfinite(squared):
+                    for done in added:
+                        np.subtract(self.sums[done], self.scratch[done], out=self.sums[done])
+                    return 0.0, non_finite_problem(name)
+                squared_norm += squared
+            np.multiply(delta, factor, out=delta)
+            np.add(self.sums[name], delta, out=self.sums[name])
+            added.append(name)
+        return float(np.sqrt(squared_norm)), None
+
+    def mean(self, total_examples: float) -> Weights:
+        """``current + sum / total_examples``, in each tensor's own dtype."""
+        mean = {name: self.current[name] + total / total_examples for name, total in self.sums.items()}
+        return cast_like(mean, self.current)

@@ -14,7 +14,7 @@ from fedtrain.worker.weights import Weights
 
 
 def structural_problem(update: Weights, current: Weights, num_examples: object) -> str | None:
-    """Names, shapes, dtypes, finiteness and a positive example count; the first problem found, if any."""
+    """Names, shapes, dtypes and a positive example count; the first problem found, if any."""
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
         return f"num_examples must be a positive integer, got {num_examples!r}"
     missing = sorted(set(current) - set(update))
@@ -29,9 +29,25 @@ def structural_problem(update: Weights, current: Weights, num_examples: object) 
             return f"tensor {name} has shape {tuple(array.shape)}, expected {tuple(expected.shape)}"
         if array.dtype != expected.dtype:
             return f"tensor {name} has dtype {array.dtype}, expected {expected.dtype}"
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            return f"tensor {name} contains NaN or Inf"
     return None
+
+
+def non_finite_problem(name: str) -> str:
+    """The reason given for a tensor whose values (or their squares) are not finite."""
+    return f"tensor {name} contains NaN or Inf (or values too large to square)"
+
+
+def delta_norm(update: Weights, current: Weights) -> tuple[float, str | None]:
+    """L2 norm of ``update - current`` over floating tensors, or the first tensor that is not finite."""
+    total = 0.0
+    for name, array in update.items():
+        if np.issubdtype(array.dtype, np.floating):
+            diff = (array - current[name]).ravel()
+            squared = float(np.dot(diff, diff))
+            if not np.isfinite(squared):
+                return 0.0, non_finite_problem(name)
+            total += squared
+    return float(np.sqrt(total)), None
 
 
 def norm_outliers(norms: Mapping[str, float], max_ratio: float, min_count: int = 3) -> dict[str, str]:
