@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--no-roi-crop", action="store_true", help="use whole images, not the ROI")
     init.add_argument("--validation-fraction", type=float, default=0.1, help="per client, by track")
     init.add_argument("--clients", type=int, required=True)
+    init.add_argument("--client-names", default="", help="comma-separated names (default: client-00, client-01...)")
     init.add_argument("--partition", default="iid", help="iid | dirichlet | classes | quantity")
     init.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     init.add_argument("--partition-seed", type=int, default=0)
@@ -99,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None)
     evaluate.add_argument("--split", default="test", choices=("test", "train"))
     evaluate.add_argument("--device", default="auto")
+
+    finalize = commands.add_parser("finalize", help="final model, plots and MLflow tracking of a training")
+    finalize.add_argument("--workdir", required=True, type=Path)
+    finalize.add_argument("--round", type=int, required=True, help="the last round")
+    finalize.add_argument("--data", default=None)
+    finalize.add_argument("--device", default="auto")
+    finalize.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: no tracking)")
+    finalize.add_argument("--experiment", default="fedtrain")
+    finalize.add_argument("--registered-model-name", default=None)
+    finalize.add_argument("--log-clients", action="store_true", help="one nested MLflow run per client")
+    finalize.add_argument("--training", default="training", help="training name, for lineage tags")
+    finalize.add_argument("--namespace", default="default")
+    finalize.add_argument("--uid", default="local")
+    finalize.add_argument("--strategy", default="fedavg")
+    finalize.add_argument("--spec-json", default="{}", help="the training's spec, logged as MLflow params")
+    finalize.add_argument("--termination-log", type=Path, default=None)
 
     predict = commands.add_parser("predict", help="classify image files with a model file")
     predict.add_argument("--weights", required=True, type=Path)
@@ -137,7 +154,8 @@ def run(args: argparse.Namespace) -> Any:
         model = ModelConfig(args.architecture, args.num_classes, args.image_size, args.pretrained, not args.head_only)
         data = jobs.DataConfig(args.data, not args.no_roi_crop, args.validation_fraction)
         partition = PartitionConfig(args.partition, args.clients, args.alpha, args.partition_seed)
-        manifest = jobs.init(Layout(args.workdir), data, model, partition, synth, args.seed)
+        names = tuple(n for n in args.client_names.split(",") if n)
+        manifest = jobs.init(Layout(args.workdir), data, model, partition, synth, args.seed, names)
         return {"clients": manifest["partition"]["histograms"], "num_train_samples": manifest["num_train_samples"]}
     if args.command == "predict":
         return jobs.predict(args.weights, args.images, jobs.pick_device(args.device), args.top)
@@ -156,8 +174,28 @@ def run(args: argparse.Namespace) -> Any:
         if args.termination_log is not None:
             args.termination_log.write_text(jobs.termination_message(result))
         return {k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}
+    if args.command == "finalize":
+        return _finalize(args, workspace, device)
     weights, _ = workspace.load_global(args.round)
     return jobs.evaluate_weights(workspace, weights, device, args.split).to_json()
+
+
+def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:
+    from fedtrain.worker.finalize import TrackingConfig, finalize
+    from fedtrain.worker.tracking import TrackingIdentity
+
+    try:
+        spec = json.loads(args.spec_json)
+    except ValueError as error:
+        raise BadInputError(f"--spec-json is not JSON ({error})") from error
+    identity = TrackingIdentity(args.training, args.namespace, args.uid, args.strategy, spec)
+    tracking = TrackingConfig(args.tracking_uri, args.experiment, args.registered_model_name, args.log_clients)
+    summary = finalize(workspace, args.round, identity, tracking, device)
+    if args.termination_log is not None:
+        short = {k: summary.get(k) for k in ("model_uri", "model_version", "champion", "accuracy")}
+        short["tracking_error"] = (summary.get("tracking_error") or "")[:2000] or None
+        args.termination_log.write_text(json.dumps(short))
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

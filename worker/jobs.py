@@ -63,13 +63,18 @@ def pick_device(name: str) -> torch.device:
 
 
 def init(layout: Layout, data: DataConfig, model: ModelConfig, partition: PartitionConfig,
-         synth: SynthConfig | None, seed: int) -> dict[str, Any]:
-    """Generate synthetic data if asked, partition the training split, write the round-0 model."""
+         synth: SynthConfig | None, seed: int, names: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Generate synthetic data if asked, partition the training split, write the round-0 model.
+
+    ``names`` renames the clients (default ``client-00``...); their number must match.
+    """
     model.check()
+    if names and len(names) != partition.num_clients:
+        raise BadInputError(f"--client-names lists {len(names)} names for --clients {partition.num_clients}")
     if synth is not None:
         generate(Path(data.path), synth)
     tree = load_tree(Path(data.path), model.num_classes, need_test=False)
-    settings = {"data": asdict(data), "model": model.to_json(), "seed": seed,
+    settings = {"data": asdict(data), "model": model.to_json(), "seed": seed, "client_names": list(names),
                 "partition_config": asdict(partition), "synthetic": asdict(synth) if synth else None}
     if layout.manifest.exists():
         existing = read_json(layout.manifest)
@@ -81,6 +86,9 @@ def init(layout: Layout, data: DataConfig, model: ModelConfig, partition: Partit
         if layout.global_weights(0).exists():
             return existing
     result = partition_samples(tree.train, partition, model.num_classes)
+    if names:
+        result.clients = dict(zip(names, result.clients.values(), strict=True))
+        result.histograms = dict(zip(names, result.histograms.values(), strict=True))
     manifest = {"settings": settings, "layout": tree.layout, "num_train_samples": len(tree.train),
                 "partition": result.to_json()}
     torch.manual_seed(seed)

@@ -1,0 +1,66 @@
+"""Central (non-federated) training on synthetic GTSRB: how learnable, and how confusable, the data set is.
+
+Usage: python bench/synth_central.py [--architecture mobilenet_v3_small] [--image-size 64] [--epochs 12]
+       [--per-class 60] [--test-per-class 20] [--scheduler cosine] [--data DIR]
+Prints test accuracy per epoch, the final per-group accuracy, and how often a speed-limit sign is
+taken for another speed limit (the look-alike classes), against a majority-class baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedtrain.worker.data.gtsrb import load_tree
+from fedtrain.worker.data.images import load_samples
+from fedtrain.worker.data.synth import SynthConfig, generate
+from fedtrain.worker.models import ModelConfig, build_model, count_parameters
+from fedtrain.worker.training import TrainConfig, evaluate, train_local
+
+SPEED_LIMITS = [0, 1, 2, 3, 4, 5, 7, 8]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--architecture", default="mobilenet_v3_small")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--per-class", type=int, default=60)
+    parser.add_argument("--test-per-class", type=int, default=20)
+    parser.add_argument("--scheduler", default="cosine")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/fedtrain-synth-central"))
+    args = parser.parse_args()
+    if not (args.data / "Final_Training").exists():
+        generate(args.data, SynthConfig(args.per_class, args.test_per_class, seed=0))
+    tree = load_tree(args.data)
+    train_x, train_y = load_samples(tree, list(tree.train), args.image_size, True)
+    test_x, test_y = load_samples(tree, list(tree.test), args.image_size, True)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(args.architecture, 43, args.image_size))
+    total, _ = count_parameters(model)
+    print(f"{args.architecture} ({total / 1e6:.2f} M parameters), {args.image_size}px, {len(train_y)} train / "
+          f"{len(test_y)} test images, adam lr {args.lr}, scheduler {args.scheduler}, {args.epochs} epochs")
+    print(f"majority-class baseline: {np.bincount(test_y).max() / len(test_y):.3f}")
+    started = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        config = TrainConfig(local_epochs=1, batch_size=32, learning_rate=args.lr, scheduler=args.scheduler,
+                             seed=epoch)
+        result = train_local(model, train_x, train_y, config)
+        scores = evaluate(model, test_x, test_y, 43)
+        print(f"epoch {epoch:2d}: train loss {result.loss:.3f} acc {result.accuracy:.3f} | test acc "
+              f"{scores.accuracy:.3f} loss {scores.loss:.3f} | {result.images_per_second:.0f} img/s")
+    confusion = np.array(scores.confusion)
+    limits = confusion[np.ix_(SPEED_LIMITS, SPEED_LIMITS)]
+    wrong_limit = (limits.sum() - np.trace(limits)) / confusion[SPEED_LIMITS].sum()
+    other_wrong = 1 - np.trace(confusion) / confusion.sum()
+    print(f"final test accuracy {scores.accuracy:.3f}; speed-limit signs taken for another speed limit: "
+          f"{wrong_limit:.3f}; overall error {other_wrong:.3f}; {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

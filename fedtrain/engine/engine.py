@@ -1,0 +1,354 @@
+"""The round engine: from spec, status and observed task results, the next actions and the new status.
+
+Pure: no I/O, no clock (``now`` is passed in), no randomness but seeded sampling. Both executors
+call `decide` after every observation; it is idempotent, so calling it twice with the same inputs
+asks for the same tasks again, which executors ignore (Kubernetes answers 409, the local executor
+knows its processes). All durable state is in the returned status.
+
+A training goes: init → rounds (clients train, then one aggregation) → finalize. Failures are
+sorted by the worker's exit code: bad input or bad data is permanent (retrying cannot help), any
+other failure is retried up to ``clients.maxRetries`` times; rejected updates or too many failed
+clients miss the round's quorum, which fails the training or retries the round
+(``stragglers.onMissedQuorum``).
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Literal
+
+from fedtrain.engine.status import (
+    HISTORY_LIMIT,
+    Cancel,
+    ClientTask,
+    Condition,
+    Decision,
+    Event,
+    Launch,
+    Observation,
+    Reason,
+    RoundStatus,
+    Task,
+    TrainingStatus,
+)
+from fedtrain.spec import FederatedTrainingSpec
+from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_CODE_NAMES, EXIT_REJECTED_UPDATES
+
+PERMANENT_EXIT_CODES = {EXIT_BAD_INPUT: Reason.BAD_INPUT, EXIT_BAD_DATA: Reason.BAD_DATA}
+MAX_STEPS_PER_DECISION = 10_000
+
+
+class Progress(Enum):
+    """Where a single task stands after looking at its observation."""
+
+    LAUNCH = "launch"
+    WAIT = "wait"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+def task_id(kind: str, attempt: int, round_number: int = 0, client: str | None = None) -> str:
+    """Deterministic task ids: ``init-a1``, ``r0003-client-01-a2``, ``r0003-aggregate-a1``, ``finalize-a1``."""
+    if kind in ("init", "finalize"):
+        return f"{kind}-a{attempt}"
+    who = client if kind == "train" else "aggregate"
+    return f"r{round_number:04d}-{who}-a{attempt}"
+
+
+def select_clients(spec: FederatedTrainingSpec, round_number: int) -> list[str]:
+    """The clients of a round: a seeded sample of ``perRound``, in the order of the client list."""
+    names = spec.clients.names()
+    if spec.clients.round_size >= len(names):
+        return names
+    chosen = set(random.Random(f"{spec.seed}:{round_number}").sample(names, spec.clients.round_size))
+    return [n for n in names if n in chosen]
+
+
+def describe_failure(observation: Observation) -> str:
+    """A short reason from an exit code and whatever the executor knew."""
+    code = observation.exit_code
+    name = EXIT_CODE_NAMES.get(code, "failed") if code is not None else "failed"
+    detail = f": {observation.reason}" if observation.reason else ""
+    return f"exit code {code} ({name}){detail}" if code is not None else f"failed{detail}"
+
+
+def _advance(task: ClientTask, ident: str, observations: dict[str, Observation], max_retries: int) -> Progress:
+    """Move one task along from its observation; a failure below the retry limit becomes a new attempt."""
+    if task.state == "succeeded":
+        return Progress.SUCCEEDED
+    if task.state in ("failed", "dropped"):
+        return Progress.FAILED
+    seen = observations.get(ident)
+    if seen is None:
+        task.state = "running"
+        return Progress.LAUNCH  # not started yet, or lost by its executor: (re)start it
+    if seen.state == "running":
+        task.state = "running"
+        return Progress.WAIT
+    if seen.state == "succeeded":
+        task.state, task.exit_code, task.reason = "succeeded", 0, None
+        return Progress.SUCCEEDED
+    task.exit_code, task.reason = seen.exit_code, describe_failure(seen)
+    if seen.exit_code in PERMANENT_EXIT_CODES or seen.exit_code == EXIT_REJECTED_UPDATES or task.attempt > max_retries:
+        task.state = "failed"
+        return Progress.FAILED
+    task.attempt += 1
+    task.state = "running"
+    return Progress.LAUNCH
+
+
+class _Step:
+    """One pass of the state machine over a status being decided; `run` repeats it until nothing moves."""
+
+    def __init__(self, spec: FederatedTrainingSpec, observations: dict[str, Observation], now: float,
+                 decision: Decision) -> None:
+        self.spec = spec
+        self.observations = observations
+        self.now = now
+        self.decision = decision
+        self.status = decision.status
+
+    def launch(self, task: Task) -> None:
+        self.decision.actions.append(Launch(task))
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.decision.events.append(Event(reason, message, warning))
+
+    def fail(self, reason: str, message: str) -> bool:
+        self.status.phase = "Failed"
+        self.status.message = message
+        self.event(reason, message, warning=True)
+        return False
+
+    def run(self) -> None:
+        for _ in range(MAX_STEPS_PER_DECISION):
+            if self.status.phase in ("Succeeded", "Failed") or not self.step():
+                return
+
+    def step(self) -> bool:
+        """Advance by one stage; True when the status moved so that another pass may do more."""
+        status = self.status
+        if status.init is None or status.init.state != "succeeded":
+            return self.single("init", 0)
+        if status.current_round == 0:
+            return self.start_round(1)
+        current = status.round(status.current_round)
+        assert current is not None, "the current round is always kept in the history"
+        if current.finished_at is None:
+            return self.advance_round(current)
+        if current.round < self.spec.rounds:
+            if self.spec.suspend:
+                if status.phase != "Suspended":
+                    status.phase = "Suspended"
+                    self.event(Reason.SUSPENDED, f"suspended after round {current.round}")
+                return False
+            if status.phase == "Suspended":
+                self.event(Reason.RESUMED, f"resumed at round {current.round + 1}")
+            return self.start_round(current.round + 1)
+        return self.single("finalize", current.round)
+
+    def single(self, kind: str, round_number: int) -> bool:
+        """Init or finalize: one task with retries."""
+        status = self.status
+        if kind == "init":
+            status.phase = "Initializing"
+            status.init = status.init or ClientTask()
+            task = status.init
+        else:
+            status.finalize = status.finalize or ClientTask()
+            task = status.finalize
+        progress = _advance(task, task_id(kind, task.attempt), self.observations, self.spec.clients.max_retries)
+        if progress is Progress.LAUNCH:
+            self.launch(Task(task_id(kind, task.attempt), kind, round_number, attempt=task.attempt))  # type: ignore[arg-type]
+            return False
+        if progress is Progress.FAILED:
+            reason = PERMANENT_EXIT_CODES.get(task.exit_code or 0, Reason.TASK_FAILED)
+            return self.fail(reason, f"{kind} failed: {task.reason}")
+        if progress is Progress.SUCCEEDED and kind == "finalize":
+            self.finish()
+            return False
+        return progress is Progress.SUCCEEDED
+
+    def finish(self) -> None:
+        status = self.status
+        output = self.observations.get(task_id("finalize", status.finalize.attempt if status.finalize else 1))
+        details = output.output if output and output.output else {}
+        status.model_uri = details.get("model_uri")
+        status.model_version = details.get("model_version")
+        status.phase = "Succeeded"
+        status.message = f"{self.spec.rounds} rounds, best accuracy {status.best_accuracy or 0:.4f}"
+        status.tracking_error = details.get("tracking_error")
+        if status.tracking_error:
+            self.event(Reason.TRACKING_UNAVAILABLE, f"model not tracked: {details['tracking_error']}", warning=True)
+        self.event(Reason.TRAINING_COMPLETED, status.message)
+
+    def start_round(self, number: int) -> bool:
+        status = self.status
+        selected = select_clients(self.spec, number)
+        status.rounds.append(RoundStatus(round=number, selected=selected, started_at=self.now,
+                                         clients={c: ClientTask() for c in selected}))
+        status.rounds = status.rounds[-HISTORY_LIMIT:]
+        status.current_round = number
+        status.phase = "Running"
+        status.message = f"round {number}/{self.spec.rounds}: {len(selected)} clients training"
+        return True
+
+    def advance_round(self, current: RoundStatus) -> bool:
+        if current.aggregation is None:
+            return self.advance_clients(current)
+        return self.advance_aggregation(current)
+
+    def advance_clients(self, current: RoundStatus) -> bool:
+        for client in current.selected:
+            task = current.clients[client]
+            attempt_before, state_before = task.attempt, task.state
+            ident = task_id("train", task.attempt, current.round, client)
+            progress = _advance(task, ident, self.observations, self.spec.clients.max_retries)
+            if progress is Progress.LAUNCH:
+                if task.attempt != attempt_before:
+                    self.event(Reason.CLIENT_RETRIED, f"round {current.round}: {client} retried after {task.reason}")
+                self.launch(Task(task_id("train", task.attempt, current.round, client), "train", current.round,
+                                 client, task.attempt))
+            elif progress is Progress.FAILED and state_before != "failed":
+                self.event(Reason.CLIENT_FAILED, f"round {current.round}: {client} failed: {task.reason}",
+                           warning=True)
+        failed = [c for c in current.selected if current.clients[c].state == "failed"]
+        waiting = [c for c in current.selected if current.clients[c].state in ("pending", "running")]
+        quorum = self.spec.clients.quorum
+        if len(current.selected) - len(failed) < quorum:
+            reasons = "; ".join(f"{c}: {current.clients[c].reason}" for c in failed)
+            return self.missed_quorum(current, f"{len(failed)} of {len(current.selected)} clients failed, "
+                                               f"{quorum} must succeed ({reasons})")
+        late = current.started_at is not None and self.now - current.started_at > self.spec.round_deadline_seconds
+        if waiting and late:
+            succeeded = current.count("succeeded")
+            if succeeded < quorum:
+                return self.missed_quorum(current, f"deadline of {self.spec.round_deadline_seconds}s passed with "
+                                                   f"{succeeded} of {quorum} needed clients done")
+            for client in waiting:
+                self.decision.actions.append(Cancel(task_id("train", current.clients[client].attempt,
+                                                            current.round, client)))
+                current.clients[client].state = "dropped"
+                current.clients[client].reason = "dropped at the round deadline"
+            self.event(Reason.CLIENTS_DROPPED, f"round {current.round}: dropped late clients {', '.join(waiting)}",
+                       warning=True)
+            waiting = []
+        if waiting:
+            return False
+        current.aggregation = ClientTask()
+        return True
+
+    def advance_aggregation(self, current: RoundStatus) -> bool:
+        task = current.aggregation
+        assert task is not None
+        ident = task_id("aggregate", task.attempt, current.round)
+        progress = _advance(task, ident, self.observations, self.spec.clients.max_retries)
+        if progress is Progress.LAUNCH:
+            self.launch(Task(task_id("aggregate", task.attempt, current.round), "aggregate", current.round,
+                             attempt=task.attempt))
+            return False
+        if progress is Progress.WAIT:
+            return False
+        if progress is Progress.FAILED:
+            if task.exit_code == EXIT_REJECTED_UPDATES:
+                return self.missed_quorum(current, f"aggregation rejected the updates: {task.reason}",
+                                          Reason.UPDATES_REJECTED)
+            reason = PERMANENT_EXIT_CODES.get(task.exit_code or 0, Reason.TASK_FAILED)
+            return self.fail(reason, f"round {current.round}: aggregation failed: {task.reason}")
+        seen = self.observations.get(ident)
+        self.record_result(current, seen.output if seen and seen.output else {})
+        return True
+
+    def record_result(self, current: RoundStatus, output: dict[str, object]) -> None:
+        status = self.status
+        current.finished_at = self.now
+        accuracy = output.get("accuracy")
+        loss = output.get("loss")
+        current.accuracy = float(accuracy) if isinstance(accuracy, int | float) else None
+        current.loss = float(loss) if isinstance(loss, int | float) else None
+        accepted = output.get("accepted")
+        current.accepted = [str(c) for c in accepted] if isinstance(accepted, list) else []
+        rejected = output.get("rejected")
+        current.rejected = {str(k): str(v)[:200] for k, v in rejected.items()} if isinstance(rejected, dict) else {}
+        status.accuracy = current.accuracy
+        if current.accuracy is not None and (status.best_accuracy is None or current.accuracy > status.best_accuracy):
+            status.best_accuracy, status.best_round = current.accuracy, current.round
+        shown = f"{current.accuracy:.4f}" if current.accuracy is not None else "n/a"
+        dropped = current.count("dropped") + current.count("failed")
+        self.event(Reason.ROUND_COMPLETED, f"round {current.round}/{self.spec.rounds}: accuracy {shown}, "
+                                           f"{len(current.accepted)} updates accepted, {len(current.rejected)} "
+                                           f"rejected, {dropped} clients dropped or failed")
+        if current.rejected:
+            self.event(Reason.UPDATES_REJECTED, f"round {current.round}: " + "; ".join(
+                f"{c}: {r}" for c, r in current.rejected.items()), warning=True)
+
+    def missed_quorum(self, current: RoundStatus, why: str, reason: str = Reason.QUORUM_MISSED) -> bool:
+        for client in current.selected:
+            task = current.clients[client]
+            if task.state == "running":
+                self.decision.actions.append(Cancel(task_id("train", task.attempt, current.round, client)))
+        retries = self.spec.stragglers
+        if retries.on_missed_quorum == "retry" and current.attempt <= retries.max_round_retries:
+            current.attempt += 1
+            current.started_at = self.now
+            current.aggregation = None
+            for client in current.selected:
+                task = current.clients[client]
+                current.clients[client] = ClientTask(attempt=task.attempt + 1)
+            self.event(Reason.ROUND_RETRIED, f"round {current.round} retried (attempt {current.attempt}): {why}",
+                       warning=True)
+            return True
+        return self.fail(reason, f"round {current.round}: {why}")
+
+
+def decide(spec: FederatedTrainingSpec, status: TrainingStatus, observations: dict[str, Observation], now: float,
+           generation: int | None = None) -> Decision:
+    """The next actions and the new status; ``status`` itself is not modified."""
+    decision = Decision(status.model_copy(deep=True))
+    decision.status.total_rounds = spec.rounds
+    if generation is not None:
+        decision.status.observed_generation = generation
+    if decision.status.phase not in ("Succeeded", "Failed"):
+        _Step(spec, observations, now, decision).run()
+    update_conditions(decision.status, now)
+    return decision
+
+
+def update_conditions(status: TrainingStatus, now: float) -> None:
+    """Derive the conditions from the phase; a condition's transition time changes only with its status."""
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    wanted = {
+        "Running": (status.phase in ("Initializing", "Running"), status.phase),
+        "Succeeded": (status.phase == "Succeeded", Reason.TRAINING_COMPLETED if status.phase == "Succeeded"
+                      else status.phase),
+        "Failed": (status.phase == "Failed", status.phase),
+        "Suspended": (status.phase == "Suspended", Reason.SUSPENDED if status.phase == "Suspended" else status.phase),
+    }
+    current = {c.type: c for c in status.conditions}
+    degraded = _degradation(status)
+    wanted["Degraded"] = (degraded is not None, degraded[0] if degraded else "AsExpected")
+    for kind, (true, reason) in wanted.items():
+        value: Literal["True", "False"] = "True" if true else "False"
+        previous = current.get(kind)
+        since = previous.last_transition_time if previous is not None and previous.status == value else stamp
+        message = (degraded[1] if degraded else "") if kind == "Degraded" else status.message
+        current[kind] = Condition(type=kind, status=value, reason=reason, message=message,
+                                  last_transition_time=since)
+    status.conditions = [current[k] for k in ("Running", "Succeeded", "Failed", "Suspended", "Degraded")]
+
+
+def _degradation(status: TrainingStatus) -> tuple[str, str] | None:
+    """Degraded: the last round lost clients or updates, though the training goes on."""
+    if status.tracking_error:
+        return Reason.TRACKING_UNAVAILABLE, f"training done, but not tracked: {status.tracking_error}"
+    last = status.round(status.current_round)
+    if last is None:
+        return None
+    lost = [c for c, t in last.clients.items() if t.state in ("failed", "dropped")]
+    if lost:
+        return Reason.CLIENT_FAILED, f"round {last.round}: {', '.join(lost)} failed or dropped"
+    if last.rejected:
+        return Reason.UPDATES_REJECTED, f"round {last.round}: updates of {', '.join(last.rejected)} rejected"
+    return None

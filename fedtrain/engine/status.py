@@ -1,0 +1,174 @@
+"""The status of a training, what executors observe, and what the engine asks them to do.
+
+`TrainingStatus` is exactly what the custom resource's ``.status`` holds (camelCase) and what the
+local runner keeps in ``status.json``: all durable control state, so that any process can resume
+from it. Conditions follow Kubernetes conventions (type, status, reason, message,
+lastTransitionTime that changes only when the status does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Initializing", "Running", "Suspended", "Succeeded", "Failed"]
+TaskState = Literal["pending", "running", "succeeded", "failed", "dropped"]
+HISTORY_LIMIT = 100  # rounds kept in status; older ones live in storage and MLflow
+
+CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended", "Degraded")
+
+
+class Reason:
+    """Condition and event reasons, as constants."""
+
+    INITIALIZING = "Initializing"
+    ROUND_RUNNING = "RoundRunning"
+    ROUND_COMPLETED = "RoundCompleted"
+    TRAINING_COMPLETED = "TrainingCompleted"
+    SUSPENDED = "SuspendedBySpec"
+    RESUMED = "Resumed"
+    CLIENT_FAILED = "ClientFailed"
+    CLIENT_RETRIED = "ClientRetried"
+    CLIENTS_DROPPED = "StragglersDropped"
+    QUORUM_MISSED = "QuorumMissed"
+    ROUND_RETRIED = "RoundRetried"
+    UPDATES_REJECTED = "UpdatesRejected"
+    BAD_INPUT = "BadInput"
+    BAD_DATA = "BadData"
+    TASK_FAILED = "TaskFailed"
+    TRACKING_UNAVAILABLE = "TrackingUnavailable"
+    INVALID_SPEC = "InvalidSpec"
+
+
+class StatusModel(BaseModel):
+    """camelCase on the wire, mutable in memory."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Condition(StatusModel):
+    """One Kubernetes-style condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str = ""
+
+
+class ClientTask(StatusModel):
+    """One selected client's task in the current round."""
+
+    attempt: int = 1
+    state: TaskState = "pending"
+    exit_code: int | None = None
+    reason: str | None = None
+
+
+class RoundStatus(StatusModel):
+    """One round: who was selected, how they did, and what aggregation gave."""
+
+    round: int
+    attempt: int = 1
+    selected: list[str] = []
+    clients: dict[str, ClientTask] = {}
+    aggregation: ClientTask | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+    accepted: list[str] = []
+    rejected: dict[str, str] = {}
+
+    def count(self, state: TaskState) -> int:
+        """How many selected clients are in ``state``."""
+        return sum(1 for task in self.clients.values() if task.state == state)
+
+
+class TrainingStatus(StatusModel):
+    """Everything the engine needs to continue a training, and what users see of it."""
+
+    phase: Phase = "Pending"
+    current_round: int = 0
+    total_rounds: int = 0
+    init: ClientTask | None = None
+    rounds: list[RoundStatus] = []
+    finalize: ClientTask | None = None
+    best_round: int | None = None
+    best_accuracy: float | None = None
+    accuracy: float | None = None
+    model_uri: str | None = None
+    model_version: str | None = None
+    tracking_error: str | None = None
+    message: str = ""
+    conditions: list[Condition] = []
+    observed_generation: int | None = None
+
+    def round(self, number: int) -> RoundStatus | None:
+        """The record of round ``number``, if it is still in the history."""
+        return next((r for r in self.rounds if r.round == number), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """CamelCase dict for ``.status`` or ``status.json``."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work for an executor; ``id`` is unique and deterministic within a training."""
+
+    id: str
+    kind: Literal["init", "train", "aggregate", "finalize"]
+    round: int = 0
+    client: str | None = None
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What an executor knows of a task: its state, exit code and (for aggregate/finalize) its JSON output."""
+
+    state: Literal["running", "succeeded", "failed"]
+    exit_code: int | None = None
+    output: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Start a task (executors ignore a launch of a task that already exists)."""
+
+    task: Task
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a task that is no longer wanted (a dropped straggler)."""
+
+    task_id: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something worth telling a person: a Kubernetes Event, a log line locally."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass
+class Decision:
+    """The engine's answer: the new status, what to start or stop, and what to report."""
+
+    status: TrainingStatus
+    actions: list[Launch | Cancel] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def launches(self) -> list[Task]:
+        """The tasks to start."""
+        return [a.task for a in self.actions if isinstance(a, Launch)]

@@ -1,0 +1,110 @@
+"""The worker command line of each engine task: the one place both executors get their arguments from.
+
+The operator puts these arguments into a Job's container; the local executor runs them as a
+subprocess. Keeping one builder is what makes the local runner exercise the exact path Jobs take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtrain.engine.status import Task
+from fedtrain.spec import FederatedTrainingSpec
+
+WORKER_COMMAND = "fedtrain-worker"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this training's files are, as the task's process sees them, and who it is (for tracking)."""
+
+    workdir: str
+    data_path: str
+    training: str
+    namespace: str = "default"
+    uid: str = "local"
+    tracking_uri: str | None = None
+    termination_log: str | None = None  # Kubernetes: /dev/termination-log
+
+
+def worker_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement,
+                     clients: list[str] | None = None) -> list[str]:
+    """Arguments after ``fedtrain-worker`` for a task; ``clients`` are the updates an aggregation uses."""
+    if task.kind == "init":
+        return _init(spec, where)
+    if task.kind == "train":
+        assert task.client is not None
+        return _train(task, spec, where)
+    if task.kind == "aggregate":
+        return _aggregate(task, spec, where, clients or [])
+    return _finalize(task, spec, where)
+
+
+def _init(spec: FederatedTrainingSpec, where: Placement) -> list[str]:
+    model, dataset, partition = spec.model, spec.dataset, spec.partition
+    args = ["init", "--workdir", where.workdir, "--data", where.data_path,
+            "--clients", str(spec.clients.total), "--client-names", ",".join(spec.clients.names()),
+            "--partition", partition.scheme, "--alpha", repr(partition.alpha),
+            "--partition-seed", str(partition.seed), "--seed", str(spec.seed),
+            "--architecture", model.architecture, "--num-classes", str(model.num_classes),
+            "--image-size", str(model.image_size), "--validation-fraction", repr(dataset.validation_fraction)]
+    if dataset.path is None:
+        synthetic = dataset.synthetic
+        per_class = synthetic.images_per_class if synthetic else 60
+        test_per_class = synthetic.test_images_per_class if synthetic else 20
+        seed = synthetic.seed if synthetic else 0
+        args += ["--synthetic-per-class", str(per_class), "--synthetic-test-per-class", str(test_per_class),
+                 "--synthetic-seed", str(seed)]
+    if model.pretrained_weights:
+        args += ["--pretrained", model.pretrained_weights]
+    if not model.fine_tune:
+        args.append("--head-only")
+    if not dataset.roi_crop:
+        args.append("--no-roi-crop")
+    return args
+
+
+def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[str]:
+    training = spec.training
+    entry = spec.clients.entry(task.client or "")
+    override = entry.training if entry else None
+    epochs = override.local_epochs if override and override.local_epochs else training.local_epochs
+    batch = override.batch_size if override and override.batch_size else training.batch_size
+    rate = override.learning_rate if override and override.learning_rate else training.learning_rate
+    args = ["train", "--workdir", where.workdir, "--round", str(task.round), "--client", str(task.client),
+            "--device", spec.worker.device, "--epochs", str(epochs), "--batch-size", str(batch),
+            "--optimizer", training.optimizer, "--lr", repr(rate), "--momentum", repr(training.momentum),
+            "--weight-decay", repr(training.weight_decay), "--scheduler", training.scheduler,
+            "--restart-epochs", str(training.restart_epochs)]
+    if spec.strategy.name == "fedprox":
+        args += ["--mu", repr(spec.strategy.parameters.get("mu", 0.01))]
+    if spec.dataset.path is not None and where.data_path != spec.dataset.path:
+        args += ["--data", where.data_path]
+    return args
+
+
+def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, clients: list[str]) -> list[str]:
+    args = ["aggregate", "--workdir", where.workdir, "--round", str(task.round), "--strategy", spec.strategy.name,
+            "--min-updates", str(spec.clients.quorum), "--max-norm-ratio", repr(spec.strategy.max_norm_ratio),
+            "--clients", ",".join(clients), "--device", spec.worker.device]
+    for key, value in sorted(spec.strategy.parameters.items()):
+        args += ["--param", f"{key}={value!r}"]
+    if where.termination_log:
+        args += ["--termination-log", where.termination_log]
+    return args
+
+
+def _finalize(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[str]:
+    args = ["finalize", "--workdir", where.workdir, "--round", str(task.round), "--device", spec.worker.device,
+            "--training", where.training, "--namespace", where.namespace, "--uid", where.uid,
+            "--strategy", spec.strategy.name, "--spec-json", spec.model_dump_json(by_alias=True)]
+    tracking_uri = spec.mlflow.tracking_uri or where.tracking_uri
+    if tracking_uri:
+        args += ["--tracking-uri", tracking_uri, "--experiment", spec.mlflow.experiment]
+        if spec.mlflow.registered_model_name:
+            args += ["--registered-model-name", spec.mlflow.registered_model_name]
+        if spec.mlflow.log_clients:
+            args.append("--log-clients")
+    if where.termination_log:
+        args += ["--termination-log", where.termination_log]
+    return args
