@@ -33,10 +33,12 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--scheduler", default="cosine")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--frames-per-track", type=int, default=SynthConfig.frames_per_track)
+    parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--data", type=Path, default=Path("/tmp/fedtrain-synth-central"))
     args = parser.parse_args()
     if not (args.data / "Final_Training").exists():
-        generate(args.data, SynthConfig(args.per_class, args.test_per_class, seed=0))
+        generate(args.data, SynthConfig(args.per_class, args.test_per_class, args.frames_per_track, seed=0))
     tree = load_tree(args.data)
     train_x, train_y = load_samples(tree, list(tree.train), args.image_size, True)
     test_x, test_y = load_samples(tree, list(tree.test), args.image_size, True)
@@ -44,12 +46,13 @@ def main() -> None:
     model = build_model(ModelConfig(args.architecture, 43, args.image_size))
     total, _ = count_parameters(model)
     print(f"{args.architecture} ({total / 1e6:.2f} M parameters), {args.image_size}px, {len(train_y)} train / "
-          f"{len(test_y)} test images, adam lr {args.lr}, scheduler {args.scheduler}, {args.epochs} epochs")
+          f"{len(test_y)} test images, adam lr {args.lr}, scheduler {args.scheduler}, {args.epochs} epochs, "
+          f"augmentation {'off' if args.no_augment else 'on'}")
     print(f"majority-class baseline: {np.bincount(test_y).max() / len(test_y):.3f}")
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         config = TrainConfig(local_epochs=1, batch_size=32, learning_rate=args.lr, scheduler=args.scheduler,
-                             seed=epoch)
+                             augment=not args.no_augment, seed=epoch)
         result = train_local(model, train_x, train_y, config)
         scores = evaluate(model, test_x, test_y, 43)
         print(f"epoch {epoch:2d}: train loss {result.loss:.3f} acc {result.accuracy:.3f} | test acc "

@@ -53,7 +53,7 @@ def main() -> None:
         plain = plain_loop(build_model(config), images, labels, args.batch_size, seed=repeat)
         torch.manual_seed(repeat)
         result = train_local(build_model(config), images, labels,
-                             TrainConfig(batch_size=args.batch_size, optimizer="adam", seed=repeat))
+                             TrainConfig(batch_size=args.batch_size, optimizer="adam", augment=False, seed=repeat))
         if repeat:
             plain_rates.append(plain)
             worker_rates.append(result.images_per_second)

@@ -63,6 +63,7 @@ class SyntheticSpec(Model):
 
     images_per_class: Annotated[int, Field(ge=1, le=5000)] = 60
     test_images_per_class: Annotated[int, Field(ge=1, le=5000)] = 20
+    frames_per_track: Annotated[int, Field(ge=1, le=30)] = 5
     seed: int = 0
 
 

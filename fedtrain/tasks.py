@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtrain.engine.status import Task
-from fedtrain.spec import FederatedTrainingSpec
+from fedtrain.engine.status import Task, TrainingStatus
+from fedtrain.spec import FederatedTrainingSpec, SyntheticSpec
 
 WORKER_COMMAND = "fedtrain-worker"
 
@@ -25,6 +25,14 @@ class Placement:
     uid: str = "local"
     tracking_uri: str | None = None
     termination_log: str | None = None  # Kubernetes: /dev/termination-log
+
+
+def aggregation_clients(status: TrainingStatus, round_number: int) -> list[str]:
+    """The clients whose updates a round's aggregation uses: those whose training task succeeded."""
+    record = status.round(round_number)
+    if record is None:
+        return []
+    return [c for c in record.selected if record.clients[c].state == "succeeded"]
 
 
 def worker_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement,
@@ -49,12 +57,11 @@ def _init(spec: FederatedTrainingSpec, where: Placement) -> list[str]:
             "--architecture", model.architecture, "--num-classes", str(model.num_classes),
             "--image-size", str(model.image_size), "--validation-fraction", repr(dataset.validation_fraction)]
     if dataset.path is None:
-        synthetic = dataset.synthetic
-        per_class = synthetic.images_per_class if synthetic else 60
-        test_per_class = synthetic.test_images_per_class if synthetic else 20
-        seed = synthetic.seed if synthetic else 0
-        args += ["--synthetic-per-class", str(per_class), "--synthetic-test-per-class", str(test_per_class),
-                 "--synthetic-seed", str(seed)]
+        synthetic = dataset.synthetic or SyntheticSpec()
+        args += ["--synthetic-per-class", str(synthetic.images_per_class),
+                 "--synthetic-test-per-class", str(synthetic.test_images_per_class),
+                 "--synthetic-frames-per-track", str(synthetic.frames_per_track),
+                 "--synthetic-seed", str(synthetic.seed)]
     if model.pretrained_weights:
         args += ["--pretrained", model.pretrained_weights]
     if not model.fine_tune:

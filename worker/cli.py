@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtrain.worker.data.synth import SynthConfig
 from fedtrain.worker.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
 
 
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path)
     synth.add_argument("--per-class", type=int, default=60)
     synth.add_argument("--test-per-class", type=int, default=20)
-    synth.add_argument("--frames-per-track", type=int, default=10)
+    synth.add_argument("--frames-per-track", type=int, default=SynthConfig.frames_per_track)
     synth.add_argument("--min-size", type=int, default=15)
     synth.add_argument("--max-size", type=int, default=250)
     synth.add_argument("--seed", type=int, default=0)
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--synthetic-per-class", type=int, default=None, help="generate synthetic data first")
     init.add_argument("--synthetic-test-per-class", type=int, default=20)
     init.add_argument("--synthetic-seed", type=int, default=0)
+    init.add_argument("--synthetic-frames-per-track", type=int, default=SynthConfig.frames_per_track)
     init.add_argument("--no-roi-crop", action="store_true", help="use whole images, not the ROI")
     init.add_argument("--validation-fraction", type=float, default=0.1, help="per client, by track")
     init.add_argument("--clients", type=int, required=True)
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace) -> Any:
     """Dispatch one parsed command; returns what is printed as JSON."""
     from fedtrain.worker import jobs  # torch is imported only once arguments parsed
     from fedtrain.worker.data.partition import PartitionConfig
-    from fedtrain.worker.data.synth import SynthConfig, generate
+    from fedtrain.worker.data.synth import generate
     from fedtrain.worker.layout import Layout
     from fedtrain.worker.models import ModelConfig
     from fedtrain.worker.training import TrainConfig
@@ -150,7 +152,8 @@ def run(args: argparse.Namespace) -> Any:
     if args.command == "init":
         synth = None
         if args.synthetic_per_class is not None:
-            synth = SynthConfig(args.synthetic_per_class, args.synthetic_test_per_class, seed=args.synthetic_seed)
+            synth = SynthConfig(args.synthetic_per_class, args.synthetic_test_per_class,
+                                args.synthetic_frames_per_track, seed=args.synthetic_seed)
         model = ModelConfig(args.architecture, args.num_classes, args.image_size, args.pretrained, not args.head_only)
         data = jobs.DataConfig(args.data, not args.no_roi_crop, args.validation_fraction)
         partition = PartitionConfig(args.partition, args.clients, args.alpha, args.partition_seed)
@@ -182,13 +185,13 @@ def run(args: argparse.Namespace) -> Any:
 
 def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:
     from fedtrain.worker.finalize import TrackingConfig, finalize
-    from fedtrain.worker.tracking import TrackingIdentity
+    from fedtrain.worker.tracking import TrainingIdentity
 
     try:
         spec = json.loads(args.spec_json)
     except ValueError as error:
         raise BadInputError(f"--spec-json is not JSON ({error})") from error
-    identity = TrackingIdentity(args.training, args.namespace, args.uid, args.strategy, spec)
+    identity = TrainingIdentity(args.training, args.namespace, args.uid, args.strategy, spec)
     tracking = TrackingConfig(args.tracking_uri, args.experiment, args.registered_model_name, args.log_clients)
     summary = finalize(workspace, args.round, identity, tracking, device)
     if args.termination_log is not None:
@@ -206,9 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerError as error:
         print(f"fedtrain-worker {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
-    except Exception:
+    except Exception as error:
         traceback.print_exc()
-        print(f"fedtrain-worker {args.command}: internal error (exit {EXIT_INTERNAL})", file=sys.stderr)
+        print(f"fedtrain-worker {args.command}: error: internal error: {type(error).__name__}: {error}",
+              file=sys.stderr)
         return EXIT_INTERNAL
     print(json.dumps(output, indent=2))
     return EXIT_OK

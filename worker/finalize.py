@@ -19,7 +19,7 @@ from fedtrain.worker.data.gtsrb import GtsrbTree
 from fedtrain.worker.jobs import Workspace
 from fedtrain.worker.models import build_model
 from fedtrain.worker.plots import plot_confusion, plot_per_round
-from fedtrain.worker.tracking import Tracker, TrackingIdentity, TrackingReport
+from fedtrain.worker.tracking import Tracker, TrackingReport, TrainingIdentity
 from fedtrain.worker.training import evaluate, load_numpy_state
 from fedtrain.worker.weights import read_json, read_weights, write_json
 
@@ -44,7 +44,7 @@ def test_fingerprint(tree: GtsrbTree) -> str:
     return digest.hexdigest()[:16]
 
 
-def finalize(workspace: Workspace, last_round: int, identity: TrackingIdentity, tracking: TrackingConfig,
+def finalize(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
              device: torch.device) -> dict[str, Any]:
     """Write ``final/`` (model, plots, summary) and track the training; return what the engine records."""
     layout = workspace.layout
@@ -92,7 +92,7 @@ def _client_history(workspace: Workspace, last_round: int) -> dict[str, list[tup
     return history
 
 
-def _track(workspace: Workspace, last_round: int, identity: TrackingIdentity, tracking: TrackingConfig,
+def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
            results: list[dict[str, Any]], plots: list[Any], device: torch.device) -> TrackingReport:
     report = TrackingReport()
     assert tracking.uri is not None
@@ -128,14 +128,14 @@ def _track(workspace: Workspace, last_round: int, identity: TrackingIdentity, tr
     return report
 
 
-def _log_model(workspace: Workspace, last_round: int, identity: TrackingIdentity, tracking: TrackingConfig,
+def _log_model(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
                tracker: Tracker, report: TrackingReport, results: list[dict[str, Any]], device: torch.device) -> None:
     weights, _ = read_weights(workspace.layout.global_weights(last_round))
     model = build_model(workspace.model)
     load_numpy_state(model, weights)
     model.eval()
     size = workspace.model.image_size
-    example = np.zeros((1, 3, size, size), dtype=np.float32)
+    example = np.zeros((2, 3, size, size), dtype=np.float32)  # batch 2: batch 1 would be exported as fixed
     tree = workspace.tree(need_test=True)
     fingerprint = test_fingerprint(tree)
     accuracy = float(results[-1]["accuracy"]) if results and "accuracy" in results[-1] else 0.0

@@ -37,6 +37,7 @@ class TrainConfig:
     scheduler: str = "none"
     restart_epochs: int = 1  # T_0 of CosineAnnealingWarmRestarts, in epochs
     mu: float = 0.0  # FedProx proximal term; 0 is plain FedAvg local training
+    augment: bool = True
     seed: int = 0
 
     def check(self) -> None:
@@ -61,6 +62,22 @@ def to_tensor_batch(images: NDArray[np.uint8], device: torch.device) -> torch.Te
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return (batch - mean) / std
+
+
+def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts (up to 1/8 of the size, edges replicated) and brightness/contrast jitter.
+
+    No flips: a mirrored "turn left" sign is a "turn right" sign, another class.
+    """
+    count, _, height, width = batch.shape
+    pad = max(1, height // 8)
+    padded = torch.nn.functional.pad(batch, (pad, pad, pad, pad), mode="replicate")
+    offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).tolist()
+    shifted = torch.stack([padded[i, :, y:y + height, x:x + width] for i, (y, x) in enumerate(offsets)])
+    contrast = 1 + 0.4 * (torch.rand(count, 1, 1, 1, generator=generator) - 0.5)
+    brightness = 0.4 * (torch.rand(count, 1, 1, 1, generator=generator) - 0.5)
+    mean = shifted.mean(dim=(1, 2, 3), keepdim=True)
+    return (shifted - mean) * contrast + mean + brightness
 
 
 def state_to_numpy(model: nn.Module) -> Weights:
@@ -121,6 +138,7 @@ def train_local(
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if config.mu > 0 else []
     loss_fn = nn.CrossEntropyLoss()
     all_labels = torch.from_numpy(labels).to(device)
+    jitter = torch.Generator().manual_seed(config.seed)
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
     for _ in range(config.local_epochs):
@@ -128,6 +146,8 @@ def train_local(
         for start in range(0, len(order), config.batch_size):
             index = order[start:start + config.batch_size]
             batch = to_tensor_batch(images[index], device)
+            if config.augment:
+                batch = augment_batch(batch.cpu(), jitter).to(device) if batch.is_cuda else augment_batch(batch, jitter)
             target = all_labels[torch.from_numpy(index).to(device)]
             logits = model(batch)
             loss = loss_fn(logits, target)

@@ -43,7 +43,7 @@ class SynthConfig:
 
     per_class: int = 60
     test_per_class: int = 20
-    frames_per_track: int = 10
+    frames_per_track: int = 5  # real GTSRB has 30; short tracks give small sets more distinct scenes
     seed: int = 0
     min_size: int = MIN_SIZE
     max_size: int = MAX_SIZE

@@ -1,0 +1,158 @@
+"""``fedtrain``: run a FederatedTraining on this machine, look at it, and use its model.
+
+fedtrain run samples/gtsrb-fedavg-local.yaml     train (or continue) a federation locally
+fedtrain status runs/gtsrb-fedavg-local          where a local training stands
+fedtrain predict --model models:/gtsrb-signs@champion IMAGE...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedtrain.engine.status import Event, TrainingStatus
+from fedtrain.spec import SpecError, SyntheticSpec, load_manifest
+
+console = Console(stderr=True)
+EXIT_FAILED = 1
+EXIT_BAD_SPEC = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Sub-commands run, status, predict."""
+    parser = argparse.ArgumentParser(prog="fedtrain", description="Federated training of traffic-sign models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run or continue a FederatedTraining on this machine")
+    run.add_argument("file", type=Path, help="a FederatedTraining YAML file")
+    run.add_argument("--workdir", type=Path, default=None, help="default: spec.storage.local, else runs/<name>")
+    run.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite store in the work directory)")
+    run.add_argument("--parallelism", type=int, default=None, help="tasks at once (default: spec.worker.parallelism)")
+    status = commands.add_parser("status", help="show where a local training stands")
+    status.add_argument("workdir", type=Path)
+    predict = commands.add_parser("predict", help="classify images with a registered or local model")
+    predict.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a .safetensors")
+    predict.add_argument("--tracking-uri", default=None)
+    predict.add_argument("images", nargs="+", type=Path)
+    return parser
+
+
+def _print_event(event: Event) -> None:
+    style = "yellow" if event.warning else "cyan"
+    console.log(f"[{style}]{event.reason}[/{style}] {event.message}")
+
+
+def summary_table(status: TrainingStatus) -> Table:
+    """Per-round results of a training."""
+    table = Table(title=f"{status.phase}: {status.message}")
+    for column in ("round", "clients ok", "failed", "dropped", "rejected", "accuracy", "loss"):
+        table.add_column(column, justify="right")
+    for record in status.rounds:
+        accuracy = f"{record.accuracy:.4f}" if record.accuracy is not None else "-"
+        loss = f"{record.loss:.4f}" if record.loss is not None else "-"
+        table.add_row(str(record.round), str(record.count("succeeded")), str(record.count("failed")),
+                      str(record.count("dropped")), str(len(record.rejected)), accuracy, loss)
+    return table
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedtrain.local.runner import RunOptions, run_training
+
+    manifest = load_manifest(args.file)
+    spec = manifest.spec
+    if spec.dataset.path is None:
+        synthetic = spec.dataset.synthetic or SyntheticSpec()
+        console.log(f"[cyan]No dataset.path in the spec: training on generated synthetic GTSRB "
+                    f"({synthetic.images_per_class} images per class; see docs/data.md)")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[note]}"), console=console, transient=False)
+    rounds = progress.add_task("rounds", total=spec.rounds, note="")
+    clients = progress.add_task("clients", total=spec.clients.round_size, note="")
+
+    def on_status(status: TrainingStatus) -> None:
+        done = sum(1 for r in status.rounds if r.finished_at is not None)
+        note = f"accuracy {status.accuracy:.4f}" if status.accuracy is not None else status.phase
+        progress.update(rounds, completed=done, note=note)
+        current = status.round(status.current_round)
+        if current is not None:
+            finished = sum(1 for t in current.clients.values() if t.state in ("succeeded", "failed", "dropped"))
+            progress.update(clients, completed=finished, total=len(current.selected),
+                            note=f"round {current.round}")
+
+    with progress:
+        result = run_training(manifest, RunOptions(args.workdir, args.tracking_uri, args.parallelism),
+                              _print_event, on_status)
+    _print_summary(result.status, result.workdir)
+    return 0 if result.status.phase in ("Succeeded", "Suspended") else EXIT_FAILED
+
+
+def _print_summary(status: TrainingStatus, workdir: Path) -> None:
+    out = Console()
+    out.print(summary_table(status))
+    final = workdir / "final"
+    summary_path = final / "summary.json"
+    if status.phase == "Succeeded" and summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        out.print(f"final model: {summary['model_path']}")
+        out.print(f"plots: {', '.join(summary.get('plots', []))}")
+        if summary.get("model_uri"):
+            champion = " (now champion)" if summary.get("champion") else ""
+            out.print(f"MLflow: run {summary.get('run_id')}, model {summary['model_uri']}{champion}")
+        for what, why in (summary.get("not_logged") or {}).items():
+            out.print(f"[yellow]not logged to MLflow: {what} ({why})[/yellow]")
+    elif status.phase == "Failed":
+        out.print(f"[red]training failed: {status.message}[/red]; logs in {workdir / 'executor' / 'logs'}")
+    elif status.phase == "Suspended":
+        out.print("suspended (spec.suspend: true); set it to false and run the same command to continue")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedtrain.local.runner import load_status
+
+    if not (args.workdir / "status.json").exists():
+        console.print(f"[red]{args.workdir}: no status.json here; is it a fedtrain work directory?[/red]")
+        return EXIT_BAD_SPEC
+    status = load_status(args.workdir)
+    Console().print(summary_table(status))
+    for condition in status.conditions:
+        if condition.status == "True":
+            Console().print(f"{condition.type}: {condition.reason} {condition.message}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fedtrain.local.predict import predict_images
+
+    rows = predict_images(args.model, args.images, args.tracking_uri)
+    table = Table()
+    for column in ("image", "class", "sign", "probability"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["image"], str(row["class_id"]), row["sign_name"], f"{row['probability']:.3f}")
+    Console().print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; exit 0 on success, 1 when the training failed, 2 for a bad spec or input."""
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Any] = {"run": _run, "status": _status, "predict": _predict}
+    try:
+        return int(handlers[args.command](args))
+    except SpecError as error:
+        console.print(f"[red]{error}[/red]")
+        return EXIT_BAD_SPEC
+    except KeyboardInterrupt:
+        console.print("interrupted: run the same command again to continue from the last finished round")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

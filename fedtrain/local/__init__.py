@@ -1,0 +1,1 @@
+"""Running a FederatedTraining on one machine: local executor and runner."""

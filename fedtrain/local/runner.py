@@ -1,0 +1,137 @@
+"""``fedtrain run``: a FederatedTraining on one machine, through the same engine and worker commands.
+
+The runner is a loop: observe the processes, ask the engine, launch what it says, save the status.
+Everything durable is in the work directory (``status.json``, ``tasks.json``, the storage layout),
+so the same command continues an interrupted or crashed training from where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtrain.engine import decide
+from fedtrain.engine.status import Cancel, Event, Launch, TrainingStatus
+from fedtrain.local.executor import LocalExecutor
+from fedtrain.spec import FederatedTraining, SpecError
+from fedtrain.tasks import Placement, aggregation_clients, worker_arguments
+
+STATUS_FILE = "status.json"
+SPEC_FILE = "spec.json"
+
+
+@dataclass
+class RunOptions:
+    """Where to run and where to track; None means: from the spec, else the defaults."""
+
+    workdir: Path | None = None
+    tracking_uri: str | None = None
+    parallelism: int | None = None
+    fork_server: bool = True  # False: a fresh Python process per task (slower start, nothing shared)
+
+
+@dataclass
+class RunResult:
+    """How a run ended, and what the executor measured (for the summary and the overhead benchmark)."""
+
+    status: TrainingStatus
+    workdir: Path
+    durations: dict[str, float] = field(default_factory=dict)
+    round_walls: dict[int, float] = field(default_factory=dict)
+
+
+def default_workdir(manifest: FederatedTraining) -> Path:
+    """``spec.storage.local``, else ``runs/<name>`` in the current directory."""
+    if manifest.spec.storage.local:
+        return Path(manifest.spec.storage.local)
+    return Path("runs") / manifest.metadata.name
+
+
+def check_before_creating(manifest: FederatedTraining, workdir: Path) -> None:
+    """Refuse what cannot run before anything is written."""
+    path = manifest.spec.dataset.path
+    if path is not None and not Path(path).is_dir():
+        raise SpecError([f"spec.dataset.path: {path} does not exist or is not a directory; point it at a GTSRB "
+                         "tree, or remove it to train on generated synthetic data"])
+    weights = manifest.spec.model.pretrained_weights
+    if weights is not None and not Path(weights).is_file():
+        raise SpecError([f"spec.model.pretrainedWeights: {weights} does not exist; give a local .safetensors or "
+                         ".pth file"])
+    recorded = workdir / SPEC_FILE
+    if recorded.exists():
+        before = json.loads(recorded.read_text())
+        now = manifest.model_dump(mode="json", by_alias=True)
+        for key in ("rounds", "model", "dataset", "partition", "clients", "strategy", "seed"):
+            if before["spec"].get(key) != now["spec"].get(key):
+                raise SpecError([f"spec.{key} differs from the training already in {workdir}; use another "
+                                 "--workdir to start a new training (nothing was changed)"])
+
+
+def load_status(workdir: Path) -> TrainingStatus:
+    """The saved status, or a fresh one."""
+    path = workdir / STATUS_FILE
+    return TrainingStatus.model_validate(json.loads(path.read_text())) if path.exists() else TrainingStatus()
+
+
+def save_status(workdir: Path, status: TrainingStatus) -> None:
+    """Atomically replace ``status.json``."""
+    temporary = workdir / (STATUS_FILE + ".tmp")
+    temporary.write_text(json.dumps(status.to_json(), indent=2))
+    os.replace(temporary, workdir / STATUS_FILE)
+
+
+def run_training(manifest: FederatedTraining, options: RunOptions,
+                 on_event: Callable[[Event], None] = lambda e: None,
+                 on_status: Callable[[TrainingStatus], None] = lambda s: None) -> RunResult:
+    """Run (or continue) a training until it succeeds, fails or is suspended."""
+    spec = manifest.spec
+    workdir = (options.workdir or default_workdir(manifest)).resolve()
+    check_before_creating(manifest, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / SPEC_FILE).write_text(json.dumps(manifest.model_dump(mode="json", by_alias=True), indent=2))
+    tracking_uri = options.tracking_uri or spec.mlflow.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    data_path = spec.dataset.path or str(workdir / "data")
+    where = Placement(str(workdir), data_path, manifest.metadata.name, manifest.metadata.namespace,
+                      tracking_uri=tracking_uri)
+    if options.tracking_uri:
+        spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": options.tracking_uri})})
+    preload = ["torchvision.models"] if spec.model.architecture.startswith("mobilenet") else []
+    executor = LocalExecutor(workdir / "executor", options.parallelism or spec.worker.parallelism,
+                             fork_server=options.fork_server, preload=preload)
+    status = load_status(workdir)
+    result = RunResult(status, workdir)
+    round_started: dict[int, float] = {}
+    try:
+        while True:
+            observations = executor.poll()
+            decision = decide(spec, status, observations, time.time())
+            for event in decision.events:
+                on_event(event)
+            for action in decision.actions:
+                if isinstance(action, Launch):
+                    clients = aggregation_clients(decision.status, action.task.round)
+                    executor.launch(action.task.id, worker_arguments(action.task, spec, where, clients))
+                    if action.task.kind == "train":
+                        round_started.setdefault(action.task.round, time.monotonic())
+                elif isinstance(action, Cancel):
+                    executor.cancel(action.task_id)
+            if decision.status != status:
+                save_status(workdir, decision.status)
+                on_status(decision.status)
+                for number in list(round_started):
+                    record = decision.status.round(number)
+                    if record is not None and record.finished_at is not None and number not in result.round_walls:
+                        result.round_walls[number] = time.monotonic() - round_started[number]
+            status = decision.status
+            if status.phase in ("Succeeded", "Failed", "Suspended") and executor.idle:
+                break
+            executor.wait(0.5)
+    finally:
+        executor.shutdown()
+    result.status = status
+    result.durations = executor.durations
+    return result
