@@ -10,7 +10,6 @@ task's time. Process start-up and torch imports are inside the task times for fr
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify images with a registered or local model")
     predict.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a .safetensors")
     predict.add_argument("--tracking-uri", default=None)
+    predict.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     predict.add_argument("images", nargs="+", type=Path)
     return parser
 
@@ -131,6 +132,10 @@ def _predict(args: argparse.Namespace) -> int:
     from fedtrain.local.predict import predict_images
 
     rows = predict_images(args.model, args.images, args.tracking_uri)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
     table = Table()
     for column in ("image", "class", "sign", "probability"):
         table.add_column(column)

@@ -7,6 +7,7 @@ updates, 70 internal error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -205,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, print the result as JSON; map failures to exit codes."""
     args = build_parser().parse_args(argv)
     try:
-        output = run(args)
+        # stdout carries only the JSON result: what libraries print meanwhile (MLflow's run links) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            output = run(args)
     except WorkerError as error:
         print(f"fedtrain-worker {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -7,6 +7,7 @@ or Adam, an optional cosine-with-warm-restarts schedule and the FedProx proximal
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -191,7 +192,9 @@ def predict_proba(
 ) -> NDArray[np.float32]:
     """Class probabilities for uint8 NHWC images."""
     device = device or torch.device("cpu")
-    model.to(device).eval()
+    model.to(device)
+    with contextlib.suppress(NotImplementedError):  # models loaded from MLflow's pt2 format are exported
+        model.eval()  # in eval mode already and refuse the call
     outputs = [torch.softmax(model(to_tensor_batch(images[i:i + batch_size], device)), dim=1).cpu().numpy()
                for i in range(0, len(images), batch_size)]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)

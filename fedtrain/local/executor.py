@@ -3,8 +3,9 @@
 What Jobs are to the operator, processes are here: each task runs ``fedtrain.worker.cli.main`` with
 the same arguments a Job's container gets, either forked from a fork server that has imported torch
 once (the default: see `forkserver`) or as a fresh ``python -m fedtrain.worker.cli`` process.
-Finished tasks are recorded in ``tasks.json`` so that a runner started again after a crash knows them; tasks that were running when it died have
-no record and the engine starts them again (every worker command is idempotent). Children get
+Finished tasks are recorded in ``tasks.json`` so that a runner started again after a crash knows
+them; tasks that were running when it died have no record and the engine starts them again
+(every worker command is idempotent). Children get
 SIGTERM when the runner dies, so no orphan keeps writing.
 """
 

@@ -23,6 +23,9 @@ from typing import Any
 def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in a forked child
     code = 70
     try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the server
         os.setpgid(0, 0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):

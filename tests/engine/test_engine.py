@@ -1,0 +1,243 @@
+"""Round engine transitions, table by table: a simulated executor answers each launched task."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fedtrain.engine import Observation, Task, TrainingStatus, decide, select_clients, task_id
+from fedtrain.engine.status import Cancel, Decision
+from fedtrain.spec import FederatedTrainingSpec, parse_spec
+
+Outcome = Callable[[Task, float], Observation | None]  # None: still running
+
+
+def spec(**overrides: Any) -> FederatedTrainingSpec:
+    data: dict[str, Any] = {"rounds": 2, "clients": {"count": 3}, "roundDeadlineSeconds": 100}
+    for key, value in overrides.items():
+        data[key] = value
+    return parse_spec(data)
+
+
+def ok(task: Task, now: float) -> Observation:
+    output = {"accuracy": 0.1 * task.round, "loss": 1.0 / max(task.round, 1), "accepted": ["client-00"],
+              "rejected": {}}
+    if task.kind == "finalize":
+        output = {"model_uri": "models:/signs/1", "model_version": "1"}
+    return Observation("succeeded", 0, output if task.kind in ("aggregate", "finalize") else None)
+
+
+class Simulation:
+    """Feeds the engine's launches back as observations, one decision per tick, like an executor."""
+
+    def __init__(self, the_spec: FederatedTrainingSpec, outcome: Outcome = ok, reload: bool = False) -> None:
+        self.spec, self.outcome, self.reload = the_spec, outcome, reload
+        self.status = TrainingStatus()
+        self.observations: dict[str, Observation] = {}
+        self.launched: list[str] = []
+        self.cancelled: list[str] = []
+        self.events: list[str] = []
+        self.now = 1000.0
+
+    def tick(self, seconds: float = 1.0) -> Decision:
+        self.now += seconds
+        decision = decide(self.spec, self.status, self.observations, self.now)
+        for action in decision.actions:
+            if isinstance(action, Cancel):
+                self.cancelled.append(action.task_id)
+                continue
+            task = action.task
+            if task.id not in self.launched:
+                self.launched.append(task.id)
+            result = self.outcome(task, self.now)
+            self.observations[task.id] = result or Observation("running")
+        self.events += [f"{e.reason}: {e.message}" for e in decision.events]
+        status = decision.status
+        if self.reload:  # as if another process picked it up from the resource's status
+            status = TrainingStatus.model_validate(json.loads(json.dumps(status.to_json())))
+        self.status = status
+        return decision
+
+    def run(self, ticks: int = 50) -> TrainingStatus:
+        for _ in range(ticks):
+            self.tick()
+            if self.status.phase in ("Succeeded", "Failed", "Suspended"):
+                break
+        return self.status
+
+
+def condition(status: TrainingStatus, kind: str) -> str:
+    return next(c.status for c in status.conditions if c.type == kind)
+
+
+def test_happy_path_init_rounds_finalize() -> None:
+    sim = Simulation(spec())
+    status = sim.run()
+    assert status.phase == "Succeeded" and status.current_round == 2
+    assert sim.launched == ["init-a1", "r0001-client-00-a1", "r0001-client-01-a1", "r0001-client-02-a1",
+                            "r0001-aggregate-a1", "r0002-client-00-a1", "r0002-client-01-a1", "r0002-client-02-a1",
+                            "r0002-aggregate-a1", "finalize-a1"]
+    assert [r.accuracy for r in status.rounds] == [pytest.approx(0.1), pytest.approx(0.2)]
+    assert status.best_round == 2 and status.model_version == "1" and status.model_uri == "models:/signs/1"
+    assert condition(status, "Succeeded") == "True" and condition(status, "Running") == "False"
+    assert condition(status, "Degraded") == "False"
+
+
+def test_resuming_from_the_serialised_status_at_every_step_changes_nothing() -> None:
+    straight, reloaded = Simulation(spec(rounds=3)), Simulation(spec(rounds=3), reload=True)
+    straight.run()
+    reloaded.run()
+    assert reloaded.launched == straight.launched
+    assert reloaded.status.to_json() == straight.status.to_json()
+
+
+def test_deciding_twice_on_the_same_observations_asks_for_the_same_tasks() -> None:
+    sim = Simulation(spec(), outcome=lambda t, n: None if t.kind == "train" else ok(t, n))
+    sim.tick()
+    sim.tick()
+    first = decide(sim.spec, sim.status, sim.observations, sim.now)
+    second = decide(sim.spec, sim.status, sim.observations, sim.now)
+    assert first.launches == second.launches and first.status == second.status
+    assert sim.status == decide(sim.spec, sim.status, sim.observations, sim.now).status
+
+
+def failing(clients: dict[str, int], kinds: tuple[str, ...] = ("train",), attempts: int = 99) -> Outcome:
+    """Clients (or kinds) that fail with an exit code for their first ``attempts`` attempts."""
+    def outcome(task: Task, now: float) -> Observation:
+        if task.kind in kinds and (task.client in clients or task.kind != "train") and task.attempt <= attempts:
+            code = clients.get(task.client or "", clients.get(task.kind, 70))
+            return Observation("failed", code, None, "boom")
+        return ok(task, now)
+    return outcome
+
+
+def test_a_crashed_client_is_retried_and_the_round_goes_on() -> None:
+    sim = Simulation(spec(), failing({"client-01": 70}, attempts=1))
+    status = sim.run()
+    assert status.phase == "Succeeded"
+    assert "r0001-client-01-a2" in sim.launched
+    assert any(e.startswith("ClientRetried: round 1: client-01 retried after exit code 70") for e in sim.events)
+
+
+def test_bad_input_is_not_retried_but_the_quorum_holds() -> None:
+    sim = Simulation(spec(clients={"count": 3, "minSuccessful": 2}), failing({"client-01": 2}))
+    status = sim.run()
+    assert status.phase == "Succeeded"
+    assert "r0001-client-01-a2" not in sim.launched
+    assert status.rounds[0].clients["client-01"].state == "failed"
+    assert "bad input" in (status.rounds[0].clients["client-01"].reason or "")
+    assert condition(status, "Degraded") == "True"
+
+
+def test_quorum_missed_fails_the_training_with_the_reasons() -> None:
+    sim = Simulation(spec(clients={"count": 3, "minSuccessful": 2}), failing({"client-00": 3, "client-01": 2}))
+    status = sim.run()
+    assert status.phase == "Failed" and status.current_round == 1
+    assert "2 of 3 clients failed, 2 must succeed" in status.message and "client-00: exit code 3" in status.message
+    assert not any(t.startswith("r0001-aggregate") for t in sim.launched)
+    assert condition(status, "Failed") == "True"
+
+
+def test_quorum_missed_retries_the_round_when_configured() -> None:
+    the_spec = spec(clients={"count": 3, "minSuccessful": 3, "maxRetries": 0},
+                    stragglers={"onMissedQuorum": "retry", "maxRoundRetries": 1})
+    sim = Simulation(the_spec, failing({"client-02": 70}, attempts=1))
+    status = sim.run()
+    assert status.phase == "Succeeded"
+    assert "r0001-client-00-a2" in sim.launched and "r0001-client-02-a2" in sim.launched
+    assert status.rounds[0].attempt == 2
+    assert any(e.startswith("RoundRetried") for e in sim.events)
+
+
+def test_round_retries_are_bounded() -> None:
+    the_spec = spec(clients={"count": 2, "maxRetries": 0}, stragglers={"onMissedQuorum": "retry",
+                                                                        "maxRoundRetries": 2})
+    sim = Simulation(the_spec, failing({"client-00": 70}))
+    status = sim.run()
+    assert status.phase == "Failed" and status.rounds[0].attempt == 3
+
+
+def test_stragglers_are_dropped_at_the_deadline_when_the_quorum_holds() -> None:
+    slow = {"client-02"}
+    sim = Simulation(spec(clients={"count": 3, "minSuccessful": 2}),
+                     lambda t, n: None if t.client in slow else ok(t, n))
+    sim.tick()
+    sim.tick()
+    assert sim.status.current_round == 1 and sim.status.rounds[0].aggregation is None  # waiting for client-02
+    sim.tick(seconds=200)  # past the 100 s deadline
+    assert sim.cancelled == ["r0001-client-02-a1"]
+    assert sim.status.rounds[0].clients["client-02"].state == "dropped"
+    assert any(e.startswith("StragglersDropped") for e in sim.events)
+    slow.clear()
+    assert sim.run().phase == "Succeeded"
+
+
+def test_deadline_without_quorum_fails() -> None:
+    sim = Simulation(spec(clients={"count": 3, "minSuccessful": 2}),
+                     lambda t, n: None if t.client in ("client-01", "client-02") else ok(t, n))
+    sim.tick()  # init
+    sim.tick()  # round 1 starts
+    sim.tick(seconds=200)
+    assert sim.status.phase == "Failed" and "deadline of 100s passed with 1 of 2" in sim.status.message
+    assert set(sim.cancelled) == {"r0001-client-01-a1", "r0001-client-02-a1"}
+
+
+def test_rejected_updates_miss_the_quorum() -> None:
+    sim = Simulation(spec(), failing({"aggregate": 4}, kinds=("aggregate",)))
+    status = sim.run()
+    assert status.phase == "Failed" and "aggregation rejected the updates" in status.message
+    assert "r0001-aggregate-a2" not in sim.launched
+
+
+@pytest.mark.parametrize(("kind", "code", "phase_reason"), [
+    ("init", 3, "BadData"), ("init", 2, "BadInput"), ("finalize", 70, "TaskFailed"),
+])
+def test_failed_init_or_finalize(kind: str, code: int, phase_reason: str) -> None:
+    sim = Simulation(spec(clients={"count": 2, "maxRetries": 1}), failing({kind: code}, kinds=(kind,)))
+    status = sim.run()
+    assert status.phase == "Failed" and status.message.startswith(f"{kind} failed: exit code {code}")
+    assert any(e.startswith(phase_reason) for e in sim.events)
+    assert (f"{kind}-a2" in sim.launched) == (code == 70)  # only internal errors are retried
+
+
+def test_suspend_stops_between_rounds_and_resume_continues() -> None:
+    sim = Simulation(spec(rounds=3))
+    sim.run(ticks=3)  # init, round 1 clients, round 1 aggregation launched
+    sim.spec = spec(rounds=3, suspend=True)
+    status = sim.run()
+    assert status.phase == "Suspended" and status.current_round == 1
+    assert condition(status, "Suspended") == "True"
+    before = list(sim.launched)
+    sim.tick()
+    assert sim.launched == before  # nothing new while suspended
+    sim.spec = spec(rounds=3, suspend=False)
+    assert sim.run().phase == "Succeeded" and sim.status.current_round == 3
+    assert any(e.startswith("Resumed: resumed at round 2") for e in sim.events)
+
+
+def test_per_round_sampling_is_seeded_and_sized() -> None:
+    the_spec = spec(rounds=5, clients={"count": 10, "perRound": 4})
+    chosen = [select_clients(the_spec, r) for r in range(1, 6)]
+    assert all(len(c) == 4 for c in chosen)
+    assert chosen == [select_clients(the_spec, r) for r in range(1, 6)]
+    assert len({tuple(c) for c in chosen}) > 1
+    status = Simulation(the_spec).run()
+    assert [r.selected for r in status.rounds] == chosen
+
+
+def test_condition_times_change_only_with_their_status() -> None:
+    sim = Simulation(spec(rounds=3), lambda t, n: None if t.kind == "aggregate" else ok(t, n))
+    sim.tick()
+    first = {c.type: c.last_transition_time for c in sim.status.conditions}
+    sim.tick(seconds=30)
+    second = {c.type: c.last_transition_time for c in sim.status.conditions}
+    assert first == second
+
+
+def test_task_ids_are_deterministic() -> None:
+    assert task_id("train", 2, 3, "client-01") == "r0003-client-01-a2"
+    assert task_id("aggregate", 1, 12) == "r0012-aggregate-a1"
+    assert task_id("init", 1) == "init-a1"

@@ -1,0 +1,77 @@
+"""The spec model: defaults in one place, errors that name the field, the same model for files and resources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedtrain.spec import STRATEGY_PARAMETERS, SpecError, load_manifest, parse_spec
+from fedtrain.worker.strategies import STRATEGIES
+
+SAMPLES = sorted(Path(__file__).parents[2].joinpath("samples").glob("*.yaml"))
+
+
+def test_defaults_fill_a_minimal_spec() -> None:
+    spec = parse_spec({"clients": {"count": 4}})
+    assert spec.rounds == 10 and spec.model.architecture == "mobilenet_v3_small" and spec.strategy.name == "fedavg"
+    assert spec.clients.round_size == 4 and spec.clients.quorum == 4
+    assert spec.clients.names() == ["client-00", "client-01", "client-02", "client-03"]
+    assert spec.dataset.path is None and spec.dataset.synthetic is None  # synthetic data by default
+
+
+def test_explicit_client_list_with_overrides() -> None:
+    spec = parse_spec({"clients": {"list": [{"name": "munich", "training": {"localEpochs": 3}},
+                                            {"name": "berlin"}], "minSuccessful": 1}})
+    assert spec.clients.names() == ["munich", "berlin"] and spec.clients.total == 2
+    assert spec.clients.entry("munich").training.local_epochs == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"clients": {"count": 3}, "rounds": "many"}, "spec.rounds: Input should be a valid integer"),
+    ({"clients": {"count": 3}, "modell": {}}, "spec.modell: unknown field"),
+    ({"clients": {"count": 3, "perRound": 2, "minSuccessful": 3}},
+     "spec.clients.minSuccessful (3) must be <= clients.perRound (2)"),
+    ({"clients": {"count": 3, "perRound": 5}}, "spec.clients.perRound (5) must be <= clients.count (3)"),
+    ({"clients": {}}, "spec.clients: give clients.count or clients.list"),
+    ({"clients": {"count": 3}, "strategy": {"name": "fedsgd"}}, "spec.strategy.name: must be one of fedavg"),
+    ({"clients": {"count": 3}, "strategy": {"name": "fedprox", "parameters": {"beta": 1}}},
+     "spec.strategy.parameters.beta is not a parameter of fedprox (allowed: mu)"),
+    ({"clients": {"count": 3}, "storage": {"local": "/x", "create": {}}},
+     "storage takes one of persistentVolumeClaim, create or local"),
+    ({"clients": {"count": 3}, "dataset": {"path": "/d", "synthetic": {}}},
+     "give either dataset.path or dataset.synthetic"),
+    ({"clients": {"list": [{"name": "a"}, {"name": "a"}]}}, "clients.list has duplicate names"),
+    ({"clients": {"list": [{"name": "Munich"}]}}, "spec.clients.list[0].name: String should match pattern"),
+    ({"clients": {"count": 50}, "partition": {"scheme": "classes"}}, "needs clients.count (50) <="),
+    ({"clients": {"count": 3}, "training": {"optimizer": "rmsprop"}}, "spec.training.optimizer: must be one of"),
+])
+def test_bad_specs_name_the_field(data: dict, expected: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(data)
+    assert any(expected in problem for problem in caught.value.problems), caught.value.problems
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec({"clients": {"count": 3}, "rounds": 0, "training": {"batchSize": 0}})
+    assert len(caught.value.problems) == 2
+
+
+def test_strategy_table_matches_the_worker_registry() -> None:
+    assert {name: tuple(r.parameters) for name, r in STRATEGIES.items()} == STRATEGY_PARAMETERS
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_samples_are_valid(path: Path) -> None:
+    manifest = load_manifest(path)
+    assert manifest.kind == "FederatedTraining" and manifest.metadata.name
+
+
+def test_yaml_problems_name_the_file(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("spec: [unclosed\n")
+    with pytest.raises(SpecError, match=r"broken.yaml: invalid FederatedTraining:\n  - not valid YAML"):
+        load_manifest(broken)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_manifest(tmp_path / "missing.yaml")
