@@ -2,14 +2,16 @@
 
 Usage: python bench/local_overhead.py [--rounds 4] [--clients 4]
 Overhead of a round = its wall time (first client task launched -> aggregation recorded) minus the
-slowest client's task time (whole worker process: load data, train, save) minus the aggregation
-task's time. Process start-up and torch imports are inside the task times for fresh processes
-(the baseline), and avoided by the fork server. Both run the same spec in the same run.
+slowest client's training time (its training loop, from the update's sidecar) minus the
+aggregation's compute (strategy and evaluation, from result.json). What remains is orchestration:
+process start-up and imports, reading data and weights, scheduling. Fresh processes (the baseline)
+and the fork server run the same spec in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tempfile
@@ -34,16 +36,18 @@ def measure(rounds: int, clients: int, fork_server: bool, data: Path) -> dict[st
     result = run_training(parse_manifest(spec), RunOptions(workdir, "sqlite:///" + str(workdir / "m.db"),
                                                            fork_server=fork_server))
     assert result.status.phase == "Succeeded", result.status.message
-    walls, overheads, tasks = [], [], []
+    walls, overheads, trainings = [], [], []
     for number, wall in sorted(result.round_walls.items()):
-        clients_time = max(v for k, v in result.durations.items() if k.startswith(f"r{number:04d}-client"))
-        aggregate = next(v for k, v in result.durations.items() if k.startswith(f"r{number:04d}-aggregate"))
+        round_dir = workdir / f"round-{number:04d}"
+        training = max(json.loads(p.read_text())["metrics"]["train_seconds"]
+                       for p in (round_dir / "clients").glob("*.json"))
+        aggregation = json.loads((round_dir / "result.json").read_text())["seconds"]
         walls.append(wall)
-        overheads.append(wall - clients_time - aggregate)
-        tasks.append(clients_time)
+        overheads.append(wall - training - aggregation)
+        trainings.append(training)
     shutil.rmtree(workdir)
     return {"round": statistics.median(walls), "overhead": statistics.median(overheads),
-            "slowest_client_task": statistics.median(tasks)}
+            "slowest_training": statistics.median(trainings)}
 
 
 def main() -> None:
@@ -61,9 +65,10 @@ def main() -> None:
         figures[fork_server] = measure(args.rounds, args.clients, fork_server, data)
         name = "fork server   " if fork_server else "fresh process "
         f = figures[fork_server]
-        print(f"{name}: round {f['round']:6.2f} s, slowest client task {f['slowest_client_task']:5.2f} s, "
+        print(f"{name}: round {f['round']:6.2f} s, slowest client training {f['slowest_training']:5.2f} s, "
               f"orchestration overhead {f['overhead']:5.2f} s ({f['overhead'] / f['round']:.0%} of the round)")
     print(f"ratio round time fork-server/fresh-process: {figures[True]['round'] / figures[False]['round']:.2f}")
+    print(f"ratio overhead fork-server/fresh-process: {figures[True]['overhead'] / figures[False]['overhead']:.2f}")
     shutil.rmtree(data)
 
 

@@ -53,12 +53,42 @@ def _send(message: dict[str, Any]) -> None:
     sys.__stdout__.flush()  # type: ignore[union-attr]
 
 
+def warm_up() -> None:
+    """Pay the first-use costs once (about 2 s: torch's first forward and backward, Adam, image and
+    safetensors codecs) so that forked children start warm.
+
+    With one intra-op thread no OpenMP thread pool exists yet when the server forks; each child then
+    sets its own thread count.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from fedtrain.worker.models import TinyCnn
+    from fedtrain.worker.training import TrainConfig, state_to_numpy, train_local
+    from fedtrain.worker.weights import read_weights, save_weights
+
+    torch.set_num_threads(1)
+    model = TinyCnn(2)
+    images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    train_local(model, images, np.array([0, 1]), TrainConfig(batch_size=2))
+    with tempfile.TemporaryDirectory() as folder:
+        save_weights(Path(folder) / "w.safetensors", state_to_numpy(model), {"num_examples": 1})
+        read_weights(Path(folder) / "w.safetensors")
+        Image.fromarray(images[0]).save(Path(folder) / "i.ppm")
+        Image.open(Path(folder) / "i.ppm").convert("RGB")
+
+
 def serve(preload: list[str]) -> None:
-    """Import the heavy modules, then fork one child per request until stdin closes."""
+    """Import the heavy modules and warm them up, then fork one child per request until stdin closes."""
     import importlib
 
     for module in ["torch", "fedtrain.worker.cli", "fedtrain.worker.jobs", *preload]:
         importlib.import_module(module)
+    warm_up()
     _send({"ready": True})
     children: dict[int, str] = {}
     buffer = b""
