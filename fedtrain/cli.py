@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tracking-uri", default=None)
     predict.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     predict.add_argument("images", nargs="+", type=Path)
+    cam = commands.add_parser("cam", help="class activation maps over test images, saved as a PNG")
+    cam.add_argument("--model", required=True, type=Path, help="a model file (e.g. runs/NAME/final/model.safetensors)")
+    cam.add_argument("--data", required=True, type=Path, help="a GTSRB tree; its test images are used")
+    cam.add_argument("--count", type=int, default=8, help="how many test images")
+    cam.add_argument("--out", type=Path, default=Path("cam.png"))
     return parser
 
 
@@ -145,10 +150,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cam(args: argparse.Namespace) -> int:
+    from fedtrain.worker.cam import class_activation_maps, save_cam_sheet
+    from fedtrain.worker.data.gtsrb import load_tree, sign_names
+    from fedtrain.worker.data.images import load_samples
+    from fedtrain.worker.jobs import load_model_from_weights
+
+    model, config = load_model_from_weights(args.model)
+    tree = load_tree(args.data, config.num_classes)
+    samples = list(tree.test[:args.count])
+    images, labels = load_samples(tree, samples, max(config.image_size, 64), roi_crop=False)
+    inputs, _ = load_samples(tree, samples, config.image_size, roi_crop=False)
+    maps, predicted, probability = class_activation_maps(model, inputs)
+    names = sign_names(args.data)
+    titles = [f"predicted {names[p]} ({q:.2f})\ntrue {names[t]}" for p, q, t in zip(predicted, probability, labels,
+                                                                                  strict=True)]
+    Console().print(f"wrote {save_cam_sheet(args.out, images, maps, titles)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; exit 0 on success, 1 when the training failed, 2 for a bad spec or input."""
     args = build_parser().parse_args(argv)
-    handlers: dict[str, Any] = {"run": _run, "status": _status, "predict": _predict}
+    handlers: dict[str, Any] = {"run": _run, "status": _status, "predict": _predict, "cam": _cam}
     try:
         return int(handlers[args.command](args))
     except SpecError as error:

@@ -54,11 +54,11 @@ def _send(message: dict[str, Any]) -> None:
 
 
 def warm_up() -> None:
-    """Pay the first-use costs once (about 2 s: torch's first forward and backward, Adam, image and
-    safetensors codecs) so that forked children start warm.
+    """Pay the first-use costs once, so that forked children start warm.
 
-    With one intra-op thread no OpenMP thread pool exists yet when the server forks; each child then
-    sets its own thread count.
+    About 2 s: torch's first forward and backward, Adam, the image and safetensors codecs. With one
+    intra-op thread no OpenMP thread pool exists yet when the server forks; each child then sets
+    its own thread count.
     """
     import tempfile
     from pathlib import Path
