@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from fedtrain.worker.data.gtsrb import load_tree
 from fedtrain.worker.data.images import load_samples
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--frames-per-track", type=int, default=SynthConfig.frames_per_track)
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--data", type=Path, default=Path("/tmp/fedtrain-synth-central"))
+    parser.add_argument("--save", type=Path, default=None, help="write the trained weights (.safetensors) here")
     args = parser.parse_args()
     if not (args.data / "Final_Training").exists():
         generate(args.data, SynthConfig(args.per_class, args.test_per_class, args.frames_per_track, seed=0))
@@ -61,6 +63,8 @@ def main() -> None:
     limits = confusion[np.ix_(SPEED_LIMITS, SPEED_LIMITS)]
     wrong_limit = (limits.sum() - np.trace(limits)) / confusion[SPEED_LIMITS].sum()
     other_wrong = 1 - np.trace(confusion) / confusion.sum()
+    if args.save is not None:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.save))
     print(f"final test accuracy {scores.accuracy:.3f}; speed-limit signs taken for another speed limit: "
           f"{wrong_limit:.3f}; overall error {other_wrong:.3f}; {time.perf_counter() - started:.0f} s")
 

@@ -23,7 +23,7 @@ class Placement:
     training: str
     namespace: str = "default"
     uid: str = "local"
-    tracking_uri: str | None = None
+    tracking_uri: str | None = None  # resolved by the caller: its option, else spec.mlflow.trackingUri
     termination_log: str | None = None  # Kubernetes: /dev/termination-log
 
 
@@ -105,9 +105,8 @@ def _finalize(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list
     args = ["finalize", "--workdir", where.workdir, "--round", str(task.round), "--device", spec.worker.device,
             "--training", where.training, "--namespace", where.namespace, "--uid", where.uid,
             "--strategy", spec.strategy.name, "--spec-json", spec.model_dump_json(by_alias=True)]
-    tracking_uri = spec.mlflow.tracking_uri or where.tracking_uri
-    if tracking_uri:
-        args += ["--tracking-uri", tracking_uri, "--experiment", spec.mlflow.experiment]
+    if where.tracking_uri:
+        args += ["--tracking-uri", where.tracking_uri, "--experiment", spec.mlflow.experiment]
         if spec.mlflow.registered_model_name:
             args += ["--registered-model-name", spec.mlflow.registered_model_name]
         if spec.mlflow.log_clients:

@@ -97,8 +97,6 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
     data_path = spec.dataset.path or str(workdir / "data")
     where = Placement(str(workdir), data_path, manifest.metadata.name, manifest.metadata.namespace,
                       tracking_uri=tracking_uri)
-    if options.tracking_uri:
-        spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": options.tracking_uri})})
     preload = ["torchvision.models"] if spec.model.architecture.startswith("mobilenet") else []
     executor = LocalExecutor(workdir / "executor", options.parallelism or spec.worker.parallelism,
                              fork_server=options.fork_server, preload=preload)

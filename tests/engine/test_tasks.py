@@ -1,0 +1,53 @@
+"""Task command lines: what both executors run must parse with the worker's own parser, overrides included."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtrain.engine.status import Task
+from fedtrain.spec import parse_spec
+from fedtrain.tasks import Placement, worker_arguments
+from fedtrain.worker.cli import build_parser
+
+SPEC = parse_spec({
+    "rounds": 3, "seed": 4,
+    "model": {"architecture": "mobilenet_v3_large", "pretrainedWeights": "/w/large.safetensors", "fineTune": False},
+    "clients": {"list": [{"name": "munich", "training": {"localEpochs": 5, "learningRate": 0.1}},
+                         {"name": "berlin"}]},
+    "training": {"localEpochs": 2, "scheduler": "cosine"},
+    "strategy": {"name": "fedprox", "parameters": {"mu": 0.05}, "maxNormRatio": 7},
+    "mlflow": {"registeredModelName": "signs"},
+})
+WHERE = Placement("/store/ns/t-1234", "/store/ns/t-1234/data", "t", "ns", "uid-1", "http://mlflow:5000",
+                  "/dev/termination-log")
+
+
+def parsed(task: Task, clients: list[str] | None = None):  # type: ignore[no-untyped-def]
+    return build_parser().parse_args(worker_arguments(task, SPEC, WHERE, clients))
+
+
+def test_init_carries_model_partition_and_synthetic_data() -> None:
+    args = parsed(Task("init-a1", "init"))
+    assert args.command == "init" and args.client_names == "munich,berlin" and args.clients == 2
+    assert args.architecture == "mobilenet_v3_large" and args.head_only and args.pretrained == "/w/large.safetensors"
+    assert args.synthetic_per_class == 60 and args.synthetic_frames_per_track == 5 and args.seed == 4
+
+
+@pytest.mark.parametrize(("client", "epochs", "rate"), [("munich", 5, 0.1), ("berlin", 2, 0.001)])
+def test_train_applies_per_client_overrides_and_fedprox(client: str, epochs: int, rate: float) -> None:
+    args = parsed(Task(f"r0002-{client}-a1", "train", 2, client))
+    assert (args.command, args.round, args.client) == ("train", 2, client)
+    assert args.epochs == epochs and args.lr == rate and args.scheduler == "cosine" and args.mu == 0.05
+
+
+def test_aggregate_names_clients_quorum_and_parameters() -> None:
+    args = parsed(Task("r0002-aggregate-a1", "aggregate", 2), ["munich"])
+    assert args.clients == "munich" and args.min_updates == 2 and args.max_norm_ratio == 7
+    assert args.param == ["mu=0.05"] and str(args.termination_log) == "/dev/termination-log"
+
+
+def test_finalize_tracks_with_lineage() -> None:
+    args = parsed(Task("finalize-a1", "finalize", 3))
+    assert args.tracking_uri == "http://mlflow:5000" and args.registered_model_name == "signs"
+    assert (args.training, args.namespace, args.uid, args.strategy) == ("t", "ns", "uid-1", "fedprox")
+    assert args.log_clients and '"rounds":3' in args.spec_json
