@@ -130,24 +130,32 @@ class _Step:
     def step(self) -> bool:
         """Advance by one stage; True when the status moved so that another pass may do more."""
         status = self.status
+        if status.init is None and self.held("before it started"):
+            return False
         if status.init is None or status.init.state != "succeeded":
             return self.single("init", 0)
         if status.current_round == 0:
-            return self.start_round(1)
+            return not self.held("before round 1") and self.start_round(1)
         current = status.round(status.current_round)
         assert current is not None, "the current round is always kept in the history"
         if current.finished_at is None:
             return self.advance_round(current)
         if current.round < self.spec.rounds:
-            if self.spec.suspend:
-                if status.phase != "Suspended":
-                    status.phase = "Suspended"
-                    self.event(Reason.SUSPENDED, f"suspended after round {current.round}")
-                return False
-            if status.phase == "Suspended":
-                self.event(Reason.RESUMED, f"resumed at round {current.round + 1}")
-            return self.start_round(current.round + 1)
+            return not self.held(f"after round {current.round}") and self.start_round(current.round + 1)
         return self.single("finalize", current.round)
+
+    def held(self, where: str) -> bool:
+        """At a boundary between stages: True while ``spec.suspend`` holds the training there."""
+        status = self.status
+        if not self.spec.suspend:
+            if status.phase == "Suspended":
+                self.event(Reason.RESUMED, f"resumed {where.replace('after', 'from').replace('before', 'at')}")
+            return False
+        if status.phase != "Suspended":
+            status.phase = "Suspended"
+            status.message = f"suspended {where} (spec.suspend)"
+            self.event(Reason.SUSPENDED, status.message)
+        return True
 
     def single(self, kind: str, round_number: int) -> bool:
         """Init or finalize: one task with retries."""
@@ -159,8 +167,11 @@ class _Step:
         else:
             status.finalize = status.finalize or ClientTask()
             task = status.finalize
+        attempt_before = task.attempt
         progress = _advance(task, task_id(kind, task.attempt), self.observations, self.spec.clients.max_retries)
         if progress is Progress.LAUNCH:
+            if task.attempt != attempt_before:
+                self.event(Reason.TASK_RETRIED, f"{kind} retried after {task.reason}", warning=True)
             self.launch(Task(task_id(kind, task.attempt), kind, round_number, attempt=task.attempt))  # type: ignore[arg-type]
             return False
         if progress is Progress.FAILED:

@@ -39,6 +39,7 @@ class Reason:
     BAD_INPUT = "BadInput"
     BAD_DATA = "BadData"
     TASK_FAILED = "TaskFailed"
+    TASK_RETRIED = "TaskRetried"
     TRACKING_UNAVAILABLE = "TrackingUnavailable"
     INVALID_SPEC = "InvalidSpec"
 

@@ -201,6 +201,7 @@ def test_failed_init_or_finalize(kind: str, code: int, phase_reason: str) -> Non
     assert status.phase == "Failed" and status.message.startswith(f"{kind} failed: exit code {code}")
     assert any(e.startswith(phase_reason) for e in sim.events)
     assert (f"{kind}-a2" in sim.launched) == (code == 70)  # only internal errors are retried
+    assert any(e.startswith("TaskRetried") for e in sim.events) == (code == 70)
 
 
 def test_suspend_stops_between_rounds_and_resume_continues() -> None:
@@ -215,7 +216,16 @@ def test_suspend_stops_between_rounds_and_resume_continues() -> None:
     assert sim.launched == before  # nothing new while suspended
     sim.spec = spec(rounds=3, suspend=False)
     assert sim.run().phase == "Succeeded" and sim.status.current_round == 3
-    assert any(e.startswith("Resumed: resumed at round 2") for e in sim.events)
+    assert any(e.startswith("Resumed: resumed from round 1") for e in sim.events)
+
+
+def test_a_training_created_suspended_starts_nothing_until_resumed() -> None:
+    sim = Simulation(spec(suspend=True))
+    status = sim.run()
+    assert status.phase == "Suspended" and sim.launched == [] and "before it started" in status.message
+    sim.spec = spec(suspend=False)
+    assert sim.run().phase == "Succeeded"
+    assert sim.launched[0] == "init-a1"
 
 
 def test_per_round_sampling_is_seeded_and_sized() -> None:
