@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,18 +380,31 @@ def _stream(seed: int, split: int, class_id: int, track: int) -> np.random.Gener
     return np.random.default_rng([seed, split, class_id, track])
 
 
-def generate(out: Path, config: SynthConfig) -> dict[str, int]:
-    """Write the official GTSRB layout under ``out``; return the image counts per split."""
+def generate(out: Path, config: SynthConfig, workers: int | None = None) -> dict[str, int]:
+    """Write the official GTSRB layout under ``out``; return the image counts per split.
+
+    Classes (and slices of the test set) are drawn in parallel on ``workers`` processes (default: one
+    per core); every one has its own random stream, so the bytes do not depend on the worker count.
+    """
     config.check()
     out = Path(out)
     train_root = out / "Final_Training" / "Images"
     test_root = out / "Final_Test" / "Images"
     train_root.mkdir(parents=True, exist_ok=True)
     test_root.mkdir(parents=True, exist_ok=True)
-    signs = [draw_sign(class_id) for class_id in range(NUM_CLASSES)]
-    for class_id, sign in enumerate(signs):
-        _write_training_class(train_root / f"{class_id:05d}", class_id, sign, config)
-    test_rows = _write_test(test_root, signs, config)
+    workers = max(1, min(workers or os.cpu_count() or 1, NUM_CLASSES))
+    total_test = NUM_CLASSES * config.test_per_class
+    slices = [(test_root, config, start, min(start + 50, total_test)) for start in range(0, total_test, 50)]
+    classes = [(train_root / f"{class_id:05d}", class_id, config) for class_id in range(NUM_CLASSES)]
+    if workers == 1:
+        for job in classes:
+            _write_training_class(*job)
+        test_rows = [row for job in slices for row in _write_test_slice(*job)]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_training_class, *zip(*classes, strict=True)))
+            test_rows = [row for rows in pool.map(_write_test_slice, *zip(*slices, strict=True)) for row in rows] \
+                if slices else []
     with (test_root / "GT-final_test.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter=CSV_DELIMITER)
         writer.writerow(GT_HEADER)
@@ -398,8 +413,9 @@ def generate(out: Path, config: SynthConfig) -> dict[str, int]:
     return {"train": config.per_class * NUM_CLASSES, "test": len(test_rows)}
 
 
-def _write_training_class(folder: Path, class_id: int, sign: Image.Image, config: SynthConfig) -> None:
+def _write_training_class(folder: Path, class_id: int, config: SynthConfig) -> None:
     folder.mkdir(exist_ok=True)
+    sign = draw_sign(class_id)
     rows = []
     tracks = math.ceil(config.per_class / config.frames_per_track)
     written = 0
@@ -419,16 +435,18 @@ def _write_training_class(folder: Path, class_id: int, sign: Image.Image, config
         writer.writerows(rows)
 
 
-def _write_test(folder: Path, signs: list[Image.Image], config: SynthConfig) -> list[list[object]]:
-    """Test images are single frames of independent tracks, in a seeded shuffled order like the real set."""
+def _write_test_slice(folder: Path, config: SynthConfig, start: int, stop: int) -> list[list[object]]:
+    """Test images ``start..stop``: single frames of independent tracks, in a seeded shuffled order."""
     order = [(class_id, k) for class_id in range(NUM_CLASSES) for k in range(config.test_per_class)]
     permutation = np.random.default_rng([config.seed, 2]).permutation(len(order))
+    signs: dict[int, Image.Image] = {}
     rows: list[list[object]] = []
-    for index, position in enumerate(permutation):
-        class_id, k = order[position]
+    for index in range(start, stop):
+        class_id, k = order[permutation[index]]
+        sign = signs.setdefault(class_id, draw_sign(class_id))
         rng = _stream(config.seed, 1, class_id, k)
         track = _random_track(rng, config.frames_per_track, config)
-        image, roi = render_frame(signs[class_id], track, int(rng.integers(0, config.frames_per_track)), rng)
+        image, roi = render_frame(sign, track, int(rng.integers(0, config.frames_per_track)), rng)
         name = f"{index:05d}.ppm"
         image.save(folder / name)
         rows.append([name, image.width, image.height, *roi, class_id])
