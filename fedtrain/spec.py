@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from fedtrain.worker.layout import client_names
+
 API_VERSION = "fedtrain.io/v1alpha1"
 KIND = "FederatedTraining"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -154,8 +156,7 @@ class ClientsSpec(Model):
         """Client names: from the list, or ``client-00``, ``client-01``... as the worker's partition names them."""
         if self.entries is not None:
             return [c.name for c in self.entries]
-        width = max(2, len(str(self.total - 1)))
-        return [f"client-{i:0{width}d}" for i in range(self.total)]
+        return client_names(self.total)
 
     def entry(self, name: str) -> ClientEntry | None:
         """The list entry of a client, if it has one."""

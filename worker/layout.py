@@ -8,13 +8,19 @@
     <workdir>/round-0001/global.safetensors (+ .json), result.json, strategy-state.safetensors
     <workdir>/final/model.safetensors, plots/*.png
 
-Kept free of torch so that the control plane can name the same paths.
+Kept free of torch and numpy so that the control plane can name the same paths and clients.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def client_names(count: int) -> list[str]:
+    """Default client names, stable and DNS-label-safe: ``client-00``, ``client-01``, ... (wider past 100)."""
+    width = max(2, len(str(count - 1)))
+    return [f"client-{i:0{width}d}" for i in range(count)]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from fedtrain.worker.data.gtsrb import Sample
 from fedtrain.worker.errors import BadInputError
+from fedtrain.worker.layout import client_names
 
 SCHEMES = ("iid", "dirichlet", "classes", "quantity")
 MAX_DRAWS = 100
@@ -57,12 +58,6 @@ class PartitionConfig:
                 f"partition.scheme=classes gives each client its own classes, so clients.count "
                 f"({self.num_clients}) must be <= the number of classes present ({num_classes})"
             )
-
-
-def client_names(count: int) -> list[str]:
-    """Stable, DNS-label-safe client names: ``client-00``, ``client-01``, ..."""
-    width = max(2, len(str(count - 1)))
-    return [f"client-{i:0{width}d}" for i in range(count)]
 
 
 def partition_units(labels: NDArray[np.int64], config: PartitionConfig) -> list[NDArray[np.int64]]:
