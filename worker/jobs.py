@@ -71,12 +71,9 @@ def init(layout: Layout, data: DataConfig, model: ModelConfig, partition: Partit
     model.check()
     if names and len(names) != partition.num_clients:
         raise BadInputError(f"--client-names lists {len(names)} names for --clients {partition.num_clients}")
-    if synth is not None:
-        generate(Path(data.path), synth)
-    tree = load_tree(Path(data.path), model.num_classes, need_test=False)
     settings = {"data": asdict(data), "model": model.to_json(), "seed": seed, "client_names": list(names),
                 "partition_config": asdict(partition), "synthetic": asdict(synth) if synth else None}
-    if layout.manifest.exists():
+    if layout.manifest.exists():  # checked before anything is generated or written
         existing = read_json(layout.manifest)
         if existing.get("settings") != settings:
             raise BadInputError(
@@ -85,6 +82,9 @@ def init(layout: Layout, data: DataConfig, model: ModelConfig, partition: Partit
             )
         if layout.global_weights(0).exists():
             return existing
+    if synth is not None:
+        generate(Path(data.path), synth)
+    tree = load_tree(Path(data.path), model.num_classes, need_test=False)
     result = partition_samples(tree.train, partition, model.num_classes)
     if names:
         result.clients = dict(zip(names, result.clients.values(), strict=True))

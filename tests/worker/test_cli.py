@@ -76,10 +76,12 @@ def test_evaluate_and_predict(federation: Path, synth_tree: Path) -> None:
 
 def test_rerunning_init_with_other_settings_changes_nothing(federation: Path, synth_tree: Path) -> None:
     before = Layout(federation).global_weights(0).read_bytes()
+    data_before = sorted(p.stat().st_mtime_ns for p in synth_tree.rglob("*.ppm"))
     done = worker("init", "--workdir", federation, "--data", synth_tree, "--clients", 4, "--architecture",
-                  "tiny_cnn", "--image-size", 32, check=False)
+                  "tiny_cnn", "--image-size", 32, "--synthetic-per-class", 2, check=False)
     assert done.returncode == EXIT_BAD_INPUT and "already initialised with other settings" in done.stderr
     assert Layout(federation).global_weights(0).read_bytes() == before
+    assert sorted(p.stat().st_mtime_ns for p in synth_tree.rglob("*.ppm")) == data_before  # no data regenerated
 
 
 def test_exit_codes_tell_the_cause(federation: Path, tmp_path: Path) -> None:
