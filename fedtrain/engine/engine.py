@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Literal
 
 from fedtrain.engine.status import (
+    CONDITION_TYPES,
     HISTORY_LIMIT,
     Cancel,
     ClientTask,
@@ -347,7 +348,7 @@ def update_conditions(status: TrainingStatus, now: float) -> None:
         message = (degraded[1] if degraded else "") if kind == "Degraded" else status.message
         current[kind] = Condition(type=kind, status=value, reason=reason, message=message,
                                   last_transition_time=since)
-    status.conditions = [current[k] for k in ("Running", "Succeeded", "Failed", "Suspended", "Degraded")]
+    status.conditions = [current[k] for k in CONDITION_TYPES]
 
 
 def _degradation(status: TrainingStatus) -> tuple[str, str] | None:

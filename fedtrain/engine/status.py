@@ -18,14 +18,12 @@ Phase = Literal["Pending", "Initializing", "Running", "Suspended", "Succeeded", 
 TaskState = Literal["pending", "running", "succeeded", "failed", "dropped"]
 HISTORY_LIMIT = 100  # rounds kept in status; older ones live in storage and MLflow
 
-CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended", "Degraded")
+CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended", "Degraded")  # in the order status lists them
 
 
 class Reason:
     """Condition and event reasons, as constants."""
 
-    INITIALIZING = "Initializing"
-    ROUND_RUNNING = "RoundRunning"
     ROUND_COMPLETED = "RoundCompleted"
     TRAINING_COMPLETED = "TrainingCompleted"
     SUSPENDED = "SuspendedBySpec"
@@ -41,7 +39,6 @@ class Reason:
     TASK_FAILED = "TaskFailed"
     TASK_RETRIED = "TaskRetried"
     TRACKING_UNAVAILABLE = "TrackingUnavailable"
-    INVALID_SPEC = "InvalidSpec"
 
 
 class StatusModel(BaseModel):
