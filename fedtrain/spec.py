@@ -56,7 +56,7 @@ class ModelSpec(Model):
     architecture: Literal["mobilenet_v3_small", "mobilenet_v3_large", "tiny_cnn"] = "mobilenet_v3_small"
     num_classes: Annotated[int, Field(ge=2, le=1000)] = 43
     image_size: Annotated[int, Field(ge=16, le=512)] = 64
-    pretrained_weights: str | None = None
+    pretrained_weights: Annotated[str, Field(max_length=1024)] | None = None
     fine_tune: bool = True
 
 
@@ -73,7 +73,7 @@ class DatasetSpec(Model):
     """Where the data is: a GTSRB tree at ``path``, or ``synthetic`` (the default when neither is given)."""
 
     format: Literal["gtsrb"] = "gtsrb"
-    path: str | None = None
+    path: Annotated[str, Field(max_length=1024)] | None = None
     synthetic: SyntheticSpec | None = None
     roi_crop: bool = True
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
@@ -181,7 +181,7 @@ class StrategySpec(Model):
 
     name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "trimmedmean", "krum",
                   "multikrum"] = "fedavg"
-    parameters: dict[str, float] = {}
+    parameters: Annotated[dict[str, float], Field(max_length=8)] = {}
     max_norm_ratio: Annotated[float, Field(ge=0)] = 10.0
 
     @model_validator(mode="after")
@@ -197,14 +197,14 @@ class StrategySpec(Model):
 class ClaimRef(Model):
     """An existing PersistentVolumeClaim."""
 
-    claim_name: Annotated[str, Field(pattern=DNS_LABEL)]
+    claim_name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)]
 
 
 class ClaimCreate(Model):
     """A claim the operator creates for the training."""
 
     size: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")] = "5Gi"
-    storage_class_name: str | None = None
+    storage_class_name: Annotated[str, Field(max_length=253)] | None = None
 
 
 class StorageSpec(Model):
@@ -212,7 +212,7 @@ class StorageSpec(Model):
 
     persistent_volume_claim: ClaimRef | None = None
     create: ClaimCreate | None = None
-    local: str | None = None
+    local: Annotated[str, Field(max_length=1024)] | None = None
     delete_on_completion: bool = False
 
     @model_validator(mode="after")
@@ -226,7 +226,7 @@ class StorageSpec(Model):
 class WorkerSpec(Model):
     """How worker tasks run: image and scheduling on Kubernetes, device and parallelism everywhere."""
 
-    image: str = "ghcr.io/fedtrain/worker:0.1.0"
+    image: Annotated[str, Field(max_length=512)] = "ghcr.io/fedtrain/worker:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: dict[str, Any] | None = None
     node_selector: dict[str, str] | None = None
@@ -249,9 +249,9 @@ class StragglerSpec(Model):
 class MlflowSpec(Model):
     """Tracking and registry: an embedded sqlite store in the work directory unless a URI is given."""
 
-    tracking_uri: str | None = None
-    experiment: str = "fedtrain"
-    registered_model_name: Annotated[str, Field(min_length=1)] | None = None
+    tracking_uri: Annotated[str, Field(max_length=1024)] | None = None
+    experiment: Annotated[str, Field(min_length=1, max_length=256)] = "fedtrain"
+    registered_model_name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     log_clients: bool = True
 
 

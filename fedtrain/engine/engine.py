@@ -324,8 +324,16 @@ def decide(spec: FederatedTrainingSpec, status: TrainingStatus, observations: di
         decision.status.observed_generation = generation
     if decision.status.phase not in ("Succeeded", "Failed"):
         _Step(spec, observations, now, decision).run()
+    decision.status.progress = f"{rounds_completed(decision.status)}/{spec.rounds}"
     update_conditions(decision.status, now)
     return decision
+
+
+def rounds_completed(status: TrainingStatus) -> int:
+    """The current round if it has been aggregated, else the one before."""
+    current = status.round(status.current_round)
+    finished = current is not None and current.finished_at is not None
+    return status.current_round if finished else max(status.current_round - 1, 0)
 
 
 def update_conditions(status: TrainingStatus, now: float) -> None:

@@ -92,6 +92,7 @@ class TrainingStatus(StatusModel):
     phase: Phase = "Pending"
     current_round: int = 0
     total_rounds: int = 0
+    progress: str = ""  # "3/20": the ROUND column of `kubectl get ft`
     init: ClientTask | None = None
     rounds: list[RoundStatus] = []
     finalize: ClientTask | None = None

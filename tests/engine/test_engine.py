@@ -82,6 +82,7 @@ def test_happy_path_init_rounds_finalize() -> None:
                             "r0002-aggregate-a1", "finalize-a1"]
     assert [r.accuracy for r in status.rounds] == [pytest.approx(0.1), pytest.approx(0.2)]
     assert status.best_round == 2 and status.model_version == "1" and status.model_uri == "models:/signs/1"
+    assert status.progress == "2/2"
     assert condition(status, "Succeeded") == "True" and condition(status, "Running") == "False"
     assert condition(status, "Degraded") == "False"
 
@@ -209,7 +210,7 @@ def test_suspend_stops_between_rounds_and_resume_continues() -> None:
     sim.run(ticks=3)  # init, round 1 clients, round 1 aggregation launched
     sim.spec = spec(rounds=3, suspend=True)
     status = sim.run()
-    assert status.phase == "Suspended" and status.current_round == 1
+    assert status.phase == "Suspended" and status.current_round == 1 and status.progress == "1/3"
     assert condition(status, "Suspended") == "True"
     before = list(sim.launched)
     sim.tick()
