@@ -23,6 +23,7 @@ FORBIDDEN = {
     "fedtrain.tasks": ("fedtrain.local", "fedtrain.operator", "fedtrain.cli"),
     "fedtrain.crd": ("fedtrain.engine", "fedtrain.local", "fedtrain.operator", "fedtrain.cli", "torch"),
     "fedtrain.local": ("fedtrain.operator",),
+    "fedtrain.operator": ("fedtrain.local", "fedtrain.cli", "torch", "torchvision"),
 }
 
 
@@ -62,7 +63,7 @@ def test_nothing_is_importable_as_operator() -> None:
 
 
 def test_control_plane_does_not_load_torch() -> None:
-    code = ("import sys, fedtrain.spec, fedtrain.engine, fedtrain.tasks, fedtrain.crd;"
+    code = ("import sys, fedtrain.spec, fedtrain.engine, fedtrain.tasks, fedtrain.crd, fedtrain.operator.jobs;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

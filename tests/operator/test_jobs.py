@@ -1,0 +1,100 @@
+"""Jobs built for engine tasks, and observations read back from Jobs and Pods, as plain data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedtrain.engine.status import Task
+from fedtrain.operator.jobs import MAX_NAME, Owner, job_manifest, job_name, observe
+from fedtrain.spec import parse_spec
+
+SPEC = parse_spec({
+    "roundDeadlineSeconds": 900,
+    "clients": {"list": [{"name": "munich", "resources": {"limits": {"nvidia.com/gpu": 1}},
+                          "nodeSelector": {"gpu": "a100"}}, {"name": "berlin"}]},
+    "worker": {"image": "registry.local/fedtrain/worker:1", "resources": {"requests": {"cpu": "1"}},
+               "tolerations": [{"key": "fl", "operator": "Exists"}]},
+})
+OWNER = Owner("signs", "team-a", "4f1c-uid")
+
+
+def test_names_are_deterministic_and_fit_63_characters() -> None:
+    assert job_name("signs", "r0001-munich-a1") == "signs-r0001-munich-a1"
+    long = job_name("a" * 40, "r0001-" + "b" * 40 + "-a1")
+    assert len(long) <= MAX_NAME and long == job_name("a" * 40, "r0001-" + "b" * 40 + "-a1")
+    assert long != job_name("a" * 40, "r0001-" + "b" * 40 + "-a2")  # attempts stay distinct after cutting
+
+
+def test_client_job_has_owner_labels_scheduling_storage_and_deadline() -> None:
+    task = Task("r0002-munich-a1", "train", 2, "munich")
+    job = job_manifest(task, SPEC, OWNER, ["train", "--round", "2"], "fl-store", "/store/team-a/signs-4f1c")
+    meta, pod = job["metadata"], job["spec"]["template"]["spec"]
+    assert meta["name"] == "signs-r0002-munich-a1" and meta["namespace"] == "team-a"
+    assert meta["ownerReferences"] == [{"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining",
+                                        "name": "signs", "uid": "4f1c-uid", "controller": True,
+                                        "blockOwnerDeletion": True}]
+    assert meta["labels"]["fedtrain.io/training"] == "signs" and meta["labels"]["fedtrain.io/client"] == "munich"
+    assert meta["labels"]["fedtrain.io/round"] == "2" and meta["annotations"]["fedtrain.io/task-id"] == task.id
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 900
+    container = pod["containers"][0]
+    assert container["args"] == ["train", "--round", "2"] and container["image"] == "registry.local/fedtrain/worker:1"
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}  # the client's own, not the default
+    assert pod["nodeSelector"] == {"gpu": "a100"} and pod["tolerations"] == [{"key": "fl", "operator": "Exists"}]
+    assert pod["volumes"][0] == {"name": "store", "persistentVolumeClaim": {"claimName": "fl-store"}}
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "fedtrain-worker"
+
+
+def test_aggregation_job_uses_defaults_and_has_no_deadline() -> None:
+    job = job_manifest(Task("r0002-aggregate-a1", "aggregate", 2), SPEC, OWNER, ["aggregate"], "fl-store", "/")
+    assert "activeDeadlineSeconds" not in job["spec"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": {"cpu": "1"}}
+    assert "fedtrain.io/client" not in job["metadata"]["labels"]
+
+
+def job(condition: str | None, reason: str = "", message: str = "") -> dict:
+    conditions = [{"type": condition, "status": "True", "reason": reason, "message": message}] if condition else []
+    return {"status": {"conditions": conditions}}
+
+
+def pod(state: dict | None = None, scheduled: dict | None = None) -> dict:
+    status: dict = {"containerStatuses": [{"name": "worker", "state": state or {}}]}
+    if scheduled:
+        status["conditions"] = [scheduled]
+    return {"status": status}
+
+
+def test_completed_job_gives_the_termination_message() -> None:
+    result = {"round": 2, "accuracy": 0.8, "accepted": ["munich"]}
+    seen = observe(job("Complete"), [pod({"terminated": {"exitCode": 0, "message": json.dumps(result)}})])
+    assert seen.state == "succeeded" and seen.output == result
+
+
+@pytest.mark.parametrize(("the_job", "the_pod", "code", "reason"), [
+    (job("Failed", "BackoffLimitExceeded"), pod({"terminated": {"exitCode": 3, "reason": "Error",
+                                                                "message": "GT-00007.csv: missing"}}),
+     3, "GT-00007.csv: missing"),
+    (job("Failed", "BackoffLimitExceeded"), pod({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+     137, "OOMKilled"),
+    (job("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"), pod(),
+     None, "DeadlineExceeded: Job was active longer than specified deadline"),
+])
+def test_failed_jobs_carry_exit_code_and_reason(the_job: dict, the_pod: dict, code: int | None, reason: str) -> None:
+    seen = observe(the_job, [the_pod])
+    assert seen.state == "failed" and seen.exit_code == code and seen.reason == reason
+
+
+def test_image_pull_errors_fail_the_task_instead_of_waiting_forever() -> None:
+    seen = observe(job(None), [pod({"waiting": {"reason": "ImagePullBackOff", "message": "not found"}})])
+    assert seen.state == "failed" and seen.reason == "ImagePullBackOff: not found"
+
+
+def test_unschedulable_pods_keep_running_with_the_reason() -> None:
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/3 nodes have enough nvidia.com/gpu"}
+    seen = observe(job(None), [pod(scheduled=scheduled)])
+    assert seen.state == "running" and seen.reason == "Unschedulable: 0/3 nodes have enough nvidia.com/gpu"
+    assert observe(job(None), []).state == "running"
