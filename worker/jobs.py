@@ -278,11 +278,11 @@ def load_model_from_weights(path: Path) -> tuple[torch.nn.Module, ModelConfig]:
     return model.eval(), config
 
 
-def predict(weights_path: Path, images: list[Path], device: torch.device, top: int = 1) -> list[dict[str, Any]]:
-    """Class id, sign name and probability for each image file."""
-    model, config = load_model_from_weights(weights_path)
+def classify(model: torch.nn.Module, image_size: int, images: list[Path], device: torch.device, top: int = 1
+             ) -> list[dict[str, Any]]:
+    """Class id, sign name and probability (and the ``top`` best) for each image file."""
     names = sign_names()
-    batch = np.stack([load_image(p, config.image_size) for p in images])
+    batch = np.stack([load_image(p, image_size) for p in images])
     probabilities = predict_proba(model, batch, device=device)
     rows = []
     for path, row in zip(images, probabilities, strict=True):
@@ -291,3 +291,9 @@ def predict(weights_path: Path, images: list[Path], device: torch.device, top: i
                      "sign_name": names[int(best[0])] if int(best[0]) < len(names) else str(int(best[0])),
                      "top": [{"class_id": int(c), "probability": float(row[c])} for c in best]})
     return rows
+
+
+def predict(weights_path: Path, images: list[Path], device: torch.device, top: int = 1) -> list[dict[str, Any]]:
+    """Classify image files with a global or final weights file."""
+    model, config = load_model_from_weights(weights_path)
+    return classify(model, config.image_size, images, device, top)

@@ -33,13 +33,9 @@ def _registered(uri: str, tracking_uri: str | None) -> tuple[Any, int]:
 
 def predict_images(model_ref: str, images: list[Path], tracking_uri: str | None) -> list[dict[str, Any]]:
     """Class id, sign name and probability for each image."""
-    import numpy as np
     import torch
 
-    from fedtrain.worker.data.gtsrb import sign_names
-    from fedtrain.worker.data.images import load_image
-    from fedtrain.worker.jobs import load_model_from_weights
-    from fedtrain.worker.training import predict_proba
+    from fedtrain.worker.jobs import classify, load_model_from_weights
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -49,8 +45,4 @@ def predict_images(model_ref: str, images: list[Path], tracking_uri: str | None)
     else:
         model, config = load_model_from_weights(Path(model_ref))
         size = config.image_size
-    probabilities = predict_proba(model, np.stack([load_image(p, size) for p in images]), device=torch.device("cpu"))
-    names = sign_names()
-    return [{"image": str(path), "class_id": int(row.argmax()), "probability": float(row.max()),
-             "sign_name": names[int(row.argmax())] if int(row.argmax()) < len(names) else str(int(row.argmax()))}
-            for path, row in zip(images, probabilities, strict=True)]
+    return classify(model, size, images, torch.device("cpu"))
