@@ -68,15 +68,16 @@ def to_tensor_batch(images: NDArray[np.uint8], device: torch.device) -> torch.Te
 def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random shifts (up to 1/8 of the size, edges replicated) and brightness/contrast jitter.
 
-    No flips: a mirrored "turn left" sign is a "turn right" sign, another class.
+    No flips: a mirrored "turn left" sign is a "turn right" sign, another class. Random numbers come
+    from the CPU ``generator`` (reproducible on any device) and move to the batch's device.
     """
     count, _, height, width = batch.shape
     pad = max(1, height // 8)
     padded = torch.nn.functional.pad(batch, (pad, pad, pad, pad), mode="replicate")
     offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).tolist()
     shifted = torch.stack([padded[i, :, y:y + height, x:x + width] for i, (y, x) in enumerate(offsets)])
-    contrast = 1 + 0.4 * (torch.rand(count, 1, 1, 1, generator=generator) - 0.5)
-    brightness = 0.4 * (torch.rand(count, 1, 1, 1, generator=generator) - 0.5)
+    contrast = (1 + 0.4 * (torch.rand(count, 1, 1, 1, generator=generator) - 0.5)).to(batch.device)
+    brightness = (0.4 * (torch.rand(count, 1, 1, 1, generator=generator) - 0.5)).to(batch.device)
     mean = shifted.mean(dim=(1, 2, 3), keepdim=True)
     return (shifted - mean) * contrast + mean + brightness
 
@@ -148,7 +149,7 @@ def train_local(
             index = order[start:start + config.batch_size]
             batch = to_tensor_batch(images[index], device)
             if config.augment:
-                batch = augment_batch(batch.cpu(), jitter).to(device) if batch.is_cuda else augment_batch(batch, jitter)
+                batch = augment_batch(batch, jitter)
             target = all_labels[torch.from_numpy(index).to(device)]
             logits = model(batch)
             loss = loss_fn(logits, target)
