@@ -141,8 +141,8 @@ class Tracker:
         if self.client.get_run(run_id).data.metrics:
             return
         metrics = []
+        stamp = int(time.time() * 1000)  # logged at the end of training; the step says which round
         for result in rounds:
-            stamp = int(result.get("finished_at", time.time()) * 1000)
             for key in ("accuracy", "loss", "num_examples", "seconds"):
                 if isinstance(result.get(key), int | float):
                     metrics.append(Metric(key, float(result[key]), stamp, int(result["round"])))
