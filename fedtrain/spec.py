@@ -208,12 +208,18 @@ class ClaimCreate(Model):
 
 
 class StorageSpec(Model):
-    """Where weights live: an existing claim, a claim to create, or (local runs) a directory."""
+    """Where weights live: an existing claim, a claim to create, or (local runs) a directory.
+
+    ``reclaimPolicy`` says what deleting the resource does to the training's directory on an existing
+    claim: ``Retain`` keeps it (the default: weights outlive the resource), ``Delete`` removes it
+    before the resource goes. A claim the operator created is owned by the training and is deleted
+    with it either way.
+    """
 
     persistent_volume_claim: ClaimRef | None = None
     create: ClaimCreate | None = None
     local: Annotated[str, Field(max_length=1024)] | None = None
-    delete_on_completion: bool = False
+    reclaim_policy: Literal["Retain", "Delete"] = "Retain"
 
     @model_validator(mode="after")
     def _one_kind(self) -> StorageSpec:
@@ -233,6 +239,25 @@ class WorkerSpec(Model):
     tolerations: list[dict[str, Any]] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallelism: Annotated[int, Field(ge=1, le=256)] = 2
+    # Kubernetes only, passed to every worker Pod as they are: data and weights volumes (for example
+    # a claim holding GTSRB at /data), and environment (secrets by reference, e.g. MLflow credentials).
+    volumes: list[dict[str, Any]] | None = None
+    volume_mounts: list[dict[str, Any]] | None = None
+    env: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _volumes(self) -> WorkerSpec:
+        names = [v.get("name") for v in self.volumes or []]
+        if "store" in names or "tmp" in names:
+            raise ValueError("worker.volumes: the names store and tmp are the operator's own; rename the volume")
+        for mount in self.volume_mounts or []:
+            if mount.get("name") not in names:
+                raise ValueError(f"worker.volumeMounts: {mount.get('name')!r} is not in worker.volumes; declare the "
+                                 "volume there or fix the name")
+            if str(mount.get("mountPath", "")).rstrip("/") in ("", "/store", "/tmp"):
+                raise ValueError("worker.volumeMounts: mountPath must be set and not /store or /tmp (the operator "
+                                 "mounts the training's storage and scratch space there)")
+        return self
 
 
 class StragglerSpec(Model):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import traceback
 from collections.abc import Sequence
@@ -125,7 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top", type=int, default=1)
     predict.add_argument("--device", default="auto")
     predict.add_argument("images", nargs="+", type=Path)
+
+    remove = commands.add_parser("remove", help="delete a training's directory (storage reclaim policy Delete)")
+    remove.add_argument("--workdir", required=True, type=Path)
     return parser
+
+
+def remove_training_directory(root: Path) -> dict[str, Any]:
+    """Delete a training's directory, only if it is one (it holds manifest.json, or nothing): never a wrong path."""
+    if not root.exists():
+        return {"removed": False, "reason": "absent"}
+    if not root.is_dir() or root.is_symlink():
+        raise BadInputError(f"--workdir {root} is not a directory; nothing was removed")
+    if any(root.iterdir()) and not (root / "manifest.json").is_file():
+        raise BadInputError(f"--workdir {root} has no manifest.json, so it is not a FedTrain training directory; "
+                            "nothing was removed")
+    shutil.rmtree(root)
+    return {"removed": True}
 
 
 def _parameters(pairs: Sequence[str]) -> tuple[tuple[str, Any], ...]:
@@ -161,6 +178,8 @@ def run(args: argparse.Namespace) -> Any:
         names = tuple(n for n in args.client_names.split(",") if n)
         manifest = jobs.init(Layout(args.workdir), data, model, partition, synth, args.seed, names)
         return {"clients": manifest["partition"]["histograms"], "num_train_samples": manifest["num_train_samples"]}
+    if args.command == "remove":
+        return remove_training_directory(args.workdir)
     if args.command == "predict":
         return jobs.predict(args.weights, args.images, jobs.pick_device(args.device), args.top)
     workspace = jobs.Workspace.open(args.workdir, args.data)

@@ -38,6 +38,11 @@ from fedtrain.spec import FederatedTrainingSpec
 from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_CODE_NAMES, EXIT_REJECTED_UPDATES
 
 PERMANENT_EXIT_CODES = {EXIT_BAD_INPUT: Reason.BAD_INPUT, EXIT_BAD_DATA: Reason.BAD_DATA}
+# Causes an executor reports that name themselves in the Failed condition's reason. Those in
+# PERMANENT_CAUSES are not retried: a wrong image stays wrong.
+KNOWN_CAUSES = ("OOMKilled", "DeadlineExceeded", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                "CreateContainerConfigError", "CreateContainerError", "Unschedulable")
+PERMANENT_CAUSES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 MAX_STEPS_PER_DECISION = 10_000
 
 
@@ -75,6 +80,14 @@ def describe_failure(observation: Observation) -> str:
     return f"exit code {code} ({name}){detail}" if code is not None else f"failed{detail}"
 
 
+def cause(task: ClientTask) -> str | None:
+    """The specific cause of a failed task, for a condition's reason: BadInput, OOMKilled, ImagePullBackOff..."""
+    if task.exit_code in PERMANENT_EXIT_CODES:
+        return PERMANENT_EXIT_CODES[task.exit_code or 0]
+    detail = task.reason or ""
+    return next((known for known in KNOWN_CAUSES if known in detail), None)
+
+
 def _advance(task: ClientTask, ident: str, observations: dict[str, Observation], max_retries: int) -> Progress:
     """Move one task along from its observation; a failure below the retry limit becomes a new attempt."""
     if task.state == "succeeded":
@@ -86,13 +99,14 @@ def _advance(task: ClientTask, ident: str, observations: dict[str, Observation],
         task.state = "running"
         return Progress.LAUNCH  # not started yet, or lost by its executor: (re)start it
     if seen.state == "running":
-        task.state = "running"
+        task.state, task.reason = "running", seen.reason  # e.g. why its Pod is not scheduled yet
         return Progress.WAIT
     if seen.state == "succeeded":
         task.state, task.exit_code, task.reason = "succeeded", 0, None
         return Progress.SUCCEEDED
     task.exit_code, task.reason = seen.exit_code, describe_failure(seen)
-    if seen.exit_code in PERMANENT_EXIT_CODES or seen.exit_code == EXIT_REJECTED_UPDATES or task.attempt > max_retries:
+    permanent = seen.exit_code in PERMANENT_EXIT_CODES or cause(task) in PERMANENT_CAUSES
+    if permanent or seen.exit_code == EXIT_REJECTED_UPDATES or task.attempt > max_retries:
         task.state = "failed"
         return Progress.FAILED
     task.attempt += 1
@@ -119,6 +133,7 @@ class _Step:
 
     def fail(self, reason: str, message: str) -> bool:
         self.status.phase = "Failed"
+        self.status.reason = reason
         self.status.message = message
         self.event(reason, message, warning=True)
         return False
@@ -176,8 +191,7 @@ class _Step:
             self.launch(Task(task_id(kind, task.attempt), kind, round_number, attempt=task.attempt))  # type: ignore[arg-type]
             return False
         if progress is Progress.FAILED:
-            reason = PERMANENT_EXIT_CODES.get(task.exit_code or 0, Reason.TASK_FAILED)
-            return self.fail(reason, f"{kind} failed: {task.reason}")
+            return self.fail(cause(task) or Reason.TASK_FAILED, f"{kind} failed: {task.reason}")
         if progress is Progress.SUCCEEDED and kind == "finalize":
             self.finish()
             return False
@@ -231,8 +245,10 @@ class _Step:
         quorum = self.spec.clients.quorum
         if len(current.selected) - len(failed) < quorum:
             reasons = "; ".join(f"{c}: {current.clients[c].reason}" for c in failed)
+            causes = {cause(current.clients[c]) for c in failed}
+            shared = causes.pop() if len(causes) == 1 else None  # one cause for all: name it in the reason
             return self.missed_quorum(current, f"{len(failed)} of {len(current.selected)} clients failed, "
-                                               f"{quorum} must succeed ({reasons})")
+                                               f"{quorum} must succeed ({reasons})", shared or Reason.QUORUM_MISSED)
         late = current.started_at is not None and self.now - current.started_at > self.spec.round_deadline_seconds
         if waiting and late:
             succeeded = current.count("succeeded")
@@ -343,7 +359,7 @@ def update_conditions(status: TrainingStatus, now: float) -> None:
         "Running": (status.phase in ("Initializing", "Running"), status.phase),
         "Succeeded": (status.phase == "Succeeded", Reason.TRAINING_COMPLETED if status.phase == "Succeeded"
                       else status.phase),
-        "Failed": (status.phase == "Failed", status.phase),
+        "Failed": (status.phase == "Failed", (status.reason or "Failed") if status.phase == "Failed" else status.phase),
         "Suspended": (status.phase == "Suspended", Reason.SUSPENDED if status.phase == "Suspended" else status.phase),
     }
     current = {c.type: c for c in status.conditions}
@@ -366,6 +382,9 @@ def _degradation(status: TrainingStatus) -> tuple[str, str] | None:
     last = status.round(status.current_round)
     if last is None:
         return None
+    waiting = [f"{c}: {t.reason}" for c, t in last.clients.items() if t.state == "running" and t.reason]
+    if waiting:
+        return "TasksWaiting", f"round {last.round}: " + "; ".join(waiting)
     lost = [c for c, t in last.clients.items() if t.state in ("failed", "dropped")]
     if lost:
         return Reason.CLIENT_FAILED, f"round {last.round}: {', '.join(lost)} failed or dropped"

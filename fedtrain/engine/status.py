@@ -102,6 +102,7 @@ class TrainingStatus(StatusModel):
     model_uri: str | None = None
     model_version: str | None = None
     tracking_error: str | None = None
+    reason: str | None = None  # why it failed, in one word: QuorumMissed, BadInput, OOMKilled, ImagePullBackOff...
     message: str = ""
     conditions: list[Condition] = []
     observed_generation: int | None = None
