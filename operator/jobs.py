@@ -23,6 +23,7 @@ from typing import Any
 
 from fedtrain.engine.status import Observation, Task
 from fedtrain.spec import FederatedTrainingSpec
+from fedtrain.tasks import Placement
 
 MAX_NAME = 63
 STORE_MOUNT = "/store"
@@ -30,6 +31,10 @@ TERMINATION_LOG = "/dev/termination-log"
 WORKER_SERVICE_ACCOUNT = "fedtrain-worker"
 LABEL_TRAINING = "fedtrain.io/training"
 LABEL_TASK = "fedtrain.io/task"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "fedtrain-operator"
+ANNOTATION_TASK_ID = "fedtrain.io/task-id"
+CLEANUP_TASK = "cleanup"
 # Waiting reasons that will not resolve by waiting: the task fails now, with the reason.
 STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -46,6 +51,48 @@ class Owner:
     kind: str = "FederatedTraining"
 
 
+def workdir(owner: Owner) -> str:
+    """The training's directory on the claim: ``/store/<namespace>/<training>-<uid8>`` (a new uid, a new one)."""
+    return f"{STORE_MOUNT}/{owner.namespace}/{owner.name}-{owner.uid[:8]}"
+
+
+def claim_name(spec: FederatedTrainingSpec, training: str) -> str | None:
+    """The claim the Jobs mount: the given one, or ``<training>-store`` when the operator creates it."""
+    if spec.storage.persistent_volume_claim is not None:
+        return spec.storage.persistent_volume_claim.claim_name
+    if spec.storage.create is not None:
+        return f"{training}-store"
+    return None
+
+
+def placement(spec: FederatedTrainingSpec, owner: Owner) -> Placement:
+    """Paths and identity as a worker Pod sees them; MLflow defaults to sqlite in the training's directory."""
+    root = workdir(owner)
+    tracking = spec.mlflow.tracking_uri or f"sqlite:///{root}/mlflow.db"
+    return Placement(root, spec.dataset.path or f"{root}/data", owner.name, owner.namespace, owner.uid,
+                     tracking_uri=tracking, termination_log=TERMINATION_LOG)
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    """Makes the garbage collector delete the object with its training."""
+    return {"apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name, "uid": owner.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def claim_manifest(spec: FederatedTrainingSpec, owner: Owner) -> dict[str, Any]:
+    """The claim ``storage.create`` asks for, owned by the training (deleted with it)."""
+    assert spec.storage.create is not None
+    create = spec.storage.create
+    claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": create.size}}}
+    if create.storage_class_name:
+        claim_spec["storageClassName"] = create.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim_name(spec, owner.name), "namespace": owner.namespace,
+                         "labels": {LABEL_TRAINING: owner.name, LABEL_MANAGED_BY: MANAGER},
+                         "ownerReferences": [owner_reference(owner)]},
+            "spec": claim_spec}
+
+
 def job_name(training: str, task_id: str) -> str:
     """``<training>-<task id>``, cut to 63 characters with a hash suffix when longer (still unique)."""
     name = f"{training}-{task_id}"
@@ -57,7 +104,7 @@ def job_name(training: str, task_id: str) -> str:
 
 def labels(owner: Owner, task: Task) -> dict[str, str]:
     """Labels linking a Job (and its Pod) to its training, round, client and task."""
-    found = {"app.kubernetes.io/name": "fedtrain-worker", "app.kubernetes.io/managed-by": "fedtrain-operator",
+    found = {"app.kubernetes.io/name": "fedtrain-worker", LABEL_MANAGED_BY: MANAGER,
              LABEL_TRAINING: owner.name, LABEL_TASK: task.kind, "fedtrain.io/round": str(task.round),
              "fedtrain.io/attempt": str(task.attempt)}
     if task.client:
@@ -65,23 +112,52 @@ def labels(owner: Owner, task: Task) -> dict[str, str]:
     return found
 
 
-def job_manifest(task: Task, spec: FederatedTrainingSpec, owner: Owner, arguments: list[str], claim: str,
-                 workdir: str) -> dict[str, Any]:
+def job_manifest(task: Task, spec: FederatedTrainingSpec, owner: Owner, arguments: list[str],
+                 claim: str) -> dict[str, Any]:
     """The Job that runs ``fedtrain-worker <arguments>`` for ``task``."""
-    worker = spec.worker
     entry = spec.clients.entry(task.client) if task.client else None
-    resources = (entry.resources if entry and entry.resources else worker.resources) or {}
-    node_selector = (entry.node_selector if entry and entry.node_selector else worker.node_selector) or {}
-    tolerations = (entry.tolerations if entry and entry.tolerations else worker.tolerations) or []
-    task_labels = labels(owner, task)
+    job = _worker_job(job_name(owner.name, task.id), owner.namespace, labels(owner, task), spec, arguments, claim,
+                      entry.resources if entry else None, entry.node_selector if entry else None,
+                      entry.tolerations if entry else None)
+    job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: task.id}  # names may be cut; the id is kept whole
+    job["metadata"]["ownerReferences"] = [owner_reference(owner)]
+    if task.kind == "train":
+        job["spec"]["activeDeadlineSeconds"] = spec.round_deadline_seconds
+    return job
+
+
+def cleanup_job_manifest(spec: FederatedTrainingSpec, owner: Owner, claim: str) -> dict[str, Any]:
+    """The Job that deletes the training's directory (reclaim policy Delete).
+
+    It has no owner reference on purpose: it runs while its training is being deleted, and a
+    foreground deletion would have the garbage collector remove it before it finished. The
+    finalizer deletes it once it is done.
+    """
+    job_labels = {"app.kubernetes.io/name": "fedtrain-worker", LABEL_MANAGED_BY: MANAGER,
+                  LABEL_TRAINING: owner.name, LABEL_TASK: CLEANUP_TASK}
+    job = _worker_job(job_name(owner.name, CLEANUP_TASK), owner.namespace, job_labels, spec,
+                      ["remove", "--workdir", workdir(owner)], claim)
+    job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: CLEANUP_TASK, "fedtrain.io/training-uid": owner.uid}
+    job["spec"]["activeDeadlineSeconds"] = 600
+    return job
+
+
+def _worker_job(name: str, namespace: str, job_labels: dict[str, str], spec: FederatedTrainingSpec,
+                arguments: list[str], claim: str, resources: dict[str, Any] | None = None,
+                node_selector: dict[str, str] | None = None,
+                tolerations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A one-Pod, never-retried Job running the worker image: per-client settings win over ``spec.worker``."""
+    worker = spec.worker
     container: dict[str, Any] = {
         "name": "worker", "image": worker.image, "imagePullPolicy": worker.image_pull_policy,
-        "command": ["fedtrain-worker"], "args": arguments, "workingDir": workdir,
+        "command": ["fedtrain-worker"], "args": arguments, "workingDir": "/tmp",
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
-                {"name": "PYTHONUNBUFFERED", "value": "1"}],
-        "resources": resources,
-        "volumeMounts": [{"name": "store", "mountPath": STORE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
-        "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "File",
+                {"name": "PYTHONUNBUFFERED", "value": "1"}, *(worker.env or [])],
+        "resources": resources or worker.resources or {},
+        "volumeMounts": [{"name": "store", "mountPath": STORE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"},
+                         *(worker.volume_mounts or [])],
+        # A worker that fails writes nothing there: the last lines of its log become the message.
+        "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
@@ -92,25 +168,16 @@ def job_manifest(task: Task, spec: FederatedTrainingSpec, owner: Owner, argument
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": [{"name": "store", "persistentVolumeClaim": {"claimName": claim}},
-                    {"name": "tmp", "emptyDir": {}}],
+                    {"name": "tmp", "emptyDir": {}}, *(worker.volumes or [])],
     }
-    if node_selector:
-        pod_spec["nodeSelector"] = node_selector
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    job_spec: dict[str, Any] = {"backoffLimit": 0, "template": {"metadata": {"labels": task_labels},
-                                                                 "spec": pod_spec}}
-    if task.kind == "train":
-        job_spec["activeDeadlineSeconds"] = spec.round_deadline_seconds
+    if node_selector or worker.node_selector:
+        pod_spec["nodeSelector"] = node_selector or worker.node_selector
+    if tolerations or worker.tolerations:
+        pod_spec["tolerations"] = tolerations or worker.tolerations
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {
-            "name": job_name(owner.name, task.id), "namespace": owner.namespace, "labels": task_labels,
-            "annotations": {"fedtrain.io/task-id": task.id},  # names may be cut; the id is kept whole
-            "ownerReferences": [{"apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name,
-                                 "uid": owner.uid, "controller": True, "blockOwnerDeletion": True}],
-        },
-        "spec": job_spec,
+        "metadata": {"name": name, "namespace": namespace, "labels": job_labels},
+        "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": job_labels}, "spec": pod_spec}},
     }
 
 

@@ -29,7 +29,7 @@ def test_names_are_deterministic_and_fit_63_characters() -> None:
 
 def test_client_job_has_owner_labels_scheduling_storage_and_deadline() -> None:
     task = Task("r0002-munich-a1", "train", 2, "munich")
-    job = job_manifest(task, SPEC, OWNER, ["train", "--round", "2"], "fl-store", "/store/team-a/signs-4f1c")
+    job = job_manifest(task, SPEC, OWNER, ["train", "--round", "2"], "fl-store")
     meta, pod = job["metadata"], job["spec"]["template"]["spec"]
     assert meta["name"] == "signs-r0002-munich-a1" and meta["namespace"] == "team-a"
     assert meta["ownerReferences"] == [{"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining",
@@ -49,7 +49,7 @@ def test_client_job_has_owner_labels_scheduling_storage_and_deadline() -> None:
 
 
 def test_aggregation_job_uses_defaults_and_has_no_deadline() -> None:
-    job = job_manifest(Task("r0002-aggregate-a1", "aggregate", 2), SPEC, OWNER, ["aggregate"], "fl-store", "/")
+    job = job_manifest(Task("r0002-aggregate-a1", "aggregate", 2), SPEC, OWNER, ["aggregate"], "fl-store")
     assert "activeDeadlineSeconds" not in job["spec"]
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": {"cpu": "1"}}
     assert "fedtrain.io/client" not in job["metadata"]["labels"]

@@ -1,0 +1,324 @@
+"""The Kubernetes executor around the engine: one reconcile pass reads, decides, stores, then acts.
+
+A pass reads the FederatedTraining fresh from the API (its status is the engine's durable state),
+lists the training's Jobs and Pods, turns them into observations, and asks the pure engine what
+next. The new status is stored first, conditionally on the resourceVersion it was read at; only
+then are Jobs created or deleted and Events posted. So:
+
+- a pass that raced with another writer stores nothing and acts on nothing (409: read again);
+- an operator killed after storing but before creating Jobs finds tasks the status calls running
+  with no Job, and the engine launches them again under the same deterministic name;
+- one killed after creating Jobs but before storing re-decides the same thing, and the creates
+  answer 409 AlreadyExists. No round is lost or run twice.
+
+Nothing here imports kopf: the handlers call `reconcile` on Job events, on spec changes and on a
+timer (deadlines and stuck Pods change nothing the API would tell us about).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fedtrain.engine import decide
+from fedtrain.engine.engine import cause, update_conditions
+from fedtrain.engine.status import Cancel, Event, Launch, Observation, TrainingStatus
+from fedtrain.operator import metrics
+from fedtrain.operator.jobs import (
+    ANNOTATION_TASK_ID,
+    CLEANUP_TASK,
+    LABEL_TASK,
+    LABEL_TRAINING,
+    Owner,
+    claim_manifest,
+    claim_name,
+    cleanup_job_manifest,
+    job_manifest,
+    job_name,
+    observe,
+    placement,
+)
+from fedtrain.operator.kube import ApiError, Kube, Paths
+from fedtrain.operator.status import Conflict, read_status, write_status
+from fedtrain.spec import FederatedTrainingSpec, SpecError, parse_spec
+from fedtrain.tasks import aggregation_clients, worker_arguments
+
+log = logging.getLogger("fedtrain.operator")
+TERMINAL = ("Succeeded", "Failed")
+MAX_CONFLICT_RETRIES = 5
+KEEP_ROUNDS = 2  # Jobs of the last finished rounds stay for `kubectl logs`; older ones are deleted
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a pass found: whether the training still has work that Job events or the clock will move."""
+
+    active: bool
+    phase: str = ""
+
+
+class Wakeups:
+    """One asyncio event per training: set by Job and resource events, awaited by the training's loop."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+
+    def event(self, namespace: str, name: str) -> asyncio.Event:
+        """The training's event (created on first use)."""
+        return self._events.setdefault((namespace, name), asyncio.Event())
+
+    def wake(self, namespace: str, name: str) -> None:
+        """Ask for a pass now."""
+        self.event(namespace, name).set()
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The training is gone."""
+        self._events.pop((namespace, name), None)
+
+    async def wait(self, namespace: str, name: str, timeout: float) -> None:
+        """Until woken or ``timeout`` seconds passed; clears the event for the next pass."""
+        event = self.event(namespace, name)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        event.clear()
+
+
+def storage_claim(spec: FederatedTrainingSpec, training: str) -> str:
+    """The claim Jobs mount; a spec without one cannot run on a cluster (a `SpecError` that says what to set)."""
+    claim = claim_name(spec, training)
+    if claim is None:
+        raise SpecError(["spec.storage: a training on Kubernetes needs storage.persistentVolumeClaim.claimName (an "
+                         "existing ReadWriteMany claim) or storage.create (a claim the operator creates); "
+                         "storage.local is for `fedtrain run`"])
+    return claim
+
+
+def owned_by(item: dict[str, Any], uid: str) -> bool:
+    """Whether an object belongs to this incarnation of the training (a recreated one has a new uid)."""
+    return any(ref.get("uid") == uid for ref in item.get("metadata", {}).get("ownerReferences") or [])
+
+
+def _timestamp(value: str | None) -> float | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
+
+
+def observations_from(jobs: list[dict[str, Any]], pods: list[dict[str, Any]]
+                      ) -> tuple[dict[str, Observation], list[dict[str, Any]]]:
+    """Observations by task id, and the Jobs whose Pods are stuck (failed for the engine, still alive)."""
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+        pod_labels = pod["metadata"].get("labels") or {}
+        owner = pod_labels.get("batch.kubernetes.io/job-name") or pod_labels.get("job-name")
+        if owner:
+            by_job.setdefault(owner, []).append(pod)
+    observations: dict[str, Observation] = {}
+    stuck: list[dict[str, Any]] = []
+    for job in jobs:
+        ident = (job["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID)
+        if not ident or ident == CLEANUP_TASK:
+            continue
+        seen = observe(job, by_job.get(job["metadata"]["name"], []))
+        observations[ident] = seen
+        finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                       for c in job.get("status", {}).get("conditions") or [])
+        if seen.state == "failed" and not finished:
+            stuck.append(job)
+    return observations, stuck
+
+
+def record_metrics(owner: Owner, before: TrainingStatus, after: TrainingStatus, jobs: list[dict[str, Any]]) -> None:
+    """Count what the stored status gained: finished rounds, failed clients, the end of the training."""
+    for record in after.rounds:
+        previous = before.round(record.round)
+        if record.finished_at is not None and (previous is None or previous.finished_at is None):
+            metrics.ROUNDS.labels(owner.namespace, owner.name).inc()
+            if record.started_at is not None:
+                metrics.ROUND_SECONDS.observe(record.finished_at - record.started_at)
+            _observe_aggregation(jobs, record.round)
+        for client, task in record.clients.items():
+            was = previous.clients.get(client) if previous else None
+            if task.state in ("failed", "dropped") and (was is None or was.state != task.state):
+                metrics.CLIENT_FAILURES.labels(owner.namespace, owner.name, cause(task) or task.state).inc()
+    if after.phase in TERMINAL and before.phase not in TERMINAL:
+        metrics.TRAININGS_FINISHED.labels(owner.namespace, after.phase).inc()
+
+
+def _observe_aggregation(jobs: list[dict[str, Any]], round_number: int) -> None:
+    for job in jobs:
+        job_labels = job["metadata"].get("labels") or {}
+        if job_labels.get(LABEL_TASK) == "aggregate" and job_labels.get("fedtrain.io/round") == str(round_number):
+            start = _timestamp(job.get("status", {}).get("startTime"))
+            end = _timestamp(job.get("status", {}).get("completionTime"))
+            if start is not None and end is not None:
+                metrics.AGGREGATION_SECONDS.observe(end - start)
+
+
+class Controller:
+    """Reconciles FederatedTrainings through the API; ``clock`` is injectable for the engine's deadlines."""
+
+    def __init__(self, kube: Kube, clock: Callable[[], float] = time.time) -> None:
+        self.kube = kube
+        self.clock = clock
+
+    async def reconcile(self, namespace: str, name: str) -> Outcome:
+        """One pass, repeated while another writer changed the resource under it."""
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                return await self._pass(namespace, name)
+            except Conflict:
+                log.debug("%s/%s changed while deciding; deciding again", namespace, name)
+        return Outcome(active=True)
+
+    async def _pass(self, namespace: str, name: str) -> Outcome:
+        try:
+            resource = await self.kube.get(Paths.training(namespace, name))
+        except ApiError as error:
+            if error.status == 404:
+                return Outcome(active=False)
+            raise
+        meta = resource["metadata"]
+        if meta.get("deletionTimestamp"):
+            return Outcome(active=False, phase="Deleting")
+        owner = Owner(name, namespace, meta["uid"])
+        status = read_status(resource)
+        try:
+            spec = parse_spec(resource.get("spec") or {}, f"{namespace}/{name}")
+            claim = storage_claim(spec, name)
+            if status.phase not in TERMINAL and spec.storage.create is not None:
+                await self._ensure_claim(spec, owner)
+        except SpecError as error:
+            return await self._reject(resource, status, "InvalidSpec", "; ".join(error.problems))
+        jobs: list[dict[str, Any]] = []
+        observations: dict[str, Observation] = {}
+        stuck: list[dict[str, Any]] = []
+        if status.phase not in TERMINAL:
+            listed = await self.kube.list(Paths.jobs(namespace), {LABEL_TRAINING: name})
+            jobs = [j for j in listed if owned_by(j, owner.uid)]
+            pods = await self.kube.list(Paths.core(namespace, "pods"), {LABEL_TRAINING: name})
+            observations, stuck = observations_from(jobs, pods)
+        decision = decide(spec, status, observations, self.clock(), meta.get("generation"))
+        log.debug("%s/%s: %s, %d observations, %d actions", namespace, name, decision.status.progress,
+                  len(observations), len(decision.actions))
+        if await write_status(self.kube, resource, decision.status) is not None:
+            record_metrics(owner, status, decision.status, jobs)
+        refused = await self._act(decision.actions, spec, owner, claim, decision.status, stuck)
+        for event in decision.events:
+            await self._post(resource, event)
+        if refused:
+            return await self._reject(await self.kube.get(Paths.training(namespace, name)), decision.status,
+                                      "JobRejected", refused)
+        await self._prune(jobs, decision.status)
+        return Outcome(active=decision.status.phase not in TERMINAL, phase=decision.status.phase)
+
+    async def _act(self, actions: list[Launch | Cancel], spec: FederatedTrainingSpec, owner: Owner, claim: str,
+                   status: TrainingStatus, stuck: list[dict[str, Any]]) -> str:
+        """Create and delete Jobs; returns the API server's message if it refused a Job as invalid."""
+        where = placement(spec, owner)
+        for action in actions:
+            if isinstance(action, Cancel):
+                await self.kube.delete(Paths.jobs(owner.namespace, job_name(owner.name, action.task_id)))
+                continue
+            task = action.task
+            arguments = worker_arguments(task, spec, where, aggregation_clients(status, task.round))
+            try:
+                await self.kube.create(Paths.jobs(owner.namespace), job_manifest(task, spec, owner, arguments, claim))
+                metrics.JOBS_CREATED.labels(task.kind).inc()
+            except ApiError as error:
+                if error.status == 409:
+                    continue  # created by an earlier pass: the deterministic name makes this idempotent
+                if error.status in (400, 422):
+                    return (f"the API server refused Job {job_name(owner.name, task.id)}: {error.message}; check "
+                            "spec.worker (resources, volumes, env) and the client entries")
+                raise
+        for job in stuck:  # the engine has recorded them as failed; their Pods would wait forever
+            await self.kube.delete(Paths.jobs(owner.namespace, job["metadata"]["name"]))
+        return ""
+
+    async def _ensure_claim(self, spec: FederatedTrainingSpec, owner: Owner) -> None:
+        wanted = claim_manifest(spec, owner)
+        path = Paths.core(owner.namespace, "persistentvolumeclaims")
+        try:
+            existing = await self.kube.get(f"{path}/{wanted['metadata']['name']}")
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            try:
+                await self.kube.create(path, wanted)
+            except ApiError as conflict:
+                if conflict.status != 409:
+                    raise
+            return
+        if not owned_by(existing, owner.uid):
+            raise SpecError([f"spec.storage.create: a claim named {wanted['metadata']['name']} already exists and "
+                             "is not this training's; delete it, or use it with storage.persistentVolumeClaim"])
+
+    async def _reject(self, resource: dict[str, Any], status: TrainingStatus, reason: str, message: str) -> Outcome:
+        """Fail the training with a reason and a message that names what to fix."""
+        failed = status.model_copy(deep=True)
+        failed.phase, failed.reason, failed.message = "Failed", reason, message
+        failed.observed_generation = resource["metadata"].get("generation")
+        update_conditions(failed, self.clock())
+        if await write_status(self.kube, resource, failed) is not None:
+            await self._post(resource, Event(reason, message, warning=True))
+        return Outcome(active=False, phase="Failed")
+
+    async def _post(self, resource: dict[str, Any], event: Event) -> None:
+        try:
+            await self.kube.post_event(resource, event.reason, event.message, event.warning)
+        except ApiError as error:  # an Event is worth a log line, not a failed pass
+            log.warning("could not post event %s: %s", event.reason, error)
+
+    async def _prune(self, jobs: list[dict[str, Any]], status: TrainingStatus) -> None:
+        """Delete the Jobs of rounds older than the last `KEEP_ROUNDS` finished: status and storage have them."""
+        for job in jobs:
+            number = int((job["metadata"].get("labels") or {}).get("fedtrain.io/round", "0"))
+            record = status.round(number)
+            settled = record is None or record.finished_at is not None
+            if number < status.current_round - KEEP_ROUNDS and settled and not job["metadata"].get("deletionTimestamp"):
+                await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
+
+    async def release_storage(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any]) -> bool:
+        """On deletion with ``reclaimPolicy: Delete``: stop the Jobs, then remove the directory. True when done."""
+        try:
+            spec = parse_spec(raw_spec, f"{namespace}/{name}")
+        except SpecError:
+            return True  # it never ran, so there is nothing to remove
+        if spec.storage.reclaim_policy != "Delete" or spec.storage.persistent_volume_claim is None:
+            return True  # Retain; or a claim the operator created, which the garbage collector deletes
+        owner = Owner(name, namespace, uid)
+        for job in await self.kube.list(Paths.jobs(namespace), {LABEL_TRAINING: name}):
+            meta = job["metadata"]
+            if meta["labels"].get(LABEL_TASK) != CLEANUP_TASK and not meta.get("deletionTimestamp"):
+                await self.kube.delete(Paths.jobs(namespace, job["metadata"]["name"]))
+        pods = await self.kube.list(Paths.core(namespace, "pods"), {LABEL_TRAINING: name})
+        if any(p["metadata"]["labels"].get(LABEL_TASK) != CLEANUP_TASK and p.get("status", {}).get("phase") in
+               ("Pending", "Running") for p in pods):
+            return False  # a worker may still write into the directory
+        cleanup = job_name(name, CLEANUP_TASK)
+        try:
+            job = await self.kube.get(Paths.jobs(namespace, cleanup))
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            claim = spec.storage.persistent_volume_claim.claim_name
+            await self.kube.create(Paths.jobs(namespace), cleanup_job_manifest(spec, owner, claim))
+            return False
+        if (job["metadata"].get("annotations") or {}).get("fedtrain.io/training-uid") != uid:
+            await self.kube.delete(Paths.jobs(namespace, cleanup))  # left by an earlier training of that name
+            return False
+        seen = observe(job, [p for p in pods if p["metadata"]["labels"].get(LABEL_TASK) == CLEANUP_TASK])
+        if seen.state == "running":
+            return False
+        if seen.state == "failed":
+            resource = {"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining",
+                        "metadata": {"name": name, "namespace": namespace, "uid": uid}}
+            await self._post(resource, Event("StorageNotReleased", f"the training's directory was not removed: "
+                                                                   f"{seen.reason}", warning=True))
+        await self.kube.delete(Paths.jobs(namespace, cleanup))
+        return True

@@ -1,0 +1,321 @@
+"""A test cluster: kmock's Kubernetes emulator made closer to a real API server, and a Job runner.
+
+`ApiServer` fills in what kmock 0.8 leaves out and the operator relies on a real server for:
+uid, resourceVersion and generation; ``generateName``; 409 on a stale ``resourceVersion`` in a
+patch; the status subresource (a patch to ``/status`` changes only status, a patch to the object
+never changes status); label selectors on lists; and the garbage collector (deleting an owner
+deletes its dependents). These are fixture-side workarounds: product code speaks plain Kubernetes.
+
+`JobRunner` plays the job controller and the kubelet: for every Job it creates the Pod, runs the
+container's command as a local process (through the same fork server as `fedtrain run`) with
+``/store`` mapped to a directory, and reports Pod and Job status, termination message included,
+back through the API as the real ones would. ``sabotage`` makes chosen Jobs fail or hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+from kmock._internal import enums, rendering
+
+from fedtrain.local.executor import ForkServer
+
+RESOURCES = {
+    "fedtrain.io/v1alpha1/federatedtrainings": kmock.ResourceInfo(
+        kind="FederatedTraining", singular="federatedtraining", namespaced=True, shortnames={"ft"},
+        subresources={"status"}, verbs={"create", "delete", "get", "list", "patch", "update", "watch"}),
+    "batch/v1/jobs": kmock.ResourceInfo(kind="Job", singular="job", namespaced=True, subresources={"status"},
+                                        verbs={"create", "delete", "get", "list", "patch", "watch"}),
+    "v1/pods": kmock.ResourceInfo(kind="Pod", singular="pod", namespaced=True, subresources={"status"},
+                                  verbs={"create", "delete", "get", "list", "patch", "watch"}),
+    "v1/events": kmock.ResourceInfo(kind="Event", singular="event", namespaced=True,
+                                    verbs={"create", "get", "list", "watch"}),
+    "v1/persistentvolumeclaims": kmock.ResourceInfo(kind="PersistentVolumeClaim", singular="persistentvolumeclaim",
+                                                    namespaced=True, verbs={"create", "delete", "get", "list"}),
+    # kopf waits for namespaces to be discoverable even when it watches cluster-wide (and then never lists them).
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False,
+                                        verbs={"get", "list", "watch"}),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False,
+        verbs={"get", "list", "watch"}),
+}
+STATUS_RESOURCES = ("federatedtrainings", "jobs", "pods")
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def matches(selector: str, labels: dict[str, str]) -> bool:
+    """Equality-based label selectors (``a=b,c``), as the operator uses them."""
+    for term in filter(None, selector.split(",")):
+        key, sep, value = term.partition("=")
+        if (sep and labels.get(key) != value) or (not sep and key not in labels):
+            return False
+    return True
+
+
+class ApiServer(kmock.KubernetesEmulator):
+    """kmock's emulator with the real API server's bookkeeping (see the module docstring)."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.versions = itertools.count(1)
+        for key, info in RESOURCES.items():
+            self.resources[key] = info
+
+    def _current(self, request: rendering.Request) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return dict(self.objects[key].raw)
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        if request.resource is not None and isinstance(request.data, dict):
+            if request.action == enums.action.CREATE:
+                self._on_create(request)
+            elif request.action == enums.action.UPDATE:
+                self._on_patch(request)
+        try:
+            return await super()._handle(request)
+        finally:
+            if request.action == enums.action.DELETE and request.resource is not None:
+                await self._collect_garbage()
+
+    def _on_create(self, request: rendering.Request) -> None:
+        meta = request.data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        meta.setdefault("namespace", request.namespace)
+        meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(self.versions)), generation=1,
+                    creationTimestamp=now())
+
+    def _on_patch(self, request: rendering.Request) -> None:
+        current = self._current(request)
+        if current is None:
+            return  # kmock answers 404
+        patch = request.data
+        wanted = (patch.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and wanted != current["metadata"].get("resourceVersion"):
+            raise kmock.KubernetesError(409, "Conflict", f"the object has been modified; please apply your changes "
+                                                         f"to the latest version (have {wanted}, is "
+                                                         f"{current['metadata'].get('resourceVersion')})")
+        plural = request.resource.plural if request.resource else None
+        if request.subresource == "status":
+            for key in list(patch):
+                if key != "status":
+                    del patch[key]
+        elif plural in STATUS_RESOURCES:
+            patch.pop("status", None)
+        meta = patch.setdefault("metadata", {})
+        meta["resourceVersion"] = str(next(self.versions))
+        if "spec" in patch and request.subresource != "status":
+            meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
+
+    async def _serve_list(self, request: rendering.Request) -> Any:
+        answer = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector:
+            answer["items"] = [i for i in answer["items"] if matches(selector, i["metadata"].get("labels") or {})]
+        return answer
+
+    async def _collect_garbage(self) -> None:
+        """Delete objects whose owners are all gone (background propagation), until nothing changes."""
+        while True:
+            async with self._lock:
+                alive = {obj.raw["metadata"].get("uid") for obj in self.objects.values() if not obj.deleted}
+                orphans = [(key, obj) for key, obj in self.objects.items() if not obj.deleted
+                           and obj.raw["metadata"].get("ownerReferences")
+                           and not any(r["uid"] in alive for r in obj.raw["metadata"]["ownerReferences"])]
+                for (resource, _, _), obj in orphans:
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[resource].put({"type": "DELETED", "object": raw})
+            if not orphans:
+                return
+
+
+@dataclass
+class Sabotage:
+    """What to do instead of running a Job: exit with ``exit_code`` (and ``message``), or hang in ``waiting``."""
+
+    exit_code: int | None = None
+    message: str = "simulated failure"
+    waiting: str | None = None  # e.g. "ImagePullBackOff"
+    unschedulable: bool = False
+
+
+@dataclass
+class Running:
+    job: dict[str, Any]
+    pod: str
+    process: Any
+    started: str
+    termination_log: Path
+    stderr: Path
+
+
+@dataclass
+class JobRunner:
+    """The job controller and kubelet of the test cluster (see the module docstring)."""
+
+    api: str
+    root: Path
+    sabotage: Callable[[dict[str, Any]], Sabotage | None] = lambda job: None
+    seen: set[str] = field(default_factory=set)
+    running: dict[str, Running] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)  # job names, in start order
+    paused: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.store = self.root / "store"
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.logs = self.root / "pods"
+        self.logs.mkdir(exist_ok=True)
+        self.forks = ForkServer([])
+        self.session: aiohttp.ClientSession | None = None
+
+    async def run(self) -> None:
+        """Until cancelled: start new Jobs, report finished ones, stop deleted ones."""
+        async with aiohttp.ClientSession(base_url=self.api) as session:
+            self.session = session
+            try:
+                while True:
+                    if not self.paused:
+                        try:
+                            await self.step()
+                        except Exception as error:  # kept for the test to see; the runner goes on
+                            logging.getLogger("tests.jobrunner").exception("job runner step failed")
+                            self.errors.append(repr(error))
+                    await asyncio.sleep(0.05)
+            finally:
+                for running in self.running.values():
+                    running.process.terminate()
+                self.forks.close()
+
+    async def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        assert self.session is not None
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with self.session.request(method, path, json=body, headers=headers) as response:
+            return dict(await response.json()) if response.status < 300 else {}
+
+    async def step(self) -> None:
+        jobs = (await self._json("GET", "/apis/batch/v1/jobs")).get("items", [])
+        alive = {j["metadata"]["uid"] for j in jobs}
+        for uid in [u for u in self.running if u not in alive]:  # deleted: kill its Pod's process
+            self.running.pop(uid).process.terminate()
+        for job in jobs:
+            uid = job["metadata"]["uid"]
+            if uid not in self.seen:
+                self.seen.add(uid)
+                await self._start(job)
+        for uid, running in list(self.running.items()):
+            code = running.process.poll()
+            if code is not None:
+                del self.running[uid]
+                await self._finish(running, code)
+
+    def _map(self, argument: str) -> str:
+        argument = argument.replace("sqlite:////store/", f"sqlite:///{self.store}/")
+        if argument.startswith("/store/") or argument == "/store":
+            return str(self.store) + argument[len("/store"):]
+        return argument
+
+    async def _start(self, job: dict[str, Any]) -> None:
+        meta = job["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        template = job["spec"]["template"]
+        labels = {**template["metadata"].get("labels", {}), "job-name": name, "batch.kubernetes.io/job-name": name,
+                  "controller-uid": meta["uid"]}
+        pod_name = f"{name}-{uuid.uuid4().hex[:5]}"
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": pod_name, "namespace": namespace, "labels": labels,
+                            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                 "uid": meta["uid"], "controller": True}]},
+               "spec": template["spec"], "status": {"phase": "Pending"}}
+        await self._json("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
+        started = now()
+        await self._json("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}/status",
+                         {"status": {"startTime": started, "active": 1}})
+        plan = self.sabotage(job)
+        pod_path = f"/api/v1/namespaces/{namespace}/pods/{pod_name}/status"
+        if plan is not None and plan.unschedulable:
+            await self._json("PATCH", pod_path, {"status": {"conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}})
+            return
+        if plan is not None and plan.waiting:
+            await self._json("PATCH", pod_path, {"status": {"containerStatuses": [
+                {"name": "worker", "ready": False, "restartCount": 0,
+                 "state": {"waiting": {"reason": plan.waiting, "message": f"Back-off pulling image "
+                                                                          f"{template['spec']['containers'][0]['image']}"}}}]}})
+            return
+        container = template["spec"]["containers"][0]
+        argv = [self._map(a) for a in container["args"]]
+        termination_log = self.logs / f"{pod_name}.termination-log"
+        argv = [str(termination_log) if a == "/dev/termination-log" else a for a in argv]
+        stderr = self.logs / f"{pod_name}.err"
+        if plan is not None and plan.exit_code is not None:
+            process: Any = _Exited(plan.exit_code)
+            stderr.write_text(plan.message + "\n")
+        else:
+            process = self.forks.start(pod_name, argv, self.logs / f"{pod_name}.out", stderr, threads=1)
+        self.ran.append(name)
+        self.running[meta["uid"]] = Running(job, pod_name, process, started, termination_log, stderr)
+        await self._json("PATCH", pod_path, {"status": {"phase": "Running", "containerStatuses": [
+            {"name": "worker", "ready": True, "restartCount": 0, "state": {"running": {"startedAt": started}}}]}})
+
+    async def _finish(self, running: Running, code: int) -> None:
+        meta = running.job["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        message = running.termination_log.read_text() if running.termination_log.exists() else ""
+        if code != 0 and not message and running.stderr.exists():  # terminationMessagePolicy FallbackToLogsOnError
+            message = "\n".join(running.stderr.read_text().splitlines()[-80:])[-2048:]
+        finished = now()
+        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message,
+                      "startedAt": running.started, "finishedAt": finished}
+        await self._json("PATCH", f"/api/v1/namespaces/{namespace}/pods/{running.pod}/status", {"status": {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "containerStatuses": [{"name": "worker", "ready": False, "restartCount": 0,
+                                   "state": {"terminated": terminated}}]}})
+        condition = {"type": "Complete" if code == 0 else "Failed", "status": "True", "lastTransitionTime": finished,
+                     "reason": None if code == 0 else "BackoffLimitExceeded",
+                     "message": None if code == 0 else "Job has reached the specified backoff limit"}
+        await self._json("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}/status", {"status": {
+            "active": None, "succeeded" if code == 0 else "failed": 1,
+            "completionTime": finished if code == 0 else None,
+            "conditions": [{k: v for k, v in condition.items() if v is not None}]}})
+
+
+@dataclass
+class _Exited:
+    """A process that has already exited with ``code`` (a sabotaged Job)."""
+
+    code: int
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def terminate(self) -> None:
+        pass
+
+
+def job_args(job: dict[str, Any]) -> list[str]:
+    """The worker arguments of a Job."""
+    return list(job["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def dump(value: Any) -> str:
+    return json.dumps(value, indent=1, default=str)

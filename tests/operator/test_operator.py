@@ -1,0 +1,153 @@
+"""The kopf operator against a real HTTP Kubernetes API (kmock) whose Jobs run as local processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.operator.cluster import Sabotage
+from tests.operator.conftest import NAMESPACE, Cluster, condition, tiny_training
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(400)]
+
+
+def phase(resource: dict[str, Any]) -> str:
+    return str(resource.get("status", {}).get("phase", ""))
+
+
+def finished(resource: dict[str, Any]) -> bool:
+    return phase(resource) in ("Succeeded", "Failed")
+
+
+async def test_two_clients_two_rounds_to_succeeded(cluster: Cluster, mlflow_server: str) -> None:
+    manifest = tiny_training(mlflow={"trackingUri": mlflow_server, "registeredModelName": "operator-signs"})
+    await cluster.start_operator()
+    await cluster.apply(manifest)
+    done = await cluster.wait_for("signs", finished)
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"] == "2/2"
+    assert status["currentRound"] == 2
+    assert [r["round"] for r in status["rounds"]] == [1, 2]
+    assert all(r.get("accepted") == ["client-00", "client-01"] for r in status["rounds"]), status["rounds"]
+    assert 0.0 <= status["accuracy"] <= 1.0 and status["bestAccuracy"] >= status["accuracy"] - 1e-9
+    assert status["modelVersion"] == "1" and status["modelUri"].startswith("models:/operator-signs/")
+    assert status["observedGeneration"] == done["metadata"]["generation"]
+    assert condition(done, "Succeeded")["status"] == "True"
+    assert condition(done, "Running")["status"] == "False"
+
+    # One Job per client per round, one aggregation per round, plus init and finalize: nothing twice.
+    ran = cluster.runner.ran
+    assert len(ran) == len(set(ran)) == 1 + 2 * (2 + 1) + 1
+    jobs = await cluster.jobs()
+    for job in jobs:
+        owner = job["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "FederatedTraining" and owner["uid"] == done["metadata"]["uid"]
+        assert job["spec"]["backoffLimit"] == 0
+        assert job["metadata"]["labels"]["fedtrain.io/training"] == "signs"
+    reasons = [e["reason"] for e in await cluster.events()]
+    assert reasons.count("RoundCompleted") == 2 and reasons.count("TrainingCompleted") == 1
+
+
+async def test_invalid_spec_fails_with_the_field_named(cluster: Cluster) -> None:
+    manifest = tiny_training(storage={"local": "/tmp/x"})
+    manifest["spec"]["storage"] = {"local": "/tmp/x"}
+    await cluster.start_operator()
+    await cluster.apply(manifest)
+    done = await cluster.wait_for("signs", finished, timeout=30)
+    failed = condition(done, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+    assert "spec.storage" in failed["message"] and "persistentVolumeClaim" in failed["message"]
+    assert await cluster.jobs() == []
+
+
+async def test_client_failing_above_quorum_is_dropped_and_training_goes_on(
+        cluster: Cluster, sabotage: dict[str, Sabotage]) -> None:
+    sabotage["r0001-client-02"] = Sabotage(exit_code=1, message="Traceback: simulated crash")
+    manifest = tiny_training(rounds=1, clients={"count": 3, "minSuccessful": 2, "maxRetries": 0})
+    await cluster.start_operator()
+    await cluster.apply(manifest)
+    done = await cluster.wait_for("signs", finished)
+    assert phase(done) == "Succeeded", done["status"]
+    record = done["status"]["rounds"][0]
+    assert record["clients"]["client-02"]["state"] == "failed"
+    assert "simulated crash" in record["clients"]["client-02"]["reason"]
+    assert record["accepted"] == ["client-00", "client-01"]
+    assert condition(done, "Degraded")["status"] == "True"
+    assert [e for e in await cluster.events() if e["reason"] == "ClientFailed" and e["type"] == "Warning"]
+
+
+async def test_clients_failing_below_quorum_fail_the_training_with_the_cause(
+        cluster: Cluster, sabotage: dict[str, Sabotage]) -> None:
+    sabotage["client-01"] = Sabotage(waiting="ImagePullBackOff")
+    sabotage["client-02"] = Sabotage(waiting="ImagePullBackOff")
+    manifest = tiny_training(rounds=1, clients={"count": 3, "minSuccessful": 2})
+    await cluster.start_operator()
+    await cluster.apply(manifest)
+    done = await cluster.wait_for("signs", finished, timeout=60)
+    failed = condition(done, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "ImagePullBackOff", failed
+    assert "client-01" in failed["message"] and "client-02" in failed["message"]
+    stuck = [j for j in await cluster.jobs() if "client-01" in j["metadata"]["name"]]
+    assert stuck == []  # deleted: a Pod that cannot pull its image would wait forever
+
+
+async def _round_one_running(cluster: Cluster) -> None:
+    await cluster.wait_for("signs", lambda r: r.get("status", {}).get("currentRound", 0) >= 1, timeout=120)
+
+
+async def test_suspend_stops_new_jobs_and_resume_finishes(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(tiny_training(rounds=3))
+    await _round_one_running(cluster)
+    await cluster.request("PATCH", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings/signs",
+                          {"spec": {"suspend": True}}, status=200)
+    suspended = await cluster.wait_for("signs", lambda r: phase(r) == "Suspended", timeout=120)
+    assert condition(suspended, "Suspended")["status"] == "True"
+    started = len(cluster.runner.ran)
+    assert not cluster.runner.running
+    await cluster.wait_for("signs", lambda r: phase(r) == "Suspended", timeout=5)
+    assert len(cluster.runner.ran) == started  # nothing new while suspended
+    await cluster.request("PATCH", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings/signs",
+                          {"spec": {"suspend": False}}, status=200)
+    done = await cluster.wait_for("signs", finished)
+    assert phase(done) == "Succeeded" and done["status"]["progress"] == "3/3"
+    assert len(cluster.runner.ran) == len(set(cluster.runner.ran)) == 1 + 3 * 3 + 1
+
+
+async def test_operator_killed_mid_round_finishes_without_duplicates(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(tiny_training(rounds=3))
+    await cluster.wait_for("signs", lambda r: r.get("status", {}).get("currentRound", 0) >= 2, timeout=180)
+    await cluster.stop_operator(graceful=False)
+    await cluster.start_operator()
+    done = await cluster.wait_for("signs", finished)
+    assert phase(done) == "Succeeded" and done["status"]["progress"] == "3/3"
+    assert [r["round"] for r in done["status"]["rounds"]] == [1, 2, 3]
+    assert len(cluster.runner.ran) == len(set(cluster.runner.ran)) == 1 + 3 * 3 + 1
+    reasons = [e["reason"] for e in await cluster.events()]
+    assert reasons.count("RoundCompleted") == 3
+
+
+async def test_deletion_removes_jobs_and_the_directory_when_asked(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(tiny_training(rounds=5, storage={"reclaimPolicy": "Delete"}))
+    resource = await cluster.wait_for("signs", lambda r: r.get("status", {}).get("currentRound", 0) >= 1,
+                                      timeout=120)
+    uid = resource["metadata"]["uid"]
+    directory = cluster.runner.store / NAMESPACE / f"signs-{uid[:8]}"
+    assert directory.is_dir()
+    await cluster.request("DELETE", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings/signs")
+    for _ in range(600):
+        answer = await cluster.request("GET", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/"
+                                              "federatedtrainings/signs")
+        if answer.get("code") == 404:
+            break
+        import asyncio
+
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the training was not deleted")
+    assert not directory.exists()
+    assert await cluster.jobs() == []
