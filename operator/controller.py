@@ -35,6 +35,7 @@ from fedtrain.operator.jobs import (
     CLEANUP_TASK,
     LABEL_TASK,
     LABEL_TRAINING,
+    WORKER_SERVICE_ACCOUNT,
     Owner,
     claim_manifest,
     claim_name,
@@ -43,6 +44,7 @@ from fedtrain.operator.jobs import (
     job_name,
     observe,
     placement,
+    worker_account_manifest,
 )
 from fedtrain.operator.kube import ApiError, Kube, Paths
 from fedtrain.operator.status import Conflict, read_status, write_status
@@ -220,6 +222,8 @@ class Controller:
                    status: TrainingStatus, stuck: list[dict[str, Any]]) -> str:
         """Create and delete Jobs; returns the API server's message if it refused a Job as invalid."""
         where = placement(spec, owner)
+        if any(isinstance(a, Launch) for a in actions):
+            await self.ensure_worker_account(owner.namespace)
         for action in actions:
             if isinstance(action, Cancel):
                 await self.kube.delete(Paths.jobs(owner.namespace, job_name(owner.name, action.task_id)))
@@ -239,6 +243,20 @@ class Controller:
         for job in stuck:  # the engine has recorded them as failed; their Pods would wait forever
             await self.kube.delete(Paths.jobs(owner.namespace, job["metadata"]["name"]))
         return ""
+
+    async def ensure_worker_account(self, namespace: str) -> None:
+        """The worker ServiceAccount of a namespace: no role bindings and no token, so Pods get no API rights."""
+        path = Paths.core(namespace, "serviceaccounts")
+        try:
+            await self.kube.get(f"{path}/{WORKER_SERVICE_ACCOUNT}")
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            try:
+                await self.kube.create(path, worker_account_manifest(namespace))
+            except ApiError as conflict:
+                if conflict.status != 409:  # 409: created meanwhile
+                    raise
 
     async def _ensure_claim(self, spec: FederatedTrainingSpec, owner: Owner) -> None:
         wanted = claim_manifest(spec, owner)

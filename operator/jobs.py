@@ -93,6 +93,13 @@ def claim_manifest(spec: FederatedTrainingSpec, owner: Owner) -> dict[str, Any]:
             "spec": claim_spec}
 
 
+def worker_account_manifest(namespace: str) -> dict[str, Any]:
+    """The ServiceAccount worker Pods run as: nothing is bound to it, and it mounts no token."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+            "metadata": {"name": WORKER_SERVICE_ACCOUNT, "namespace": namespace,
+                         "labels": {LABEL_MANAGED_BY: MANAGER, "app.kubernetes.io/name": "fedtrain-worker"}}}
+
+
 def job_name(training: str, task_id: str) -> str:
     """``<training>-<task id>``, cut to 63 characters with a hash suffix when longer (still unique)."""
     name = f"{training}-{task_id}"

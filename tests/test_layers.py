@@ -63,7 +63,7 @@ def test_nothing_is_importable_as_operator() -> None:
 
 
 def test_control_plane_does_not_load_torch() -> None:
-    code = ("import sys, fedtrain.spec, fedtrain.engine, fedtrain.tasks, fedtrain.crd, fedtrain.operator.jobs;"
+    code = ("import sys, fedtrain.spec, fedtrain.engine, fedtrain.tasks, fedtrain.crd, fedtrain.operator.handlers;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from fedtrain.crd import CEL_RULES, definition, render
 
 ROOT = Path(__file__).parents[2]
 CHECKED_IN = ROOT / "crds" / "federatedtrainings.fedtrain.io.yaml"
-SAMPLES = sorted((ROOT / "samples").glob("*.yaml"))
+SAMPLES = sorted((ROOT / "samples").rglob("*.yaml"))
 
 
 def as_json_schema(node: Any) -> Any:

@@ -252,3 +252,41 @@ def test_task_ids_are_deterministic() -> None:
     assert task_id("train", 2, 3, "client-01") == "r0003-client-01-a2"
     assert task_id("aggregate", 1, 12) == "r0012-aggregate-a1"
     assert task_id("init", 1) == "init-a1"
+
+
+def test_image_pull_errors_are_not_retried_and_name_the_failed_reason() -> None:
+    from fedtrain.engine.engine import cause
+    from fedtrain.engine.status import ClientTask
+
+    assert cause(ClientTask(exit_code=2)) == "BadInput"
+    assert cause(ClientTask(exit_code=137, reason="exit code 137 (failed): OOMKilled")) == "OOMKilled"
+    assert cause(ClientTask(reason="failed: ImagePullBackOff: Back-off pulling image")) == "ImagePullBackOff"
+    assert cause(ClientTask(exit_code=1, reason="exit code 1 (failed): Traceback")) is None
+    def pull_error(task: Task, now: float) -> Observation:
+        if task.kind == "train" and task.client != "client-00":
+            return Observation("failed", None, None, "ErrImagePull: pull access denied for fedtrain/wrokre")
+        return ok(task, now)
+
+    sim = Simulation(spec(clients={"count": 3, "minSuccessful": 2, "maxRetries": 3}), pull_error)
+    status = sim.run()
+    assert status.phase == "Failed"
+    assert not [t for t in sim.launched if t.endswith("-a2")]  # a wrong image stays wrong: no retry
+    assert condition_reason(status, "Failed") == "ErrImagePull"
+    assert "pull access denied" in status.message
+
+
+def test_a_pod_waiting_for_resources_shows_in_degraded() -> None:
+    def unschedulable(task: Task, now: float) -> Observation | None:
+        if task.kind == "train" and task.client == "client-01":
+            return Observation("running", None, None, "Unschedulable: 0/3 nodes are available: Insufficient cpu")
+        return ok(task, now)
+
+    sim = Simulation(spec(), unschedulable)
+    sim.run(ticks=5)
+    degraded = next(c for c in sim.status.conditions if c.type == "Degraded")
+    assert degraded.status == "True" and degraded.reason == "TasksWaiting"
+    assert "client-01: Unschedulable" in degraded.message
+
+
+def condition_reason(status: TrainingStatus, kind: str) -> str:
+    return next(c.reason for c in status.conditions if c.type == kind)

@@ -9,7 +9,7 @@ import pytest
 from fedtrain.spec import STRATEGY_PARAMETERS, SpecError, load_manifest, parse_spec
 from fedtrain.worker.strategies import STRATEGIES
 
-SAMPLES = sorted(Path(__file__).parents[2].joinpath("samples").glob("*.yaml"))
+SAMPLES = sorted(Path(__file__).parents[2].joinpath("samples").rglob("*.yaml"))
 
 
 def test_defaults_fill_a_minimal_spec() -> None:

@@ -41,6 +41,8 @@ RESOURCES = {
                                   verbs={"create", "delete", "get", "list", "patch", "watch"}),
     "v1/events": kmock.ResourceInfo(kind="Event", singular="event", namespaced=True,
                                     verbs={"create", "get", "list", "watch"}),
+    "v1/serviceaccounts": kmock.ResourceInfo(kind="ServiceAccount", singular="serviceaccount", namespaced=True,
+                                             verbs={"create", "delete", "get", "list", "watch"}),
     "v1/persistentvolumeclaims": kmock.ResourceInfo(kind="PersistentVolumeClaim", singular="persistentvolumeclaim",
                                                     namespaced=True, verbs={"create", "delete", "get", "list"}),
     # kopf waits for namespaces to be discoverable even when it watches cluster-wide (and then never lists them).
@@ -87,6 +89,8 @@ class ApiServer(kmock.KubernetesEmulator):
                 self._on_create(request)
             elif request.action == enums.action.UPDATE:
                 self._on_patch(request)
+        elif request.resource is not None and isinstance(request.data, list) and request.action == enums.action.UPDATE:
+            self._on_json_patch(request)
         try:
             return await super()._handle(request)
         finally:
@@ -122,6 +126,21 @@ class ApiServer(kmock.KubernetesEmulator):
         meta["resourceVersion"] = str(next(self.versions))
         if "spec" in patch and request.subresource != "status":
             meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
+
+    def _on_json_patch(self, request: rendering.Request) -> None:
+        """RFC 6902: a failed ``test`` is 422 (kopf tests resourceVersion this way); else a new version."""
+        current = self._current(request)
+        if current is None:
+            return
+        for op in [o for o in request.data if o.get("op") == "test"]:
+            value: Any = current
+            for part in op["path"].strip("/").split("/"):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value != op.get("value"):
+                raise kmock.KubernetesError(422, "Invalid", f"the server rejected our request due to an error in our "
+                                                            f"request: test failed at {op['path']}")
+            request.data.remove(op)
+        request.data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": str(next(self.versions))})
 
     async def _serve_list(self, request: rendering.Request) -> Any:
         answer = await super()._serve_list(request)

@@ -18,6 +18,7 @@ import yaml
 
 from tests.operator.cluster import ApiServer, JobRunner, Sabotage
 
+ROOT = Path(__file__).parents[2]
 NAMESPACE = "team-signs"
 TRAININGS = f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -144,10 +145,129 @@ async def test_deletion_removes_jobs_and_the_directory_when_asked(cluster: Clust
                                               "federatedtrainings/signs")
         if answer.get("code") == 404:
             break
-        import asyncio
-
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("the training was not deleted")
     assert not directory.exists()
     assert await cluster.jobs() == []
+
+
+class Killed(Exception):
+    """The simulated end of an operator process."""
+
+
+async def test_controller_killed_after_any_write_resumes_without_loss_or_duplicates(cluster: Cluster) -> None:
+    """Each operator 'life' dies right after its k-th write to the API (k = 1, 2, 3, 1, 2, 3...).
+
+    That covers a death between storing the status and creating the Jobs it asked for, between two Job
+    creations, and after the Jobs but before the Events. A new controller, knowing nothing, continues.
+    """
+    from fedtrain.operator.controller import Controller
+    from fedtrain.operator.kube import Kube
+
+    class DyingKube(Kube):
+        budget = 0
+
+        async def call(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
+                       content_type: str = "application/json") -> dict[str, Any]:
+            answer = await super().call(method, path, body, query, content_type)
+            if method != "GET":
+                self.budget -= 1
+                if self.budget <= 0:
+                    raise Killed(f"{method} {path}")
+            return answer
+
+    await cluster.apply(tiny_training(rounds=3))
+    lives = 0
+    while True:
+        kube = DyingKube.from_environment()
+        kube.budget = 1 + lives % 3
+        controller = Controller(kube)
+        lives += 1
+        try:
+            while True:
+                outcome = await controller.reconcile(NAMESPACE, "signs")
+                if not outcome.active:
+                    break
+                await asyncio.sleep(0.1)
+            break
+        except Killed:
+            continue
+        finally:
+            kube.close()
+    done = await cluster.training("signs")
+    assert lives > 10  # it really died many times
+    assert phase(done) == "Succeeded", done["status"]
+    assert [r["round"] for r in done["status"]["rounds"]] == [1, 2, 3]
+    assert len(cluster.runner.ran) == len(set(cluster.runner.ran)) == 1 + 3 * 3 + 1
+
+
+async def test_stale_status_is_never_written(cluster: Cluster) -> None:
+    from fedtrain.engine.status import TrainingStatus
+    from fedtrain.operator.kube import Kube
+    from fedtrain.operator.status import Conflict, write_status
+
+    await cluster.apply(tiny_training())
+    first = await cluster.training("signs")
+    kube = Kube.from_environment()
+    try:
+        await write_status(kube, first, TrainingStatus(phase="Running", message="first writer"))
+        with pytest.raises(Conflict):
+            await write_status(kube, first, TrainingStatus(phase="Failed", message="stale writer"))
+    finally:
+        kube.close()
+    assert (await cluster.training("signs"))["status"]["message"] == "first writer"
+
+
+def _rbac_rules() -> set[tuple[str, str]]:
+    """(resource[/subresource], verb) pairs the operator's ClusterRole grants."""
+    import yaml
+
+    from tests.operator.conftest import ROOT
+
+    documents = yaml.safe_load_all((ROOT / "deploy" / "rbac.yaml").read_text())
+    role = next(d for d in documents if d["kind"] == "ClusterRole")
+    return {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def _verb(request: Any) -> str:
+    method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
+    if method == "GET":
+        return "watch" if request.params.get("watch") in ("true", "1") else ("get" if request.name else "list")
+    return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+
+
+async def test_operator_uses_exactly_what_its_rbac_grants(cluster: Cluster) -> None:
+    """Every call the operator (kopf and its own client) makes is granted by deploy/rbac.yaml, and every grant is used.
+
+    One exception, granted for a real API server only: ``federatedtrainings/finalizers: update``, which the
+    OwnerReferencesPermissionEnforcement admission plugin requires for owner references with blockOwnerDeletion.
+    """
+    await cluster.start_operator()
+    created = tiny_training("created", rounds=1)
+    created["spec"]["storage"] = {"create": {"size": "1Gi"}}
+    await cluster.apply(created)
+    await cluster.apply(tiny_training("removed", rounds=1, storage={"reclaimPolicy": "Delete"}))
+    assert phase(await cluster.wait_for("created", finished)) == "Succeeded"
+    assert phase(await cluster.wait_for("removed", finished)) == "Succeeded"
+    claims = await cluster.list(f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims")
+    assert [c["metadata"]["name"] for c in claims] == ["created-store"]
+    assert claims[0]["metadata"]["ownerReferences"][0]["name"] == "created"
+    assert claims[0]["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    await cluster.request("DELETE", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings/removed")
+    for _ in range(300):
+        if (await cluster.training("removed")).get("code") == 404:
+            break
+        await asyncio.sleep(0.1)
+    used: set[tuple[str, str]] = set()
+    for request in list(cluster.server._requests):
+        agent = request.headers.get("User-Agent", "")
+        ours = agent.startswith("kopf/") or agent.startswith("OpenAPI-Generator")
+        if request.resource is None or not isinstance(request.resource.plural, str) or not ours:
+            continue
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        used.add((resource, _verb(request)))
+    granted = _rbac_rules()
+    assert used <= granted, f"used but not granted: {sorted(used - granted)}"
+    unused = granted - used - {("federatedtrainings/finalizers", "update")}
+    assert unused == set(), f"granted but never used: {sorted(unused)}"

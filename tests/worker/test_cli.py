@@ -107,3 +107,19 @@ def test_a_round_of_poisoned_updates_exits_rejected(federation: Path, tmp_path: 
     assert done.returncode == EXIT_REJECTED_UPDATES
     assert "client-00: tensor" in done.stderr and "NaN" in done.stderr
     assert not layout.global_weights(3).exists()
+
+
+def test_remove_deletes_only_a_training_directory(tmp_path: Path) -> None:
+    from fedtrain.worker.cli import main
+
+    training = tmp_path / "team" / "signs-1234abcd"
+    (training / "round-0001").mkdir(parents=True)
+    (training / "manifest.json").write_text("{}")
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "data.csv").write_text("keep me")
+    assert main(["remove", "--workdir", str(other)]) == 2
+    assert (other / "data.csv").read_text() == "keep me"
+    assert main(["remove", "--workdir", str(training)]) == 0
+    assert not training.exists()
+    assert main(["remove", "--workdir", str(training)]) == 0  # already gone: idempotent, as a retried Job needs

@@ -1,0 +1,72 @@
+"""deploy/ (the kustomization), the Dockerfiles and the Kubernetes samples, read as data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).parents[2]
+DEPLOY = ROOT / "deploy"
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kustomized() -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/` applies (resources and nested kustomizations; no patches are used)."""
+    def walk(folder: Path) -> list[dict[str, Any]]:
+        kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+        found: list[dict[str, Any]] = []
+        for entry in kustomization["resources"]:
+            target = (folder / entry).resolve()
+            found += walk(target) if target.is_dir() else documents(target)
+        return found
+    return walk(DEPLOY)
+
+
+def test_kustomization_has_namespace_crd_rbac_and_deployment() -> None:
+    kinds = sorted(d["kind"] for d in kustomized())
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Namespace",
+                     "Service", "ServiceAccount"]
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    namespace = next(d for d in kustomized() if d["kind"] == "Namespace")
+    assert kustomization["namespace"] == namespace["metadata"]["name"]
+    binding = next(d for d in kustomized() if d["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"][0]["namespace"] == namespace["metadata"]["name"]
+
+
+def test_deployment_is_one_non_root_recreated_replica_with_probe_and_resources() -> None:
+    deployment = next(d for d in kustomized() if d["kind"] == "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["serviceAccountName"] == "fedtrain-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    assert {"requests", "limits"} <= set(container["resources"])
+    assert "fedtrain.operator.handlers" in container["args"]
+
+
+def test_operator_image_has_no_torch_and_worker_image_is_non_root() -> None:
+    operator = (ROOT / "operator" / "Dockerfile").read_text()
+    assert '".[operator]"' in operator and "worker]" not in operator and "torch" not in operator.replace(
+        "No torch", "")
+    assert "USER 1000" in operator
+    worker = (ROOT / "worker" / "Dockerfile").read_text()
+    assert "USER 1000" in worker and '".[worker,tracking]"' in worker
+
+
+def test_kubernetes_samples_name_a_claim_and_a_worker_image() -> None:
+    samples = sorted((ROOT / "samples" / "k8s").glob("*.yaml"))
+    assert len(samples) >= 3
+    for path in samples:
+        spec = documents(path)[0]["spec"]
+        assert set(spec["storage"]) & {"persistentVolumeClaim", "create"}, path
+        assert spec["worker"]["image"].startswith("ghcr.io/fedtrain/worker:"), path
