@@ -16,6 +16,7 @@ operator / baseline.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import statistics
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: the repo's operator/ must not shadow stdlib
 
-from tests.operator.conftest import NAMESPACE, ClusterThread, kubeconfig, tiny_training  # noqa: E402
+from tests.operator.conftest import NAMESPACE, ClusterThread, kubeconfig, tiny_training
 
 ROUNDS = 4
 POLL_SECONDS = 5.0
@@ -48,7 +49,7 @@ def gaps(jobs: list[dict[str, Any]]) -> list[float]:
         stages.setdefault(stage(job), []).append(job)
     ordered = sorted(stages)
     found = []
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         ended = max(stamp(j["status"]["completionTime"]) for j in stages[before])
         started = min(stamp(j["metadata"]["creationTimestamp"]) for j in stages[after])
         found.append(started - ended)
