@@ -35,11 +35,11 @@ from fedtrain.operator.jobs import (
     CLEANUP_TASK,
     LABEL_TASK,
     LABEL_TRAINING,
-    WORKER_SERVICE_ACCOUNT,
     Owner,
     claim_manifest,
     claim_name,
     cleanup_job_manifest,
+    finished,
     job_manifest,
     job_name,
     observe,
@@ -127,9 +127,7 @@ def observations_from(jobs: list[dict[str, Any]], pods: list[dict[str, Any]]
             continue
         seen = observe(job, by_job.get(job["metadata"]["name"], []))
         observations[ident] = seen
-        finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-                       for c in job.get("status", {}).get("conditions") or [])
-        if seen.state == "failed" and not finished:
+        if seen.state == "failed" and not finished(job):
             stuck.append(job)
     return observations, stuck
 
@@ -246,33 +244,12 @@ class Controller:
 
     async def ensure_worker_account(self, namespace: str) -> None:
         """The worker ServiceAccount of a namespace: no role bindings and no token, so Pods get no API rights."""
-        path = Paths.core(namespace, "serviceaccounts")
-        try:
-            await self.kube.get(f"{path}/{WORKER_SERVICE_ACCOUNT}")
-        except ApiError as error:
-            if error.status != 404:
-                raise
-            try:
-                await self.kube.create(path, worker_account_manifest(namespace))
-            except ApiError as conflict:
-                if conflict.status != 409:  # 409: created meanwhile
-                    raise
+        await self.kube.get_or_create(Paths.core(namespace, "serviceaccounts"), worker_account_manifest(namespace))
 
     async def _ensure_claim(self, spec: FederatedTrainingSpec, owner: Owner) -> None:
         wanted = claim_manifest(spec, owner)
-        path = Paths.core(owner.namespace, "persistentvolumeclaims")
-        try:
-            existing = await self.kube.get(f"{path}/{wanted['metadata']['name']}")
-        except ApiError as error:
-            if error.status != 404:
-                raise
-            try:
-                await self.kube.create(path, wanted)
-            except ApiError as conflict:
-                if conflict.status != 409:
-                    raise
-            return
-        if not owned_by(existing, owner.uid):
+        existing = await self.kube.get_or_create(Paths.core(owner.namespace, "persistentvolumeclaims"), wanted)
+        if existing is not None and not owned_by(existing, owner.uid):
             raise SpecError([f"spec.storage.create: a claim named {wanted['metadata']['name']} already exists and "
                              "is not this training's; delete it, or use it with storage.persistentVolumeClaim"])
 

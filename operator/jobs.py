@@ -109,10 +109,15 @@ def job_name(training: str, task_id: str) -> str:
     return f"{name[:MAX_NAME - 9].rstrip('-')}-{digest}"
 
 
+def _worker_labels(training: str, kind: str) -> dict[str, str]:
+    """What every worker Job (and Pod) carries: the operator finds a training's Jobs by these."""
+    return {"app.kubernetes.io/name": "fedtrain-worker", LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING: training,
+            LABEL_TASK: kind}
+
+
 def labels(owner: Owner, task: Task) -> dict[str, str]:
     """Labels linking a Job (and its Pod) to its training, round, client and task."""
-    found = {"app.kubernetes.io/name": "fedtrain-worker", LABEL_MANAGED_BY: MANAGER,
-             LABEL_TRAINING: owner.name, LABEL_TASK: task.kind, "fedtrain.io/round": str(task.round),
+    found = {**_worker_labels(owner.name, task.kind), "fedtrain.io/round": str(task.round),
              "fedtrain.io/attempt": str(task.attempt)}
     if task.client:
         found["fedtrain.io/client"] = task.client
@@ -140,10 +145,8 @@ def cleanup_job_manifest(spec: FederatedTrainingSpec, owner: Owner, claim: str) 
     foreground deletion would have the garbage collector remove it before it finished. The
     finalizer deletes it once it is done.
     """
-    job_labels = {"app.kubernetes.io/name": "fedtrain-worker", LABEL_MANAGED_BY: MANAGER,
-                  LABEL_TRAINING: owner.name, LABEL_TASK: CLEANUP_TASK}
-    job = _worker_job(job_name(owner.name, CLEANUP_TASK), owner.namespace, job_labels, spec,
-                      ["remove", "--workdir", workdir(owner)], claim)
+    job = _worker_job(job_name(owner.name, CLEANUP_TASK), owner.namespace, _worker_labels(owner.name, CLEANUP_TASK),
+                      spec, ["remove", "--workdir", workdir(owner)], claim)
     job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: CLEANUP_TASK, "fedtrain.io/training-uid": owner.uid}
     job["spec"]["activeDeadlineSeconds"] = 600
     return job
@@ -193,6 +196,11 @@ def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
         if condition.get("type") == kind and condition.get("status") == "True":
             return dict(condition)
     return None
+
+
+def finished(job: dict[str, Any]) -> bool:
+    """Whether the Job controller has marked the Job Complete or Failed."""
+    return bool(_condition(job, "Complete") or _condition(job, "Failed"))
 
 
 def _container_state(pod: dict[str, Any]) -> dict[str, Any]:

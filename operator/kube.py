@@ -106,6 +106,20 @@ class Kube:
         """POST a new object; an existing one raises `ApiError` 409."""
         return await self.call("POST", path, body)
 
+    async def get_or_create(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The existing object named in ``body``, or None after creating it (or finding it created meanwhile)."""
+        try:
+            return await self.get(f"{path}/{body['metadata']['name']}")
+        except ApiError as error:
+            if error.status != 404:
+                raise
+        try:
+            await self.create(path, body)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+        return None
+
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch (RFC 7386): a ``metadata.resourceVersion`` in it makes it conditional (409 if stale)."""
         return await self.call("PATCH", path, patch, content_type=MERGE_PATCH)
