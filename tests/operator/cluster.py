@@ -94,7 +94,9 @@ class ApiServer(kmock.KubernetesEmulator):
         try:
             return await super()._handle(request)
         finally:
-            if request.action == enums.action.DELETE and request.resource is not None:
+            # The real collector also removes a dependent created after its owner was gone (a Pod the job
+            # controller makes for a Job deleted a moment before): so collect after creates too.
+            if request.action in (enums.action.DELETE, enums.action.CREATE) and request.resource is not None:
                 await self._collect_garbage()
 
     def _on_create(self, request: rendering.Request) -> None:
