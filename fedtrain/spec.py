@@ -246,6 +246,17 @@ class WorkerSpec(Model):
     env: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
+    def _own_namespace_only(self) -> WorkerSpec:
+        for field_name, items in (("volumes", self.volumes), ("env", self.env)):
+            for index, item in enumerate(items or []):
+                found = _namespace_key(item, f"worker.{field_name}[{index}]")
+                if found:
+                    raise ValueError(f"{found} is not allowed: a training may only use claims and secrets of "
+                                     "its own namespace; remove the namespace, or copy the object into the "
+                                     "training's namespace")
+        return self
+
+    @model_validator(mode="after")
     def _volumes(self) -> WorkerSpec:
         names = [v.get("name") for v in self.volumes or []]
         if "store" in names or "tmp" in names:
@@ -258,6 +269,23 @@ class WorkerSpec(Model):
                 raise ValueError("worker.volumeMounts: mountPath must be set and not /store or /tmp (the operator "
                                  "mounts the training's storage and scratch space there)")
         return self
+
+
+def _namespace_key(value: Any, path: str) -> str | None:
+    """The path of the first ``namespace`` key inside a volume or env entry (which must stay in its namespace)."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key == "namespace":
+                return f"{path}.namespace"
+            found = _namespace_key(inner, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found = _namespace_key(inner, f"{path}[{index}]")
+            if found:
+                return found
+    return None
 
 
 class StragglerSpec(Model):

@@ -33,8 +33,10 @@ from fedtrain.operator import metrics
 from fedtrain.operator.jobs import (
     ANNOTATION_TASK_ID,
     CLEANUP_TASK,
+    LABEL_MANAGED_BY,
     LABEL_TASK,
     LABEL_TRAINING,
+    MANAGER,
     Owner,
     claim_manifest,
     claim_name,
@@ -47,6 +49,7 @@ from fedtrain.operator.jobs import (
     worker_account_manifest,
 )
 from fedtrain.operator.kube import ApiError, Kube, Paths
+from fedtrain.operator.profiles import DEFAULTS_CONFIGMAP, LABEL_PROFILE, apply_defaults, provision
 from fedtrain.operator.status import Conflict, read_status, write_status
 from fedtrain.spec import FederatedTrainingSpec, SpecError, parse_spec
 from fedtrain.tasks import aggregation_clients, worker_arguments
@@ -54,6 +57,8 @@ from fedtrain.tasks import aggregation_clients, worker_arguments
 log = logging.getLogger("fedtrain.operator")
 TERMINAL = ("Succeeded", "Failed")
 MAX_CONFLICT_RETRIES = 5
+PLURALS = {"ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps",
+           "PersistentVolumeClaim": "persistentvolumeclaims"}
 KEEP_ROUNDS = 2  # Jobs of the last finished rounds stay for `kubectl logs`; older ones are deleted
 
 
@@ -188,7 +193,8 @@ class Controller:
         owner = Owner(name, namespace, meta["uid"])
         status = read_status(resource)
         try:
-            spec = parse_spec(resource.get("spec") or {}, f"{namespace}/{name}")
+            spec = parse_spec(await self.effective_spec(namespace, name, resource.get("spec") or {}),
+                              f"{namespace}/{name}")
             claim = storage_claim(spec, name)
             if status.phase not in TERMINAL and spec.storage.create is not None:
                 await self._ensure_claim(spec, owner)
@@ -242,6 +248,67 @@ class Controller:
             await self.kube.delete(Paths.jobs(owner.namespace, job["metadata"]["name"]))
         return ""
 
+    async def effective_spec(self, namespace: str, name: str, raw_spec: dict[str, Any]) -> dict[str, Any]:
+        """The spec with the namespace's ``fedtrain-defaults`` filled in where it is silent (profiles)."""
+        silent = not any(k in (raw_spec.get("storage") or {}) for k in ("persistentVolumeClaim", "create", "local"))
+        mlflow = raw_spec.get("mlflow") or {}
+        if not (silent or "experiment" not in mlflow or "trackingUri" not in mlflow):
+            return raw_spec
+        try:
+            defaults = await self.kube.get(Paths.core(namespace, "configmaps", DEFAULTS_CONFIGMAP))
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            return raw_spec
+        return apply_defaults(raw_spec, defaults.get("data") or {}, name)
+
+    async def provision_profile(self, profile: dict[str, Any]) -> None:
+        """Create what the profile's namespace lacks; keep the defaults ConfigMap equal to the annotations.
+
+        An existing claim is never changed or removed here (it holds data): only created when missing.
+        """
+        if profile["metadata"].get("deletionTimestamp"):
+            return
+        wanted = provision(profile)
+        for problem in wanted.problems:
+            log.warning("profile %s: %s", profile["metadata"]["name"], problem)
+        for manifest in wanted.objects:
+            path = Paths.core(wanted.namespace, PLURALS[manifest["kind"]])
+            existing = await self.kube.get_or_create(path, manifest)
+            if existing is not None:
+                await self._adopt(path, existing, manifest)
+
+    async def _adopt(self, path: str, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+        """Bring an existing object in line with the profile, if the operator made it.
+
+        Ours but not yet the profile's (a worker account made for an earlier training): it gets the
+        profile's labels and owner. The defaults ConfigMap gets the wanted data. Objects someone else
+        made are left alone.
+        """
+        meta, name = existing["metadata"], existing["metadata"]["name"]
+        labels = meta.get("labels") or {}
+        if labels.get(LABEL_MANAGED_BY) != MANAGER:
+            log.warning("%s exists and was not made by the operator; leaving it as it is", f"{path}/{name}")
+            return
+        patch: dict[str, Any] = {}
+        if labels.get(LABEL_PROFILE) != wanted["metadata"]["labels"][LABEL_PROFILE]:
+            patch["metadata"] = {"labels": wanted["metadata"]["labels"],
+                                 "ownerReferences": wanted["metadata"]["ownerReferences"]}
+        if wanted["kind"] == "ConfigMap" and existing.get("data") != wanted["data"]:
+            patch["data"] = {**{k: None for k in existing.get("data") or {}}, **wanted["data"]}
+        if patch:
+            await self.kube.merge_patch(f"{path}/{name}", patch)
+
+    async def repair_profile(self, name: str) -> None:
+        """Something of a profile's was deleted: provision the profile again if it still exists."""
+        try:
+            profile = await self.kube.get(Paths.profile(name))
+        except ApiError as error:
+            if error.status == 404:
+                return
+            raise
+        await self.provision_profile(profile)
+
     async def ensure_worker_account(self, namespace: str) -> None:
         """The worker ServiceAccount of a namespace: no role bindings and no token, so Pods get no API rights."""
         await self.kube.get_or_create(Paths.core(namespace, "serviceaccounts"), worker_account_manifest(namespace))
@@ -281,7 +348,7 @@ class Controller:
     async def release_storage(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any]) -> bool:
         """On deletion with ``reclaimPolicy: Delete``: stop the Jobs, then remove the directory. True when done."""
         try:
-            spec = parse_spec(raw_spec, f"{namespace}/{name}")
+            spec = parse_spec(await self.effective_spec(namespace, name, raw_spec), f"{namespace}/{name}")
         except SpecError:
             return True  # it never ran, so there is nothing to remove
         if spec.storage.reclaim_policy != "Delete" or spec.storage.persistent_volume_claim is None:

@@ -18,6 +18,7 @@ import kopf
 from fedtrain.operator.controller import Controller, Outcome, Wakeups
 from fedtrain.operator.jobs import LABEL_MANAGED_BY, LABEL_TRAINING, MANAGER
 from fedtrain.operator.kube import GROUP, PLURAL, VERSION, ApiError, Kube
+from fedtrain.operator.profiles import LABEL_PROFILE, PROFILE_GROUP, PROFILE_PLURAL, PROFILE_VERSION
 
 IDLE_TICK = 60.0
 
@@ -93,3 +94,28 @@ async def release(namespace: str | None, name: str, uid: str, spec: kopf.Spec, m
     memo.wakeups.forget(namespace, name)
     if not await memo.controller.release_storage(namespace, name, uid, dict(spec)):
         raise kopf.TemporaryError("waiting for the training's Jobs to stop and its directory to be removed", delay=2)
+
+
+@kopf.on.event(PROFILE_GROUP, PROFILE_VERSION, PROFILE_PLURAL)
+async def profile_changed(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """A Kubeflow profile appeared or changed: provision its namespace.
+
+    Only watched (no finalizer, no annotations): the operator never writes to Kubeflow's Profiles. What
+    it provisions carries an owner reference to the profile, so the garbage collector removes it when
+    the profile goes, whether or not the operator runs then. Without Kubeflow installed, kopf waits for
+    the resource to appear and this never runs.
+    """
+    if event.get("type") != "DELETED":
+        await memo.controller.provision_profile(dict(body))
+
+
+def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
+    return event.get("type") == "DELETED"
+
+
+@kopf.on.event("v1", "serviceaccounts", labels={LABEL_PROFILE: kopf.PRESENT}, when=_deleted)
+@kopf.on.event("v1", "configmaps", labels={LABEL_PROFILE: kopf.PRESENT}, when=_deleted)
+@kopf.on.event("v1", "persistentvolumeclaims", labels={LABEL_PROFILE: kopf.PRESENT}, when=_deleted)
+async def profile_object_deleted(labels: kopf.Labels, memo: Any, **_: Any) -> None:
+    """Someone deleted what a profile needs: put it back (nothing happens once the profile itself is gone)."""
+    await memo.controller.repair_profile(labels[LABEL_PROFILE])

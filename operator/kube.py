@@ -52,6 +52,11 @@ class Paths:
         """A core/v1 object (pods, events, persistentvolumeclaims...), or its collection."""
         return f"/api/v1/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
 
+    @staticmethod
+    def profile(name: str) -> str:
+        """A Kubeflow Profile (cluster-scoped)."""
+        return f"/apis/kubeflow.org/v1/profiles/{name}"
+
 
 def load_configuration() -> None:
     """In-cluster service account first, else the kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``)."""

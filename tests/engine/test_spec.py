@@ -75,3 +75,17 @@ def test_yaml_problems_name_the_file(tmp_path: Path) -> None:
         load_manifest(broken)
     with pytest.raises(SpecError, match="does not exist"):
         load_manifest(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("worker", "path"), [
+    ({"env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k", "namespace": "x"}}}]},
+     "spec.worker.env[0].valueFrom.secretKeyRef.namespace"),
+    ({"volumes": [{"name": "data", "csi": {"driver": "d", "nodePublishSecretRef": {"name": "s", "namespace": "x"}}}]},
+     "spec.worker.volumes[0].csi.nodePublishSecretRef.namespace"),
+])
+def test_objects_of_other_namespaces_are_refused(worker: dict, path: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec({"clients": {"count": 2}, "worker": worker})
+    assert raised.value.problems == [f"{path} is not allowed: a training may only use claims and secrets of its own "
+                                     "namespace; remove the namespace, or copy the object into the training's "
+                                     "namespace"]

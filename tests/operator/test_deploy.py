@@ -29,8 +29,8 @@ def kustomized() -> list[dict[str, Any]]:
 
 def test_kustomization_has_namespace_crd_rbac_and_deployment() -> None:
     kinds = sorted(d["kind"] for d in kustomized())
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Namespace",
-                     "Service", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                     "Deployment", "Namespace", "Service", "ServiceAccount"]
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     namespace = next(d for d in kustomized() if d["kind"] == "Namespace")
     assert kustomization["namespace"] == namespace["metadata"]["name"]
@@ -70,3 +70,31 @@ def test_kubernetes_samples_name_a_claim_and_a_worker_image() -> None:
         spec = documents(path)[0]["spec"]
         assert set(spec["storage"]) & {"persistentVolumeClaim", "create"}, path
         assert spec["worker"]["image"].startswith("ghcr.io/fedtrain/worker:"), path
+
+
+def _role(name: str) -> dict[str, Any]:
+    return next(d for d in kustomized() if d["kind"] == "ClusterRole" and d["metadata"]["name"] == name)
+
+
+def _grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_user_roles_aggregate_into_kubernetes_and_kubeflow_roles() -> None:
+    """Profile users get trainings through Kubeflow's and Kubernetes' aggregated roles, and nothing else."""
+    edit, view = _role("fedtrain-edit"), _role("fedtrain-view")
+    assert edit["metadata"]["labels"] == {"rbac.authorization.k8s.io/aggregate-to-edit": "true",
+                                          "rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit": "true"}
+    assert view["metadata"]["labels"] == {"rbac.authorization.k8s.io/aggregate-to-view": "true",
+                                          "rbac.authorization.kubeflow.org/aggregate-to-kubeflow-view": "true"}
+    trainings = ("fedtrain.io", "federatedtrainings")
+    assert _grants(edit) == {(*trainings, verb) for verb in ("get", "list", "watch", "create", "update", "patch",
+                                                             "delete", "deletecollection")} | {
+        ("fedtrain.io", "federatedtrainings/status", "get")}
+    assert _grants(view) == {(group, resource, verb) for group, resource in
+                             (trainings, ("fedtrain.io", "federatedtrainings/status"))
+                             for verb in ("get", "list", "watch")}
+    # Users never write status (the operator's alone) and these roles reach nothing but trainings.
+    assert not {g for g in _grants(edit) | _grants(view) if g[1] == "federatedtrainings/status" and g[2] != "get"
+                and g[2] not in ("list", "watch")}

@@ -98,3 +98,34 @@ def test_unschedulable_pods_keep_running_with_the_reason() -> None:
     seen = observe(job(None), [pod(scheduled=scheduled)])
     assert seen.state == "running" and seen.reason == "Unschedulable: 0/3 nodes have enough nvidia.com/gpu"
     assert observe(job(None), []).state == "running"
+
+
+def test_profile_defaults_fill_only_what_a_spec_leaves_out() -> None:
+    from fedtrain.operator.profiles import apply_defaults
+
+    defaults = {"storageClaim": "fedtrain-store", "mlflowExperiment": "team-a/{training}",
+                "mlflowTrackingUri": "http://mlflow:5000"}
+    filled = apply_defaults({"clients": {"count": 2}, "storage": {"reclaimPolicy": "Delete"}}, defaults, "signs")
+    assert filled["storage"] == {"reclaimPolicy": "Delete", "persistentVolumeClaim": {"claimName": "fedtrain-store"}}
+    assert filled["mlflow"] == {"experiment": "team-a/signs", "trackingUri": "http://mlflow:5000"}
+    own = {"clients": {"count": 2}, "storage": {"create": {"size": "1Gi"}},
+           "mlflow": {"experiment": "mine", "trackingUri": "http://other"}}
+    assert apply_defaults(own, defaults, "signs") == own
+    assert apply_defaults({"clients": {"count": 2}}, {}, "signs") == {"clients": {"count": 2}}
+
+
+def test_profile_provisioning_from_annotations() -> None:
+    from fedtrain.operator.profiles import provision
+
+    profile = {"metadata": {"name": "team-a", "uid": "p-uid", "annotations": {
+        "fedtrain.io/storage-size": "50Gi", "fedtrain.io/storage-access-mode": "ReadWriteMany",
+        "fedtrain.io/mlflow-experiments": "sometimes"}}}
+    wanted = provision(profile)
+    assert wanted.namespace == "team-a"
+    assert [o["kind"] for o in wanted.objects] == ["ServiceAccount", "PersistentVolumeClaim", "ConfigMap"]
+    assert wanted.objects[1]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert wanted.objects[2]["data"] == {"storageClaim": "fedtrain-store"}
+    assert wanted.problems == ["fedtrain.io/mlflow-experiments: 'sometimes' is not 'per-training'; trainings keep "
+                               "their own experiment"]
+    assert all(o["metadata"]["ownerReferences"][0]["uid"] == "p-uid" and o["metadata"]["namespace"] == "team-a"
+               for o in wanted.objects)

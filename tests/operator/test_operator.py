@@ -9,6 +9,7 @@ import pytest
 
 from tests.operator.cluster import Sabotage
 from tests.operator.conftest import NAMESPACE, Cluster, condition, tiny_training
+from tests.operator.test_profiles import delete_profile, exercise_profile
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(400)]
 
@@ -232,7 +233,7 @@ def _rbac_rules() -> set[tuple[str, str]]:
     from tests.operator.conftest import ROOT
 
     documents = yaml.safe_load_all((ROOT / "deploy" / "rbac.yaml").read_text())
-    role = next(d for d in documents if d["kind"] == "ClusterRole")
+    role = next(d for d in documents if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "fedtrain-operator")
     return {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
 
 
@@ -245,6 +246,9 @@ def _verb(request: Any) -> str:
 
 async def test_operator_uses_exactly_what_its_rbac_grants(cluster: Cluster) -> None:
     """Every call the operator (kopf and its own client) makes is granted by deploy/rbac.yaml, and every grant is used.
+
+    Two trainings (one with a claim the operator creates, one whose directory is removed on deletion) and the
+    life of a Kubeflow profile exercise every rule.
 
     One exception, granted for a real API server only: ``federatedtrainings/finalizers: update``, which the
     OwnerReferencesPermissionEnforcement admission plugin requires for owner references with blockOwnerDeletion.
@@ -265,6 +269,8 @@ async def test_operator_uses_exactly_what_its_rbac_grants(cluster: Cluster) -> N
         if (await cluster.training("removed")).get("code") == 404:
             break
         await asyncio.sleep(0.1)
+    await exercise_profile(cluster)  # Kubeflow profiles: provision, repair, update, clean up
+    await delete_profile(cluster)
     used: set[tuple[str, str]] = set()
     for request in list(cluster.server._requests):
         agent = request.headers.get("User-Agent", "")
