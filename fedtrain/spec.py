@@ -306,6 +306,9 @@ class MlflowSpec(Model):
     experiment: Annotated[str, Field(min_length=1, max_length=256)] = "fedtrain"
     registered_model_name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     log_clients: bool = True
+    # Move the `champion` alias to the new version when it beats the champion on the same test set.
+    # False leaves promotion to someone else (the Kubeflow pipeline's promote-model step gates it).
+    promote_champion: bool = True
 
 
 class FederatedTrainingSpec(Model):

@@ -111,6 +111,8 @@ def _finalize(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list
             args += ["--registered-model-name", spec.mlflow.registered_model_name]
         if spec.mlflow.log_clients:
             args.append("--log-clients")
+        if not spec.mlflow.promote_champion:
+            args.append("--no-promote")
     if where.termination_log:
         args += ["--termination-log", where.termination_log]
     return args

@@ -35,6 +35,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fedtrain-operator"
 ANNOTATION_TASK_ID = "fedtrain.io/task-id"
 CLEANUP_TASK = "cleanup"
+# Kubeflow profile namespaces inject an Istio sidecar into every Pod; a sidecar never exits, so a Job whose
+# Pod has one never completes. Worker Pods opt out (as Kubeflow Pipelines' own Pods do).
+POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
 # Waiting reasons that will not resolve by waiting: the task fails now, with the reason.
 STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -187,7 +190,8 @@ def _worker_job(name: str, namespace: str, job_labels: dict[str, str], spec: Fed
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": namespace, "labels": job_labels},
-        "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": job_labels}, "spec": pod_spec}},
+        "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": job_labels, "annotations": POD_ANNOTATIONS},
+                                                 "spec": pod_spec}},
     }
 
 

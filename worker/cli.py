@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     finalize.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: no tracking)")
     finalize.add_argument("--experiment", default="fedtrain")
     finalize.add_argument("--registered-model-name", default=None)
+    finalize.add_argument("--no-promote", action="store_true", help="register the model but leave the champion alias")
     finalize.add_argument("--log-clients", action="store_true", help="one nested MLflow run per client")
     finalize.add_argument("--training", default="training", help="training name, for lineage tags")
     finalize.add_argument("--namespace", default="default")
@@ -212,7 +213,8 @@ def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:
     except ValueError as error:
         raise BadInputError(f"--spec-json is not JSON ({error})") from error
     identity = TrainingIdentity(args.training, args.namespace, args.uid, args.strategy, spec)
-    tracking = TrackingConfig(args.tracking_uri, args.experiment, args.registered_model_name, args.log_clients)
+    tracking = TrackingConfig(args.tracking_uri, args.experiment, args.registered_model_name, args.log_clients,
+                              promote=not args.no_promote)
     summary = finalize(workspace, args.round, identity, tracking, device)
     if args.termination_log is not None:
         short = {k: summary.get(k) for k in ("model_uri", "model_version", "champion", "accuracy")}

@@ -34,6 +34,7 @@ class TrackingConfig:
     experiment: str = "fedtrain"
     registered_model_name: str | None = None
     log_clients: bool = False
+    promote: bool = True  # move the champion alias when the new version beats it
 
 
 def test_fingerprint(tree: GtsrbTree) -> str:
@@ -145,7 +146,7 @@ def _log_model(workspace: Workspace, last_round: int, identity: TrainingIdentity
             "num_classes": str(workspace.model.num_classes)}
     report.model_uri, report.model_version = tracker.model(report.run_id, model, example,
                                                            tracking.registered_model_name, tags, PIP_REQUIREMENTS)
-    if tracking.registered_model_name and report.model_version:
+    if tracking.registered_model_name and report.model_version and tracking.promote:
         def score_champion(uri: str) -> float:
             import mlflow.pytorch
 

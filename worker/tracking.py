@@ -200,24 +200,35 @@ class Tracker:
     def promote(self, name: str, version: str, accuracy: float, fingerprint: str,
                 score_champion: Callable[[str], float]) -> bool:
         """Move ``champion`` to ``version`` if it beats the current champion on the same test set."""
-        try:
-            current = self.client.get_model_version_by_alias(name, CHAMPION)
-        except Exception:
-            current = None
-        if current is not None and str(current.version) == version:
-            return True
-        if current is not None:
-            tags = current.tags or {}
-            if tags.get("test_fingerprint") == fingerprint and "accuracy" in tags:
-                champion_accuracy = float(tags["accuracy"])
-            else:
-                champion_accuracy = score_champion(f"models:/{name}/{current.version}")
-            if accuracy <= champion_accuracy:
-                return False
-        self.client.set_registered_model_alias(name, CHAMPION, version)
-        return True
+        return promote_champion(self.client, name, version, accuracy, fingerprint, score_champion)
 
     @retried
     def finish(self, run_id: str) -> None:
         """Mark the parent run finished."""
         self.client.set_terminated(run_id)
+
+
+def promote_champion(client: Any, name: str, version: str, accuracy: float, fingerprint: str,
+                     score_champion: Callable[[str], float]) -> bool:
+    """Move ``champion`` to ``version`` if it beats the current champion on the same test set.
+
+    The champion's accuracy comes from its tags when it was scored on the same test set
+    (``test_fingerprint``), else ``score_champion`` scores it on this one. True when ``version``
+    is (now) the champion.
+    """
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:
+        current = None
+    if current is not None and str(current.version) == version:
+        return True
+    if current is not None:
+        tags = current.tags or {}
+        if tags.get("test_fingerprint") == fingerprint and "accuracy" in tags:
+            champion_accuracy = float(tags["accuracy"])
+        else:
+            champion_accuracy = score_champion(f"models:/{name}/{current.version}")
+        if accuracy <= champion_accuracy:
+            return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True

@@ -60,7 +60,7 @@ def test_operator_image_has_no_torch_and_worker_image_is_non_root() -> None:
         "No torch", "")
     assert "USER 1000" in operator
     worker = (ROOT / "worker" / "Dockerfile").read_text()
-    assert "USER 1000" in worker and '".[worker,tracking]"' in worker
+    assert "USER 1000" in worker and '".[worker,tracking,kubeflow]"' in worker
 
 
 def test_kubernetes_samples_name_a_claim_and_a_worker_image() -> None:

@@ -32,6 +32,8 @@ def test_client_job_has_owner_labels_scheduling_storage_and_deadline() -> None:
     job = job_manifest(task, SPEC, OWNER, ["train", "--round", "2"], "fl-store")
     meta, pod = job["metadata"], job["spec"]["template"]["spec"]
     assert meta["name"] == "signs-r0002-munich-a1" and meta["namespace"] == "team-a"
+    # An Istio sidecar (Kubeflow profile namespaces inject one) would keep the Job from ever completing.
+    assert job["spec"]["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
     assert meta["ownerReferences"] == [{"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining",
                                         "name": "signs", "uid": "4f1c-uid", "controller": True,
                                         "blockOwnerDeletion": True}]

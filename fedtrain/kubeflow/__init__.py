@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines (KFP v2) components and the sample pipeline ``gtsrb-federated``."""
