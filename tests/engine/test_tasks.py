@@ -51,3 +51,10 @@ def test_finalize_tracks_with_lineage() -> None:
     assert args.tracking_uri == "http://mlflow:5000" and args.registered_model_name == "signs"
     assert (args.training, args.namespace, args.uid, args.strategy) == ("t", "ns", "uid-1", "fedprox")
     assert args.log_clients and '"rounds":3' in args.spec_json
+    assert not args.no_promote  # the champion alias moves by default
+
+
+def test_finalize_leaves_the_champion_alias_when_asked() -> None:
+    spec = SPEC.model_copy(update={"mlflow": SPEC.mlflow.model_copy(update={"promote_champion": False})})
+    args = build_parser().parse_args(worker_arguments(Task("finalize-a1", "finalize", 3), spec, WHERE))
+    assert args.no_promote and args.registered_model_name == "signs"
