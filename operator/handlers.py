@@ -9,6 +9,7 @@ operator starts, and the status holds everything they need: that is what makes r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -21,6 +22,7 @@ from fedtrain.operator.kube import GROUP, PLURAL, VERSION, ApiError, Kube
 from fedtrain.operator.profiles import LABEL_PROFILE, PROFILE_GROUP, PROFILE_PLURAL, PROFILE_VERSION
 
 IDLE_TICK = 60.0
+PROFILE_NAMESPACE_WAITS = 30  # x 2 s: how long a new profile's namespace may take to appear
 
 
 def active_tick() -> float:
@@ -105,8 +107,18 @@ async def profile_changed(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_:
     the profile goes, whether or not the operator runs then. Without Kubeflow installed, kopf waits for
     the resource to appear and this never runs.
     """
-    if event.get("type") != "DELETED":
-        await memo.controller.provision_profile(dict(body))
+    if event.get("type") == "DELETED":
+        return
+    for _attempt in range(PROFILE_NAMESPACE_WAITS):
+        try:
+            await memo.controller.provision_profile(dict(body))
+            return
+        except ApiError as error:
+            if error.status != 404:  # 404: Kubeflow has not created the profile's namespace yet
+                raise
+        await asyncio.sleep(2.0)
+    raise kopf.PermanentError(f"namespace {body.metadata.name} did not appear; provisioning again at the "
+                              "profile's next change")
 
 
 def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
