@@ -122,8 +122,10 @@ async def test_suspend_stops_new_jobs_and_resume_finishes(cluster: Cluster) -> N
 async def test_operator_killed_mid_round_finishes_without_duplicates(cluster: Cluster) -> None:
     """kopf cancelled mid-round, then started again.
 
-    Out of the default suite: it failed 2 times in about 12 runs, and the cause is not found yet.
-    Restart safety stays covered by the controller-level kill test below. Run it with ``-m slow``.
+    Events are posted after the status write that they report, at most once: a kill between the two
+    loses that round's Event (it used to be asserted as exactly 3, which failed when the kill fell
+    there). Still out of the default suite until it has a longer record; run it with ``-m slow``.
+    Restart safety stays covered by the controller-level kill test below.
     """
     await cluster.start_operator()
     await cluster.apply(tiny_training(rounds=3))
@@ -135,7 +137,7 @@ async def test_operator_killed_mid_round_finishes_without_duplicates(cluster: Cl
     assert [r["round"] for r in done["status"]["rounds"]] == [1, 2, 3]
     assert len(cluster.runner.ran) == len(set(cluster.runner.ran)) == 1 + 3 * 3 + 1
     reasons = [e["reason"] for e in await cluster.events()]
-    assert reasons.count("RoundCompleted") == 3
+    assert 2 <= reasons.count("RoundCompleted") <= 3  # never twice; one may be lost to the kill
 
 
 async def test_deletion_removes_jobs_and_the_directory_when_asked(cluster: Cluster) -> None:
