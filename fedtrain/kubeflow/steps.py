@@ -142,7 +142,7 @@ async def launch_on_cluster(manifest: dict[str, Any], timeout_s: float, poll_s: 
             if (status.phase, status.progress) != shown:
                 shown = (status.phase, status.progress)
                 report(f"{status.phase} round {status.progress}: {status.message}")
-            if finished(resource):
+            if finished(status):
                 return result_from(name, namespace, status, manifest["spec"].get("mlflow", {})
                                    .get("registeredModelName"))
             if time.monotonic() > deadline:
@@ -154,10 +154,9 @@ async def launch_on_cluster(manifest: dict[str, Any], timeout_s: float, poll_s: 
         kube.close()
 
 
-def finished(resource: dict[str, Any]) -> bool:
+def finished(status: TrainingStatus) -> bool:
     """Whether the ``Succeeded`` or ``Failed`` condition is True."""
-    return any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
-               for c in (resource.get("status") or {}).get("conditions") or [])
+    return any(c.type in ("Succeeded", "Failed") and c.status == "True" for c in status.conditions)
 
 
 def prepare_data(data_path: str, store_path: str, dataset_name: str, images_per_class: int,
