@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtrain.worker.models import ModelConfig, build_model
+from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.training import state_to_numpy
 from fedtrain.worker.weights import read_weights, save_weights
@@ -26,12 +27,13 @@ from fedtrain.worker.weights import read_weights, save_weights
 def write_updates(folder: Path, current: dict[str, np.ndarray], count: int) -> list[UpdateFile]:
     rng = np.random.default_rng(0)
     files = []
+    store = DirectoryStore(folder)
     for i in range(count):
         update = {k: (v + rng.normal(0, 1e-3, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v
                   for k, v in current.items()}
-        path = folder / f"client-{i:03d}.safetensors"
-        save_weights(path, update, {"num_examples": int(rng.integers(50, 500))})
-        files.append(UpdateFile(path.stem, path))
+        key = f"client-{i:03d}.safetensors"
+        save_weights(store, key, update, {"num_examples": int(rng.integers(50, 500))})
+        files.append(UpdateFile(key.removesuffix(".safetensors"), store, key))
     return files
 
 
@@ -73,7 +75,7 @@ def main() -> None:
 
     def read_all() -> None:
         for f in files:
-            read_weights(f.path)
+            read_weights(f.store, f.key)
 
     def fedavg(count: int = args.updates) -> None:
         updates = UpdateSet(current, files[:count], max_norm_ratio=10.0)

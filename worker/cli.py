@@ -19,6 +19,8 @@ from typing import Any
 from fedtrain.worker.data.synth import SynthConfig
 from fedtrain.worker.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
 
+WORKDIR_HELP = "the training's store: a directory, or s3://bucket/prefix (settings from FEDTRAIN_S3_* and AWS_*)"
+
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
 
     init = commands.add_parser("init", help="partition the data and write the round-0 model")
-    init.add_argument("--workdir", required=True, type=Path)
+    init.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     init.add_argument("--data", required=True, help="GTSRB root (generated there with --synthetic-per-class)")
     init.add_argument("--synthetic-per-class", type=int, default=None, help="generate synthetic data first")
     init.add_argument("--synthetic-test-per-class", type=int, default=20)
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(init)
 
     train = commands.add_parser("train", help="one client, one round")
-    train.add_argument("--workdir", required=True, type=Path)
+    train.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     train.add_argument("--round", type=int, required=True)
     train.add_argument("--client", required=True)
     train.add_argument("--data", default=None, help="override the data path recorded by init")
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(train)
 
     aggregate = commands.add_parser("aggregate", help="one round: strategy over the updates, evaluate, save")
-    aggregate.add_argument("--workdir", required=True, type=Path)
+    aggregate.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     aggregate.add_argument("--round", type=int, required=True)
     aggregate.add_argument("--strategy", default="fedavg")
     aggregate.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -99,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also write the short JSON result here (Kubernetes: /dev/termination-log)")
 
     evaluate = commands.add_parser("evaluate", help="score a global model on the test split")
-    evaluate.add_argument("--workdir", required=True, type=Path)
+    evaluate.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     evaluate.add_argument("--round", type=int, required=True)
     evaluate.add_argument("--data", default=None)
     evaluate.add_argument("--split", default="test", choices=("test", "train"))
     evaluate.add_argument("--device", default="auto")
 
     finalize = commands.add_parser("finalize", help="final model, plots and MLflow tracking of a training")
-    finalize.add_argument("--workdir", required=True, type=Path)
+    finalize.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     finalize.add_argument("--round", type=int, required=True, help="the last round")
     finalize.add_argument("--data", default=None)
     finalize.add_argument("--device", default="auto")
@@ -129,21 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", type=Path)
 
     remove = commands.add_parser("remove", help="delete a training's directory (storage reclaim policy Delete)")
-    remove.add_argument("--workdir", required=True, type=Path)
+    remove.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     return parser
 
 
-def remove_training_directory(root: Path) -> dict[str, Any]:
-    """Delete a training's directory, only if it is one (it holds manifest.json, or nothing): never a wrong path."""
-    if not root.exists():
+def remove_training_directory(location: str) -> dict[str, Any]:
+    """Delete a training's files, only if they are one (manifest.json, or nothing): never a wrong path or prefix."""
+    from fedtrain.worker.storage import DirectoryStore, open_store
+
+    store = open_store(location)
+    if isinstance(store, DirectoryStore):
+        root = store.root
+        if not root.exists():
+            return {"removed": False, "reason": "absent"}
+        if not root.is_dir() or root.is_symlink():
+            raise BadInputError(f"--workdir {root} is not a directory; nothing was removed")
+        if any(root.iterdir()) and not (root / "manifest.json").is_file():
+            raise BadInputError(f"--workdir {root} has no manifest.json, so it is not a FedTrain training directory; "
+                                "nothing was removed")
+        shutil.rmtree(root)
+        return {"removed": True}
+    if not store.exists("manifest.json"):
+        if store.list(""):
+            raise BadInputError(f"--workdir {location} has no manifest.json, so it is not a FedTrain training; "
+                                "nothing was removed")
         return {"removed": False, "reason": "absent"}
-    if not root.is_dir() or root.is_symlink():
-        raise BadInputError(f"--workdir {root} is not a directory; nothing was removed")
-    if any(root.iterdir()) and not (root / "manifest.json").is_file():
-        raise BadInputError(f"--workdir {root} has no manifest.json, so it is not a FedTrain training directory; "
-                            "nothing was removed")
-    shutil.rmtree(root)
-    return {"removed": True}
+    return {"removed": True, "objects": store.remove_all()}
 
 
 def _parameters(pairs: Sequence[str]) -> tuple[tuple[str, Any], ...]:
@@ -161,8 +174,8 @@ def run(args: argparse.Namespace) -> Any:
     from fedtrain.worker import jobs  # torch is imported only once arguments parsed
     from fedtrain.worker.data.partition import PartitionConfig
     from fedtrain.worker.data.synth import generate
-    from fedtrain.worker.layout import Layout
     from fedtrain.worker.models import ModelConfig
+    from fedtrain.worker.storage import open_store
     from fedtrain.worker.training import TrainConfig
 
     if args.command == "synth-gtsrb":
@@ -177,7 +190,7 @@ def run(args: argparse.Namespace) -> Any:
         data = jobs.DataConfig(args.data, not args.no_roi_crop, args.validation_fraction)
         partition = PartitionConfig(args.partition, args.clients, args.alpha, args.partition_seed)
         names = tuple(n for n in args.client_names.split(",") if n)
-        manifest = jobs.init(Layout(args.workdir), data, model, partition, synth, args.seed, names)
+        manifest = jobs.init(open_store(args.workdir), data, model, partition, synth, args.seed, names)
         return {"clients": manifest["partition"]["histograms"], "num_train_samples": manifest["num_train_samples"]}
     if args.command == "remove":
         return remove_training_directory(args.workdir)

@@ -7,9 +7,9 @@ report says what could not be logged (the engine turns that into a Degraded cond
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,9 +19,10 @@ from fedtrain.worker.data.gtsrb import GtsrbTree
 from fedtrain.worker.jobs import Workspace
 from fedtrain.worker.models import build_model
 from fedtrain.worker.plots import plot_confusion, plot_per_round
+from fedtrain.worker.storage import iterate_keys
 from fedtrain.worker.tracking import Tracker, TrackingReport, TrainingIdentity
 from fedtrain.worker.training import evaluate, load_numpy_state
-from fedtrain.worker.weights import read_json, read_weights, write_json
+from fedtrain.worker.weights import read_json, read_weights, sidecar_of, write_json
 
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
 
@@ -48,36 +49,40 @@ def test_fingerprint(tree: GtsrbTree) -> str:
 def finalize(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
              device: torch.device) -> dict[str, Any]:
     """Write ``final/`` (model, plots, summary) and track the training; return what the engine records."""
-    layout = workspace.layout
+    layout, store = workspace.layout, workspace.store
     final = layout.final_dir
-    final.mkdir(parents=True, exist_ok=True)
     source = layout.global_weights(last_round)
-    shutil.copyfile(source, final / "model.safetensors")
-    shutil.copyfile(source.with_suffix(".json"), final / "model.json")
-    results = [read_json(layout.result(r)) for r in range(1, last_round + 1) if layout.result(r).exists()]
-    plots = _plots(final, results)
-    summary: dict[str, Any] = {"rounds": last_round, "model_path": str(final / "model.safetensors"),
-                               "accuracy": results[-1].get("accuracy") if results else None, "plots": [
-                                   str(p) for p in plots]}
-    if tracking.uri:
-        report = _track(workspace, last_round, identity, tracking, results, plots, device)
-        summary.update({"run_id": report.run_id, "model_uri": report.model_uri,
-                        "model_version": report.model_version, "champion": report.champion,
-                        "not_logged": report.not_logged, "tracking_error": report.error})
-    write_json(final / "summary.json", summary)
+    store.write_bytes(f"{final}/model.json", store.read_bytes(sidecar_of(source)))  # sidecar first: its sha256
+    store.write_bytes(f"{final}/model.safetensors", store.read_bytes(source))  # is checked against this copy
+    results = [read_json(store, layout.result(r)) for r in range(1, last_round + 1) if store.exists(layout.result(r))]
+    with tempfile.TemporaryDirectory(prefix="fedtrain-final-") as scratch:
+        plots = _plots(Path(scratch), results)
+        for plot in plots:
+            store.upload(f"{final}/plots/{plot.name}", plot)
+        store.download(f"{final}/model.json", Path(scratch) / "model.json")
+        summary: dict[str, Any] = {"rounds": last_round, "model_path": store.describe(f"{final}/model.safetensors"),
+                                   "accuracy": results[-1].get("accuracy") if results else None,
+                                   "plots": [store.describe(f"{final}/plots/{p.name}") for p in plots]}
+        if tracking.uri:
+            report = _track(workspace, last_round, identity, tracking, results,
+                            [*plots, Path(scratch) / "model.json"], device)
+            summary.update({"run_id": report.run_id, "model_uri": report.model_uri,
+                            "model_version": report.model_version, "champion": report.champion,
+                            "not_logged": report.not_logged, "tracking_error": report.error})
+    write_json(store, f"{final}/summary.json", summary)
     return summary
 
 
-def _plots(final: Any, results: list[dict[str, Any]]) -> list[Any]:
+def _plots(folder: Path, results: list[dict[str, Any]]) -> list[Path]:
     rounds = [int(r["round"]) for r in results]
     plots = []
     if results and all("accuracy" in r for r in results):
-        plots.append(plot_per_round(final / "plots" / "accuracy.png", rounds, [r["accuracy"] for r in results],
+        plots.append(plot_per_round(folder / "accuracy.png", rounds, [r["accuracy"] for r in results],
                                     "test accuracy", "Global model accuracy per round"))
-        plots.append(plot_per_round(final / "plots" / "loss.png", rounds, [r["loss"] for r in results],
+        plots.append(plot_per_round(folder / "loss.png", rounds, [r["loss"] for r in results],
                                     "test loss", "Global model loss per round"))
     if results and "confusion" in results[-1]:
-        plots.append(plot_confusion(final / "plots" / "confusion.png", results[-1]["confusion"],
+        plots.append(plot_confusion(folder / "confusion.png", results[-1]["confusion"],
                                     f"Confusion matrix after round {rounds[-1]}"))
     return plots
 
@@ -85,11 +90,11 @@ def _plots(final: Any, results: list[dict[str, Any]]) -> list[Any]:
 def _client_history(workspace: Workspace, last_round: int) -> dict[str, list[tuple[int, dict[str, float]]]]:
     history: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for round_number in range(1, last_round + 1):
-        for sidecar in sorted(workspace.layout.client_dir(round_number).glob("*.json")):
-            meta = json.loads(sidecar.read_text())
+        for key in iterate_keys(workspace.store, workspace.layout.client_dir(round_number), ".json"):
+            meta = read_json(workspace.store, key)
             metrics = {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, int | float)}
             metrics["num_examples"] = float(meta.get("num_examples", 0))
-            history.setdefault(sidecar.stem, []).append((round_number, metrics))
+            history.setdefault(key.rsplit("/", 1)[-1].removesuffix(".json"), []).append((round_number, metrics))
     return history
 
 
@@ -97,7 +102,9 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
            results: list[dict[str, Any]], plots: list[Any], device: torch.device) -> TrackingReport:
     report = TrackingReport()
     assert tracking.uri is not None
-    artifact_root = workspace.layout.root / "mlartifacts" if tracking.uri.startswith("sqlite:") else None
+    # An sqlite store keeps its artifacts beside its database file (the server's store decides otherwise).
+    artifact_root = Path(tracking.uri.removeprefix("sqlite:///")).parent / "mlartifacts" \
+        if tracking.uri.startswith("sqlite:///") else None
     try:
         tracker = Tracker(tracking.uri, tracking.experiment, identity, artifact_root)
         report.run_id = tracker.parent_run()
@@ -108,7 +115,7 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
         return report
     steps: list[tuple[str, Any]] = [
         ("metrics", lambda: tracker.round_metrics(report.run_id, results)),
-        ("plots", lambda: tracker.artifacts(report.run_id, [*plots, workspace.layout.final_dir / "model.json"])),
+        ("plots", lambda: tracker.artifacts(report.run_id, plots)),
     ]
     if tracking.log_clients:
         steps.append(("client runs", lambda: tracker.client_runs(report.run_id, _client_history(workspace,
@@ -131,7 +138,7 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
 
 def _log_model(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
                tracker: Tracker, report: TrackingReport, results: list[dict[str, Any]], device: torch.device) -> None:
-    weights, _ = read_weights(workspace.layout.global_weights(last_round))
+    weights, _ = read_weights(workspace.store, workspace.layout.global_weights(last_round))
     model = build_model(workspace.model)
     load_numpy_state(model, weights)
     model.eval()

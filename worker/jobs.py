@@ -1,7 +1,8 @@
 """What each worker command does: init, train, aggregate, evaluate, predict.
 
-Every command reads and writes only the work directory (see `layout`) and the data set, so a
-Kubernetes Job and a local subprocess run them identically. Each one is idempotent: run again with
+Every command reads and writes only the training's store (see `layout` and `storage`: a
+directory or an S3 prefix) and the data set, so a Kubernetes Job and a local subprocess run them
+identically. Each one is idempotent: run again with
 the same arguments, it rewrites the same files atomically.
 """
 
@@ -25,6 +26,7 @@ from fedtrain.worker.data.synth import SynthConfig, generate
 from fedtrain.worker.errors import BadDataError, BadInputError
 from fedtrain.worker.layout import Layout
 from fedtrain.worker.models import ModelConfig, build_model
+from fedtrain.worker.storage import Store, iterate_keys, open_store
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.training import (
     Evaluation,
@@ -35,7 +37,7 @@ from fedtrain.worker.training import (
     state_to_numpy,
     train_local,
 )
-from fedtrain.worker.weights import read_json, read_weights, save_weights, write_json
+from fedtrain.worker.weights import read_json, read_weights, read_weights_file, save_weights, write_json
 
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes Kubernetes keeps of /dev/termination-log
 
@@ -62,25 +64,26 @@ def pick_device(name: str) -> torch.device:
 # --- init -----------------------------------------------------------------------------------------
 
 
-def init(layout: Layout, data: DataConfig, model: ModelConfig, partition: PartitionConfig,
+def init(store: Store, data: DataConfig, model: ModelConfig, partition: PartitionConfig,
          synth: SynthConfig | None, seed: int, names: tuple[str, ...] = ()) -> dict[str, Any]:
     """Generate synthetic data if asked, partition the training split, write the round-0 model.
 
     ``names`` renames the clients (default ``client-00``...); their number must match.
     """
     model.check()
+    layout = Layout()
     if names and len(names) != partition.num_clients:
         raise BadInputError(f"--client-names lists {len(names)} names for --clients {partition.num_clients}")
     settings = {"data": asdict(data), "model": model.to_json(), "seed": seed, "client_names": list(names),
                 "partition_config": asdict(partition), "synthetic": asdict(synth) if synth else None}
-    if layout.manifest.exists():  # checked before anything is generated or written
-        existing = read_json(layout.manifest)
+    if store.exists(layout.manifest):  # checked before anything is generated or written
+        existing = read_json(store, layout.manifest)
         if existing.get("settings") != settings:
             raise BadInputError(
-                f"{layout.root} is already initialised with other settings; use a new work directory "
+                f"{store.location} is already initialised with other settings; use a new work directory "
                 "(nothing was overwritten)"
             )
-        if layout.global_weights(0).exists():
+        if store.exists(layout.global_weights(0)):
             return existing
     if synth is not None:
         generate(Path(data.path), synth)
@@ -93,9 +96,9 @@ def init(layout: Layout, data: DataConfig, model: ModelConfig, partition: Partit
                 "partition": result.to_json()}
     torch.manual_seed(seed)
     network = build_model(model)
-    save_weights(layout.global_weights(0), state_to_numpy(network),
+    save_weights(store, layout.global_weights(0), state_to_numpy(network),
                  {"round": 0, "model": model.to_json(), "num_examples": 0})
-    write_json(layout.manifest, manifest)
+    write_json(store, layout.manifest, manifest)
     return manifest
 
 
@@ -103,25 +106,31 @@ def init(layout: Layout, data: DataConfig, model: ModelConfig, partition: Partit
 class Workspace:
     """A work directory's manifest, read and typed."""
 
-    layout: Layout
+    store: Store
     model: ModelConfig
     data: DataConfig
     partition: Partition
     seed: int
 
     @classmethod
-    def open(cls, root: Path, data_path: str | None = None) -> Workspace:
+    def open(cls, location: str | Path, data_path: str | None = None) -> Workspace:
         """Read ``manifest.json``; ``data_path`` overrides where this process finds the data set."""
-        layout = Layout(Path(root))
-        if not layout.manifest.exists():
-            raise BadInputError(f"{layout.manifest} does not exist; run 'fedtrain-worker init' first")
-        manifest = read_json(layout.manifest)
+        store = open_store(str(location))
+        if not store.exists(Layout().manifest):
+            raise BadInputError(f"{store.describe(Layout().manifest)} does not exist; run 'fedtrain-worker init' "
+                                "first")
+        manifest = read_json(store, Layout().manifest)
         settings = manifest["settings"]
         data = DataConfig(**settings["data"])
         if data_path:
             data = DataConfig(data_path, data.roi_crop, data.validation_fraction)
-        return cls(layout, ModelConfig.from_json(settings["model"]), data,
+        return cls(store, ModelConfig.from_json(settings["model"]), data,
                    Partition.from_json(manifest["partition"]), int(settings["seed"]))
+
+    @property
+    def layout(self) -> Layout:
+        """The keys of this training's files."""
+        return Layout()
 
     def tree(self, need_test: bool) -> GtsrbTree:
         """The data set as this process sees it."""
@@ -129,10 +138,11 @@ class Workspace:
 
     def load_global(self, round_number: int) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
         """The global weights after ``round_number``."""
-        path = self.layout.global_weights(round_number)
-        if not path.exists():
-            raise BadInputError(f"{path} does not exist; round {round_number} has not been aggregated")
-        return read_weights(path)
+        key = self.layout.global_weights(round_number)
+        if not self.store.exists(key):
+            raise BadInputError(f"{self.store.describe(key)} does not exist; round {round_number} has not been "
+                                "aggregated")
+        return read_weights(self.store, key)
 
     def arrays(self, tree: GtsrbTree, samples: list[Sample]) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
         """Decoded images and labels at the model's input size."""
@@ -180,7 +190,7 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
                         "val_examples": scores.num_examples})
     sidecar = {"client": client, "round": round_number, "num_examples": result.num_examples,
                "metrics": metrics, "base_sha256": meta["sha256"], "train_config": asdict(config)}
-    sidecar["sha256"] = save_weights(workspace.layout.client_update(round_number, client),
+    sidecar["sha256"] = save_weights(workspace.store, workspace.layout.client_update(round_number, client),
                                      state_to_numpy(model.cpu()), sidecar)
     return sidecar
 
@@ -208,12 +218,13 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     started = time.perf_counter()
     strategy = make_strategy(config.strategy, dict(config.parameters))
     current, _ = workspace.load_global(round_number - 1)
-    layout = workspace.layout
+    layout, store = workspace.layout, workspace.store
     state: dict[str, NDArray[Any]] = {}
-    if layout.strategy_state(round_number - 1).exists():
-        state, _ = read_weights(layout.strategy_state(round_number - 1))
-    clients = config.clients or tuple(sorted(p.stem for p in layout.client_dir(round_number).glob("*.safetensors")))
-    files = [UpdateFile(c, layout.client_update(round_number, c)) for c in clients]
+    if store.exists(layout.strategy_state(round_number - 1)):
+        state, _ = read_weights(store, layout.strategy_state(round_number - 1))
+    present = iterate_keys(store, layout.client_dir(round_number), ".safetensors")
+    clients = config.clients or tuple(sorted(k.rsplit("/", 1)[-1].removesuffix(".safetensors") for k in present))
+    files = [UpdateFile(c, store, layout.client_update(round_number, c)) for c in clients]
     updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates)
     outcome = strategy.aggregate(current, updates, state)
     aggregated_at = time.perf_counter()
@@ -228,12 +239,13 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
         result["per_class_accuracy"] = scores.per_class_accuracy
         result["confusion"] = scores.confusion
     if outcome.state:
-        save_weights(layout.strategy_state(round_number), outcome.state, {"round": round_number, "num_examples": 0})
+        save_weights(store, layout.strategy_state(round_number), outcome.state,
+                     {"round": round_number, "num_examples": 0})
     meta = {"round": round_number, "model": workspace.model.to_json(), "num_examples": result["num_examples"],
             "metrics": {k: result[k] for k in ("accuracy", "loss") if k in result}}
-    result["sha256"] = save_weights(layout.global_weights(round_number), outcome.weights, meta)
+    result["sha256"] = save_weights(store, layout.global_weights(round_number), outcome.weights, meta)
     result["seconds"] = time.perf_counter() - started
-    write_json(layout.result(round_number), result)
+    write_json(store, layout.result(round_number), result)
     return result
 
 
@@ -269,7 +281,7 @@ def termination_message(result: dict[str, Any]) -> str:
 
 def load_model_from_weights(path: Path) -> tuple[torch.nn.Module, ModelConfig]:
     """A model ready for inference from a global weights file (its sidecar names the architecture)."""
-    weights, meta = read_weights(path)
+    weights, meta = read_weights_file(path)
     if "model" not in meta:
         raise BadDataError(f"{path}: its sidecar has no 'model' entry; use a global or final model file")
     config = ModelConfig.from_json({**meta["model"], "pretrained_weights": None})

@@ -1,4 +1,4 @@
-"""Paths inside a training's work directory (a PVC subdirectory or a local folder).
+"""Keys of the files inside a training's store (a PVC subdirectory, a local folder or an S3 prefix).
 
 ::
 
@@ -8,13 +8,13 @@
     <workdir>/round-0001/global.safetensors (+ .json), result.json, strategy-state.safetensors
     <workdir>/final/model.safetensors, plots/*.png
 
-Kept free of torch and numpy so that the control plane can name the same paths and clients.
+Keys are relative, ``/``-separated strings; `storage` maps them to files or objects. Kept free of
+torch and numpy so that the control plane can name the same files and clients.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 
 def client_names(count: int) -> list[str]:
@@ -25,40 +25,38 @@ def client_names(count: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Named paths under one training's work directory."""
-
-    root: Path
+    """Named keys of one training's files (the same in every store)."""
 
     @property
-    def manifest(self) -> Path:
+    def manifest(self) -> str:
         """Data, model and partition settings, written once by ``init``."""
-        return self.root / "manifest.json"
+        return "manifest.json"
 
-    def round_dir(self, round_number: int) -> Path:
+    def round_dir(self, round_number: int) -> str:
         """``round-0003``."""
-        return self.root / f"round-{round_number:04d}"
+        return f"round-{round_number:04d}"
 
-    def global_weights(self, round_number: int) -> Path:
+    def global_weights(self, round_number: int) -> str:
         """The global model after ``round_number`` (round 0: the initial model)."""
-        return self.round_dir(round_number) / "global.safetensors"
+        return f"{self.round_dir(round_number)}/global.safetensors"
 
-    def client_dir(self, round_number: int) -> Path:
+    def client_dir(self, round_number: int) -> str:
         """Where the clients of a round put their updates."""
-        return self.round_dir(round_number) / "clients"
+        return f"{self.round_dir(round_number)}/clients"
 
-    def client_update(self, round_number: int, client: str) -> Path:
+    def client_update(self, round_number: int, client: str) -> str:
         """One client's update in one round."""
-        return self.client_dir(round_number) / f"{client}.safetensors"
+        return f"{self.client_dir(round_number)}/{client}.safetensors"
 
-    def result(self, round_number: int) -> Path:
+    def result(self, round_number: int) -> str:
         """The aggregation's JSON result of a round."""
-        return self.round_dir(round_number) / "result.json"
+        return f"{self.round_dir(round_number)}/result.json"
 
-    def strategy_state(self, round_number: int) -> Path:
+    def strategy_state(self, round_number: int) -> str:
         """Server optimiser state after a round."""
-        return self.round_dir(round_number) / "strategy-state.safetensors"
+        return f"{self.round_dir(round_number)}/strategy-state.safetensors"
 
     @property
-    def final_dir(self) -> Path:
+    def final_dir(self) -> str:
         """The final model and plots."""
-        return self.root / "final"
+        return "final"

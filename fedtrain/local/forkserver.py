@@ -69,15 +69,15 @@ def warm_up() -> None:
 
     from fedtrain.worker.models import TinyCnn
     from fedtrain.worker.training import TrainConfig, state_to_numpy, train_local
-    from fedtrain.worker.weights import read_weights, save_weights
+    from fedtrain.worker.weights import read_weights_file, save_weights_file
 
     torch.set_num_threads(1)
     model = TinyCnn(2)
     images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
     train_local(model, images, np.array([0, 1]), TrainConfig(batch_size=2))
     with tempfile.TemporaryDirectory() as folder:
-        save_weights(Path(folder) / "w.safetensors", state_to_numpy(model), {"num_examples": 1})
-        read_weights(Path(folder) / "w.safetensors")
+        save_weights_file(Path(folder) / "w.safetensors", state_to_numpy(model), {"num_examples": 1})
+        read_weights_file(Path(folder) / "w.safetensors")
         Image.fromarray(images[0]).save(Path(folder) / "i.ppm")
         Image.open(Path(folder) / "i.ppm").convert("RGB")
 

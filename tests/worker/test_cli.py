@@ -12,9 +12,25 @@ import pytest
 
 from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_REJECTED_UPDATES
 from fedtrain.worker.layout import Layout
-from fedtrain.worker.weights import save_weights
+from fedtrain.worker.weights import save_weights_file
 
 CLIENTS = ("client-00", "client-01", "client-02")
+
+
+def at(federation: Path) -> FileLayout:
+    """The layout's keys as files under a local work directory."""
+    return FileLayout(federation)
+
+
+class FileLayout:
+    def __init__(self, root: Path) -> None:
+        self.root, self.keys = root, Layout()
+
+    def __getattr__(self, name: str):
+        value = getattr(self.keys, name)
+        if callable(value):
+            return lambda *args: self.root / value(*args)
+        return self.root / value
 
 
 def worker(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -41,7 +57,7 @@ def federation(synth_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_two_rounds_beat_chance_and_leave_the_layout(federation: Path) -> None:
-    layout = Layout(federation)
+    layout = at(federation)
     result = json.loads(layout.result(2).read_text())
     assert result["accepted"] == list(CLIENTS) and result["rejected"] == {}
     assert result["num_examples"] > 0 and result["test_examples"] == 43 * 2
@@ -65,9 +81,9 @@ def test_termination_message_is_small_json(federation: Path) -> None:
 
 def test_evaluate_and_predict(federation: Path, synth_tree: Path) -> None:
     scores = json.loads(worker("evaluate", "--workdir", federation, "--round", 2, "--device", "cpu").stdout)
-    assert scores["accuracy"] == json.loads(Layout(federation).result(2).read_text())["accuracy"]
+    assert scores["accuracy"] == json.loads(at(federation).result(2).read_text())["accuracy"]
     images = sorted((synth_tree / "Final_Test" / "Images").glob("*.ppm"))[:3]
-    rows = json.loads(worker("predict", "--weights", Layout(federation).global_weights(2), "--top", 3,
+    rows = json.loads(worker("predict", "--weights", at(federation).global_weights(2), "--top", 3,
                              *images).stdout)
     assert [Path(r["image"]).name for r in rows] == [p.name for p in images]
     assert all(0 <= r["class_id"] < 43 and 0 < r["probability"] <= 1 and len(r["top"]) == 3 for r in rows)
@@ -75,12 +91,12 @@ def test_evaluate_and_predict(federation: Path, synth_tree: Path) -> None:
 
 
 def test_rerunning_init_with_other_settings_changes_nothing(federation: Path, synth_tree: Path) -> None:
-    before = Layout(federation).global_weights(0).read_bytes()
+    before = at(federation).global_weights(0).read_bytes()
     data_before = sorted(p.stat().st_mtime_ns for p in synth_tree.rglob("*.ppm"))
     done = worker("init", "--workdir", federation, "--data", synth_tree, "--clients", 4, "--architecture",
                   "tiny_cnn", "--image-size", 32, "--synthetic-per-class", 2, check=False)
     assert done.returncode == EXIT_BAD_INPUT and "already initialised with other settings" in done.stderr
-    assert Layout(federation).global_weights(0).read_bytes() == before
+    assert at(federation).global_weights(0).read_bytes() == before
     assert sorted(p.stat().st_mtime_ns for p in synth_tree.rglob("*.ppm")) == data_before  # no data regenerated
 
 
@@ -97,12 +113,12 @@ def test_exit_codes_tell_the_cause(federation: Path, tmp_path: Path) -> None:
 
 
 def test_a_round_of_poisoned_updates_exits_rejected(federation: Path, tmp_path: Path) -> None:
-    layout = Layout(federation)
-    from fedtrain.worker.weights import read_weights
+    layout = at(federation)
+    from fedtrain.worker.weights import read_weights_file
 
-    weights, _ = read_weights(layout.global_weights(2))
+    weights, _ = read_weights_file(layout.global_weights(2))
     nan = {k: (np.full_like(v, np.nan) if v.dtype.kind == "f" else v) for k, v in weights.items()}
-    save_weights(layout.client_update(3, "client-00"), nan, {"num_examples": 5})
+    save_weights_file(layout.client_update(3, "client-00"), nan, {"num_examples": 5})
     done = worker("aggregate", "--workdir", federation, "--round", 3, "--device", "cpu", check=False)
     assert done.returncode == EXIT_REJECTED_UPDATES
     assert "client-00: tensor" in done.stderr and "NaN" in done.stderr

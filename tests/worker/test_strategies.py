@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from fedtrain.worker.errors import BadInputError, RejectedUpdatesError
+from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.strategies.fedopt import server_step
-from fedtrain.worker.weights import save_weights, sidecar_of
+from fedtrain.worker.weights import save_weights_file
 
 CURRENT = {"w": np.zeros(2, dtype=np.float32), "bn.num_batches_tracked": np.array(0, dtype=np.int64)}
 
@@ -20,8 +21,8 @@ def write_updates(folder: Path, updates: dict[str, tuple[list[float], int]], tra
     for client, (values, examples) in updates.items():
         path = folder / f"{client}.safetensors"
         weights = {"w": np.array(values, dtype=np.float32), "bn.num_batches_tracked": np.array(tracked)}
-        save_weights(path, weights, {"num_examples": examples})
-        files.append(UpdateFile(client, path))
+        save_weights_file(path, weights, {"num_examples": examples})
+        files.append(UpdateFile(client, DirectoryStore(folder), path.name))
     return files
 
 
@@ -133,16 +134,18 @@ def test_norm_outlier_is_rejected_and_subtracted_from_the_streaming_mean(tmp_pat
 
 def test_invalid_updates_are_rejected_with_a_reason(tmp_path: Path) -> None:
     files = write_updates(tmp_path, {"good": ([1, 1], 2), "nan": ([np.nan, 1], 2)})
-    save_weights(tmp_path / "shape.safetensors", {"w": np.zeros(3, np.float32),
+    save_weights_file(tmp_path / "shape.safetensors", {"w": np.zeros(3, np.float32),
                                                  "bn.num_batches_tracked": np.array(1)}, {"num_examples": 1})
-    save_weights(tmp_path / "dtype.safetensors", {"w": np.zeros(2, np.float64),
+    save_weights_file(tmp_path / "dtype.safetensors", {"w": np.zeros(2, np.float64),
                                                  "bn.num_batches_tracked": np.array(1)}, {"num_examples": 1})
-    save_weights(tmp_path / "missing.safetensors", {"w": np.zeros(2, np.float32)}, {"num_examples": 1})
-    save_weights(tmp_path / "zero.safetensors", {"w": np.zeros(2, np.float32),
+    save_weights_file(tmp_path / "missing.safetensors", {"w": np.zeros(2, np.float32)}, {"num_examples": 1})
+    save_weights_file(tmp_path / "zero.safetensors", {"w": np.zeros(2, np.float32),
                                                 "bn.num_batches_tracked": np.array(1)}, {"num_examples": 0})
     tampered = write_updates(tmp_path, {"tampered": ([1, 1], 2)})[0]
-    tampered.path.write_bytes(tampered.path.read_bytes()[:-4] + b"\0\0\0\0")
-    files += [UpdateFile(c, tmp_path / f"{c}.safetensors") for c in ("shape", "dtype", "missing", "zero", "absent")]
+    tampered_path = tmp_path / tampered.key
+    tampered_path.write_bytes(tampered_path.read_bytes()[:-4] + b"\0\0\0\0")
+    files += [UpdateFile(c, DirectoryStore(tmp_path), f"{c}.safetensors")
+              for c in ("shape", "dtype", "missing", "zero", "absent")]
     files.append(tampered)
     update_set = UpdateSet(CURRENT, files, max_norm_ratio=0)
     result = make_strategy("fedavg").aggregate(CURRENT, update_set, {})
@@ -155,7 +158,7 @@ def test_invalid_updates_are_rejected_with_a_reason(tmp_path: Path) -> None:
     assert "num_examples" in reasons["zero"]
     assert "missing" in reasons["absent"]
     assert "sha256" in reasons["tampered"]
-    assert sidecar_of(tampered.path).exists()
+    assert tampered_path.with_suffix(".json").exists()
 
 
 def test_too_few_valid_updates_fail_the_round_with_every_reason(tmp_path: Path) -> None:

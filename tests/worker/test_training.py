@@ -13,7 +13,7 @@ from fedtrain.worker.errors import BadDataError, BadInputError
 from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.strategies.arrays import is_statistic
 from fedtrain.worker.training import TrainConfig, evaluate, load_numpy_state, state_to_numpy, train_local
-from fedtrain.worker.weights import read_weights, save_weights, sidecar_of
+from fedtrain.worker.weights import read_weights_file, save_weights_file
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +86,14 @@ def test_bad_training_settings_name_the_field(config: TrainConfig, message: str)
 def test_weights_round_trip_and_tampering_is_caught(tmp_path: Path) -> None:
     weights = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(7, dtype=np.int64)}
     path = tmp_path / "x.safetensors"
-    digest = save_weights(path, weights, {"num_examples": 3})
-    loaded, meta = read_weights(path)
+    digest = save_weights_file(path, weights, {"num_examples": 3})
+    loaded, meta = read_weights_file(path)
     assert meta["sha256"] == digest and meta["num_examples"] == 3
     assert loaded["n"].shape == () and np.array_equal(loaded["a"], weights["a"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.safetensors"]  # no temporary left
     path.write_bytes(path.read_bytes().replace(b"\x00\x00\x80?", b"\x00\x00\x00@"))
     with pytest.raises(BadDataError, match="does not match its sidecar"):
-        read_weights(path)
-    sidecar_of(path).unlink()
+        read_weights_file(path)
+    path.with_suffix(".json").unlink()
     with pytest.raises(BadDataError, match=r"x.json: missing"):
-        read_weights(path)
+        read_weights_file(path)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from fedtrain.worker.errors import BadDataError, RejectedUpdatesError
+from fedtrain.worker.storage import Store
 from fedtrain.worker.strategies.arrays import cast_like
 from fedtrain.worker.strategies.protocol import Update
 from fedtrain.worker.strategies.validation import delta_norm, non_finite_problem, norm_outliers, structural_problem
@@ -29,7 +29,8 @@ class UpdateFile:
     """Where one client's update lies."""
 
     client: str
-    path: Path
+    store: Store
+    key: str
 
 
 @dataclass
@@ -46,7 +47,7 @@ class UpdateSet:
 
     def _read(self, source: UpdateFile) -> Update | None:
         try:
-            weights, meta = read_weights(source.path)
+            weights, meta = read_weights(source.store, source.key)
         except BadDataError as error:
             self.rejected[source.client] = str(error)
             return None

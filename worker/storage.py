@@ -1,0 +1,362 @@
+"""Where a training's files live: a directory (a PVC or a local folder) or an S3-compatible bucket.
+
+Every worker command reads and writes through one small `Store` interface, addressed by keys that
+`layout` names (``round-0001/global.safetensors``), so the same command runs on a claim, a laptop
+folder or an object store. A training's location is one string, the worker's ``--workdir``:
+
+- ``/store/team-a/signs-1a2b3c4d`` or ``runs/signs``: a directory;
+- ``s3://bucket/prefix/team-a/signs-1a2b3c4d``: an object store, configured from the environment
+  (`S3_ENV`), which the operator fills from the spec and the credentials Secret.
+
+Writes are atomic on both: a directory writes a temporary file and renames it; S3 makes an object
+visible only once its PUT (or multipart upload) completes, so a killed writer leaves the old object
+or none, never half of one. Weights also carry a sha256 in their sidecar, checked on every read.
+Large files stream in both directions (multipart, 8 MiB parts) instead of sitting in memory.
+
+This module imports neither torch nor boto3 at import time: the operator uses its names.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from fedtrain.worker.errors import BadDataError, BadInputError
+
+# The environment contract between the operator (which fills it) and the worker (which reads it).
+S3_ENV = {
+    "endpoint": "FEDTRAIN_S3_ENDPOINT",  # https://minio.example:9000; empty: AWS
+    "region": "FEDTRAIN_S3_REGION",
+    "addressing_style": "FEDTRAIN_S3_ADDRESSING_STYLE",  # path | virtual
+    "ca_bundle": "FEDTRAIN_S3_CA_BUNDLE",  # a PEM file trusted for the endpoint
+    "verify_tls": "FEDTRAIN_S3_VERIFY_TLS",  # "false" turns verification off (test endpoints only)
+    "credentials_from": "FEDTRAIN_S3_CREDENTIALS_FROM",  # e.g. "Secret team-a/fedtrain-s3": named in errors
+    "access_key_id": "AWS_ACCESS_KEY_ID",
+    "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+}
+PART_SIZE = 8 * 1024 * 1024
+CREDENTIAL_ERRORS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                     "InvalidClientTokenId", "AccessDenied", "Forbidden", "403")
+
+
+class Store(Protocol):
+    """A training's files by key (``round-0001/clients/c.safetensors``); keys use ``/`` everywhere."""
+
+    @property
+    def location(self) -> str:
+        """The training's ``--workdir``: a directory or ``s3://bucket/prefix``."""
+        ...
+
+    def describe(self, key: str) -> str:
+        """Where ``key`` is, for messages: a path or an ``s3://`` URL."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` holds a complete file."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole file; `BadDataError` naming it when it is missing."""
+        ...
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Replace ``key`` atomically: readers see the old file or the new one."""
+        ...
+
+    def upload(self, key: str, source: Path) -> None:
+        """Stream a local file to ``key``, atomically."""
+        ...
+
+    def download(self, key: str, target: Path) -> None:
+        """Stream ``key`` into a local file (written atomically too)."""
+        ...
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (a folder such as ``round-0001/clients/``), sorted, at any depth."""
+        ...
+
+    def remove_all(self) -> int:
+        """Delete every file of this training; how many were deleted."""
+        ...
+
+
+def open_store(location: str, environment: Mapping[str, str] | None = None) -> Store:
+    """The store behind a ``--workdir``: ``s3://bucket/prefix`` or a directory path."""
+    if location.startswith("s3://"):
+        return S3Store.from_url(location, environment if environment is not None else os.environ)
+    if "://" in location and not location.startswith("file://"):
+        scheme = location.split("://", 1)[0]
+        raise BadInputError(f"--workdir {location}: scheme {scheme}:// is not supported (use a path or s3://)")
+    return DirectoryStore(Path(location.removeprefix("file://")))
+
+
+def s3_location(bucket: str, prefix: str, *parts: str) -> str:
+    """``s3://bucket/prefix/part/part`` with empty pieces left out."""
+    path = "/".join(p.strip("/") for p in (prefix, *parts) if p.strip("/"))
+    return f"s3://{bucket}/{path}" if path else f"s3://{bucket}"
+
+
+def _check_key(key: str) -> str:
+    """Keys are relative and never climb out of the training (a client name ends up in one)."""
+    pure = PurePosixPath(key)
+    if not key or pure.is_absolute() or ".." in pure.parts:
+        raise BadInputError(f"storage key {key!r} must be a relative path inside the training")
+    return key
+
+
+# --- directory ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectoryStore:
+    """A training's directory on a claim or a local disk."""
+
+    root: Path
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def path(self, key: str) -> Path:
+        """The file behind ``key`` (local stores only: plots and MLflow's sqlite sit beside the weights)."""
+        return self.root / _check_key(key)
+
+    def describe(self, key: str) -> str:
+        return str(self.path(key))
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError as error:
+            raise BadDataError(f"{self.describe(key)}: missing") from error
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with _atomic_file(self.path(key)) as stream:
+            stream.write(data)
+
+    def upload(self, key: str, source: Path) -> None:
+        with source.open("rb") as reader, _atomic_file(self.path(key)) as stream:
+            shutil.copyfileobj(reader, stream, PART_SIZE)
+
+    def download(self, key: str, target: Path) -> None:
+        try:
+            with self.path(key).open("rb") as reader, _atomic_file(target) as stream:
+                shutil.copyfileobj(reader, stream, PART_SIZE)
+        except FileNotFoundError as error:
+            raise BadDataError(f"{self.describe(key)}: missing") from error
+
+    def list(self, prefix: str) -> list[str]:
+        folder = self.root / prefix
+        if not folder.is_dir():
+            return []
+        found = (p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return sorted(p.relative_to(self.root).as_posix() for p in found)
+
+    def remove_all(self) -> int:
+        if not self.root.exists():
+            return 0
+        count = sum(1 for p in self.root.rglob("*") if p.is_file())
+        shutil.rmtree(self.root)
+        return count
+
+
+class _atomic_file:
+    """A writable file that appears at ``path`` only when closed without an error (temp file + rename)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.stream = os.fdopen(handle, "wb")
+        return self.stream
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        try:
+            if kind is None:
+                self.stream.flush()
+                os.fsync(self.stream.fileno())
+            self.stream.close()
+            if kind is None:
+                os.replace(self.temporary, self.path)
+        finally:
+            Path(self.temporary).unlink(missing_ok=True)
+
+
+# --- S3 -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach the object store; read from the environment (`S3_ENV`)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    addressing_style: str = "path"
+    ca_bundle: str | None = None
+    verify_tls: bool = True
+    credentials_from: str = "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+    @classmethod
+    def from_environment(cls, environment: Mapping[str, str]) -> S3Settings:
+        """Settings from ``FEDTRAIN_S3_*`` and the AWS credential variables; wrong values are named."""
+        values = {field: environment.get(name) or None for field, name in S3_ENV.items()}
+        style = values["addressing_style"] or "path"
+        if style not in ("path", "virtual"):
+            raise BadInputError(f"{S3_ENV['addressing_style']}={style!r}: use path or virtual")
+        verify = (values["verify_tls"] or "true").lower()
+        if verify not in ("true", "false"):
+            raise BadInputError(f"{S3_ENV['verify_tls']}={verify!r}: use true or false")
+        if values["ca_bundle"] and not Path(values["ca_bundle"]).is_file():
+            raise BadInputError(f"{S3_ENV['ca_bundle']}={values['ca_bundle']}: no such file")
+        return cls(values["endpoint"], values["region"], style, values["ca_bundle"], verify == "true",
+                   values["credentials_from"] or cls.credentials_from, values["access_key_id"],
+                   values["secret_access_key"])
+
+
+class S3Store:
+    """A training's files as objects under ``s3://bucket/prefix/``."""
+
+    def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.settings = settings
+        self.location = s3_location(bucket, self.prefix)
+        config = Config(s3={"addressing_style": settings.addressing_style}, retries={"max_attempts": 5,
+                                                                                   "mode": "standard"},
+                        connect_timeout=10, read_timeout=60)
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=settings.endpoint, region_name=settings.region or "us-east-1",
+            aws_access_key_id=settings.access_key_id, aws_secret_access_key=settings.secret_access_key,
+            verify=settings.ca_bundle or settings.verify_tls, config=config)
+        self.transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
+                                       max_concurrency=4)
+
+    @classmethod
+    def from_url(cls, url: str, environment: Mapping[str, str]) -> S3Store:
+        """``s3://bucket/prefix`` with settings from ``environment``."""
+        parsed = urlparse(url)
+        if not parsed.netloc:
+            raise BadInputError(f"--workdir {url}: name a bucket (s3://bucket/prefix)")
+        return cls(parsed.netloc, parsed.path, S3Settings.from_environment(environment))
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{_check_key(key)}" if self.prefix else _check_key(key)
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def exists(self, key: str) -> bool:
+        with self._errors(key, missing_ok=True) as outcome:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        return not outcome.missing
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors(key):
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return bytes(answer["Body"].read())
+        raise AssertionError("unreachable")
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors(key):  # one PUT when small, a multipart upload in parts when large
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer)
+
+    def upload(self, key: str, source: Path) -> None:
+        with self._errors(key):
+            self.client.upload_file(str(source), self.bucket, self._key(key), Config=self.transfer)
+
+    def download(self, key: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._errors(key), _atomic_file(target) as stream:
+            self.client.download_fileobj(self.bucket, self._key(key), stream, Config=self.transfer)
+
+    def list(self, prefix: str) -> list[str]:
+        folder = "/".join(part for part in (self.prefix, prefix.strip("/")) if part)
+        keys: list[str] = []
+        with self._errors(prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                           Prefix=f"{folder}/" if folder else "")
+            for page in pages:
+                keys += [item["Key"] for item in page.get("Contents", [])]
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[cut:] for k in keys)
+
+    def remove_all(self) -> int:
+        keys = [self._key(k) for k in self.list("")]
+        with self._errors(""):
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": k} for k in keys[start:start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+    def _errors(self, key: str, missing_ok: bool = False) -> _S3Errors:
+        return _S3Errors(self, key, missing_ok)
+
+
+class _S3Errors:
+    """Turns botocore's errors into worker errors that say what to fix (credentials name their Secret)."""
+
+    def __init__(self, store: S3Store, key: str, missing_ok: bool) -> None:
+        self.store, self.key, self.missing_ok, self.missing = store, key, missing_ok, False
+
+    def __enter__(self) -> _S3Errors:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> bool:
+        if error is None:
+            return False
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, SSLError
+
+        where = self.store.describe(self.key) if self.key else self.store.location
+        settings = self.store.settings
+        endpoint = settings.endpoint or "AWS S3"
+        if isinstance(error, NoCredentialsError):
+            raise BadInputError(f"{where}: no S3 credentials; set them in {settings.credentials_from}") from error
+        if isinstance(error, SSLError):
+            raise BadInputError(f"{where}: TLS to {endpoint} failed ({error}); trust its CA with "
+                                f"{S3_ENV['ca_bundle']} (spec.storage.s3.tls.caConfigMap)") from error
+        if isinstance(error, EndpointConnectionError):
+            raise BadDataError(f"{where}: cannot reach {endpoint} ({error})") from error
+        if not isinstance(error, ClientError):
+            return False
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "404", "NotFound"):
+            if self.missing_ok:
+                self.missing = True
+                return True
+            raise BadDataError(f"{where}: missing") from error
+        if code == "NoSuchBucket":
+            raise BadInputError(f"{where}: bucket {self.store.bucket!r} does not exist at {endpoint}; create it or "
+                                "fix spec.storage.s3.bucket") from error
+        if code in CREDENTIAL_ERRORS:
+            raise BadInputError(f"{where}: {endpoint} refused the credentials ({code}); check the access key and "
+                                f"secret in {settings.credentials_from}, and that they may use bucket "
+                                f"{self.store.bucket!r}") from error
+        raise BadDataError(f"{where}: S3 error {code}: {error}") from error
+
+
+def iterate_keys(store: Store, prefix: str, suffix: str) -> Iterator[str]:
+    """Keys directly in folder ``prefix`` ending in ``suffix`` (e.g. a round's ``*.safetensors``)."""
+    folder = prefix.rstrip("/") + "/"
+    for key in store.list(folder):
+        rest = key[len(folder):]
+        if "/" not in rest and rest.endswith(suffix):
+            yield key
