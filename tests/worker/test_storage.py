@@ -1,0 +1,212 @@
+"""Both stores through one interface, against a directory and a real S3 server (moto, over HTTP, IAM enforced)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtrain.worker.errors import EXIT_BAD_INPUT, BadDataError, BadInputError
+from fedtrain.worker.storage import PART_SIZE, DirectoryStore, S3Settings, S3Store, Store, iterate_keys, open_store
+from fedtrain.worker.weights import read_weights, save_weights
+from tests.conftest import S3Server
+
+
+def s3_store(server: S3Server, prefix: str | None = None) -> S3Store:
+    """A store under a fresh prefix, so that tests never see each other's keys."""
+    location = f"s3://{server.bucket}/{prefix or uuid.uuid4().hex}"
+    store = open_store(location, server.environment())
+    assert isinstance(store, S3Store)
+    return store
+
+
+@pytest.fixture(params=["directory", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "directory":
+        return open_store(str(tmp_path / "training"))
+    return s3_store(request.getfixturevalue("s3_server"))
+
+
+def test_files_round_trip_list_and_remove(store: Store, tmp_path: Path) -> None:
+    assert not store.exists("manifest.json")
+    with pytest.raises(BadDataError, match="manifest.json: missing"):
+        store.read_bytes("manifest.json")
+    store.write_bytes("manifest.json", b"{}")
+    store.write_bytes("round-0001/clients/a.json", b"1")
+    store.write_bytes("round-0001/clients/a.safetensors", b"2")
+    store.write_bytes("round-0001/global.safetensors", b"3")
+    assert store.exists("manifest.json") and store.read_bytes("manifest.json") == b"{}"
+    assert store.list("round-0001/clients/") == ["round-0001/clients/a.json", "round-0001/clients/a.safetensors"]
+    assert store.list("round-0002") == []
+    assert list(iterate_keys(store, "round-0001", ".safetensors")) == ["round-0001/global.safetensors"]
+    with pytest.raises(BadInputError, match="relative path inside the training"):
+        store.write_bytes("../other-training/manifest.json", b"x")
+    assert store.remove_all() == 4
+    assert store.list("") == []
+
+
+def test_large_files_stream_in_parts_and_come_back_whole(store: Store, tmp_path: Path) -> None:
+    data = np.random.default_rng(1).bytes(2 * PART_SIZE + 12345)  # three parts on S3
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    store.upload("final/big.bin", source)
+    target = tmp_path / "back" / "big.bin"
+    store.download("final/big.bin", target)
+    assert target.read_bytes() == data
+    assert store.read_bytes("final/big.bin") == data
+    assert sorted(p.name for p in target.parent.iterdir()) == ["big.bin"]  # no temporary left behind
+
+
+def test_weights_with_checksums_on_s3(s3_server: S3Server) -> None:
+    store = s3_store(s3_server)
+    weights = {"w": np.arange(4, dtype=np.float32), "n": np.array(3)}
+    digest = save_weights(store, "round-0000/global.safetensors", weights, {"num_examples": 0})
+    loaded, meta = read_weights(store, "round-0000/global.safetensors")
+    assert meta["sha256"] == digest and np.array_equal(loaded["w"], weights["w"]) and loaded["n"].shape == ()
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{store.prefix}/round-0000/global.safetensors",
+                                  Body=b"not the file the sidecar describes")
+    with pytest.raises(BadDataError, match=r"s3://fedtrain-test/.*/global.safetensors: sha256 .* does not match"):
+        read_weights(store, "round-0000/global.safetensors")
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from fedtrain.worker.storage import open_store
+
+    store = open_store(sys.argv[1])
+    parts = []
+
+    def hold_third_part(**_):  # the first two parts are on the server; the writer dies during the third
+        parts.append(1)
+        if len(parts) == 3:
+            print("two parts sent", flush=True)
+            time.sleep(600)
+
+    if hasattr(store, "client"):
+        store.transfer.max_concurrency = 1
+        store.client.meta.events.register("before-send.s3.UploadPart", hold_third_part)
+        store.upload(sys.argv[2], Path(sys.argv[3]))
+    else:
+        import fedtrain.worker.storage as storage
+        original = storage.shutil.copyfileobj
+        def slow_copy(reader, writer, size):
+            writer.write(reader.read(2 * size))
+            writer.flush()
+            hold_third_part(); hold_third_part(); hold_third_part()
+        storage.shutil.copyfileobj = slow_copy
+        store.upload(sys.argv[2], Path(sys.argv[3]))
+""")
+
+
+def test_a_writer_killed_mid_upload_leaves_the_old_file(store: Store, tmp_path: Path) -> None:
+    key = "round-0001/global.safetensors"
+    store.write_bytes(key, b"the complete old file")
+    big = tmp_path / "new.bin"
+    big.write_bytes(b"n" * (3 * PART_SIZE + 1))
+    environment = {**os.environ, **(s3_environment(store) if isinstance(store, S3Store) else {})}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, store.location, key, str(big)], env=environment,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None
+        line = writer.stdout.readline()
+        assert line.strip() == "two parts sent", writer.stderr.read() if writer.stderr else ""
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert store.read_bytes(key) == b"the complete old file"
+    assert store.list("round-0001") == [key]  # no half file under any name a reader would take
+    if isinstance(store, S3Store):  # the parts sit in an unfinished upload, invisible, until a lifecycle rule
+        uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix)
+        assert [u["Key"] for u in uploads.get("Uploads", [])] == [f"{store.prefix}/{key}"]
+
+
+def s3_environment(store: S3Store) -> dict[str, str]:
+    settings = store.settings
+    assert settings.endpoint and settings.access_key_id and settings.secret_access_key
+    return {"FEDTRAIN_S3_ENDPOINT": settings.endpoint, "AWS_ACCESS_KEY_ID": settings.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": settings.secret_access_key}
+
+
+def test_a_crash_between_weights_and_sidecar_is_caught_on_read(store: Store) -> None:
+    key = "round-0001/clients/c.safetensors"
+    save_weights(store, key, {"w": np.zeros(3, np.float32)}, {"num_examples": 1})
+    new = {"w": np.ones(3, np.float32)}
+    from safetensors.numpy import save
+
+    store.write_bytes(key, save(new))  # the writer died here: the sidecar still describes the old weights
+    with pytest.raises(BadDataError, match="does not match its sidecar"):
+        read_weights(store, key)
+
+
+def test_wrong_credentials_name_the_secret(s3_server: S3Server) -> None:
+    environment = {**s3_server.environment("Secret team-a/fedtrain-s3 (keys AWS_ACCESS_KEY_ID, "
+                                           "AWS_SECRET_ACCESS_KEY)"), "AWS_SECRET_ACCESS_KEY": "wrong"}
+    store = open_store(f"s3://{s3_server.bucket}/x", environment)
+    with pytest.raises(BadInputError) as caught:
+        store.write_bytes("manifest.json", b"{}")
+    message = str(caught.value)
+    assert "Secret team-a/fedtrain-s3" in message and "refused the credentials (SignatureDoesNotMatch)" in message
+    unknown = {**environment, "AWS_ACCESS_KEY_ID": "AKIANOBODY"}
+    with pytest.raises(BadInputError, match=r"InvalidAccessKeyId.*Secret team-a/fedtrain-s3"):
+        open_store(f"s3://{s3_server.bucket}/x", unknown).read_bytes("manifest.json")
+    with pytest.raises(BadInputError, match=r"refused the credentials \(403\).*Secret team-a/fedtrain-s3"):
+        open_store(f"s3://{s3_server.bucket}/x", unknown).exists("manifest.json")  # HEAD answers carry no code
+    with pytest.raises(BadInputError, match=r"bucket 'elsewhere' .*(does not exist|refused)|refused the credentials"):
+        open_store("s3://elsewhere/x", s3_server.environment()).write_bytes("manifest.json", b"{}")
+
+
+def test_the_worker_cli_exits_bad_input_naming_the_secret(s3_server: S3Server, synth_tree: Path) -> None:
+    environment = {**os.environ, **s3_server.environment("Secret team-a/fedtrain-s3"),
+                   "AWS_SECRET_ACCESS_KEY": "wrong"}
+    done = subprocess.run([sys.executable, "-m", "fedtrain.worker.cli", "init", "--workdir",
+                           f"s3://{s3_server.bucket}/cli", "--data", str(synth_tree), "--clients", "2",
+                           "--architecture", "tiny_cnn", "--image-size", "32"],
+                          env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr
+    assert "Secret team-a/fedtrain-s3" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_settings_are_checked_and_named() -> None:
+    with pytest.raises(BadInputError, match="FEDTRAIN_S3_ADDRESSING_STYLE='sideways'"):
+        S3Settings.from_environment({"FEDTRAIN_S3_ADDRESSING_STYLE": "sideways"})
+    with pytest.raises(BadInputError, match="FEDTRAIN_S3_CA_BUNDLE=/nowhere/ca.crt: no such file"):
+        S3Settings.from_environment({"FEDTRAIN_S3_CA_BUNDLE": "/nowhere/ca.crt"})
+    with pytest.raises(BadInputError, match="scheme gs:// is not supported"):
+        open_store("gs://bucket/x")
+    assert isinstance(open_store("/tmp/somewhere"), DirectoryStore)
+
+
+def test_a_whole_cli_federation_on_s3(s3_server: S3Server, synth_tree: Path) -> None:
+    """init, train and aggregate with nothing but the bucket in common."""
+    location = f"s3://{s3_server.bucket}/federations/{uuid.uuid4().hex[:8]}"
+    environment = {**os.environ, **s3_server.environment()}
+
+    def worker(*args: object) -> dict:
+        done = subprocess.run([sys.executable, "-m", "fedtrain.worker.cli", *map(str, args)], env=environment,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    worker("init", "--workdir", location, "--data", synth_tree, "--clients", 2, "--architecture", "tiny_cnn",
+           "--image-size", 32)
+    for client in ("client-00", "client-01"):
+        worker("train", "--workdir", location, "--round", 1, "--client", client, "--device", "cpu")
+    result = worker("aggregate", "--workdir", location, "--round", 1, "--device", "cpu")
+    assert result["accepted"] == ["client-00", "client-01"] and 0 <= result["accuracy"] <= 1
+    store = open_store(location, s3_server.environment())
+    assert store.list("round-0001") == [
+        "round-0001/clients/client-00.json", "round-0001/clients/client-00.safetensors",
+        "round-0001/clients/client-01.json", "round-0001/clients/client-01.safetensors",
+        "round-0001/global.json", "round-0001/global.safetensors", "round-0001/result.json"]
+    removed = worker("remove", "--workdir", location)
+    assert removed["removed"] is True and store.list("") == []
