@@ -101,10 +101,30 @@ class TrainingOverride(Model):
     learning_rate: Annotated[float, Field(gt=0)] | None = None
 
 
+class ClientData(Model):
+    """A client's own data set: a GTSRB tree on a claim of the client's namespace (``path`` inside it)."""
+
+    claim_name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)]
+    path: Annotated[str, Field(max_length=1024)] = ""
+
+    @model_validator(mode="after")
+    def _inside_the_claim(self) -> ClientData:
+        if self.path.startswith("/") or ".." in self.path.split("/"):
+            raise ValueError(f"data.path {self.path!r} must be relative to the claim's root, without '..'")
+        return self
+
+
 class ClientEntry(Model):
-    """One named client with optional overrides (Kubernetes scheduling settings apply to its Jobs)."""
+    """One named client with optional overrides (Kubernetes scheduling settings apply to its Jobs).
+
+    With ``data``, the client trains on its own data set instead of a share of ``spec.dataset``;
+    with ``namespace`` too, its Jobs run there, as that namespace's ``fedtrain-worker``, and only
+    weights leave it, through the object store (``spec.storage.s3``).
+    """
 
     name: Annotated[str, Field(pattern=DNS_LABEL, max_length=40)]
+    namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] | None = None
+    data: ClientData | None = None
     training: TrainingOverride = TrainingOverride()
     resources: dict[str, Any] | None = None
     node_selector: dict[str, str] | None = None
@@ -162,6 +182,14 @@ class ClientsSpec(Model):
         """The list entry of a client, if it has one."""
         return next((c for c in self.entries or () if c.name == name), None)
 
+    def own_data(self) -> list[str]:
+        """Clients that train on their own data set (not on a share of ``spec.dataset``)."""
+        return [c.name for c in self.entries or () if c.data is not None]
+
+    def namespaces(self) -> dict[str, str]:
+        """Client name -> namespace, for clients that run in a namespace of their own."""
+        return {c.name: c.namespace for c in self.entries or () if c.namespace is not None}
+
 
 class TrainingSpec(Model):
     """How each client trains in each round."""
@@ -207,8 +235,47 @@ class ClaimCreate(Model):
     storage_class_name: Annotated[str, Field(max_length=253)] | None = None
 
 
+class SecretRef(Model):
+    """A Secret of the namespace a Job runs in, and which of its keys hold the S3 access key and secret."""
+
+    name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)]
+    access_key_id_key: Annotated[str, Field(min_length=1, max_length=253)] = "AWS_ACCESS_KEY_ID"
+    secret_access_key_key: Annotated[str, Field(min_length=1, max_length=253)] = "AWS_SECRET_ACCESS_KEY"
+
+
+class ConfigMapKeyRef(Model):
+    """One key of a ConfigMap (a CA bundle)."""
+
+    name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)]
+    key: Annotated[str, Field(min_length=1, max_length=253)] = "ca.crt"
+
+
+class S3Tls(Model):
+    """Trust for an endpoint with a private CA; ``insecureSkipVerify`` is for test endpoints only."""
+
+    ca_config_map: ConfigMapKeyRef | None = None
+    insecure_skip_verify: bool = False
+
+
+class S3Spec(Model):
+    """An S3-compatible object store (AWS S3, MinIO, Ceph RGW...): trainings live under ``prefix``.
+
+    On Kubernetes the credentials come from ``credentialsSecret``, which must exist in the training's
+    namespace and in every client namespace (each organisation holds its own key). ``fedtrain run``
+    reads them from its environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``).
+    """
+
+    endpoint: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/.*)?$", max_length=512)] | None = None
+    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9!_.*'()/-]*$", max_length=512)] = "fedtrain"
+    region: Annotated[str, Field(max_length=64)] | None = None
+    addressing_style: Literal["path", "virtual"] = "path"
+    credentials_secret: SecretRef | None = None
+    tls: S3Tls = S3Tls()
+
+
 class StorageSpec(Model):
-    """Where weights live: an existing claim, a claim to create, or (local runs) a directory.
+    """Where weights live: an existing claim, a claim to create, an object store, or (local runs) a directory.
 
     ``reclaimPolicy`` says what deleting the resource does to the training's directory on an existing
     claim: ``Retain`` keeps it (the default: weights outlive the resource), ``Delete`` removes it
@@ -218,14 +285,15 @@ class StorageSpec(Model):
 
     persistent_volume_claim: ClaimRef | None = None
     create: ClaimCreate | None = None
+    s3: S3Spec | None = None
     local: Annotated[str, Field(max_length=1024)] | None = None
     reclaim_policy: Literal["Retain", "Delete"] = "Retain"
 
     @model_validator(mode="after")
     def _one_kind(self) -> StorageSpec:
-        kinds = [k for k in ("persistent_volume_claim", "create", "local") if getattr(self, k) is not None]
+        kinds = [k for k in ("persistent_volume_claim", "create", "s3", "local") if getattr(self, k) is not None]
         if len(kinds) > 1:
-            raise ValueError("storage takes one of persistentVolumeClaim, create or local, not several")
+            raise ValueError("storage takes one of persistentVolumeClaim, create, s3 or local, not several")
         return self
 
 
@@ -331,11 +399,20 @@ class FederatedTrainingSpec(Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> FederatedTrainingSpec:
-        if self.partition.scheme == "classes" and self.clients.total > self.model.num_classes:
-            raise ValueError(f"partition.scheme=classes needs clients.count ({self.clients.total}) <= "
+        shared = self.clients.total - len(self.clients.own_data())
+        if self.partition.scheme == "classes" and shared > self.model.num_classes:
+            raise ValueError(f"partition.scheme=classes needs clients.count ({shared}) <= "
                              f"model.numClasses ({self.model.num_classes})")
         if self.dataset.synthetic is not None and self.model.num_classes != 43:
             raise ValueError("dataset.synthetic generates the 43 GTSRB classes: set model.numClasses to 43")
+        for index, entry in enumerate(self.clients.entries or ()):
+            if entry.namespace is not None and entry.data is None:
+                raise ValueError(f"clients.list[{index}].data is required: a client in namespace {entry.namespace} "
+                                 "trains on its own data there; name its claim (data.claimName) and the tree "
+                                 "inside it (data.path)")
+            if entry.namespace is not None and self.storage.s3 is None:
+                raise ValueError(f"clients.list[{index}].namespace needs storage.s3: a claim cannot be shared across "
+                                 "namespaces, so weights travel through an object store")
         return self
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fedtrain.engine.status import Task, TrainingStatus
 from fedtrain.spec import FederatedTrainingSpec, SyntheticSpec
+from fedtrain.worker.storage import S3_ENV, s3_location
 
 WORKER_COMMAND = "fedtrain-worker"
 
@@ -25,6 +26,23 @@ class Placement:
     uid: str = "local"
     tracking_uri: str | None = None  # resolved by the caller: its option, else spec.mlflow.trackingUri
     termination_log: str | None = None  # Kubernetes: /dev/termination-log
+    client_data_root: str = "/client-data"  # where a client's own claim is mounted (clients.list[].data)
+
+
+def storage_environment(spec: FederatedTrainingSpec) -> dict[str, str]:
+    """The worker's object-store settings (`fedtrain.worker.storage.S3_ENV`) that are not secret."""
+    s3 = spec.storage.s3
+    if s3 is None:
+        return {}
+    values = {"endpoint": s3.endpoint or "", "region": s3.region or "", "addressing_style": s3.addressing_style,
+              "verify_tls": "false" if s3.tls.insecure_skip_verify else "true"}
+    return {S3_ENV[key]: value for key, value in values.items() if value}
+
+
+def storage_location(spec: FederatedTrainingSpec, namespace: str, training_dir: str) -> str | None:
+    """``s3://bucket/prefix/<namespace>/<training dir>`` with an object store, else None (a directory)."""
+    s3 = spec.storage.s3
+    return s3_location(s3.bucket, s3.prefix, namespace, training_dir) if s3 is not None else None
 
 
 def aggregation_clients(status: TrainingStatus, round_number: int) -> list[str]:
@@ -56,6 +74,8 @@ def _init(spec: FederatedTrainingSpec, where: Placement) -> list[str]:
             "--partition-seed", str(partition.seed), "--seed", str(spec.seed),
             "--architecture", model.architecture, "--num-classes", str(model.num_classes),
             "--image-size", str(model.image_size), "--validation-fraction", repr(dataset.validation_fraction)]
+    if spec.clients.own_data():
+        args += ["--own-data-clients", ",".join(spec.clients.own_data())]
     if dataset.path is None:
         synthetic = dataset.synthetic or SyntheticSpec()
         args += ["--synthetic-per-class", str(synthetic.images_per_class),
@@ -85,7 +105,9 @@ def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[st
             "--restart-epochs", str(training.restart_epochs)]
     if spec.strategy.name == "fedprox":
         args += ["--mu", repr(spec.strategy.parameters.get("mu", 0.01))]
-    if spec.dataset.path is not None and where.data_path != spec.dataset.path:
+    if entry is not None and entry.data is not None:
+        args += ["--own-data", "--data", "/".join(p for p in (where.client_data_root, entry.data.path.strip("/")) if p)]
+    elif spec.dataset.path is not None and where.data_path != spec.dataset.path:
         args += ["--data", where.data_path]
     return args
 

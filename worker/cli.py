@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--validation-fraction", type=float, default=0.1, help="per client, by track")
     init.add_argument("--clients", type=int, required=True)
     init.add_argument("--client-names", default="", help="comma-separated names (default: client-00, client-01...)")
+    init.add_argument("--own-data-clients", default="", help="comma-separated clients with their own data set "
+                      "(left out of the partition)")
     init.add_argument("--partition", default="iid", help="iid | dirichlet | classes | quantity")
     init.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     init.add_argument("--partition-seed", type=int, default=0)
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--round", type=int, required=True)
     train.add_argument("--client", required=True)
     train.add_argument("--data", default=None, help="override the data path recorded by init")
+    train.add_argument("--own-data", action="store_true", help="train on the whole training split at --data "
+                       "(the client's own data set), not on the client's share of the partition")
     train.add_argument("--device", default="auto")
     _add_training_options(train)
 
@@ -190,7 +194,8 @@ def run(args: argparse.Namespace) -> Any:
         data = jobs.DataConfig(args.data, not args.no_roi_crop, args.validation_fraction)
         partition = PartitionConfig(args.partition, args.clients, args.alpha, args.partition_seed)
         names = tuple(n for n in args.client_names.split(",") if n)
-        manifest = jobs.init(open_store(args.workdir), data, model, partition, synth, args.seed, names)
+        own = tuple(n for n in args.own_data_clients.split(",") if n)
+        manifest = jobs.init(open_store(args.workdir), data, model, partition, synth, args.seed, names, own)
         return {"clients": manifest["partition"]["histograms"], "num_train_samples": manifest["num_train_samples"]}
     if args.command == "remove":
         return remove_training_directory(args.workdir)
@@ -202,7 +207,9 @@ def run(args: argparse.Namespace) -> Any:
         config = TrainConfig(args.epochs, args.batch_size, args.optimizer, args.lr, args.momentum,
                              args.weight_decay, args.scheduler, args.restart_epochs, args.mu)
         config.check()
-        return jobs.train(workspace, args.round, args.client, config, device)
+        if args.own_data and not args.data:
+            raise BadInputError("--own-data needs --data: the path of the client's own data set")
+        return jobs.train(workspace, args.round, args.client, config, device, args.own_data)
     if args.command == "aggregate":
         clients = tuple(c for c in args.clients.split(",") if c)
         config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from fedtrain.worker.data.images import load_image, load_samples
 from fedtrain.worker.data.partition import Partition, PartitionConfig, partition_samples
 from fedtrain.worker.data.synth import SynthConfig, generate
 from fedtrain.worker.errors import BadDataError, BadInputError
-from fedtrain.worker.layout import Layout
+from fedtrain.worker.layout import Layout, client_names
 from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.storage import Store, iterate_keys, open_store
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
@@ -65,17 +65,24 @@ def pick_device(name: str) -> torch.device:
 
 
 def init(store: Store, data: DataConfig, model: ModelConfig, partition: PartitionConfig,
-         synth: SynthConfig | None, seed: int, names: tuple[str, ...] = ()) -> dict[str, Any]:
+         synth: SynthConfig | None, seed: int, names: tuple[str, ...] = (), own_data: tuple[str, ...] = ()
+         ) -> dict[str, Any]:
     """Generate synthetic data if asked, partition the training split, write the round-0 model.
 
-    ``names`` renames the clients (default ``client-00``...); their number must match.
+    ``names`` renames the clients (default ``client-00``...); their number must match. Clients in
+    ``own_data`` bring their own data set, so the training split is dealt out among the others only.
     """
     model.check()
     layout = Layout()
     if names and len(names) != partition.num_clients:
         raise BadInputError(f"--client-names lists {len(names)} names for --clients {partition.num_clients}")
+    unknown = sorted(set(own_data) - set(names or client_names(partition.num_clients)))
+    if unknown:
+        raise BadInputError(f"--own-data-clients names {unknown[0]!r}, which is not a client")
     settings = {"data": asdict(data), "model": model.to_json(), "seed": seed, "client_names": list(names),
                 "partition_config": asdict(partition), "synthetic": asdict(synth) if synth else None}
+    if own_data:  # only then, so that trainings initialised before the option compare equal
+        settings["own_data_clients"] = list(own_data)
     if store.exists(layout.manifest):  # checked before anything is generated or written
         existing = read_json(store, layout.manifest)
         if existing.get("settings") != settings:
@@ -88,10 +95,12 @@ def init(store: Store, data: DataConfig, model: ModelConfig, partition: Partitio
     if synth is not None:
         generate(Path(data.path), synth)
     tree = load_tree(Path(data.path), model.num_classes, need_test=False)
-    result = partition_samples(tree.train, partition, model.num_classes)
-    if names:
-        result.clients = dict(zip(names, result.clients.values(), strict=True))
-        result.histograms = dict(zip(names, result.histograms.values(), strict=True))
+    shared = [n for n in (names or client_names(partition.num_clients)) if n not in own_data]
+    result = Partition(partition.scheme, partition.alpha, partition.seed, model.num_classes)
+    if shared:
+        result = partition_samples(tree.train, replace(partition, num_clients=len(shared)), model.num_classes)
+        result.clients = dict(zip(shared, result.clients.values(), strict=True))
+        result.histograms = dict(zip(shared, result.histograms.values(), strict=True))
     manifest = {"settings": settings, "layout": tree.layout, "num_train_samples": len(tree.train),
                 "partition": result.to_json()}
     torch.manual_seed(seed)
@@ -111,6 +120,7 @@ class Workspace:
     data: DataConfig
     partition: Partition
     seed: int
+    synthetic: SynthConfig | None = None
 
     @classmethod
     def open(cls, location: str | Path, data_path: str | None = None) -> Workspace:
@@ -124,8 +134,9 @@ class Workspace:
         data = DataConfig(**settings["data"])
         if data_path:
             data = DataConfig(data_path, data.roi_crop, data.validation_fraction)
+        synthetic = SynthConfig(**settings["synthetic"]) if settings.get("synthetic") else None
         return cls(store, ModelConfig.from_json(settings["model"]), data,
-                   Partition.from_json(manifest["partition"]), int(settings["seed"]))
+                   Partition.from_json(manifest["partition"]), int(settings["seed"]), synthetic)
 
     @property
     def layout(self) -> Layout:
@@ -133,8 +144,16 @@ class Workspace:
         return Layout()
 
     def tree(self, need_test: bool) -> GtsrbTree:
-        """The data set as this process sees it."""
-        return load_tree(Path(self.data.path), self.model.num_classes, need_test=need_test)
+        """The data set as this process sees it.
+
+        A synthetic data set missing here (a Job with an object store and no shared claim) is
+        generated again from the manifest's settings: the generator is deterministic, so every
+        process sees the same images, sample ids included.
+        """
+        path = Path(self.data.path)
+        if self.synthetic is not None and not path.exists():
+            generate(path, self.synthetic)
+        return load_tree(path, self.model.num_classes, need_test=need_test)
 
     def load_global(self, round_number: int) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
         """The global weights after ``round_number``."""
@@ -158,18 +177,25 @@ def client_seed(seed: int, round_number: int, client: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def train(workspace: Workspace, round_number: int, client: str, config: TrainConfig, device: torch.device
-          ) -> dict[str, Any]:
-    """Train one client for one round from the previous global model; write its update."""
+def train(workspace: Workspace, round_number: int, client: str, config: TrainConfig, device: torch.device,
+          own_data: bool = False) -> dict[str, Any]:
+    """Train one client for one round from the previous global model; write its update.
+
+    ``own_data``: the client trains on the whole training split at ``--data`` (its own data set).
+    """
     if round_number < 1:
         raise BadInputError(f"--round must be >= 1, got {round_number}")
     sample_ids = workspace.partition.clients.get(client)
-    if sample_ids is None:
+    if sample_ids is None and not own_data:
         known = ", ".join(sorted(workspace.partition.clients))
-        raise BadInputError(f"--client {client!r} is not in the partition (clients: {known})")
+        raise BadInputError(f"--client {client!r} is not in the partition (clients: {known}); a client with its "
+                            "own data set needs --own-data")
     weights, meta = workspace.load_global(round_number - 1)
-    tree = workspace.tree(need_test=False)
+    tree = load_tree(Path(workspace.data.path), workspace.model.num_classes, need_test=False) if own_data \
+        else workspace.tree(need_test=False)
     by_id = {s.sample_id: s for s in tree.train}
+    if sample_ids is None or own_data:
+        sample_ids = sorted(by_id)
     missing = [i for i in sample_ids if i not in by_id]
     if missing:
         raise BadDataError(

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,10 +73,10 @@ class ForkedTask:
 class ForkServer:
     """The runner's end of `fedtrain.local.forkserver`: one long-lived process that forks tasks."""
 
-    def __init__(self, preload: Sequence[str]) -> None:
+    def __init__(self, preload: Sequence[str], environment: Mapping[str, str] | None = None) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "fedtrain.local.forkserver", *preload],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=_die_with_parent, env=environment)
         self.exit_codes: dict[str, int] = {}
         assert self.process.stdout is not None
         ready = self.process.stdout.readline()
@@ -126,7 +126,8 @@ class LocalExecutor:
     """Runs tasks as processes; reports them as engine observations."""
 
     def __init__(self, workdir: Path, parallelism: int, threads_per_task: int | None = None,
-                 fork_server: bool = True, preload: Sequence[str] = ()) -> None:
+                 fork_server: bool = True, preload: Sequence[str] = (),
+                 environment: Mapping[str, str] | None = None) -> None:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.record = workdir / "tasks.json"
@@ -134,7 +135,8 @@ class LocalExecutor:
         self.threads = threads_per_task or max(1, (os.cpu_count() or 1) // parallelism)
         self.finished: dict[str, Observation] = self._load()
         self.running: dict[str, Handle] = {}
-        self.server = ForkServer(preload) if fork_server else None
+        self.environment = dict(environment if environment is not None else os.environ)
+        self.server = ForkServer(preload, self.environment) if fork_server else None
         self.queued: deque[tuple[str, list[str]]] = deque()
         self.started_at: dict[str, float] = {}
         self.durations: dict[str, float] = {}
@@ -178,7 +180,7 @@ class LocalExecutor:
             if self.server is not None:
                 self.running[task_id] = self.server.start(task_id, arguments, out, err, self.threads)
                 continue
-            environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads),
+            environment = {**self.environment, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads),
                            "MKL_NUM_THREADS": str(self.threads)}
             with out.open("wb") as out_file, err.open("wb") as err_file:
                 self.running[task_id] = subprocess.Popen(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,12 @@ from fedtrain.engine import decide
 from fedtrain.engine.status import Cancel, Event, Launch, TrainingStatus
 from fedtrain.local.executor import LocalExecutor
 from fedtrain.spec import FederatedTraining, SpecError
-from fedtrain.tasks import Placement, aggregation_clients, worker_arguments
+from fedtrain.tasks import Placement, aggregation_clients, storage_environment, storage_location, worker_arguments
+from fedtrain.worker.storage import S3_ENV
 
 STATUS_FILE = "status.json"
 SPEC_FILE = "spec.json"
+UID_FILE = "uid"
 
 
 @dataclass
@@ -57,6 +60,11 @@ def check_before_creating(manifest: FederatedTraining, workdir: Path) -> None:
     if path is not None and not Path(path).is_dir():
         raise SpecError([f"spec.dataset.path: {path} does not exist or is not a directory; point it at a GTSRB "
                          "tree, or remove it to train on generated synthetic data"])
+    for index, entry in enumerate(manifest.spec.clients.entries or ()):
+        if entry.data is not None:
+            raise SpecError([f"spec.clients.list[{index}].data names a claim ({entry.data.claim_name}), and `fedtrain "
+                             "run` has no claims; run this training on Kubernetes, or remove data (and namespace) "
+                             "to give the client a share of spec.dataset"])
     weights = manifest.spec.model.pretrained_weights
     if weights is not None and not Path(weights).is_file():
         raise SpecError([f"spec.model.pretrainedWeights: {weights} does not exist; give a local .safetensors or "
@@ -69,6 +77,17 @@ def check_before_creating(manifest: FederatedTraining, workdir: Path) -> None:
             if before["spec"].get(key) != now["spec"].get(key):
                 raise SpecError([f"spec.{key} differs from the training already in {workdir}; use another "
                                  "--workdir to start a new training (nothing was changed)"])
+
+
+def local_uid(workdir: Path) -> str:
+    """The training identity of a work directory (Kubernetes has the resource's uid), kept in ``uid``.
+
+    It names the training's prefix in an object store, so two local runs of one spec never share one.
+    """
+    path = workdir / UID_FILE
+    if not path.exists():
+        path.write_text(uuid.uuid4().hex + "\n")
+    return path.read_text().strip()
 
 
 def load_status(workdir: Path) -> TrainingStatus:
@@ -95,11 +114,17 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
     (workdir / SPEC_FILE).write_text(json.dumps(manifest.model_dump(mode="json", by_alias=True), indent=2))
     tracking_uri = options.tracking_uri or spec.mlflow.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     data_path = spec.dataset.path or str(workdir / "data")
-    where = Placement(str(workdir), data_path, manifest.metadata.name, manifest.metadata.namespace,
-                      tracking_uri=tracking_uri)
+    uid = local_uid(workdir)
+    store = storage_location(spec, manifest.metadata.namespace, f"{manifest.metadata.name}-{uid[:8]}")
+    where = Placement(store or str(workdir), data_path, manifest.metadata.name, manifest.metadata.namespace,
+                      uid=uid, tracking_uri=tracking_uri)
     preload = ["torchvision.models"] if spec.model.architecture.startswith("mobilenet") else []
+    environment = {**os.environ, **storage_environment(spec)}
+    if spec.storage.s3 is not None:
+        environment[S3_ENV["credentials_from"]] = "the environment of `fedtrain run` (AWS_ACCESS_KEY_ID, " \
+                                                  "AWS_SECRET_ACCESS_KEY)"
     executor = LocalExecutor(workdir / "executor", options.parallelism or spec.worker.parallelism,
-                             fork_server=options.fork_server, preload=preload)
+                             fork_server=options.fork_server, preload=preload, environment=environment)
     status = load_status(workdir)
     result = RunResult(status, workdir)
     round_started: dict[int, float] = {}

@@ -39,18 +39,37 @@ def test_explicit_client_list_with_overrides() -> None:
     ({"clients": {"count": 3}, "strategy": {"name": "fedprox", "parameters": {"beta": 1}}},
      "spec.strategy.parameters.beta is not a parameter of fedprox (allowed: mu)"),
     ({"clients": {"count": 3}, "storage": {"local": "/x", "create": {}}},
-     "storage takes one of persistentVolumeClaim, create or local"),
+     "storage takes one of persistentVolumeClaim, create, s3 or local"),
     ({"clients": {"count": 3}, "dataset": {"path": "/d", "synthetic": {}}},
      "give either dataset.path or dataset.synthetic"),
     ({"clients": {"list": [{"name": "a"}, {"name": "a"}]}}, "clients.list has duplicate names"),
     ({"clients": {"list": [{"name": "Munich"}]}}, "spec.clients.list[0].name: String should match pattern"),
     ({"clients": {"count": 50}, "partition": {"scheme": "classes"}}, "needs clients.count (50) <="),
     ({"clients": {"count": 3}, "training": {"optimizer": "rmsprop"}}, "spec.training.optimizer: must be one of"),
+    ({"clients": {"list": [{"name": "a", "namespace": "team-b"}]}, "storage": {"s3": {"bucket": "weights"}}},
+     "spec.clients.list[0].data is required: a client in namespace team-b trains on its own data there"),
+    ({"clients": {"list": [{"name": "a", "namespace": "team-b", "data": {"claimName": "signs"}}]}},
+     "spec.clients.list[0].namespace needs storage.s3"),
+    ({"clients": {"list": [{"name": "a", "data": {"claimName": "signs", "path": "../other"}}]}},
+     "must be relative to the claim's root"),
+    ({"clients": {"count": 2}, "storage": {"s3": {"bucket": "Weights!"}}}, "spec.storage.s3.bucket: String should"),
+    ({"clients": {"count": 2}, "storage": {"s3": {"bucket": "w1", "endpoint": "minio:9000"}}},
+     "spec.storage.s3.endpoint: String should match pattern"),
 ])
 def test_bad_specs_name_the_field(data: dict, expected: str) -> None:
     with pytest.raises(SpecError) as caught:
         parse_spec(data)
     assert any(expected in problem for problem in caught.value.problems), caught.value.problems
+
+
+def test_clients_in_their_own_namespaces() -> None:
+    spec = parse_spec({"clients": {"list": [
+        {"name": "munich", "namespace": "city-munich", "data": {"claimName": "signs", "path": "gtsrb"}},
+        {"name": "shared"}]}, "storage": {"s3": {"bucket": "fedtrain-weights", "credentialsSecret": {"name": "s3"}}}})
+    assert spec.clients.own_data() == ["munich"] and spec.clients.namespaces() == {"munich": "city-munich"}
+    assert spec.storage.s3 is not None and spec.storage.s3.prefix == "fedtrain"
+    assert spec.storage.s3.credentials_secret is not None
+    assert spec.storage.s3.credentials_secret.access_key_id_key == "AWS_ACCESS_KEY_ID"
 
 
 def test_every_problem_is_reported_at_once() -> None:

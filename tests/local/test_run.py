@@ -137,3 +137,29 @@ def test_bad_files_give_one_clear_error_and_create_nothing(tmp_path: Path, chang
     assert expected in " ".join(error.split())
     assert error.count("  - ") == 1  # exactly one problem reported
     assert not workdir.exists()
+
+
+def test_local_run_with_an_object_store(tmp_path: Path, s3_server: Any) -> None:
+    """Weights in a bucket (moto over HTTP), status and the sqlite tracking store in the local work directory."""
+    from fedtrain.worker.storage import open_store
+
+    body = manifest("bucketed", 2, storage={"s3": {"endpoint": s3_server.endpoint, "bucket": s3_server.bucket,
+                                                   "prefix": "local-runs", "region": "us-east-1"}})
+    spec_file = write(tmp_path / "ft.yaml", body)
+    credentials = {"AWS_ACCESS_KEY_ID": s3_server.access_key_id, "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key}
+    done = fedtrain("run", spec_file, "--workdir", tmp_path / "w", env={**os.environ, **credentials})
+    assert done.returncode == 0, done.stderr[-3000:]
+    uid = (tmp_path / "w" / "uid").read_text().strip()
+    store = open_store(f"s3://{s3_server.bucket}/local-runs/default/bucketed-{uid[:8]}", s3_server.environment())
+    keys = store.list("")
+    assert {"manifest.json", "round-0002/global.safetensors", "final/model.safetensors", "final/plots/accuracy.png",
+            "final/summary.json"} <= set(keys)
+    assert not (tmp_path / "w" / "round-0001").exists()  # no weights on local disk
+    status = json.loads((tmp_path / "w" / "status.json").read_text())
+    assert status["phase"] == "Succeeded" and status["modelVersion"] == "1"
+
+    wrong = fedtrain("run", write(tmp_path / "again.yaml", manifest("bucketed-2", 1, storage=body["spec"]["storage"])),
+                     "--workdir", tmp_path / "w2", env={**os.environ, **credentials, "AWS_SECRET_ACCESS_KEY": "nope"})
+    assert wrong.returncode != 0
+    assert "refused the credentials" in wrong.stdout + wrong.stderr
+    assert "the environment of `fedtrain run`" in wrong.stdout + wrong.stderr
