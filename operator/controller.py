@@ -31,19 +31,25 @@ from fedtrain.engine.engine import cause, update_conditions
 from fedtrain.engine.status import Cancel, Event, Launch, Observation, TrainingStatus
 from fedtrain.operator import metrics
 from fedtrain.operator.jobs import (
+    ANNOTATION_ACCEPT,
     ANNOTATION_TASK_ID,
     CLEANUP_TASK,
     LABEL_MANAGED_BY,
     LABEL_TASK,
     LABEL_TRAINING,
+    LABEL_TRAINING_NAMESPACE,
+    LABEL_TRAINING_UID,
     MANAGER,
     Owner,
+    accepts,
     claim_manifest,
     claim_name,
     cleanup_job_manifest,
     finished,
     job_manifest,
     job_name,
+    job_namespace,
+    kubernetes_problems,
     observe,
     placement,
     worker_account_manifest,
@@ -96,19 +102,22 @@ class Wakeups:
         event.clear()
 
 
-def storage_claim(spec: FederatedTrainingSpec, training: str) -> str:
-    """The claim Jobs mount; a spec without one cannot run on a cluster (a `SpecError` that says what to set)."""
-    claim = claim_name(spec, training)
-    if claim is None:
-        raise SpecError(["spec.storage: a training on Kubernetes needs storage.persistentVolumeClaim.claimName (an "
-                         "existing ReadWriteMany claim) or storage.create (a claim the operator creates); "
-                         "storage.local is for `fedtrain run`"])
-    return claim
+def storage_claim(spec: FederatedTrainingSpec, training: str) -> str | None:
+    """The claim Jobs mount (None with an object store); a spec that cannot run here is a `SpecError`."""
+    problems = kubernetes_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return claim_name(spec, training)
 
 
 def owned_by(item: dict[str, Any], uid: str) -> bool:
-    """Whether an object belongs to this incarnation of the training (a recreated one has a new uid)."""
-    return any(ref.get("uid") == uid for ref in item.get("metadata", {}).get("ownerReferences") or [])
+    """Whether an object belongs to this incarnation of the training (a recreated one has a new uid).
+
+    Jobs in a client's namespace cannot have an owner reference to the training: their label says.
+    """
+    meta = item.get("metadata", {})
+    return any(ref.get("uid") == uid for ref in meta.get("ownerReferences") or []) or \
+        (meta.get("labels") or {}).get(LABEL_TRAINING_UID) == uid
 
 
 def _timestamp(value: str | None) -> float | None:
@@ -204,16 +213,17 @@ class Controller:
         observations: dict[str, Observation] = {}
         stuck: list[dict[str, Any]] = []
         if status.phase not in TERMINAL:
-            listed = await self.kube.list(Paths.jobs(namespace), {LABEL_TRAINING: name})
-            jobs = [j for j in listed if owned_by(j, owner.uid)]
-            pods = await self.kube.list(Paths.core(namespace, "pods"), {LABEL_TRAINING: name})
+            refusal = await self.client_namespaces_refusal(spec, owner)
+            if refusal:
+                return await self._reject(resource, status, "ClientNamespaceNotAllowed", refusal)
+            jobs, pods = await self.worker_objects(spec, owner)
             observations, stuck = observations_from(jobs, pods)
         decision = decide(spec, status, observations, self.clock(), meta.get("generation"))
         log.debug("%s/%s: %s, %d observations, %d actions", namespace, name, decision.status.progress,
                   len(observations), len(decision.actions))
         if await write_status(self.kube, resource, decision.status) is not None:
             record_metrics(owner, status, decision.status, jobs)
-        refused = await self._act(decision.actions, spec, owner, claim, decision.status, stuck)
+        refused = await self._act(decision.actions, spec, owner, claim, decision.status, stuck, jobs)
         for event in decision.events:
             await self._post(resource, event)
         if refused:
@@ -222,31 +232,72 @@ class Controller:
         await self._prune(jobs, decision.status)
         return Outcome(active=decision.status.phase not in TERMINAL, phase=decision.status.phase)
 
-    async def _act(self, actions: list[Launch | Cancel], spec: FederatedTrainingSpec, owner: Owner, claim: str,
-                   status: TrainingStatus, stuck: list[dict[str, Any]]) -> str:
+    async def _act(self, actions: list[Launch | Cancel], spec: FederatedTrainingSpec, owner: Owner,
+                   claim: str | None, status: TrainingStatus, stuck: list[dict[str, Any]],
+                   jobs: list[dict[str, Any]]) -> str:
         """Create and delete Jobs; returns the API server's message if it refused a Job as invalid."""
         where = placement(spec, owner)
-        if any(isinstance(a, Launch) for a in actions):
-            await self.ensure_worker_account(owner.namespace)
+        for namespace in sorted({job_namespace(spec, owner, a.task) for a in actions if isinstance(a, Launch)}):
+            await self.ensure_worker_account(namespace)
+        by_task = {(j["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID): j for j in jobs}
         for action in actions:
             if isinstance(action, Cancel):
-                await self.kube.delete(Paths.jobs(owner.namespace, job_name(owner.name, action.task_id)))
+                found = by_task.get(action.task_id)
+                if found is not None:
+                    await self.kube.delete(Paths.jobs(found["metadata"]["namespace"], found["metadata"]["name"]))
                 continue
             task = action.task
             arguments = worker_arguments(task, spec, where, aggregation_clients(status, task.round))
+            manifest = job_manifest(task, spec, owner, arguments, claim)
             try:
-                await self.kube.create(Paths.jobs(owner.namespace), job_manifest(task, spec, owner, arguments, claim))
+                await self.kube.create(Paths.jobs(manifest["metadata"]["namespace"]), manifest)
                 metrics.JOBS_CREATED.labels(task.kind).inc()
             except ApiError as error:
                 if error.status == 409:
                     continue  # created by an earlier pass: the deterministic name makes this idempotent
                 if error.status in (400, 422):
-                    return (f"the API server refused Job {job_name(owner.name, task.id)}: {error.message}; check "
+                    return (f"the API server refused Job {manifest['metadata']['name']}: {error.message}; check "
                             "spec.worker (resources, volumes, env) and the client entries")
                 raise
         for job in stuck:  # the engine has recorded them as failed; their Pods would wait forever
-            await self.kube.delete(Paths.jobs(owner.namespace, job["metadata"]["name"]))
+            await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
         return ""
+
+    async def client_namespaces_refusal(self, spec: FederatedTrainingSpec, owner: Owner) -> str:
+        """Why a client namespace may not be used by this training ("" when all have opted in).
+
+        Checked on every pass, so a namespace that withdraws its consent stops the training.
+        """
+        for client, namespace in sorted(spec.clients.namespaces().items()):
+            if namespace == owner.namespace:
+                continue
+            try:
+                found = await self.kube.get(Paths.namespace(namespace))
+            except ApiError as error:
+                if error.status != 404:
+                    raise
+                return f"client {client}: namespace {namespace} does not exist"
+            annotation = (found["metadata"].get("annotations") or {}).get(ANNOTATION_ACCEPT)
+            if not accepts(annotation, owner):
+                now = f"; it now says {annotation!r}" if annotation else ""
+                return (f"client {client}: namespace {namespace} has not opted in to training "
+                        f"{owner.namespace}/{owner.name}; its owners must annotate it {ANNOTATION_ACCEPT}="
+                        f"{owner.namespace} (or {owner.namespace}/{owner.name}){now}")
+        return ""
+
+    async def worker_objects(self, spec: FederatedTrainingSpec, owner: Owner
+                             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The training's Jobs and Pods, in its namespace and in its clients' namespaces."""
+        jobs: list[dict[str, Any]] = []
+        pods: list[dict[str, Any]] = []
+        for namespace in [owner.namespace, *sorted(set(spec.clients.namespaces().values()) - {owner.namespace})]:
+            selector = {LABEL_TRAINING: owner.name}
+            if namespace != owner.namespace:
+                selector[LABEL_TRAINING_NAMESPACE] = owner.namespace
+            listed = await self.kube.list(Paths.jobs(namespace), selector)
+            jobs += [j for j in listed if owned_by(j, owner.uid)]
+            pods += await self.kube.list(Paths.core(namespace, "pods"), selector)
+        return jobs, pods
 
     async def effective_spec(self, namespace: str, name: str, raw_spec: dict[str, Any]) -> dict[str, Any]:
         """The spec with the namespace's ``fedtrain-defaults`` filled in where it is silent (profiles)."""
@@ -346,19 +397,28 @@ class Controller:
                 await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
 
     async def release_storage(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any]) -> bool:
-        """On deletion with ``reclaimPolicy: Delete``: stop the Jobs, then remove the directory. True when done."""
+        """On deletion: remove Jobs in client namespaces; with ``reclaimPolicy: Delete`` also the weights.
+
+        True when done. Jobs in the training's namespace go with it (owner references); those in
+        client namespaces have none, so they are deleted here by label.
+        """
         try:
             spec = parse_spec(await self.effective_spec(namespace, name, raw_spec), f"{namespace}/{name}")
         except SpecError:
             return True  # it never ran, so there is nothing to remove
-        if spec.storage.reclaim_policy != "Delete" or spec.storage.persistent_volume_claim is None:
-            return True  # Retain; or a claim the operator created, which the garbage collector deletes
         owner = Owner(name, namespace, uid)
+        foreign = [j for j in (await self.worker_objects(spec, owner))[0] if j["metadata"]["namespace"] != namespace]
+        for job in foreign:
+            if not job["metadata"].get("deletionTimestamp"):
+                await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
+        if spec.storage.reclaim_policy != "Delete" or (spec.storage.persistent_volume_claim is None
+                                                       and spec.storage.s3 is None):
+            return True  # Retain; or a claim the operator created, which the garbage collector deletes
         for job in await self.kube.list(Paths.jobs(namespace), {LABEL_TRAINING: name}):
             meta = job["metadata"]
             if meta["labels"].get(LABEL_TASK) != CLEANUP_TASK and not meta.get("deletionTimestamp"):
                 await self.kube.delete(Paths.jobs(namespace, job["metadata"]["name"]))
-        pods = await self.kube.list(Paths.core(namespace, "pods"), {LABEL_TRAINING: name})
+        _, pods = await self.worker_objects(spec, owner)
         if any(p["metadata"]["labels"].get(LABEL_TASK) != CLEANUP_TASK and p.get("status", {}).get("phase") in
                ("Pending", "Running") for p in pods):
             return False  # a worker may still write into the directory
@@ -368,8 +428,7 @@ class Controller:
         except ApiError as error:
             if error.status != 404:
                 raise
-            claim = spec.storage.persistent_volume_claim.claim_name
-            await self.kube.create(Paths.jobs(namespace), cleanup_job_manifest(spec, owner, claim))
+            await self.kube.create(Paths.jobs(namespace), cleanup_job_manifest(spec, owner, claim_name(spec, name)))
             return False
         if (job["metadata"].get("annotations") or {}).get("fedtrain.io/training-uid") != uid:
             await self.kube.delete(Paths.jobs(namespace, cleanup))  # left by an earlier training of that name

@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from fedtrain.operator.controller import Controller, Outcome, Wakeups
-from fedtrain.operator.jobs import LABEL_MANAGED_BY, LABEL_TRAINING, MANAGER
+from fedtrain.operator.jobs import LABEL_MANAGED_BY, LABEL_TRAINING, LABEL_TRAINING_NAMESPACE, MANAGER
 from fedtrain.operator.kube import GROUP, PLURAL, VERSION, ApiError, Kube
 from fedtrain.operator.profiles import LABEL_PROFILE, PROFILE_GROUP, PROFILE_PLURAL, PROFILE_VERSION
 
@@ -74,8 +74,11 @@ async def drive(namespace: str | None, name: str, stopped: kopf.DaemonStopped, m
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING: kopf.PRESENT})
 def job_changed(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> None:
-    """A worker Job changed: its training decides now (the next Jobs follow within a second)."""
-    memo.wakeups.wake(namespace or "", labels[LABEL_TRAINING])
+    """A worker Job changed: its training decides now (the next Jobs follow within a second).
+
+    A Job in a client's namespace names its training's namespace in a label.
+    """
+    memo.wakeups.wake(labels.get(LABEL_TRAINING_NAMESPACE) or namespace or "", labels[LABEL_TRAINING])
 
 
 def _spec_changed(body: kopf.Body, **_: Any) -> bool:
@@ -91,7 +94,7 @@ def training_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> N
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="storage")
 async def release(namespace: str | None, name: str, uid: str, spec: kopf.Spec, memo: Any, **_: Any) -> None:
-    """Finalizer: with ``storage.reclaimPolicy: Delete``, remove the training's directory before it goes."""
+    """Finalizer: delete Jobs in client namespaces and, with ``reclaimPolicy: Delete``, the training's weights."""
     assert namespace is not None
     memo.wakeups.forget(namespace, name)
     if not await memo.controller.release_storage(namespace, name, uid, dict(spec)):

@@ -10,12 +10,16 @@ plain data and the operator image stays small.
 - ``backoffLimit: 0``: Kubernetes does not retry; the engine does, as a new attempt with a new
   name, so every failure is seen and counted once.
 - The owner reference makes the API server's garbage collector delete the Jobs with the training.
+  A client in another namespace (``clients.list[].namespace``) gets Jobs there with no owner
+  reference (owners cannot cross namespaces): labels name the training's namespace and uid, and the
+  finalizer deletes them by label.
 - Pods run as non-root with a read-only root filesystem; ``/tmp`` is an emptyDir. The storage
   claim is mounted at ``/store``, and the worker service account has no API rights (no token).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,13 +27,19 @@ from typing import Any
 
 from fedtrain.engine.status import Observation, Task
 from fedtrain.spec import FederatedTrainingSpec
-from fedtrain.tasks import Placement
+from fedtrain.tasks import Placement, storage_environment, storage_location
+from fedtrain.worker.storage import S3_ENV
 
 MAX_NAME = 63
 STORE_MOUNT = "/store"
 TERMINATION_LOG = "/dev/termination-log"
 WORKER_SERVICE_ACCOUNT = "fedtrain-worker"
 LABEL_TRAINING = "fedtrain.io/training"
+LABEL_TRAINING_NAMESPACE = "fedtrain.io/training-namespace"  # on Jobs outside the training's namespace
+LABEL_TRAINING_UID = "fedtrain.io/training-uid"
+CLIENT_DATA_MOUNT = "/client-data"
+S3_CA_MOUNT = "/etc/fedtrain/s3-ca"
+ANNOTATION_ACCEPT = "fedtrain.io/accept-trainings"  # on a client namespace: which trainings may run there
 LABEL_TASK = "fedtrain.io/task"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fedtrain-operator"
@@ -69,11 +79,55 @@ def claim_name(spec: FederatedTrainingSpec, training: str) -> str | None:
 
 
 def placement(spec: FederatedTrainingSpec, owner: Owner) -> Placement:
-    """Paths and identity as a worker Pod sees them; MLflow defaults to sqlite in the training's directory."""
+    """Paths and identity as a worker Pod sees them; MLflow defaults to sqlite in the training's directory.
+
+    With an object store there is no shared directory: a synthetic data set is generated again in
+    each Pod's scratch space, and MLflow needs ``spec.mlflow.trackingUri`` (see `kubernetes_problems`).
+    """
+    root = storage_location(spec, owner.namespace, f"{owner.name}-{owner.uid[:8]}")
+    if root is not None:
+        return Placement(root, spec.dataset.path or "/tmp/data", owner.name, owner.namespace, owner.uid,
+                         tracking_uri=spec.mlflow.tracking_uri, termination_log=TERMINATION_LOG,
+                         client_data_root=CLIENT_DATA_MOUNT)
     root = workdir(owner)
     tracking = spec.mlflow.tracking_uri or f"sqlite:///{root}/mlflow.db"
     return Placement(root, spec.dataset.path or f"{root}/data", owner.name, owner.namespace, owner.uid,
-                     tracking_uri=tracking, termination_log=TERMINATION_LOG)
+                     tracking_uri=tracking, termination_log=TERMINATION_LOG, client_data_root=CLIENT_DATA_MOUNT)
+
+
+def kubernetes_problems(spec: FederatedTrainingSpec) -> list[str]:
+    """What a spec lacks to run on a cluster, one line per field (beyond what the spec validates)."""
+    problems = []
+    if claim_name(spec, "x") is None and spec.storage.s3 is None:
+        problems.append("spec.storage: a training on Kubernetes needs storage.persistentVolumeClaim.claimName (an "
+                        "existing ReadWriteMany claim), storage.create (a claim the operator creates) or storage.s3 "
+                        "(an object store); storage.local is for `fedtrain run`")
+    if spec.storage.s3 is not None and spec.mlflow.tracking_uri is None:
+        problems.append("spec.mlflow.trackingUri: with storage.s3 there is no shared directory for MLflow's sqlite "
+                        "store; give the tracking server's URI")
+    if spec.storage.s3 is not None and spec.storage.s3.credentials_secret is None:
+        problems.append("spec.storage.s3.credentialsSecret: name the Secret (in the training's namespace and in "
+                        "every client namespace) that holds the access key and secret")
+    return problems
+
+
+def job_namespace(spec: FederatedTrainingSpec, owner: Owner, task: Task) -> str:
+    """Where a task's Job runs: a client's own namespace, else the training's."""
+    return spec.clients.namespaces().get(task.client or "", owner.namespace) if task.kind == "train" \
+        else owner.namespace
+
+
+def accepts(annotation: str | None, owner: Owner) -> bool:
+    """Whether a client namespace's ``fedtrain.io/accept-trainings`` lets this training run Jobs there.
+
+    The annotation lists patterns, comma-separated: ``team-a`` (any training of namespace team-a),
+    ``team-a/signs`` (one training), globs such as ``team-*/signs-*``, or ``*``.
+    """
+    wanted = f"{owner.namespace}/{owner.name}"
+    for pattern in (p.strip() for p in (annotation or "").split(",")):
+        if pattern and fnmatch.fnmatchcase(wanted, pattern if "/" in pattern else f"{pattern}/*"):
+            return True
+    return False
 
 
 def owner_reference(owner: Owner) -> dict[str, Any]:
@@ -127,21 +181,37 @@ def labels(owner: Owner, task: Task) -> dict[str, str]:
     return found
 
 
+def task_job_name(spec: FederatedTrainingSpec, owner: Owner, task_id: str, namespace: str) -> str:
+    """``<training>-<task id>``; in a client's namespace ``<training namespace>-<training>-<task id>``.
+
+    A client namespace may serve trainings of the same name from several namespaces.
+    """
+    return job_name(owner.name if namespace == owner.namespace else f"{owner.namespace}-{owner.name}", task_id)
+
+
 def job_manifest(task: Task, spec: FederatedTrainingSpec, owner: Owner, arguments: list[str],
-                 claim: str) -> dict[str, Any]:
+                 claim: str | None) -> dict[str, Any]:
     """The Job that runs ``fedtrain-worker <arguments>`` for ``task``."""
     entry = spec.clients.entry(task.client) if task.client else None
-    job = _worker_job(job_name(owner.name, task.id), owner.namespace, labels(owner, task), spec, arguments, claim,
-                      entry.resources if entry else None, entry.node_selector if entry else None,
-                      entry.tolerations if entry else None)
+    namespace = job_namespace(spec, owner, task)
+    job_labels = {**labels(owner, task), LABEL_TRAINING_UID: owner.uid}
+    foreign = namespace != owner.namespace
+    if foreign:
+        job_labels[LABEL_TRAINING_NAMESPACE] = owner.namespace
+    data = entry.data.claim_name if entry is not None and entry.data is not None and task.kind == "train" else None
+    job = _worker_job(task_job_name(spec, owner, task.id, namespace), namespace, job_labels, spec, arguments,
+                      claim if not foreign else None, entry.resources if entry else None,
+                      entry.node_selector if entry else None, entry.tolerations if entry else None,
+                      client_data=data, foreign=foreign)
     job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: task.id}  # names may be cut; the id is kept whole
-    job["metadata"]["ownerReferences"] = [owner_reference(owner)]
+    if not foreign:
+        job["metadata"]["ownerReferences"] = [owner_reference(owner)]
     if task.kind == "train":
         job["spec"]["activeDeadlineSeconds"] = spec.round_deadline_seconds
     return job
 
 
-def cleanup_job_manifest(spec: FederatedTrainingSpec, owner: Owner, claim: str) -> dict[str, Any]:
+def cleanup_job_manifest(spec: FederatedTrainingSpec, owner: Owner, claim: str | None) -> dict[str, Any]:
     """The Job that deletes the training's directory (reclaim policy Delete).
 
     It has no owner reference on purpose: it runs while its training is being deleted, and a
@@ -149,26 +219,41 @@ def cleanup_job_manifest(spec: FederatedTrainingSpec, owner: Owner, claim: str) 
     finalizer deletes it once it is done.
     """
     job = _worker_job(job_name(owner.name, CLEANUP_TASK), owner.namespace, _worker_labels(owner.name, CLEANUP_TASK),
-                      spec, ["remove", "--workdir", workdir(owner)], claim)
+                      spec, ["remove", "--workdir", placement(spec, owner).workdir], claim)
     job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: CLEANUP_TASK, "fedtrain.io/training-uid": owner.uid}
     job["spec"]["activeDeadlineSeconds"] = 600
     return job
 
 
 def _worker_job(name: str, namespace: str, job_labels: dict[str, str], spec: FederatedTrainingSpec,
-                arguments: list[str], claim: str, resources: dict[str, Any] | None = None,
-                node_selector: dict[str, str] | None = None,
-                tolerations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A one-Pod, never-retried Job running the worker image: per-client settings win over ``spec.worker``."""
+                arguments: list[str], claim: str | None, resources: dict[str, Any] | None = None,
+                node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
+                client_data: str | None = None, foreign: bool = False) -> dict[str, Any]:
+    """A one-Pod, never-retried Job running the worker image: per-client settings win over ``spec.worker``.
+
+    A Job in a client's namespace gets none of ``worker.volumes``, ``volumeMounts`` and ``env``:
+    they name objects of the training's namespace. It mounts the client's own claim read-only.
+    """
     worker = spec.worker
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if claim is not None:
+        volumes.insert(0, {"name": "store", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.insert(0, {"name": "store", "mountPath": STORE_MOUNT})
+    if client_data is not None:
+        volumes.append({"name": "client-data", "persistentVolumeClaim": {"claimName": client_data, "readOnly": True}})
+        mounts.append({"name": "client-data", "mountPath": CLIENT_DATA_MOUNT, "readOnly": True})
+    s3_env, s3_volumes, s3_mounts = _object_store(spec, namespace)
+    if not foreign:
+        volumes += worker.volumes or []
+        mounts += worker.volume_mounts or []
     container: dict[str, Any] = {
         "name": "worker", "image": worker.image, "imagePullPolicy": worker.image_pull_policy,
         "command": ["fedtrain-worker"], "args": arguments, "workingDir": "/tmp",
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
-                {"name": "PYTHONUNBUFFERED", "value": "1"}, *(worker.env or [])],
+                {"name": "PYTHONUNBUFFERED", "value": "1"}, *s3_env, *([] if foreign else worker.env or [])],
         "resources": resources or worker.resources or {},
-        "volumeMounts": [{"name": "store", "mountPath": STORE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"},
-                         *(worker.volume_mounts or [])],
+        "volumeMounts": [*mounts, *s3_mounts],
         # A worker that fails writes nothing there: the last lines of its log become the message.
         "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -180,8 +265,7 @@ def _worker_job(name: str, namespace: str, job_labels: dict[str, str], spec: Fed
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
-        "volumes": [{"name": "store", "persistentVolumeClaim": {"claimName": claim}},
-                    {"name": "tmp", "emptyDir": {}}, *(worker.volumes or [])],
+        "volumes": [*volumes, *s3_volumes],
     }
     if node_selector or worker.node_selector:
         pod_spec["nodeSelector"] = node_selector or worker.node_selector
@@ -193,6 +277,30 @@ def _worker_job(name: str, namespace: str, job_labels: dict[str, str], spec: Fed
         "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": job_labels, "annotations": POD_ANNOTATIONS},
                                                  "spec": pod_spec}},
     }
+
+
+def _object_store(spec: FederatedTrainingSpec, namespace: str
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Env, volumes and mounts that give a worker the object store: settings, the Secret's keys, the CA."""
+    s3 = spec.storage.s3
+    if s3 is None:
+        return [], [], []
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in storage_environment(spec).items()]
+    secret = s3.credentials_secret
+    if secret is not None:
+        env += [{"name": S3_ENV["access_key_id"],
+                 "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.access_key_id_key}}},
+                {"name": S3_ENV["secret_access_key"],
+                 "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.secret_access_key_key}}},
+                {"name": S3_ENV["credentials_from"], "value": f"Secret {namespace}/{secret.name} (keys "
+                                                              f"{secret.access_key_id_key}, "
+                                                              f"{secret.secret_access_key_key})"}]
+    ca = s3.tls.ca_config_map
+    if ca is None:
+        return env, [], []
+    env.append({"name": S3_ENV["ca_bundle"], "value": f"{S3_CA_MOUNT}/{ca.key}"})
+    volume = {"name": "s3-ca", "configMap": {"name": ca.name, "items": [{"key": ca.key, "path": ca.key}]}}
+    return env, [volume], [{"name": "s3-ca", "mountPath": S3_CA_MOUNT, "readOnly": True}]
 
 
 def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:

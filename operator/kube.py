@@ -57,6 +57,11 @@ class Paths:
         """A Kubeflow Profile (cluster-scoped)."""
         return f"/apis/kubeflow.org/v1/profiles/{name}"
 
+    @staticmethod
+    def namespace(name: str) -> str:
+        """A Namespace (its annotations say which trainings may run clients there)."""
+        return f"/api/v1/namespaces/{name}"
+
 
 def load_configuration() -> None:
     """In-cluster service account first, else the kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``)."""

@@ -98,10 +98,12 @@ class ForkServer:
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
 
-    def start(self, task_id: str, arguments: list[str], out: Path, err: Path, threads: int) -> ForkedTask:
-        """Fork a task; its output goes to ``out`` and ``err``."""
+    def start(self, task_id: str, arguments: list[str], out: Path, err: Path, threads: int,
+              environment: Mapping[str, str] | None = None) -> ForkedTask:
+        """Fork a task; its output goes to ``out`` and ``err``; ``environment`` adds to the server's."""
         self.exit_codes.pop(task_id, None)
-        self.send({"id": task_id, "argv": arguments, "stdout": str(out), "stderr": str(err), "threads": threads})
+        self.send({"id": task_id, "argv": arguments, "stdout": str(out), "stderr": str(err), "threads": threads,
+                   "env": dict(environment or {})})
         return ForkedTask(self, task_id)
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in a for
             os.close(target)
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
+        os.environ.update(request.get("env") or {})  # a task's own settings (a Pod's env, in the test cluster)
         import torch
 
         torch.set_num_threads(int(request.get("threads", 1)))
