@@ -52,6 +52,7 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
     {"name": "Accuracy", "type": "number", "format": "float", "jsonPath": ".status.accuracy"},
+    {"name": "Epsilon", "type": "number", "format": "float", "jsonPath": ".status.privacyEpsilon", "priority": 1},
     {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.name"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
@@ -104,6 +105,7 @@ def status_schema() -> dict[str, Any]:
     """The printed status fields typed; the rest kept as written (the operator owns it)."""
     return {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {
         "phase": {"type": "string"}, "progress": {"type": "string"}, "accuracy": {"type": "number"},
+        "privacyEpsilon": {"type": "number"}, "privacyDelta": {"type": "number"},
         "currentRound": {"type": "integer"}, "observedGeneration": {"type": "integer"},
         "conditions": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
     }}

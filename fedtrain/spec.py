@@ -367,6 +367,19 @@ class StragglerSpec(Model):
     max_round_retries: Annotated[int, Field(ge=0, le=10)] = 1
 
 
+class PrivacySpec(Model):
+    """Central differential privacy for updates leaving clients: clip to ``clipNorm``, add Gaussian noise.
+
+    Clients clip their update (L2 norm of weights minus the global model) before it leaves; the
+    aggregator clips again, averages with equal weights and adds noise of std
+    ``noiseMultiplier · clipNorm / m``. The budget ε spent so far (at ``delta``) is in status.
+    """
+
+    clip_norm: Annotated[float, Field(gt=0)]
+    noise_multiplier: Annotated[float, Field(ge=0, le=100)] = 1.0
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+
+
 class MlflowSpec(Model):
     """Tracking and registry: an embedded sqlite store in the work directory unless a URI is given."""
 
@@ -395,6 +408,7 @@ class FederatedTrainingSpec(Model):
     round_deadline_seconds: Annotated[int, Field(ge=10, le=7 * 24 * 3600)] = 1800
     stragglers: StragglerSpec = StragglerSpec()
     mlflow: MlflowSpec = MlflowSpec()
+    privacy: PrivacySpec | None = None
     suspend: bool = False
 
     @model_validator(mode="after")
@@ -405,6 +419,9 @@ class FederatedTrainingSpec(Model):
                              f"model.numClasses ({self.model.num_classes})")
         if self.dataset.synthetic is not None and self.model.num_classes != 43:
             raise ValueError("dataset.synthetic generates the 43 GTSRB classes: set model.numClasses to 43")
+        if self.privacy is not None and self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(f"privacy needs strategy.name fedavg or fedprox, not {self.strategy.name}: the noise is "
+                             "calibrated to a mean of clipped updates (robust strategies are the other defence)")
         for index, entry in enumerate(self.clients.entries or ()):
             if entry.namespace is not None and entry.data is None:
                 raise ValueError(f"clients.list[{index}].data is required: a client in namespace {entry.namespace} "

@@ -103,6 +103,8 @@ def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[st
             "--optimizer", training.optimizer, "--lr", repr(rate), "--momentum", repr(training.momentum),
             "--weight-decay", repr(training.weight_decay), "--scheduler", training.scheduler,
             "--restart-epochs", str(training.restart_epochs)]
+    if spec.privacy is not None:
+        args += ["--clip-norm", repr(spec.privacy.clip_norm)]
     if spec.strategy.name == "fedprox":
         args += ["--mu", repr(spec.strategy.parameters.get("mu", 0.01))]
     if entry is not None and entry.data is not None:
@@ -118,6 +120,11 @@ def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, client
             "--clients", ",".join(clients), "--device", spec.worker.device]
     for key, value in sorted(spec.strategy.parameters.items()):
         args += ["--param", f"{key}={value!r}"]
+    if spec.privacy is not None:
+        rate = spec.clients.round_size / spec.clients.total
+        args += ["--dp-clip-norm", repr(spec.privacy.clip_norm), "--dp-noise-multiplier",
+                 repr(spec.privacy.noise_multiplier), "--dp-sampling-rate", repr(rate),
+                 "--dp-delta", repr(spec.privacy.delta), "--dp-seed", str(spec.seed)]
     if where.termination_log:
         args += ["--termination-log", where.termination_log]
     return args

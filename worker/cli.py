@@ -43,6 +43,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scheduler", default="none", help="none | cosine (cosine annealing with warm restarts)")
     group.add_argument("--restart-epochs", type=int, default=1, help="epochs per cosine cycle")
     group.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term")
+    group.add_argument("--clip-norm", type=float, default=None,
+                       help="clip the update (weights minus the global model) to this L2 norm before it leaves")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--data", default=None)
     aggregate.add_argument("--device", default="auto")
     aggregate.add_argument("--no-evaluate", action="store_true")
+    aggregate.add_argument("--dp-clip-norm", type=float, default=None,
+                           help="central DP: clip every update to this L2 norm, average equally, add noise")
+    aggregate.add_argument("--dp-noise-multiplier", type=float, default=1.0, help="noise std / (clip norm / m)")
+    aggregate.add_argument("--dp-sampling-rate", type=float, default=1.0, help="clients per round / clients")
+    aggregate.add_argument("--dp-delta", type=float, default=1e-5)
+    aggregate.add_argument("--dp-seed", type=int, default=0)
     aggregate.add_argument("--termination-log", type=Path, default=None,
                            help="also write the short JSON result here (Kubernetes: /dev/termination-log)")
 
@@ -209,11 +217,18 @@ def run(args: argparse.Namespace) -> Any:
         config.check()
         if args.own_data and not args.data:
             raise BadInputError("--own-data needs --data: the path of the client's own data set")
-        return jobs.train(workspace, args.round, args.client, config, device, args.own_data)
+        if args.clip_norm is not None and args.clip_norm <= 0:
+            raise BadInputError(f"--clip-norm must be > 0, got {args.clip_norm}")
+        return jobs.train(workspace, args.round, args.client, config, device, args.own_data, args.clip_norm)
     if args.command == "aggregate":
         clients = tuple(c for c in args.clients.split(",") if c)
+        privacy = None
+        if args.dp_clip_norm is not None:
+            privacy = jobs.PrivacyConfig(args.dp_clip_norm, args.dp_noise_multiplier, args.dp_sampling_rate,
+                                         args.dp_delta, args.dp_seed)
+            privacy.check()
         config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,
-                                       args.max_norm_ratio, clients, not args.no_evaluate)
+                                       args.max_norm_ratio, clients, not args.no_evaluate, privacy)
         result = jobs.aggregate(workspace, args.round, config_, device)
         if args.termination_log is not None:
             args.termination_log.write_text(jobs.termination_message(result))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +29,8 @@ from fedtrain.worker.layout import Layout, client_names
 from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.storage import Store, iterate_keys, open_store
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
+from fedtrain.worker.strategies.privacy import clip, epsilon, private_mean
+from fedtrain.worker.strategies.protocol import Aggregate
 from fedtrain.worker.training import (
     Evaluation,
     TrainConfig,
@@ -178,7 +181,7 @@ def client_seed(seed: int, round_number: int, client: str) -> int:
 
 
 def train(workspace: Workspace, round_number: int, client: str, config: TrainConfig, device: torch.device,
-          own_data: bool = False) -> dict[str, Any]:
+          own_data: bool = False, clip_norm: float | None = None) -> dict[str, Any]:
     """Train one client for one round from the previous global model; write its update.
 
     ``own_data``: the client trains on the whole training split at ``--data`` (its own data set).
@@ -216,12 +219,41 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
                         "val_examples": scores.num_examples})
     sidecar = {"client": client, "round": round_number, "num_examples": result.num_examples,
                "metrics": metrics, "base_sha256": meta["sha256"], "train_config": asdict(config)}
+    trained = state_to_numpy(model.cpu())
+    if clip_norm is not None:  # the update leaves this client bounded (privacy); the aggregator clips again
+        delta, norm = clip({k: v.astype(np.float64) - weights[k] if v.dtype.kind == "f" else v
+                            for k, v in trained.items()}, clip_norm)
+        trained = {k: (weights[k] + delta[k]).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in trained.items()}
+        sidecar["metrics"]["update_norm"] = norm
+        sidecar["clip_norm"] = clip_norm
     sidecar["sha256"] = save_weights(workspace.store, workspace.layout.client_update(round_number, client),
-                                     state_to_numpy(model.cpu()), sidecar)
+                                     trained, sidecar)
     return sidecar
 
 
 # --- aggregate ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Central DP of a round (see `strategies.privacy`)."""
+
+    clip_norm: float
+    noise_multiplier: float = 1.0
+    sampling_rate: float = 1.0
+    delta: float = 1e-5
+    seed: int = 0
+
+    def check(self) -> None:
+        """Name the option that is out of range."""
+        if self.clip_norm <= 0:
+            raise BadInputError(f"--dp-clip-norm must be > 0, got {self.clip_norm}")
+        if self.noise_multiplier < 0:
+            raise BadInputError(f"--dp-noise-multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.sampling_rate <= 1:
+            raise BadInputError(f"--dp-sampling-rate must be in (0, 1], got {self.sampling_rate}")
+        if not 0 < self.delta < 1:
+            raise BadInputError(f"--dp-delta must be in (0, 1), got {self.delta}")
 
 
 @dataclass(frozen=True)
@@ -234,6 +266,7 @@ class AggregateConfig:
     max_norm_ratio: float = 10.0
     clients: tuple[str, ...] = ()  # empty: every update file present
     evaluate: bool = True
+    privacy: PrivacyConfig | None = None
 
 
 def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, device: torch.device
@@ -252,7 +285,10 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     clients = config.clients or tuple(sorted(k.rsplit("/", 1)[-1].removesuffix(".safetensors") for k in present))
     files = [UpdateFile(c, store, layout.client_update(round_number, c)) for c in clients]
     updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates)
-    outcome = strategy.aggregate(current, updates, state)
+    if config.privacy is not None:
+        outcome = _private_round(current, updates, config.privacy, round_number)
+    else:
+        outcome = strategy.aggregate(current, updates, state)
     aggregated_at = time.perf_counter()
     result: dict[str, Any] = {
         "round": round_number, "strategy": strategy.name, "accepted": updates.accepted,
@@ -275,6 +311,17 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     return result
 
 
+def _private_round(current: dict[str, NDArray[Any]], updates: UpdateSet, privacy: PrivacyConfig,
+                   round_number: int) -> Aggregate:
+    """Clip, average, add noise; report the budget spent after this round (one step per round)."""
+    rng = np.random.default_rng([privacy.seed, round_number, 0xD1FF])
+    weights, details = private_mean(current, updates, privacy.clip_norm, privacy.noise_multiplier, rng)
+    spent = epsilon(privacy.sampling_rate, privacy.noise_multiplier, round_number, privacy.delta)
+    details.update({"epsilon": spent if math.isfinite(spent) else None, "dp_delta": privacy.delta,
+                    "dp_clip_norm": privacy.clip_norm, "dp_noise_multiplier": privacy.noise_multiplier})
+    return Aggregate(weights, details=details)
+
+
 def evaluate_weights(workspace: Workspace, weights: dict[str, NDArray[Any]], device: torch.device,
                      split: str = "test") -> Evaluation:
     """Score weights on the data set's test split (or its whole training split)."""
@@ -288,7 +335,8 @@ def evaluate_weights(workspace: Workspace, weights: dict[str, NDArray[Any]], dev
 
 def termination_message(result: dict[str, Any]) -> str:
     """The small JSON a Kubernetes Pod leaves in its termination message (at most 4 KiB)."""
-    keys = ("round", "strategy", "accuracy", "loss", "num_examples", "accepted", "sha256", "seconds")
+    keys = ("round", "strategy", "accuracy", "loss", "num_examples", "accepted", "sha256", "seconds", "epsilon",
+            "dp_delta")
     short = {k: result[k] for k in keys if k in result}
     short["rejected"] = result.get("rejected", {})
     text = json.dumps(short, separators=(",", ":"))

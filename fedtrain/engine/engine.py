@@ -301,6 +301,9 @@ class _Step:
         rejected = output.get("rejected")
         current.rejected = {str(k): str(v)[:200] for k, v in rejected.items()} if isinstance(rejected, dict) else {}
         status.accuracy = current.accuracy
+        spent, delta = output.get("epsilon"), output.get("dp_delta")
+        if isinstance(spent, int | float) and isinstance(delta, int | float):
+            status.privacy_epsilon, status.privacy_delta = float(spent), float(delta)
         if current.accuracy is not None and (status.best_accuracy is None or current.accuracy > status.best_accuracy):
             status.best_accuracy, status.best_round = current.accuracy, current.round
         shown = f"{current.accuracy:.4f}" if current.accuracy is not None else "n/a"

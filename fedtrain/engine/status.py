@@ -99,6 +99,9 @@ class TrainingStatus(StatusModel):
     best_round: int | None = None
     best_accuracy: float | None = None
     accuracy: float | None = None
+    # Differential privacy (spec.privacy): the budget spent so far, (epsilon, delta) per client.
+    privacy_epsilon: float | None = None
+    privacy_delta: float | None = None
     model_uri: str | None = None
     model_version: str | None = None
     tracking_error: str | None = None

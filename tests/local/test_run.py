@@ -163,3 +163,21 @@ def test_local_run_with_an_object_store(tmp_path: Path, s3_server: Any) -> None:
     assert wrong.returncode != 0
     assert "refused the credentials" in wrong.stdout + wrong.stderr
     assert "the environment of `fedtrain run`" in wrong.stdout + wrong.stderr
+
+
+def test_privacy_clips_updates_and_reports_the_budget(tmp_path: Path) -> None:
+    from fedtrain.worker.strategies.privacy import epsilon
+
+    body = manifest("private", 2, clients={"count": 4, "perRound": 2},
+                    privacy={"clipNorm": 0.5, "noiseMultiplier": 1.2, "delta": 1e-5})
+    done = fedtrain("run", write(tmp_path / "ft.yaml", body), "--workdir", tmp_path / "w")
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads((tmp_path / "w" / "status.json").read_text())
+    assert status["phase"] == "Succeeded"
+    assert status["privacyEpsilon"] == pytest.approx(epsilon(2 / 4, 1.2, 2, 1e-5)) and status["privacyDelta"] == 1e-5
+    for sidecar in (tmp_path / "w" / "round-0002" / "clients").glob("*.json"):
+        meta = json.loads(sidecar.read_text())
+        assert meta["clip_norm"] == 0.5 and meta["metrics"]["update_norm"] > 0
+    result = json.loads((tmp_path / "w" / "round-0002" / "result.json").read_text())
+    assert result["dp_noise_std"] == pytest.approx(1.2 * 0.5 / len(result["accepted"]))
+    assert all(norm <= 0.5 + 1e-4 for norm in result["dp_update_norms"].values())  # clipped before leaving

@@ -37,7 +37,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 def test_files_round_trip_list_and_remove(store: Store, tmp_path: Path) -> None:
     assert not store.exists("manifest.json")
-    with pytest.raises(BadDataError, match="manifest.json: missing"):
+    with pytest.raises(BadDataError, match=r"manifest\.json: missing"):
         store.read_bytes("manifest.json")
     store.write_bytes("manifest.json", b"{}")
     store.write_bytes("round-0001/clients/a.json", b"1")
@@ -179,7 +179,7 @@ def test_the_worker_cli_exits_bad_input_naming_the_secret(s3_server: S3Server, s
 def test_settings_are_checked_and_named() -> None:
     with pytest.raises(BadInputError, match="FEDTRAIN_S3_ADDRESSING_STYLE='sideways'"):
         S3Settings.from_environment({"FEDTRAIN_S3_ADDRESSING_STYLE": "sideways"})
-    with pytest.raises(BadInputError, match="FEDTRAIN_S3_CA_BUNDLE=/nowhere/ca.crt: no such file"):
+    with pytest.raises(BadInputError, match=r"FEDTRAIN_S3_CA_BUNDLE=/nowhere/ca\.crt: no such file"):
         S3Settings.from_environment({"FEDTRAIN_S3_CA_BUNDLE": "/nowhere/ca.crt"})
     with pytest.raises(BadInputError, match="scheme gs:// is not supported"):
         open_store("gs://bucket/x")
