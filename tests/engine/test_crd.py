@@ -49,8 +49,8 @@ def test_names_columns_subresource_and_rules() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["ft"]
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Round", "Accuracy", "Strategy",
-                                                                        "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Round", "Accuracy", "Epsilon",
+                                                                        "Strategy", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     for field, rules in CEL_RULES.items():
         assert spec["properties"][field]["x-kubernetes-validations"] == rules
