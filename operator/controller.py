@@ -407,18 +407,20 @@ class Controller:
         except SpecError:
             return True  # it never ran, so there is nothing to remove
         owner = Owner(name, namespace, uid)
-        foreign = [j for j in (await self.worker_objects(spec, owner))[0] if j["metadata"]["namespace"] != namespace]
-        for job in foreign:
-            if not job["metadata"].get("deletionTimestamp"):
-                await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
-        if spec.storage.reclaim_policy != "Delete" or (spec.storage.persistent_volume_claim is None
-                                                       and spec.storage.s3 is None):
+        remove_weights = spec.storage.reclaim_policy == "Delete" and (spec.storage.persistent_volume_claim is not None
+                                                                      or spec.storage.s3 is not None)
+        if not remove_weights and not spec.clients.namespaces():
             return True  # Retain; or a claim the operator created, which the garbage collector deletes
+        jobs, pods = await self.worker_objects(spec, owner)
+        for job in jobs:
+            if job["metadata"]["namespace"] != namespace and not job["metadata"].get("deletionTimestamp"):
+                await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
+        if not remove_weights:
+            return True
         for job in await self.kube.list(Paths.jobs(namespace), {LABEL_TRAINING: name}):
             meta = job["metadata"]
             if meta["labels"].get(LABEL_TASK) != CLEANUP_TASK and not meta.get("deletionTimestamp"):
                 await self.kube.delete(Paths.jobs(namespace, job["metadata"]["name"]))
-        _, pods = await self.worker_objects(spec, owner)
         if any(p["metadata"]["labels"].get(LABEL_TASK) != CLEANUP_TASK and p.get("status", {}).get("phase") in
                ("Pending", "Running") for p in pods):
             return False  # a worker may still write into the directory

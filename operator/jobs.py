@@ -98,7 +98,8 @@ def placement(spec: FederatedTrainingSpec, owner: Owner) -> Placement:
 def kubernetes_problems(spec: FederatedTrainingSpec) -> list[str]:
     """What a spec lacks to run on a cluster, one line per field (beyond what the spec validates)."""
     problems = []
-    if claim_name(spec, "x") is None and spec.storage.s3 is None:
+    storage = spec.storage
+    if storage.persistent_volume_claim is None and storage.create is None and storage.s3 is None:
         problems.append("spec.storage: a training on Kubernetes needs storage.persistentVolumeClaim.claimName (an "
                         "existing ReadWriteMany claim), storage.create (a claim the operator creates) or storage.s3 "
                         "(an object store); storage.local is for `fedtrain run`")
@@ -181,7 +182,7 @@ def labels(owner: Owner, task: Task) -> dict[str, str]:
     return found
 
 
-def task_job_name(spec: FederatedTrainingSpec, owner: Owner, task_id: str, namespace: str) -> str:
+def task_job_name(owner: Owner, task_id: str, namespace: str) -> str:
     """``<training>-<task id>``; in a client's namespace ``<training namespace>-<training>-<task id>``.
 
     A client namespace may serve trainings of the same name from several namespaces.
@@ -199,7 +200,7 @@ def job_manifest(task: Task, spec: FederatedTrainingSpec, owner: Owner, argument
     if foreign:
         job_labels[LABEL_TRAINING_NAMESPACE] = owner.namespace
     data = entry.data.claim_name if entry is not None and entry.data is not None and task.kind == "train" else None
-    job = _worker_job(task_job_name(spec, owner, task.id, namespace), namespace, job_labels, spec, arguments,
+    job = _worker_job(task_job_name(owner, task.id, namespace), namespace, job_labels, spec, arguments,
                       claim if not foreign else None, entry.resources if entry else None,
                       entry.node_selector if entry else None, entry.tolerations if entry else None,
                       client_data=data, foreign=foreign)

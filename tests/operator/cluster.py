@@ -55,7 +55,7 @@ RESOURCES = {
                                                    verbs={"create", "delete", "get", "list", "patch", "watch"}),
     # kopf waits for namespaces to be discoverable even when it watches cluster-wide (and then never lists them).
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False,
-                                        verbs={"create", "get", "list", "patch", "watch"}),
+                                        verbs={"get", "list", "watch"}),
     "v1/secrets": kmock.ResourceInfo(kind="Secret", singular="secret", namespaced=True,
                                      verbs={"create", "delete", "get", "list", "patch"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
@@ -127,19 +127,13 @@ class ApiServer(kmock.KubernetesEmulator):
         """Namespaces by name: kmock 0.8 reads ``/api/v1/namespaces[/x]`` as a namespace prefix and fails.
 
         Worked around here, in the fixture: tests add them with `add_namespace` (kmock cannot even
-        parse the POST), GET reads one, PATCH merges labels and annotations into it.
+        parse the POST), and GET reads one (the operator only reads them).
         """
         parts = request.url.path.strip("/").split("/")
         if parts[:3] != ["api", "v1", "namespaces"] or len(parts) > 4:
             return None
         known = self.namespace_objects
-        if len(parts) == 4 and parts[3] in known:
-            if request.method == enums.method.PATCH and isinstance(request.data, dict):
-                meta = known[parts[3]]["metadata"]
-                for key in ("labels", "annotations"):
-                    meta[key] = {k: v for k, v in {**(meta.get(key) or {}),
-                                                   **(request.data.get("metadata", {}).get(key) or {})}.items()
-                                 if v is not None}
+        if len(parts) == 4 and parts[3] in known and request.method == enums.method.GET:
             return known[parts[3]]
         if len(parts) == 4 and request.method == enums.method.GET:
             raise kmock.KubernetesError(404, "NotFound", f'namespaces "{parts[3]}" not found')
