@@ -274,6 +274,10 @@ class S3Spec(Model):
     tls: S3Tls = S3Tls()
 
 
+# The fields of `StorageSpec` of which one names where weights live (camelCase, as in a raw spec).
+STORAGE_KINDS = ("persistentVolumeClaim", "create", "s3", "local")
+
+
 class StorageSpec(Model):
     """Where weights live: an existing claim, a claim to create, an object store, or (local runs) a directory.
 

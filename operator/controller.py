@@ -57,7 +57,7 @@ from fedtrain.operator.jobs import (
 from fedtrain.operator.kube import ApiError, Kube, Paths
 from fedtrain.operator.profiles import DEFAULTS_CONFIGMAP, LABEL_PROFILE, apply_defaults, provision
 from fedtrain.operator.status import Conflict, read_status, write_status
-from fedtrain.spec import FederatedTrainingSpec, SpecError, parse_spec
+from fedtrain.spec import STORAGE_KINDS, FederatedTrainingSpec, SpecError, parse_spec
 from fedtrain.tasks import aggregation_clients, worker_arguments
 
 log = logging.getLogger("fedtrain.operator")
@@ -301,7 +301,7 @@ class Controller:
 
     async def effective_spec(self, namespace: str, name: str, raw_spec: dict[str, Any]) -> dict[str, Any]:
         """The spec with the namespace's ``fedtrain-defaults`` filled in where it is silent (profiles)."""
-        silent = not any(k in (raw_spec.get("storage") or {}) for k in ("persistentVolumeClaim", "create", "local"))
+        silent = not any(k in (raw_spec.get("storage") or {}) for k in STORAGE_KINDS)
         mlflow = raw_spec.get("mlflow") or {}
         if not (silent or "experiment" not in mlflow or "trackingUri" not in mlflow):
             return raw_spec

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtrain.operator.jobs import LABEL_MANAGED_BY, MANAGER, worker_account_manifest
+from fedtrain.spec import STORAGE_KINDS
 
 PROFILE_GROUP, PROFILE_VERSION, PROFILE_PLURAL = "kubeflow.org", "v1", "profiles"
 LABEL_PROFILE = "fedtrain.io/profile"
@@ -113,7 +114,7 @@ def apply_defaults(raw_spec: dict[str, Any], defaults: dict[str, str], training:
     """The spec with what it leaves out taken from a namespace's ``fedtrain-defaults`` data (never overriding)."""
     spec = copy.deepcopy(raw_spec)
     storage = spec.get("storage") or {}
-    if defaults.get("storageClaim") and not any(k in storage for k in ("persistentVolumeClaim", "create", "local")):
+    if defaults.get("storageClaim") and not any(k in storage for k in STORAGE_KINDS):
         spec["storage"] = {**storage, "persistentVolumeClaim": {"claimName": defaults["storageClaim"]}}
     mlflow = dict(spec.get("mlflow") or {})
     if defaults.get("mlflowExperiment") and "experiment" not in mlflow:

@@ -113,6 +113,8 @@ def test_profile_defaults_fill_only_what_a_spec_leaves_out() -> None:
     own = {"clients": {"count": 2}, "storage": {"create": {"size": "1Gi"}},
            "mlflow": {"experiment": "mine", "trackingUri": "http://other"}}
     assert apply_defaults(own, defaults, "signs") == own
+    in_a_bucket = {"clients": {"count": 2}, "storage": {"s3": {"bucket": "weights"}}}
+    assert apply_defaults(in_a_bucket, defaults, "signs")["storage"] == in_a_bucket["storage"]  # no claim beside it
     assert apply_defaults({"clients": {"count": 2}}, {}, "signs") == {"clients": {"count": 2}}
 
 
