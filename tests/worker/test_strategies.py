@@ -96,10 +96,16 @@ def test_krum_picks_the_update_closest_to_its_neighbours(tmp_path: Path) -> None
     assert result.details["selected"] == ["d"]
 
 
-def test_multikrum_averages_the_best_m(tmp_path: Path) -> None:
-    updates = {"a": ([0, 0], 1), "b": ([1, 0], 3), "c": ([0, 1], 1), "d": ([0.5, 0.5], 1), "evil": ([50, 50], 1)}
+def test_multikrum_averages_the_best_m_weighted_by_examples(tmp_path: Path) -> None:
+    updates = {"a": ([0, 0], 1), "b": ([1.5, 0], 3), "c": ([0, 2], 2), "d": ([0.5, 0.5], 4), "evil": ([50, 50], 1)}
     result, _ = run("multikrum", tmp_path, updates, {"f": 1, "m": 3})
-    assert "evil" not in result.details["selected"] and len(result.details["selected"]) == 3
+    # squared distances: a-d 0.5, b-d 1.25, a-b 2.25, c-d 2.5, a-c 4, b-c 6.25, evil ~5000 from all.
+    # scores (sum over the n-f-2 = 2 nearest): d 0.5+1.25 = 1.75, a 0.5+2.25 = 2.75, b 1.25+2.25 = 3.5,
+    # c 2.5+4 = 6.5, evil ~9800: the best three are d, a, b
+    assert result.details["selected"] == ["d", "a", "b"]
+    # their example-weighted mean (4, 1 and 3 examples): x = (4*0.5 + 1*0 + 3*1.5) / 8, y = (4*0.5) / 8
+    np.testing.assert_allclose(result.weights["w"], [0.8125, 0.25], rtol=1e-6)
+    assert result.weights["w"].dtype == np.float32 and result.weights["bn.num_batches_tracked"] == 4
 
 
 def test_krum_needs_enough_updates(tmp_path: Path) -> None:
