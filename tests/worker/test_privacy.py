@@ -1,4 +1,4 @@
-"""Central DP: clipping bounds every update, the noise has the configured scale, and the budget adds up."""
+"""Central DP: clipping bounds every update, the noise has its configured scale, ε matches published values."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.strategies import UpdateFile, UpdateSet
-from fedtrain.worker.strategies.privacy import clip, epsilon, private_mean, rdp_subsampled_gaussian
+from fedtrain.worker.strategies.privacy import clip, epsilon, private_mean
 from fedtrain.worker.weights import save_weights
 
 CURRENT = {"w": np.zeros(100_000, np.float32), "n": np.array(5, np.int64)}
@@ -54,14 +54,43 @@ def test_noise_has_the_configured_standard_deviation(tmp_path: Path) -> None:
     np.testing.assert_array_equal(noisy["w"], again["w"])  # seeded: a rerun of the round writes the same model
 
 
-def test_the_budget_grows_with_rounds_shrinks_with_noise_and_sampling() -> None:
-    sigma, delta = 1.0, 1e-5
-    assert rdp_subsampled_gaussian(1.0, sigma, 8) == pytest.approx(8 / 2)  # the plain Gaussian: alpha / (2 sigma^2)
-    # q = 1: T*a/(2s^2) + log(1/d)/(a-1) has its real minimum T/(2s^2) + 2*sqrt(T*log(1/d)/(2s^2)); integer
-    # orders can only be a little above it
-    exact = epsilon(1.0, sigma, 10, delta)
-    continuous = 10 / (2 * sigma**2) + 2 * math.sqrt(10 * math.log(1 / delta) / (2 * sigma**2))
-    assert continuous <= exact <= continuous * 1.05
-    assert epsilon(1.0, sigma, 20, delta) > exact > epsilon(1.0, 2 * sigma, 10, delta)
-    assert epsilon(0.1, sigma, 10, delta) < exact / 3  # sampling 1 client in 10 amplifies privacy
+def conversion(rdp: float, order: float, delta: float) -> float:
+    """ε of one Rényi order: rdp + log(1 - 1/α) - log(δ·α)/(α - 1) (Canonne, Kamath and Steinke, 2020)."""
+    return rdp + math.log1p(-1 / order) - math.log(delta * order) / (order - 1)
+
+
+def test_epsilon_matches_the_published_sampled_without_replacement_gaussian() -> None:
+    # The Rényi DP of the Gaussian under sampling without replacement (Wang, Balle and Kasiviswanathan, 2019)
+    # for q = 0.01, a noise-to-sensitivity ratio of 2.5 and 50 steps, as published by TensorFlow Privacy in
+    # tensorflow_privacy/privacy/analysis/rdp_accountant_test.py, test_compute_rdp_sequence_without_replacement
+    # (to within 1e-5). Orders 1.001 (degenerate for the conversion) and infinity (infinite) are left out.
+    orders = [1.5, 2.5, 5, 50, 100, 256, 512, 1024]
+    published = [0.003470, 0.004638, 0.0087633, 0.098474, 167.766388, 792.838516, 1817.35871, 3865.55029]
+    delta = 1e-5
+    expected = min(conversion(r, a, delta) for r, a in zip(published, orders, strict=True))
+    # Replacing one client moves the clipped sum by 2C, so a ratio of 2.5 is a noise multiplier z = 5
+    assert epsilon(0.01, 5.0, 50, delta, orders) == pytest.approx(expected, abs=1e-5)
+    assert expected == pytest.approx(0.23339, abs=1e-5)  # reached at order 50
+
+
+def test_all_clients_every_round_is_the_plain_gaussian_on_a_2c_sensitivity() -> None:
+    # dp-accounting's test_compute_epsilon_delta_gaussian: a noise-to-sensitivity ratio of 4.530877117 is
+    # exactly (1, 1e-6)-DP, over orders 1 to 100 in steps of 0.001 (the analytic Gaussian, Balle and Wang, 2018)
+    fine = [0.001 * i for i in range(1000, 100_000)]
+    assert epsilon(1.0, 2 * 4.530877117, 1, 1e-6, fine) == pytest.approx(1.0, abs=1e-6)
+    # at the default orders too: T rounds of RDP 2α/z² each, the best order chosen
+    z, rounds, delta = 1.5, 7, 1e-5
+    orders = [1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+    closed_form = min(conversion(rounds * 2 * a / z**2, a, delta) for a in orders)
+    assert epsilon(1.0, z, rounds, delta) == pytest.approx(closed_form, rel=1e-9)
+
+
+def test_the_budget_grows_with_rounds_with_the_sample_and_as_the_noise_shrinks() -> None:
+    delta = 1e-5
+    base = epsilon(0.2, 1.0, 10, delta)
+    assert epsilon(0.2, 1.0, 20, delta) > base  # more rounds
+    assert epsilon(0.2, 0.8, 10, delta) > base  # less noise
+    assert epsilon(0.4, 1.0, 10, delta) > base  # more clients per round: less amplification
+    assert epsilon(1.0, 1.0, 10, delta) > epsilon(0.4, 1.0, 10, delta)
+    assert epsilon(0.2, 1.0, 10, 1e-3) < base  # a looser delta buys a smaller epsilon
     assert epsilon(1.0, 0.0, 3, delta) == math.inf and epsilon(1.0, 1.0, 0, delta) == 0.0
