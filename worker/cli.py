@@ -1,7 +1,7 @@
 """``fedtrain-worker``: the command line every Job (and every local subprocess) runs.
 
 Exit codes tell the cause of a failure (see `errors`): 2 bad input, 3 bad data, 4 rejected
-updates, 70 internal error.
+updates, 70 internal error, 75 temporary storage failure (run the task again later).
 """
 
 from __future__ import annotations

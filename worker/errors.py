@@ -1,7 +1,8 @@
 """Error classes of the worker, each with its own process exit code.
 
 A Job that fails tells its cause through its exit code alone, so the operator (or the local
-runner) can tell a bad spec from broken data from a poisoned round from a bug without parsing logs.
+runner) can tell a bad spec from broken data from a poisoned round from a bug from a store that is down
+for a while, without parsing logs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ EXIT_BAD_INPUT = 2
 EXIT_BAD_DATA = 3
 EXIT_REJECTED_UPDATES = 4
 EXIT_INTERNAL = 70
+EXIT_TEMPORARY = 75  # EX_TEMPFAIL of sysexits.h: the same command may succeed if run again later
 
 EXIT_CODE_NAMES: dict[int, str] = {
     EXIT_OK: "ok",
@@ -18,6 +20,7 @@ EXIT_CODE_NAMES: dict[int, str] = {
     EXIT_BAD_DATA: "bad data",
     EXIT_REJECTED_UPDATES: "rejected updates",
     EXIT_INTERNAL: "internal error",
+    EXIT_TEMPORARY: "temporary storage failure",
 }
 
 
@@ -43,3 +46,14 @@ class RejectedUpdatesError(WorkerError):
     """Too few client updates survived validation to aggregate a round."""
 
     exit_code = EXIT_REJECTED_UPDATES
+
+
+class TemporaryStorageError(WorkerError):
+    """The store did not answer in time, or asked to slow down, past the client's own retries.
+
+    Unreachable endpoints, dropped connections, timeouts, HTTP 5xx, 429 and SlowDown say nothing
+    about the training's data, so they are neither bad data nor a client's rejected update: the task
+    exits with its own code and the engine runs it again.
+    """
+
+    exit_code = EXIT_TEMPORARY

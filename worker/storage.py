@@ -13,6 +13,12 @@ visible only once its PUT (or multipart upload) completes, so a killed writer le
 or none, never half of one. Weights also carry a sha256 in their sidecar, checked on every read.
 Large files stream in both directions (multipart, 8 MiB parts) instead of sitting in memory.
 
+Failures are sorted by what helps. botocore retries short hiccups itself (standard mode: connection
+errors, timeouts, HTTP 5xx, 429 and throttling answers, with exponential back-off and jitter, up to
+``FEDTRAIN_S3_MAX_ATTEMPTS`` attempts per request); what outlasts that is a `TemporaryStorageError`
+(exit 75: run the task again later). Refused credentials are a `BadInputError` naming the Secret, a
+missing bucket a `BadInputError` naming the spec field, a missing or corrupt object a `BadDataError`.
+
 This module imports neither torch nor boto3 at import time: the operator uses its names.
 """
 
@@ -28,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from fedtrain.worker.errors import BadDataError, BadInputError
+from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
 
 # The environment contract between the operator (which fills it) and the worker (which reads it).
 S3_ENV = {
@@ -38,12 +44,18 @@ S3_ENV = {
     "ca_bundle": "FEDTRAIN_S3_CA_BUNDLE",  # a PEM file trusted for the endpoint
     "verify_tls": "FEDTRAIN_S3_VERIFY_TLS",  # "false" turns verification off (test endpoints only)
     "credentials_from": "FEDTRAIN_S3_CREDENTIALS_FROM",  # e.g. "Secret team-a/fedtrain-s3": named in errors
+    "max_attempts": "FEDTRAIN_S3_MAX_ATTEMPTS",  # attempts per request, the first included; default 5
     "access_key_id": "AWS_ACCESS_KEY_ID",
     "secret_access_key": "AWS_SECRET_ACCESS_KEY",
 }
 PART_SIZE = 8 * 1024 * 1024
 CREDENTIAL_ERRORS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
                      "InvalidClientTokenId", "AccessDenied", "Forbidden", "403")
+# Answers that say "not now" rather than "no": with HTTP 5xx and 429 they are worth another try later.
+TEMPORARY_ERRORS = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
+                    "ServiceUnavailable", "InternalError", "TooManyRequests", "RequestLimitExceeded",
+                    "TooManyRequestsException", "429")
+MAX_ATTEMPTS = 5
 
 
 class Store(Protocol):
@@ -209,6 +221,7 @@ class S3Settings:
     credentials_from: str = "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
     access_key_id: str | None = None
     secret_access_key: str | None = None
+    max_attempts: int = MAX_ATTEMPTS
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str]) -> S3Settings:
@@ -222,9 +235,12 @@ class S3Settings:
             raise BadInputError(f"{S3_ENV['verify_tls']}={verify!r}: use true or false")
         if values["ca_bundle"] and not Path(values["ca_bundle"]).is_file():
             raise BadInputError(f"{S3_ENV['ca_bundle']}={values['ca_bundle']}: no such file")
+        attempts = values["max_attempts"] or str(MAX_ATTEMPTS)
+        if not attempts.isdigit() or int(attempts) < 1:
+            raise BadInputError(f"{S3_ENV['max_attempts']}={attempts!r}: use a whole number of attempts, 1 or more")
         return cls(values["endpoint"], values["region"], style, values["ca_bundle"], verify == "true",
                    values["credentials_from"] or cls.credentials_from, values["access_key_id"],
-                   values["secret_access_key"])
+                   values["secret_access_key"], int(attempts))
 
 
 class S3Store:
@@ -239,8 +255,10 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.settings = settings
         self.location = s3_location(bucket, self.prefix)
-        config = Config(s3={"addressing_style": settings.addressing_style}, retries={"max_attempts": 5,
-                                                                                   "mode": "standard"},
+        # botocore's standard retry mode: connection errors, timeouts, 5xx, 429 and throttling codes are
+        # retried with exponential back-off and jitter before anything reaches `_S3Errors`.
+        retries = {"mode": "standard", "total_max_attempts": settings.max_attempts}
+        config = Config(s3={"addressing_style": settings.addressing_style}, retries=retries,
                         connect_timeout=10, read_timeout=60)
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=settings.endpoint, region_name=settings.region or "us-east-1",
@@ -323,21 +341,27 @@ class _S3Errors:
     def __exit__(self, kind: Any, error: Any, trace: Any) -> bool:
         if error is None:
             return False
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, SSLError
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError, SSLError
+        from botocore.exceptions import ConnectionError as Unreachable
 
+        if isinstance(error, S3UploadFailedError) and isinstance(error.__context__, ClientError | Unreachable):
+            error = error.__context__  # upload_file wraps the answer in a message; judge the answer itself
         where = self.store.describe(self.key) if self.key else self.store.location
         settings = self.store.settings
         endpoint = settings.endpoint or "AWS S3"
+        tries = f"after {settings.max_attempts} attempt(s)"
         if isinstance(error, NoCredentialsError):
             raise BadInputError(f"{where}: no S3 credentials; set them in {settings.credentials_from}") from error
         if isinstance(error, SSLError):
             raise BadInputError(f"{where}: TLS to {endpoint} failed ({error}); trust its CA with "
                                 f"{S3_ENV['ca_bundle']} (spec.storage.s3.tls.caConfigMap)") from error
-        if isinstance(error, EndpointConnectionError):
-            raise BadDataError(f"{where}: cannot reach {endpoint} ({error})") from error
+        if isinstance(error, Unreachable | HTTPClientError):  # refused, reset, timed out, cut mid-answer
+            raise TemporaryStorageError(f"{where}: cannot reach {endpoint} {tries} ({error})") from error
         if not isinstance(error, ClientError):
             return False
         code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code in ("NoSuchKey", "404", "NotFound"):
             if self.missing_ok:
                 self.missing = True
@@ -350,6 +374,10 @@ class _S3Errors:
             raise BadInputError(f"{where}: {endpoint} refused the credentials ({code}); check the access key and "
                                 f"secret in {settings.credentials_from}, and that they may use bucket "
                                 f"{self.store.bucket!r}") from error
+        if status >= 500 or status == 429 or code in TEMPORARY_ERRORS:
+            answer = code if str(status) == code else f"{code} (HTTP {status})"
+            raise TemporaryStorageError(f"{where}: {endpoint} answered {answer} {tries}; the task can run "
+                                        "again once the store recovers") from error
         raise BadDataError(f"{where}: S3 error {code}: {error}") from error
 
 

@@ -6,8 +6,9 @@ asks for the same tasks again, which executors ignore (Kubernetes answers 409, t
 knows its processes). All durable state is in the returned status.
 
 A training goes: init → rounds (clients train, then one aggregation) → finalize. Failures are
-sorted by the worker's exit code: bad input or bad data is permanent (retrying cannot help), any
-other failure is retried up to ``clients.maxRetries`` times; rejected updates or too many failed
+sorted by the worker's exit code: bad input or bad data is permanent (retrying cannot help), a
+temporary storage failure is retried `TEMPORARY_RETRIES` times on top of the others, any other
+failure is retried up to ``clients.maxRetries`` times; rejected updates or too many failed
 clients miss the round's quorum, which fails the training or retries the round
 (``stragglers.onMissedQuorum``).
 """
@@ -35,9 +36,18 @@ from fedtrain.engine.status import (
     TrainingStatus,
 )
 from fedtrain.spec import FederatedTrainingSpec
-from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_CODE_NAMES, EXIT_REJECTED_UPDATES
+from fedtrain.worker.errors import (
+    EXIT_BAD_DATA,
+    EXIT_BAD_INPUT,
+    EXIT_CODE_NAMES,
+    EXIT_REJECTED_UPDATES,
+    EXIT_TEMPORARY,
+)
 
 PERMANENT_EXIT_CODES = {EXIT_BAD_INPUT: Reason.BAD_INPUT, EXIT_BAD_DATA: Reason.BAD_DATA}
+# A task that exits EXIT_TEMPORARY (its store was down past the worker's own retries) runs again this
+# many times without spending clients.maxRetries; after that it is an ordinary failure.
+TEMPORARY_RETRIES = 3
 # Causes an executor reports that name themselves in the Failed condition's reason. Those in
 # PERMANENT_CAUSES are not retried: a wrong image stays wrong.
 KNOWN_CAUSES = ("OOMKilled", "DeadlineExceeded", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
@@ -105,10 +115,14 @@ def _advance(task: ClientTask, ident: str, observations: dict[str, Observation],
         task.state, task.exit_code, task.reason = "succeeded", 0, None
         return Progress.SUCCEEDED
     task.exit_code, task.reason = seen.exit_code, describe_failure(seen)
-    permanent = seen.exit_code in PERMANENT_EXIT_CODES or cause(task) in PERMANENT_CAUSES
-    if permanent or seen.exit_code == EXIT_REJECTED_UPDATES or task.attempt > max_retries:
-        task.state = "failed"
-        return Progress.FAILED
+    if seen.exit_code == EXIT_TEMPORARY and task.temporary_failures < TEMPORARY_RETRIES:
+        task.temporary_failures += 1  # the store, not the task, failed: run it again for free
+    else:
+        permanent = seen.exit_code in PERMANENT_EXIT_CODES or cause(task) in PERMANENT_CAUSES
+        counted = task.attempt - task.temporary_failures  # attempts that maxRetries pays for
+        if permanent or seen.exit_code == EXIT_REJECTED_UPDATES or counted > max_retries:
+            task.state = "failed"
+            return Progress.FAILED
     task.attempt += 1
     task.state = "running"
     return Progress.LAUNCH

@@ -64,6 +64,7 @@ class ClientTask(StatusModel):
     state: TaskState = "pending"
     exit_code: int | None = None
     reason: str | None = None
+    temporary_failures: int = 0  # attempts that ended in a temporary storage failure (not counted as retries)
 
 
 class RoundStatus(StatusModel):

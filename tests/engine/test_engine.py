@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from fedtrain.engine import Observation, Task, TrainingStatus, decide, select_clients, task_id
+from fedtrain.engine.engine import TEMPORARY_RETRIES
 from fedtrain.engine.status import Cancel, Decision
 from fedtrain.spec import FederatedTrainingSpec, parse_spec
 
@@ -290,3 +291,36 @@ def test_a_pod_waiting_for_resources_shows_in_degraded() -> None:
 
 def condition_reason(status: TrainingStatus, kind: str) -> str:
     return next(c.reason for c in status.conditions if c.type == kind)
+
+
+def test_temporary_storage_failures_are_retried_without_spending_max_retries() -> None:
+    sim = Simulation(spec(clients={"count": 3, "minSuccessful": 3, "maxRetries": 0}),
+                     failing({"client-01": 75}, attempts=TEMPORARY_RETRIES))
+    status = sim.run()
+    assert status.phase == "Succeeded"  # maxRetries 0: any other failure would have ended the round
+    assert [t for t in sim.launched if t.startswith("r0001-client-01")] == [
+        f"r0001-client-01-a{n}" for n in range(1, TEMPORARY_RETRIES + 2)]
+    assert status.rounds[0].clients["client-01"].temporary_failures == TEMPORARY_RETRIES
+    assert any(e.startswith("ClientRetried: round 1: client-01 retried after exit code 75 (temporary storage "
+                            "failure)") for e in sim.events)
+
+
+@pytest.mark.parametrize("max_retries", [0, 1])
+def test_past_the_bound_a_temporary_failure_counts_like_any_other(max_retries: int) -> None:
+    sim = Simulation(spec(clients={"count": 3, "minSuccessful": 3, "maxRetries": max_retries}),
+                     failing({"client-01": 75}))
+    status = sim.run()
+    assert status.phase == "Failed" and "exit code 75 (temporary storage failure)" in status.message
+    last = TEMPORARY_RETRIES + 1 + max_retries  # the free attempts, the first, then maxRetries ordinary retries
+    assert [t for t in sim.launched if t.startswith("r0001-client-01")] == [
+        f"r0001-client-01-a{n}" for n in range(1, last + 1)]
+
+
+def test_an_aggregation_whose_store_was_down_runs_again_and_the_round_completes() -> None:
+    sim = Simulation(spec(clients={"count": 3, "maxRetries": 0}),
+                     failing({"aggregate": 75}, kinds=("aggregate",), attempts=2))
+    status = sim.run()
+    assert status.phase == "Succeeded" and status.rounds[0].rejected == {}
+    assert "r0001-aggregate-a3" in sim.launched and "r0001-aggregate-a4" not in sim.launched
+    resumed = TrainingStatus.model_validate(json.loads(json.dumps(status.to_json())))  # kept in the status
+    assert resumed.rounds[0].aggregation is not None and resumed.rounds[0].aggregation.temporary_failures == 2

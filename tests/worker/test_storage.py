@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 
-from fedtrain.worker.errors import EXIT_BAD_INPUT, BadDataError, BadInputError
+from fedtrain.worker.cli import main as worker_main
+from fedtrain.worker.errors import EXIT_BAD_INPUT, EXIT_TEMPORARY, BadDataError, BadInputError, TemporaryStorageError
+from fedtrain.worker.layout import Layout
 from fedtrain.worker.storage import PART_SIZE, DirectoryStore, S3Settings, S3Store, Store, iterate_keys, open_store
+from fedtrain.worker.strategies import UpdateFile, UpdateSet
 from fedtrain.worker.weights import read_weights, save_weights
-from tests.conftest import S3Server
+from tests.conftest import S3Server, free_port
 
 
 def s3_store(server: S3Server, prefix: str | None = None) -> S3Store:
@@ -181,6 +189,8 @@ def test_settings_are_checked_and_named() -> None:
         S3Settings.from_environment({"FEDTRAIN_S3_ADDRESSING_STYLE": "sideways"})
     with pytest.raises(BadInputError, match=r"FEDTRAIN_S3_CA_BUNDLE=/nowhere/ca\.crt: no such file"):
         S3Settings.from_environment({"FEDTRAIN_S3_CA_BUNDLE": "/nowhere/ca.crt"})
+    with pytest.raises(BadInputError, match="FEDTRAIN_S3_MAX_ATTEMPTS='0': use a whole number of attempts"):
+        S3Settings.from_environment({"FEDTRAIN_S3_MAX_ATTEMPTS": "0"})
     with pytest.raises(BadInputError, match="scheme gs:// is not supported"):
         open_store("gs://bucket/x")
     assert isinstance(open_store("/tmp/somewhere"), DirectoryStore)
@@ -210,3 +220,160 @@ def test_a_whole_cli_federation_on_s3(s3_server: S3Server, synth_tree: Path) -> 
         "round-0001/global.json", "round-0001/global.safetensors", "round-0001/result.json"]
     removed = worker("remove", "--workdir", location)
     assert removed["removed"] is True and store.list("") == []
+
+
+# --- temporary failures ---------------------------------------------------------------------------
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class FlakyS3(ThreadingHTTPServer):
+    """An S3 endpoint on loopback that answers 503 SlowDown to requests for keys matching ``failing``.
+
+    Other requests go through to ``upstream`` (moto) unchanged, Host header included, so their
+    signatures still verify; without an upstream, every request fails. It counts what it refused.
+    """
+
+    def __init__(self, failing: str = "", upstream: str | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _FlakyHandler)
+        self.failing, self.upstream, self.refused = failing, upstream, 0
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _FlakyHandler(BaseHTTPRequestHandler):
+    server: FlakyS3
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+    def answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.upstream is None or (self.server.failing and self.server.failing in self.path):
+            self.server.refused += 1
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(SLOW_DOWN)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(SLOW_DOWN)
+            return
+        upstream = urlparse(self.server.upstream)
+        connection = http.client.HTTPConnection(upstream.hostname or "", upstream.port, timeout=30)
+        connection.request(self.command, self.path, body, headers=dict(self.headers))
+        reply = connection.getresponse()
+        data = reply.read()
+        self.send_response(reply.status)
+        for name, value in reply.getheaders():
+            if name.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        connection.close()
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = answer
+
+
+@pytest.fixture
+def flaky_s3() -> Iterator[FlakyS3]:
+    server = FlakyS3()
+    yield server
+    server.close()
+
+
+def environment_at(endpoint: str, attempts: int = 2) -> dict[str, str]:
+    """Settings for an endpoint, with few attempts so that botocore's back-off stays short."""
+    return {"FEDTRAIN_S3_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
+            "FEDTRAIN_S3_MAX_ATTEMPTS": str(attempts)}
+
+
+def test_an_unreachable_endpoint_is_a_temporary_error_after_the_retries(tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store = open_store("s3://bucket/training", environment_at(endpoint))
+    source = tmp_path / "file.bin"
+    source.write_bytes(b"x")
+    for action in (lambda: store.read_bytes("manifest.json"), lambda: store.exists("manifest.json"),
+                   lambda: store.write_bytes("manifest.json", b"{}"), lambda: store.upload("big.bin", source),
+                   lambda: store.list("round-0001")):
+        with pytest.raises(TemporaryStorageError, match=rf"cannot reach {endpoint} after 2 attempt\(s\)"):
+            action()
+
+
+def test_slow_down_and_5xx_answers_are_temporary_not_bad_data(flaky_s3: FlakyS3, tmp_path: Path) -> None:
+    store = open_store("s3://bucket/training", environment_at(flaky_s3.endpoint, attempts=2))
+    with pytest.raises(TemporaryStorageError, match=r"answered SlowDown \(HTTP 503\) after 2 attempt"):
+        store.read_bytes("round-0001/clients/c.safetensors")
+    assert flaky_s3.refused == 2  # botocore retried once by itself before giving up
+    with pytest.raises(TemporaryStorageError, match="answered 503 after 2"):  # HEAD: a status, no body
+        store.exists("manifest.json")
+    with pytest.raises(TemporaryStorageError, match="SlowDown"):
+        store.write_bytes("manifest.json", b"{}")
+    with pytest.raises(TemporaryStorageError, match="answered 503"):  # a download starts with a HEAD
+        store.download("final/model.safetensors", tmp_path / "model.safetensors")
+    assert flaky_s3.refused == 2 + 2 + 2 + 2
+    assert not issubclass(TemporaryStorageError, BadDataError)  # so no reader takes it for a broken file
+
+
+def test_the_worker_cli_exits_75_when_the_store_is_unreachable(synth_tree: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in environment_at(f"http://127.0.0.1:{free_port()}", attempts=1).items():
+        monkeypatch.setenv(name, value)
+    code = worker_main(["init", "--workdir", "s3://bucket/cli", "--data", str(synth_tree), "--clients", "2",
+                        "--architecture", "tiny_cnn", "--image-size", "32"])
+    assert code == EXIT_TEMPORARY == 75
+    error = capsys.readouterr().err
+    assert "init: error: s3://bucket/cli/" in error and "cannot reach http://127.0.0.1:" in error
+    assert "Traceback" not in error
+
+
+def test_an_update_that_cannot_be_read_now_is_not_rejected(flaky_s3: FlakyS3, tmp_path: Path) -> None:
+    current = {"w": np.zeros(3, np.float32)}
+    local = DirectoryStore(tmp_path)
+    save_weights(local, "a.safetensors", {"w": np.ones(3, np.float32)}, {"num_examples": 2})
+    far = open_store("s3://bucket/training", environment_at(flaky_s3.endpoint, attempts=1))
+    files = [UpdateFile("a", local, "a.safetensors"), UpdateFile("b", far, "round-0001/clients/b.safetensors")]
+    for read in (lambda updates: updates.weighted_mean(), lambda updates: updates.all()):
+        updates = UpdateSet(current, files, max_norm_ratio=0)
+        with pytest.raises(TemporaryStorageError, match="SlowDown"):
+            read(updates)
+        assert updates.rejected == {}  # the client did nothing wrong
+
+
+def test_an_aggregation_whose_update_read_fails_exits_75_and_succeeds_when_run_again(
+        s3_server: S3Server, synth_tree: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    location = f"s3://{s3_server.bucket}/flaky/{uuid.uuid4().hex[:8]}"
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    assert worker_main(["init", "--workdir", location, "--data", str(synth_tree), "--clients", "2",
+                        "--architecture", "tiny_cnn", "--image-size", "32"]) == 0
+    store, layout = open_store(location, s3_server.environment()), Layout()
+    start, _ = read_weights(store, layout.global_weights(0))
+    for step, client in enumerate(("client-00", "client-01"), start=1):  # two honest updates, no training needed
+        moved = {k: v + np.asarray(0.001 * step, v.dtype) if v.dtype.kind == "f" else v for k, v in start.items()}
+        save_weights(store, layout.client_update(1, client), moved, {"num_examples": 5})
+    aggregate = ["aggregate", "--workdir", location, "--round", "1", "--device", "cpu"]
+    proxy = FlakyS3(failing="clients/client-01.safetensors", upstream=s3_server.endpoint)
+    try:  # the real process, for its exit code
+        failed = subprocess.run([sys.executable, "-m", "fedtrain.worker.cli", *aggregate], capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "FEDTRAIN_S3_ENDPOINT": proxy.endpoint,
+                                                             "FEDTRAIN_S3_MAX_ATTEMPTS": "2"})
+    finally:
+        proxy.close()
+    assert failed.returncode == 75, failed.stderr
+    assert "client-01.safetensors" in failed.stderr and "SlowDown" in failed.stderr and proxy.refused == 2
+    assert not store.exists(layout.result(1)) and not store.exists(layout.global_weights(1))
+    capsys.readouterr()
+    assert worker_main(aggregate) == 0  # the engine's retry, once the store answers again
+    result = json.loads(capsys.readouterr().out)
+    assert result["accepted"] == ["client-00", "client-01"] and result["rejected"] == {}

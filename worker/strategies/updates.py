@@ -46,6 +46,13 @@ class UpdateSet:
     examples: dict[str, int] = field(default_factory=dict)
 
     def _read(self, source: UpdateFile) -> Update | None:
+        """The update, or None after noting why it is rejected.
+
+        Only what the client is answerable for rejects its update: a file that is missing, corrupt,
+        unparsable or of the wrong shape. A store that cannot be read right now
+        (`TemporaryStorageError`) or refuses our credentials (`BadInputError`) says nothing about
+        the client: those propagate, and the aggregation task fails (and is retried) instead.
+        """
         try:
             weights, meta = read_weights(source.store, source.key)
         except BadDataError as error:
