@@ -1,50 +1,83 @@
-"""The CRD: generated from the spec model, checked in fresh, and refusing what the spec model refuses."""
+"""The CRD: generated from the spec model, checked in fresh, installable, and admitting what a real API server would.
+
+Admission runs through `tests.apiserver_rules`: strict decoding, defaults, the OpenAPI schema and every
+CEL rule evaluated by a real CEL runtime, with the stored object for transition rules.
+"""
 
 from __future__ import annotations
 
 import copy
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 
-from fedtrain.crd import CEL_RULES, definition, render
+from fedtrain.crd import definition, render
+from fedtrain.spec import MAX_TRAINING_NAME, STORAGE_KINDS
+from tests.apiserver_rules import CRD_FILE, Refused, admit, load_crd, root_schema, rules_of, schema_problems
 
 ROOT = Path(__file__).parents[2]
-CHECKED_IN = ROOT / "crds" / "federatedtrainings.fedtrain.io.yaml"
 SAMPLES = sorted(p for p in (ROOT / "samples").rglob("*.yaml") if "kubeflow" not in p.parts)  # pipelines apart
 
 
-def as_json_schema(node: Any) -> Any:
-    """Kubernetes OpenAPI v3 -> JSON Schema draft 4 (nullable becomes a null type; x- keys dropped)."""
-    if isinstance(node, list):
-        return [as_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: as_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes") and k != "nullable"}
-    if node.get("nullable"):
-        out["type"] = [node["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False  # what `kubectl apply` (strict field validation) refuses
-    return out
-
-
 @pytest.fixture(scope="module")
-def validator() -> jsonschema.Draft4Validator:
-    schema = definition()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft4Validator(as_json_schema(schema))
+def crd() -> dict[str, Any]:
+    """The checked-in CRD: what ``kubectl apply -k deploy/`` installs."""
+    return load_crd()
 
 
 def test_checked_in_crd_is_fresh() -> None:
-    assert CHECKED_IN.read_text() == render(), "run: python -m fedtrain.crd > crds/federatedtrainings.fedtrain.io.yaml"
+    assert CRD_FILE.read_text() == render(), "run: python -m fedtrain.crd > crds/federatedtrainings.fedtrain.io.yaml"
 
 
-def test_names_columns_subresource_and_rules() -> None:
-    crd = yaml.safe_load(CHECKED_IN.read_text())
+def test_crd_is_accepted_by_the_api_server(crd: dict[str, Any]) -> None:
+    """Only JSONSchemaProps keywords, a structural schema, defaults that pass their schema, rules that compile."""
+    assert schema_problems(definition()) == []
+    assert schema_problems(crd) == []
+
+
+def schema_with(path: list[str], **node: Any) -> dict[str, Any]:
+    """The generated CRD with ``node``'s keys set (``None``: removed) on the schema node at ``path``."""
+    changed = definition()
+    target = root_schema(changed)
+    for name in path:
+        target = target["properties"][name]
+    target.update(node)
+    for key in [k for k, v in node.items() if v is None]:
+        del target[key]
+    return changed
+
+
+@pytest.mark.parametrize(("crd_changed", "fragment"), [
+    (schema_with(["spec", "dataset", "format"], const="gtsrb"),
+     'strict decoding error: unknown field "spec.versions[0].schema.openAPIV3Schema.properties.spec.properties.'
+     'dataset.properties.format.const"'),
+    (schema_with(["spec", "rounds"], type=None), "must not be empty for specified object fields"),
+    (schema_with(["spec", "worker", "nodeSelector"], properties={"zone": {"type": "string"}}),
+     "additionalProperties and properties are mutual exclusive"),
+    (schema_with(["spec", "rounds"], default=0), "should be greater than or equal to 1"),
+    (schema_with(["spec", "model"], default={"layers": 3}), "must not have unknown fields"),
+    (schema_with(["spec", "clients"], default={}), "give clients.count or clients.list"),
+    (schema_with(["spec", "worker", "env"], uniqueItems=True), "uniqueItems cannot be set to true"),
+    (schema_with(["metadata"], properties={"name": {"type": "string"}, "labels": {"type": "object"}}),
+     "must not specify anything other than name and generateName"),
+    (schema_with(["spec", "worker", "tolerations"], items={
+        "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+        "x-kubernetes-validations": [{"rule": "self == oldSelf"}]}),
+     "oldSelf cannot be used on the uncorrelatable portion of the schema"),
+    (schema_with(["spec", "storage"], **{"x-kubernetes-validations": [{"rule": "self.local ==", "message": "m"}]}),
+     "compilation failed"),
+], ids=["const", "no-type", "properties-and-additionalProperties", "bad-default", "unknown-field-in-default",
+        "default-breaking-a-rule", "uniqueItems", "metadata-fields", "oldSelf-in-list-items", "rule-syntax"])
+def test_schema_problems_finds_what_the_api_server_refuses(crd_changed: dict[str, Any], fragment: str) -> None:
+    problems = schema_problems(crd_changed)
+    assert any(fragment in p for p in problems), problems
+
+
+def test_names_columns_and_subresource(crd: dict[str, Any]) -> None:
     assert crd["metadata"]["name"] == "federatedtrainings.fedtrain.io"
     assert crd["spec"]["names"]["shortNames"] == ["ft"]
     version = crd["spec"]["versions"][0]
@@ -52,41 +85,185 @@ def test_names_columns_subresource_and_rules() -> None:
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Round", "Accuracy", "Epsilon",
                                                                         "Strategy", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    for field, rules in CEL_RULES.items():
-        assert spec["properties"][field]["x-kubernetes-validations"] == rules
     assert spec["required"] == ["clients"]
     assert spec["properties"]["strategy"]["properties"]["name"]["enum"][0] == "fedavg"
-    assert spec["properties"]["rounds"] == {"default": 10, "maximum": 10000, "minimum": 1, "type": "integer"}
+    assert {k: spec["properties"]["rounds"][k] for k in ("default", "minimum", "maximum", "type")} == \
+        {"default": 10, "minimum": 1, "maximum": 10000, "type": "integer"}
+
+
+def test_every_spec_field_is_described(crd: dict[str, Any]) -> None:
+    """``kubectl explain federatedtraining.spec.<field>`` says what each field is."""
+    spec = root_schema(crd)["properties"]["spec"]
+    undescribed = [name for name, prop in spec["properties"].items() if not prop.get("description")]
+    assert undescribed == []
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
-def test_samples_pass_the_schema(path: Path, validator: jsonschema.Draft4Validator) -> None:
-    errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
-    assert errors == []
+def test_samples_are_admitted_strictly(path: Path, crd: dict[str, Any]) -> None:
+    manifest = yaml.safe_load(path.read_text())
+    admitted = admit(crd, manifest, field_validation="Strict")
+    assert admitted["spec"]["rounds"] == manifest["spec"].get("rounds", 10)
 
 
-def patched(**spec: Any) -> dict[str, Any]:
-    manifest = yaml.safe_load((ROOT / "samples" / "gtsrb-fedavg-local.yaml").read_text())
-    manifest = copy.deepcopy(manifest)
-    manifest["spec"].update(spec)
+def sample(**spec: Any) -> dict[str, Any]:
+    """The README's demo with top-level spec fields replaced (``None`` removes one)."""
+    manifest = copy.deepcopy(yaml.safe_load((ROOT / "samples" / "gtsrb-fedavg-local.yaml").read_text()))
+    for key, value in spec.items():
+        if value is None:
+            manifest["spec"].pop(key, None)
+        else:
+            manifest["spec"][key] = value
+    return dict(manifest)
+
+
+def named(name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    manifest["metadata"]["name"] = name
     return manifest
 
 
-@pytest.mark.parametrize(("manifest", "fragment"), [
-    (patched(rounds=0), "less than the minimum of 1"),
-    (patched(rounds="ten"), "is not of type"),
-    (patched(strategy={"name": "fedsgd"}), "is not one of"),
-    (patched(model={"architecture": "resnet50"}), "is not one of"),
-    (patched(model={"imageSize": 8}), "less than the minimum of 16"),
-    (patched(training={"learningRate": 0}), "less than or equal to the minimum of 0"),
-    (patched(clients={"count": 2, "list": [{"name": "Bad_Name"}]}), "does not match"),
-    (patched(partition={"scheme": "random"}), "is not one of"),
-    (patched(modell={}), "Additional properties are not allowed"),
+@pytest.mark.parametrize(("manifest", "message"), [
+    (sample(rounds=0),
+     'FederatedTraining.fedtrain.io "gtsrb-fedavg-local" is invalid: spec.rounds: Invalid value: 0: '
+     "spec.rounds in body should be greater than or equal to 1"),
+    (sample(rounds="ten"),
+     'spec.rounds: Invalid value: "string": spec.rounds in body must be of type integer: "string"'),
+    (sample(strategy={"name": "fedsgd"}),
+     'spec.strategy.name: Unsupported value: "fedsgd": supported values: "fedavg"'),
+    (sample(model={"architecture": "resnet50"}), 'spec.model.architecture: Unsupported value: "resnet50"'),
+    (sample(model={"imageSize": 8}), "spec.model.imageSize in body should be greater than or equal to 16"),
+    (sample(training={"learningRate": 0}), "spec.training.learningRate in body should be greater than 0"),
+    (sample(clients={"count": 1, "list": [{"name": "Bad_Name"}]}),
+     "spec.clients.list[0].name in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'"),
+    (sample(partition={"scheme": "random"}), 'spec.partition.scheme: Unsupported value: "random"'),
+    (sample(dataset={"format": "imagenet"}), 'spec.dataset.format: Unsupported value: "imagenet": supported values: '
+                                             '"gtsrb"'),
+    (sample(clients=None), "spec.clients: Required value"),
     ({"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining", "metadata": {"name": "x"}},
-     "'spec' is a required property"),
-    (patched(clients={"perRound": 2}) | {"spec": {"rounds": 1}}, "'clients' is a required property"),
-])
-def test_bad_manifests_are_refused(manifest: dict[str, Any], fragment: str,
-                                   validator: jsonschema.Draft4Validator) -> None:
-    messages = [e.message for e in validator.iter_errors(manifest)]
-    assert any(fragment in m for m in messages), messages
+     'FederatedTraining.fedtrain.io "x" is invalid: spec: Required value'),
+    (named("Signs", sample()), 'metadata.name: Invalid value: "Signs": a lowercase RFC 1123 subdomain'),
+], ids=["rounds-0", "rounds-string", "strategy", "architecture", "imageSize", "learningRate", "client-name",
+        "scheme", "format", "no-clients", "no-spec", "upper-case-name"])
+def test_bad_manifests_are_refused_as_the_api_server_words_it(manifest: dict[str, Any], message: str,
+                                                              crd: dict[str, Any]) -> None:
+    with pytest.raises(Refused) as refused:
+        admit(crd, manifest, field_validation="Strict")
+    assert refused.value.code == 422
+    assert message in refused.value.message
+
+
+def test_unknown_fields_are_refused_strictly_and_pruned_otherwise(crd: dict[str, Any]) -> None:
+    manifest = sample(modell={"architecture": "tiny_cnn"})
+    with pytest.raises(Refused) as refused:
+        admit(crd, manifest, field_validation="Strict")
+    assert refused.value.code == 400
+    assert refused.value.message == ('FederatedTraining in version "v1alpha1" cannot be handled as a '
+                                     'FederatedTraining: strict decoding error: unknown field "spec.modell"')
+    warnings: list[str] = []
+    assert "modell" not in admit(crd, manifest, field_validation="Warn", warnings=warnings)["spec"]
+    assert warnings == ['unknown field "spec.modell"']
+
+
+def test_defaults_fill_in_what_is_left_out(crd: dict[str, Any]) -> None:
+    admitted = admit(crd, sample(model=None, strategy=None, rounds=None))
+    assert admitted["spec"]["rounds"] == 10
+    assert admitted["spec"]["model"]["architecture"] == "mobilenet_v3_small"  # default {} then its fields' defaults
+    assert admitted["spec"]["strategy"]["name"] == "fedavg"
+
+
+@dataclass
+class RuleCase:
+    """A change the CRD's CEL rules must refuse (``message`` at ``path``), and a close one they must let through."""
+
+    path: str  # where the rule sits ("" is the root), as the API server names it
+    message: str  # a fragment of the rule's message
+    refused: dict[str, Any]
+    allowed: dict[str, Any]
+    old: dict[str, Any] | None = None  # the stored object, for transition rules
+
+
+def storage(**kinds: Any) -> dict[str, Any]:
+    return {kind: value for kind, value in kinds.items()}
+
+
+S3 = {"bucket": "weights"}
+CASES = {
+    "name-length": RuleCase("", f"at most {MAX_TRAINING_NAME} characters",
+                            named("n" * (MAX_TRAINING_NAME + 1), sample()), named("n" * MAX_TRAINING_NAME, sample())),
+    "clients-count-or-list": RuleCase("spec.clients", "give clients.count or clients.list",
+                                      sample(clients={"maxRetries": 1}), sample(clients={"count": 2})),
+    "clients-count-matches-list": RuleCase("spec.clients", "differs from the number of entries",
+                                           sample(clients={"count": 3, "list": [{"name": "a"}, {"name": "b"}]}),
+                                           sample(clients={"count": 2, "list": [{"name": "a"}, {"name": "b"}]})),
+    "clients-per-round": RuleCase("spec.clients", "clients.perRound must be <= clients.count",
+                                  sample(clients={"count": 2, "perRound": 3}),
+                                  sample(clients={"count": 3, "perRound": 3})),
+    "clients-per-round-of-list": RuleCase("spec.clients", "clients.perRound must be <= clients.count",
+                                          sample(clients={"list": [{"name": "a"}], "perRound": 2}),
+                                          sample(clients={"list": [{"name": "a"}], "perRound": 1})),
+    "clients-min-successful": RuleCase("spec.clients", "clients.minSuccessful must be <= clients.perRound",
+                                       sample(clients={"count": 4, "perRound": 2, "minSuccessful": 3}),
+                                       sample(clients={"count": 4, "minSuccessful": 4})),
+    "storage-one-kind": RuleCase("spec.storage", "not several",
+                                 sample(storage={"create": {}, "local": "/tmp/x"}),
+                                 sample(storage={"create": {}})),
+    "storage-s3-and-create": RuleCase("spec.storage", "not several",
+                                      sample(storage={"s3": S3, "create": {}}), sample(storage={"s3": S3})),
+    "dataset-path-or-synthetic": RuleCase("spec.dataset", "give either dataset.path or dataset.synthetic",
+                                          sample(dataset={"path": "/data", "synthetic": {}}),
+                                          sample(dataset={"path": "/data"})),
+    "model-architecture-changed": RuleCase("spec.model", "spec.model is immutable",
+                                           sample(model={"architecture": "mobilenet_v3_large", "imageSize": 32}),
+                                           sample(model={"architecture": "tiny_cnn", "imageSize": 32}),
+                                           old=sample(model={"architecture": "tiny_cnn", "imageSize": 32})),
+    "model-removed": RuleCase("spec.model", "spec.model is immutable", sample(model=None),
+                              sample(model={"architecture": "tiny_cnn", "numClasses": 43, "imageSize": 32}),
+                              old=sample()),
+    "model-added": RuleCase("spec.model", "spec.model is immutable", sample(model={"architecture": "tiny_cnn"}),
+                            sample(model={"architecture": "mobilenet_v3_small"}), old=sample(model=None)),
+    "strategy-added": RuleCase("spec.strategy", "spec.strategy is immutable", sample(strategy={"name": "fedprox"}),
+                               sample(strategy={"name": "fedavg"}), old=sample(strategy=None)),
+    "strategy-removed": RuleCase("spec.strategy", "spec.strategy is immutable",
+                                 sample(strategy=None), sample(strategy={"name": "krum", "parameters": {"f": 1}}),
+                                 old=sample(strategy={"name": "krum", "parameters": {"f": 1}})),
+}
+
+
+def refusal(crd: dict[str, Any], case: RuleCase, manifest: dict[str, Any]) -> str | None:
+    """The API server's 422 message for ``manifest`` (an update of ``case.old`` when given), or None if admitted."""
+    old = None if case.old is None else admit(crd, case.old, field_validation="Strict")
+    if old is not None:
+        manifest = {**manifest, "metadata": {**manifest["metadata"], "name": old["metadata"]["name"]}}
+    try:
+        admit(crd, manifest, old, field_validation="Strict")
+    except Refused as refused:
+        return refused.message
+    return None
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_cel_rule_refuses_and_allows(case: RuleCase, crd: dict[str, Any]) -> None:
+    message = refusal(crd, case, case.refused)
+    assert message is not None, "admitted"
+    assert f"{case.path or '<nil>'}: Invalid value: \"object\": " in message and case.message in message, message
+    assert refusal(crd, case, case.allowed) is None
+
+
+def test_every_cel_rule_has_a_case(crd: dict[str, Any]) -> None:
+    """A rule added to the CRD without a case here fails this test: each rule's own message must be seen refusing."""
+    seen = " ".join(filter(None, (refusal(crd, case, case.refused) for case in CASES.values())))
+    rules = rules_of(crd)
+    missing = [(path, rule["message"]) for path, rule in rules
+               if f"{path or '<nil>'}: Invalid value: \"object\": {rule['message']}" not in seen]
+    assert missing == []
+    unmatched = [key for key, case in CASES.items()
+                 if not any(path == case.path and case.message in rule["message"] for path, rule in rules)]
+    assert unmatched == [], "cases whose rule is not in the CRD"
+
+
+def test_storage_rule_names_every_storage_kind(crd: dict[str, Any]) -> None:
+    """Any two storage kinds together are refused at admission, whichever they are."""
+    values = {"persistentVolumeClaim": {"claimName": "c"}, "create": {}, "s3": S3, "local": "/tmp/x"}
+    for first, second in itertools.pairwise(STORAGE_KINDS):
+        case = RuleCase("spec.storage", "not several", sample(storage={first: values[first], second: values[second]}),
+                        sample(storage={first: values[first]}))
+        assert "not several" in (refusal(crd, case, case.refused) or ""), (first, second)
