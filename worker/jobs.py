@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from fedtrain.worker.data.decoded import DecodedShard, ShardKey, cache_directory, decoded_shard
 from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree, sign_names, split_by_track
 from fedtrain.worker.data.images import load_image, load_samples
 from fedtrain.worker.data.partition import Partition, PartitionConfig, partition_samples
@@ -170,14 +172,50 @@ class Workspace:
         """Decoded images and labels at the model's input size."""
         return load_samples(tree, samples, self.model.image_size, self.data.roi_crop)
 
+    def shard(self, name: str, locate: Callable[[], tuple[GtsrbTree, list[Sample]]],
+              expected_ids: Sequence[str] | None = None) -> DecodedShard:
+        """A shard's decoded images, from the local cache when one is configured and still valid."""
+        key = ShardKey(name, Path(self.data.path), self.model.image_size, self.data.roi_crop)
+        return decoded_shard(key, locate, expected_ids, cache_directory())
+
 
 # --- train ----------------------------------------------------------------------------------------
+
+
+class Stopwatch:
+    """Seconds spent in each named step of a task, for the per-round breakdown of the benchmarks."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Charge the time since the previous lap to ``name``."""
+        now = time.perf_counter()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self.last, 4)
+        self.last = now
 
 
 def client_seed(seed: int, round_number: int, client: str) -> int:
     """A distinct, reproducible seed for each (training, round, client)."""
     digest = hashlib.sha256(f"{seed}/{round_number}/{client}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def _client_samples(workspace: Workspace, client: str, sample_ids: list[str] | None, own_data: bool
+                    ) -> tuple[GtsrbTree, list[Sample]]:
+    """Index the data set and pick the client's samples (all of them for its own data set)."""
+    tree = load_tree(Path(workspace.data.path), workspace.model.num_classes, need_test=False) if own_data \
+        else workspace.tree(need_test=False)
+    by_id = {s.sample_id: s for s in tree.train}
+    if sample_ids is None:
+        sample_ids = sorted(by_id)
+    missing = [i for i in sample_ids if i not in by_id]
+    if missing:
+        raise BadDataError(
+            f"{workspace.data.path}: {len(missing)} sample(s) of {client} are missing, e.g. {missing[0]}"
+        )
+    return tree, [by_id[i] for i in sample_ids]
 
 
 def train(workspace: Workspace, round_number: int, client: str, config: TrainConfig, device: torch.device,
@@ -193,32 +231,30 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
         known = ", ".join(sorted(workspace.partition.clients))
         raise BadInputError(f"--client {client!r} is not in the partition (clients: {known}); a client with its "
                             "own data set needs --own-data")
+    clock = Stopwatch()
     weights, meta = workspace.load_global(round_number - 1)
-    tree = load_tree(Path(workspace.data.path), workspace.model.num_classes, need_test=False) if own_data \
-        else workspace.tree(need_test=False)
-    by_id = {s.sample_id: s for s in tree.train}
-    if sample_ids is None or own_data:
-        sample_ids = sorted(by_id)
-    missing = [i for i in sample_ids if i not in by_id]
-    if missing:
-        raise BadDataError(
-            f"{workspace.data.path}: {len(missing)} sample(s) of {client} are missing, e.g. {missing[0]}"
-        )
+    clock.lap("read_weights")
+    expected = None if own_data else sample_ids
+    shard = workspace.shard(f"{'own' if own_data else 'client'}:{client}", lambda: _client_samples(
+        workspace, client, None if own_data else sample_ids, own_data), expected)
+    clock.lap("decode")
     seed = client_seed(workspace.seed, round_number, client)
-    train_part, validation_part = split_by_track([by_id[i] for i in sample_ids], workspace.data.validation_fraction,
-                                                 seed)
+    train_part, validation_part = split_by_track(shard.samples, workspace.data.validation_fraction, seed)
     model = build_model(workspace.model)
     load_numpy_state(model, weights)
-    images, labels = workspace.arrays(tree, train_part)
+    images, labels = shard.arrays(train_part)
+    val_images, val_labels = shard.arrays(validation_part)
     result = train_local(model, images, labels, TrainConfig(**{**asdict(config), "seed": seed}), device)
+    clock.lap("train")
     metrics: dict[str, Any] = {"train_" + k: v for k, v in result.to_json().items() if k != "num_examples"}
     if validation_part:
-        val_images, val_labels = workspace.arrays(tree, validation_part)
         scores = evaluate(model, val_images, val_labels, workspace.model.num_classes, device=device)
         metrics.update({"val_accuracy": scores.accuracy, "val_loss": scores.loss,
                         "val_examples": scores.num_examples})
+    clock.lap("validate")
     sidecar = {"client": client, "round": round_number, "num_examples": result.num_examples,
-               "metrics": metrics, "base_sha256": meta["sha256"], "train_config": asdict(config)}
+               "metrics": metrics, "base_sha256": meta["sha256"], "train_config": asdict(config),
+               "timings": clock.laps}
     trained = state_to_numpy(model.cpu())
     if clip_norm is not None:  # the update leaves this client bounded (privacy); the aggregator clips again
         delta, norm = clip({k: v.astype(np.float64) - weights[k] if v.dtype.kind == "f" else v
@@ -300,6 +336,7 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
         result.update(scores.summary())
         result["per_class_accuracy"] = scores.per_class_accuracy
         result["confusion"] = scores.confusion
+        result["evaluation_seconds"] = time.perf_counter() - aggregated_at
     if outcome.state:
         save_weights(store, layout.strategy_state(round_number), outcome.state,
                      {"round": round_number, "num_examples": 0})
@@ -325,12 +362,14 @@ def _private_round(current: dict[str, NDArray[Any]], updates: UpdateSet, privacy
 def evaluate_weights(workspace: Workspace, weights: dict[str, NDArray[Any]], device: torch.device,
                      split: str = "test") -> Evaluation:
     """Score weights on the data set's test split (or its whole training split)."""
-    tree = workspace.tree(need_test=split == "test")
-    samples = list(tree.test if split == "test" else tree.train)
+    def locate() -> tuple[GtsrbTree, list[Sample]]:
+        tree = workspace.tree(need_test=split == "test")
+        return tree, list(tree.test if split == "test" else tree.train)
+
+    shard = workspace.shard(f"split:{split}", locate)
     model = build_model(workspace.model)
     load_numpy_state(model, weights)
-    images, labels = workspace.arrays(tree, samples)
-    return evaluate(model, images, labels, workspace.model.num_classes, device=device)
+    return evaluate(model, shard.images, shard.labels, workspace.model.num_classes, device=device)
 
 
 def termination_message(result: dict[str, Any]) -> str:
@@ -343,9 +382,13 @@ def termination_message(result: dict[str, Any]) -> str:
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
         short["rejected"] = {c: r[:80] for c, r in short["rejected"].items()}
         text = json.dumps(short, separators=(",", ":"))
-    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
-        short["rejected"] = sorted(short["rejected"])
-        short["accepted"] = len(short.get("accepted", []))
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:  # many clients: counts, and as many reasons as fit
+        rejected, accepted = short.pop("rejected"), short.pop("accepted", [])
+        short.update(accepted_count=len(accepted), rejected_count=len(rejected), rejected={})
+        for client, reason in sorted(rejected.items()):
+            if len(json.dumps(short, separators=(",", ":"))) + len(client) + 90 > TERMINATION_MESSAGE_LIMIT:
+                break
+            short["rejected"][client] = reason[:80]
         text = json.dumps(short, separators=(",", ":"))
     return text
 

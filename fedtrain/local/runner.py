@@ -20,6 +20,7 @@ from fedtrain.engine.status import Cancel, Event, Launch, TrainingStatus
 from fedtrain.local.executor import LocalExecutor
 from fedtrain.spec import FederatedTraining, SpecError
 from fedtrain.tasks import Placement, aggregation_clients, storage_environment, storage_location, worker_arguments
+from fedtrain.worker.data.decoded import CACHE_ENV
 from fedtrain.worker.storage import S3_ENV
 
 STATUS_FILE = "status.json"
@@ -119,7 +120,7 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
     where = Placement(store or str(workdir), data_path, manifest.metadata.name, manifest.metadata.namespace,
                       uid=uid, tracking_uri=tracking_uri)
     preload = ["torchvision.models"] if spec.model.architecture.startswith("mobilenet") else []
-    environment = {**os.environ, **storage_environment(spec)}
+    environment = {CACHE_ENV: str(workdir / "cache"), **os.environ, **storage_environment(spec)}
     if spec.storage.s3 is not None:
         environment[S3_ENV["credentials_from"]] = "the environment of `fedtrain run` (AWS_ACCESS_KEY_ID, " \
                                                   "AWS_SECRET_ACCESS_KEY)"

@@ -1,0 +1,312 @@
+"""`fedtrain run` against the same federation as one plain PyTorch process: the physical limit.
+
+Usage: python bench/federation_baseline.py [--preset tiny|demo|mobilenet] [--rounds N] [--epochs N]
+Goal: local federation / in-process FedAvg <= 1.10, final accuracy within one point.
+
+The baseline reads the partition and the selected clients that `fedtrain run` recorded, so both
+train the very same shards. It decodes every image once and keeps it in memory, trains each
+selected client from the previous global model (same seeds, same train/validation split, same
+augmentation, Adam, validation on the held-out tracks), averages in memory, and evaluates on the
+test split every round. It runs clients one after another (torch with every core) and two at a
+time (two threads, one torch thread each); the faster counts as the limit.
+
+`fedtrain run` is timed as a whole (fork server start, init, rounds, finalize with MLflow) and by
+rounds (first client launched to the aggregation recorded). Its per-round breakdown comes from
+the workers' own timings (sidecars, result.json) and the executor's process times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from fedtrain.local.runner import RunOptions, RunResult, run_training
+from fedtrain.spec import parse_manifest
+from fedtrain.worker.data.gtsrb import Sample, load_tree, split_by_track
+from fedtrain.worker.data.images import load_samples
+from fedtrain.worker.data.synth import SynthConfig, generate
+from fedtrain.worker.jobs import client_seed
+from fedtrain.worker.models import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, build_model
+from fedtrain.worker.training import augment_batch
+
+CORES = os.cpu_count() or 1
+SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "gtsrb-fedavg-local.yaml"
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"rounds": 6, "synthetic": {"imagesPerClass": 20, "testImagesPerClass": 6, "framesPerTrack": 4,
+                                        "seed": 1}},
+    "demo": {},
+    "mobilenet": {"rounds": 4, "epochs": 1, "model": {"architecture": "mobilenet_v3_small", "imageSize": 64}},
+}
+
+
+def federation(preset: str, rounds: int | None, epochs: int | None) -> dict[str, Any]:
+    """The README's demo spec, shrunk or changed by the preset and the options."""
+    manifest = yaml.safe_load(SAMPLE.read_text())
+    spec, changes = manifest["spec"], PRESETS[preset]
+    spec["rounds"] = rounds or changes.get("rounds", spec["rounds"])
+    spec["training"]["localEpochs"] = epochs or changes.get("epochs", spec["training"]["localEpochs"])
+    spec["model"].update(changes.get("model", {}))
+    spec["dataset"]["synthetic"].update(changes.get("synthetic", {}))
+    manifest["metadata"]["name"] = f"bench-{preset}"
+    return manifest
+
+
+def make_data(manifest: dict[str, Any], folder: Path) -> Path:
+    """Generate the synthetic set once; both sides read it from ``dataset.path``."""
+    synthetic = manifest["spec"]["dataset"].pop("synthetic")
+    generate(folder, SynthConfig(synthetic["imagesPerClass"], synthetic["testImagesPerClass"],
+                                 synthetic["framesPerTrack"], synthetic["seed"]))
+    manifest["spec"]["dataset"]["path"] = str(folder)
+    return folder
+
+
+# --- fedtrain run ---------------------------------------------------------------------------------
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the fork server and its tasks)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_fedtrain(manifest: dict[str, Any], workdir: Path) -> tuple[float, float, RunResult]:
+    """`fedtrain run`'s runner, timed from the call to its return: wall and CPU seconds."""
+    started, cpu = time.perf_counter(), cpu_seconds()
+    result = run_training(parse_manifest(manifest), RunOptions(workdir, f"sqlite:///{workdir / 'mlflow.db'}"))
+    wall = time.perf_counter() - started
+    if result.status.phase != "Succeeded":
+        raise SystemExit(f"fedtrain run ended {result.status.phase}: {result.status.message}")
+    return wall, cpu_seconds() - cpu, result
+
+
+def breakdown(workdir: Path, result: RunResult) -> dict[str, float]:
+    """Median seconds per round of each part of a round, summed over the round's tasks.
+
+    Client parts are summed over clients (CPU-seconds of work, comparable with the baseline's
+    sequential sum); "process" is a task's wall in the executor minus what the worker measured
+    inside it (fork, imports, argument parsing, writing the update, exit).
+    """
+    durations = result.durations
+    rows: list[dict[str, float]] = []
+    for number in sorted(result.round_walls):
+        folder = workdir / f"round-{number:04d}"
+        row: dict[str, float] = {"round wall": result.round_walls[number]}
+        for sidecar in (folder / "clients").glob("*.json"):
+            data = json.loads(sidecar.read_text())
+            inside = 0.0
+            for name, seconds in data.get("timings", {}).items():
+                row[f"client {name}"] = row.get(f"client {name}", 0.0) + seconds
+                inside += seconds
+            task = last_attempt(durations, f"r{number:04d}-{data['client']}-a")
+            if task is not None:
+                row["client process"] = row.get("client process", 0.0) + durations[task] - inside
+        outcome = json.loads((folder / "result.json").read_text())
+        evaluation = outcome.get("evaluation_seconds", 0.0)
+        row["aggregate strategy"] = outcome["aggregation_seconds"]
+        row["aggregate evaluation"] = evaluation
+        task = last_attempt(durations, f"r{number:04d}-aggregate-a")
+        if task is not None:
+            row["aggregate process"] = durations[task] - outcome["seconds"]
+        rows.append(row)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: statistics.median(row.get(k, 0.0) for row in rows) for k in keys}
+
+
+def last_attempt(durations: dict[str, float], prefix: str) -> str | None:
+    """The id of a task's last attempt (ids end in ``-a<attempt>``)."""
+    return max((t for t in durations if t.startswith(prefix)), key=lambda t: int(t.rsplit("-a", 1)[1]), default=None)
+
+
+def fedtrain_accuracies(workdir: Path, rounds: int) -> list[float]:
+    """Test accuracy after each round, from the aggregations' results."""
+    return [json.loads((workdir / f"round-{n:04d}" / "result.json").read_text())["accuracy"]
+            for n in range(1, rounds + 1)]
+
+
+# --- the in-process baseline ----------------------------------------------------------------------
+
+
+def normalised(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW with ImageNet statistics, once for a whole shard."""
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def plain_train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
+                learning_rate: float, seed: int) -> int:
+    """A plain PyTorch loop: Adam, cross-entropy, the worker's augmentation and seeds."""
+    torch.manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+    jitter = torch.Generator().manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        order = torch.from_numpy(order_rng.permutation(len(labels)))
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            loss = loss_fn(model(augment_batch(inputs[index], jitter)), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return len(labels)
+
+
+@torch.no_grad()
+def accuracy_of(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in batches of 256."""
+    model.eval()
+    predicted = torch.cat([model(inputs[i:i + 256]).argmax(1) for i in range(0, len(labels), 256)])
+    return float((predicted == labels).float().mean())
+
+
+class InProcessFederation:
+    """The same federation in one process, data decoded once and kept in memory."""
+
+    def __init__(self, manifest: dict[str, Any], workdir: Path) -> None:
+        recorded = json.loads((workdir / "manifest.json").read_text())
+        settings = recorded["settings"]
+        self.spec = manifest["spec"]
+        self.model_config = ModelConfig.from_json(settings["model"])
+        self.seed = int(settings["seed"])
+        self.validation_fraction = float(settings["data"]["validation_fraction"])
+        self.shards: dict[str, list[str]] = recorded["partition"]["clients"]
+        status = json.loads((workdir / "status.json").read_text())
+        self.selected = {r["round"]: r["selected"] for r in status["rounds"]}
+        self.data = Path(self.spec["dataset"]["path"])
+
+    def decode(self) -> None:
+        """Index the data set and decode every image once."""
+        tree = load_tree(self.data, self.model_config.num_classes)
+        size, crop = self.model_config.image_size, settings_crop(self.spec)
+        self.samples = {s.sample_id: s for s in tree.train}
+        ids = sorted({i for shard in self.shards.values() for i in shard})
+        images, _ = load_samples(tree, [self.samples[i] for i in ids], size, crop)
+        self.inputs = normalised(images)
+        self.row = {sample_id: row for row, sample_id in enumerate(ids)}
+        test_images, test_labels = load_samples(tree, list(tree.test), size, crop)
+        self.test_inputs, self.test_labels = normalised(test_images), torch.from_numpy(test_labels)
+
+    def rows(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One client's decoded inputs and labels."""
+        index = torch.tensor([self.row[s.sample_id] for s in samples], dtype=torch.long)
+        return self.inputs[index], torch.tensor([s.class_id for s in samples])
+
+    def client_round(self, global_state: dict[str, torch.Tensor], number: int, client: str
+                     ) -> tuple[dict[str, torch.Tensor], int]:
+        """Train one client from the global model; validate it as the worker does."""
+        seed = client_seed(self.seed, number, client)
+        train, validation = split_by_track([self.samples[i] for i in self.shards[client]], self.validation_fraction,
+                                           seed)
+        model = build_model(self.model_config)
+        model.load_state_dict(global_state)
+        inputs, labels = self.rows(train)
+        training = self.spec["training"]
+        count = plain_train(model, inputs, labels, training["localEpochs"], training["batchSize"],
+                            training["learningRate"], seed)
+        if validation:
+            accuracy_of(model, *self.rows(validation))
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, count
+
+    def run(self, pairs: bool) -> tuple[float, float, list[float]]:
+        """Wall and CPU seconds (decoding included), and test accuracy per round."""
+        torch.set_num_threads(1 if pairs else CORES)
+        started, cpu = time.perf_counter(), cpu_seconds()
+        self.decode()
+        torch.manual_seed(self.seed)
+        global_state = build_model(self.model_config).state_dict()
+        accuracies = []
+        with ThreadPoolExecutor(2 if pairs else 1) as pool:
+            for number in sorted(self.selected):
+                results = list(pool.map(lambda c, n=number, g=global_state: self.client_round(g, n, c),
+                                        self.selected[number]))
+                global_state = average(global_state, results)
+                model = build_model(self.model_config)
+                model.load_state_dict(global_state)
+                accuracies.append(accuracy_of(model, self.test_inputs, self.test_labels))
+        return time.perf_counter() - started, cpu_seconds() - cpu, accuracies
+
+
+def settings_crop(spec: dict[str, Any]) -> bool:
+    """``dataset.roiCrop``, default true."""
+    return bool(spec["dataset"].get("roiCrop", True))
+
+
+def average(current: dict[str, torch.Tensor], results: list[tuple[dict[str, torch.Tensor], int]]
+            ) -> dict[str, torch.Tensor]:
+    """Example-weighted FedAvg in memory (integer buffers rounded)."""
+    total = float(sum(n for _, n in results))
+    merged = {}
+    for name, tensor in current.items():
+        mean = sum(state[name].double() * (n / total) for state, n in results)
+        assert isinstance(mean, torch.Tensor)
+        merged[name] = mean.round().to(tensor.dtype) if not tensor.is_floating_point() else mean.to(tensor.dtype)
+    return merged
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    manifest = federation(args.preset, args.rounds, args.epochs)
+    scratch = Path(tempfile.mkdtemp(prefix="fedtrain-baseline-"))
+    make_data(manifest, scratch / "data")
+    spec = manifest["spec"]
+    print(f"preset {args.preset}: {spec['clients']['count']} clients, {spec['rounds']} rounds, "
+          f"{spec['training']['localEpochs']} epochs, {spec['model']['architecture']} {spec['model']['imageSize']} px, "
+          f"parallelism {spec['worker']['parallelism']}, {CORES} cores")
+    fed_wall, fed_cpu, result = run_fedtrain(manifest, scratch / "run")
+    rounds_wall = sum(result.round_walls.values())
+    baseline = InProcessFederation(manifest, scratch / "run")
+    sequential = baseline.run(pairs=False)
+    pairs = baseline.run(pairs=True)
+    limit_wall, limit_cpu, limit_acc = min(sequential, pairs)
+    ours = fedtrain_accuracies(scratch / "run", spec["rounds"])
+    for name, (wall, cpu, accuracies) in (("in-process, clients one after another", sequential),
+                                          ("in-process, two clients at a time", pairs)):
+        print(f"{name:38s} {wall:7.1f} s wall, {cpu:7.1f} s CPU, final accuracy {accuracies[-1]:.4f}")
+    print(f"{'fedtrain run (whole, MLflow included)':38s} {fed_wall:7.1f} s wall, {fed_cpu:7.1f} s CPU, "
+          f"final accuracy {ours[-1]:.4f}")
+    print(f"{'fedtrain run (rounds only)':38s} {rounds_wall:7.1f} s wall")
+    for kind in ("init", "finalize"):
+        task = last_attempt(result.durations, f"{kind}-a")
+        print(f"fedtrain {kind} task: {result.durations.get(task or '', 0.0):6.1f} s")
+    print("fedtrain per round (median; client parts summed over the round's clients):")
+    for name, seconds in breakdown(scratch / "run", result).items():
+        print(f"  {name:24s} {seconds:7.3f} s")
+    print(f"accuracy per round, fedtrain: {' '.join(f'{a:.3f}' for a in ours)}")
+    print(f"accuracy per round, limit:    {' '.join(f'{a:.3f}' for a in limit_acc)}")
+    print(f"accuracy difference (final): {100 * (ours[-1] - limit_acc[-1]):+.2f} points (goal: within 1)")
+    print(f"ratio fedtrain (rounds) / in-process: {rounds_wall / limit_wall:.2f} (goal <= 1.10)")
+    print(f"ratio fedtrain (whole) / in-process:  {fed_wall / limit_wall:.2f} (CPU seconds: {fed_cpu / limit_cpu:.2f})")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {CORES} cores (above {CORES}: machine busy)")
+    if args.keep:
+        print(f"kept {scratch}")
+    else:
+        shutil.rmtree(scratch)
+
+
+if __name__ == "__main__":
+    main()
