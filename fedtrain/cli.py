@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedtrain.engine.status import Event, TrainingStatus
+from fedtrain.engine.status import TrainingStatus
+from fedtrain.local.progress import LiveProgress, PlainProgress
 from fedtrain.spec import SpecError, SyntheticSpec, load_manifest
 
 console = Console(stderr=True)
@@ -50,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_event(event: Event) -> None:
-    style = "yellow" if event.warning else "cyan"
-    console.log(f"[{style}]{event.reason}[/{style}] {event.message}")
+def progress_display(out: Console, total_rounds: int, clients_per_round: int) -> LiveProgress | PlainProgress:
+    """Live bars when ``out`` is a terminal, plain lines (one per round and per event) otherwise."""
+    if out.is_terminal:
+        return LiveProgress(out, total_rounds, clients_per_round)
+    return PlainProgress(out.file, total_rounds)
 
 
 def summary_table(status: TrainingStatus) -> Table:
@@ -75,26 +77,12 @@ def _run(args: argparse.Namespace) -> int:
     spec = manifest.spec
     if spec.dataset.path is None:
         synthetic = spec.dataset.synthetic or SyntheticSpec()
-        console.log(f"[cyan]No dataset.path in the spec: training on generated synthetic GTSRB "
-                    f"({synthetic.images_per_class} images per class; see docs/data.md)")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[note]}"), console=console, transient=False)
-    rounds = progress.add_task("rounds", total=spec.rounds, note="")
-    clients = progress.add_task("clients", total=spec.clients.round_size, note="")
-
-    def on_status(status: TrainingStatus) -> None:
-        done = sum(1 for r in status.rounds if r.finished_at is not None)
-        note = f"accuracy {status.accuracy:.4f}" if status.accuracy is not None else status.phase
-        progress.update(rounds, completed=done, note=note)
-        current = status.round(status.current_round)
-        if current is not None:
-            finished = sum(1 for t in current.clients.values() if t.state in ("succeeded", "failed", "dropped"))
-            progress.update(clients, completed=finished, total=len(current.selected),
-                            note=f"round {current.round}")
-
-    with progress:
+        console.print(f"[cyan]No dataset.path in the spec: training on generated synthetic GTSRB "
+                      f"({synthetic.images_per_class} images per class; see docs/data.md)")
+    display = progress_display(Console(), spec.rounds, spec.clients.round_size)
+    with display:
         result = run_training(manifest, RunOptions(args.workdir, args.tracking_uri, args.parallelism),
-                              _print_event, on_status)
+                              display.event, display.status)
     _print_summary(result.status, result.workdir)
     return 0 if result.status.phase in ("Succeeded", "Suspended") else EXIT_FAILED
 
