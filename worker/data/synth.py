@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
+from fedtrain.worker.data.glyphs import draw_text
 from fedtrain.worker.data.gtsrb import CSV_DELIMITER, NUM_CLASSES, sign_names
 from fedtrain.worker.errors import BadInputError
 
@@ -37,6 +38,8 @@ GT_HEADER = ["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y
 Draw = ImageDraw.ImageDraw
 Symbol = Callable[[Draw], None]
 C = CANVAS / 2  # centre of the canvas
+DISC = CANVAS - 8  # diameter of round plates
+RING = DISC / 10  # width of the red ring of prohibitory signs, as on the real ones
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,22 @@ class SynthConfig:
 # --- sign parts -----------------------------------------------------------------------------------
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
-def _text(text: str, size: float, fill: tuple[int, int, int] = BLACK, dy: float = 0.0) -> Symbol:
+def _text(text: str, height: float, fill: tuple[int, int, int] = BLACK, dy: float = 0.0,
+          condense: float = 1.0) -> Symbol:
     def draw(d: Draw) -> None:
-        d.text((C, C + dy), text, fill=fill, font=_font(int(size)), anchor="mm")
+        draw_text(d, text, (C, C + dy), height, fill, condense)
 
     return draw
+
+
+def _limit(number: str, fill: tuple[int, int, int] = BLACK) -> Symbol:
+    """A speed number as on the real sign, two digits 0.42 of the disc's diameter tall.
+
+    Three digits are a little smaller and narrower, as on the real 100 and 120, to fit the ring.
+    """
+    if len(number) == 2:
+        return _text(number, 0.42 * DISC, fill)
+    return _text(number, 0.38 * DISC, fill, condense=0.75)
 
 
 def _poly(points: list[tuple[float, float]], fill: tuple[int, int, int] = BLACK) -> Symbol:
@@ -167,9 +177,9 @@ def _curve(direction: float) -> Symbol:
 def _slashes(count: int, fill: tuple[int, int, int] = GREY) -> Symbol:
     def draw(d: Draw) -> None:
         for i in range(count):
-            off = (i - (count - 1) / 2) * 0.12 * C
+            off = (i - (count - 1) / 2) * 0.1 * CANVAS
             d.line([(C - 0.55 * C + off, C + 0.55 * C + off), (C + 0.55 * C + off, C - 0.55 * C + off)],
-                   fill=fill, width=max(3, int(0.06 * C)))
+                   fill=fill, width=round(0.05 * CANVAS))
 
     return draw
 
@@ -179,7 +189,7 @@ def _slashes(count: int, fill: tuple[int, int, int] = GREY) -> Symbol:
 
 def _red_circle(d: Draw) -> None:
     d.ellipse([4, 4, CANVAS - 4, CANVAS - 4], fill=RED)
-    d.ellipse([18, 18, CANVAS - 18, CANVAS - 18], fill=WHITE)
+    d.ellipse([4 + RING, 4 + RING, CANVAS - 4 - RING, CANVAS - 4 - RING], fill=WHITE)
 
 
 def _red_disc(d: Draw) -> None:
@@ -206,9 +216,10 @@ def _yield(d: Draw) -> None:
 
 
 def _octagon(d: Draw) -> None:
-    points = [(C + 0.97 * C * math.cos(math.radians(22.5 + 45 * k)),
-               C + 0.97 * C * math.sin(math.radians(22.5 + 45 * k))) for k in range(8)]
-    d.polygon(points, fill=RED)
+    for radius, colour in ((0.97 * C, WHITE), (0.9 * C, RED)):  # a white rim, as on the real sign
+        points = [(C + radius * math.cos(math.radians(22.5 + 45 * k)),
+                   C + radius * math.sin(math.radians(22.5 + 45 * k))) for k in range(8)]
+        d.polygon(points, fill=colour)
 
 
 def _diamond(d: Draw) -> None:
@@ -225,25 +236,25 @@ def _tri(symbol: Symbol) -> tuple[Plate, Symbol]:
 
 
 SIGNS: list[tuple[Plate, Symbol]] = [
-    (_red_circle, _text("20", 0.5 * C)),
-    (_red_circle, _text("30", 0.5 * C)),
-    (_red_circle, _text("50", 0.5 * C)),
-    (_red_circle, _text("60", 0.5 * C)),
-    (_red_circle, _text("70", 0.5 * C)),
-    (_red_circle, _text("80", 0.5 * C)),
-    (_end_circle, _both(_text("80", 0.5 * C, GREY), _slashes(1, BLACK))),
-    (_red_circle, _text("100", 0.42 * C)),
-    (_red_circle, _text("120", 0.42 * C)),
+    (_red_circle, _limit("20")),
+    (_red_circle, _limit("30")),
+    (_red_circle, _limit("50")),
+    (_red_circle, _limit("60")),
+    (_red_circle, _limit("70")),
+    (_red_circle, _limit("80")),
+    (_end_circle, _both(_limit("80", GREY), _slashes(1, BLACK))),
+    (_red_circle, _limit("100")),
+    (_red_circle, _limit("120")),
     (_red_circle, _both(_car(-0.28, RED), _car(0.28, BLACK))),
     (_red_circle, _both(_truck(-0.3, RED), _car(0.33, BLACK, 0.9))),
     _tri(_lines([[(0, 0.55), (0, -0.15)], [(-0.3, 0.2), (0.3, 0.2)]], width=11)),
     (_diamond, _both()),
     (_yield, _both()),
-    (_octagon, _text("STOP", 0.38 * C, WHITE)),
+    (_octagon, _text("STOP", 0.26 * CANVAS, WHITE)),
     (_red_circle, _both()),
     (_red_circle, _truck(0.0)),
     (_red_disc, _poly([(-0.65, -0.14), (0.65, -0.14), (0.65, 0.14), (-0.65, 0.14)], WHITE)),
-    _tri(_text("!", 0.75 * C, dy=T_DY * C)),
+    _tri(_text("!", 0.36 * CANVAS, dy=0.16 * C)),
     _tri(_lines([[(0.15, 0.5), (0.15, 0.1), (-0.25, -0.2)]], width=10)),
     _tri(_lines([[(-0.15, 0.5), (-0.15, 0.1), (0.25, -0.2)]], width=10)),
     _tri(_lines([[(0.1, 0.55), (0.1, 0.35), (-0.15, 0.2), (0.15, 0.0), (-0.1, -0.15)]], width=8)),
@@ -275,13 +286,14 @@ SIGNS: list[tuple[Plate, Symbol]] = [
 assert len(SIGNS) == NUM_CLASSES
 
 
-def draw_sign(class_id: int) -> Image.Image:
-    """The clean sign of a class on a transparent canvas."""
+def draw_sign(class_id: int, with_symbol: bool = True) -> Image.Image:
+    """The clean sign of a class on a transparent canvas; without its symbol, the bare plate."""
     plate, symbol = SIGNS[class_id]
     image = Image.new("RGBA", (CANVAS, CANVAS), (0, 0, 0, 0))
     draw = ImageDraw.Draw(image)
     plate(draw)
-    symbol(draw)
+    if with_symbol:
+        symbol(draw)
     return image
 
 
@@ -296,13 +308,22 @@ class Track:
     rotation: float
     sizes: NDArray[np.float64]
     background: NDArray[np.uint8]
-    brightness: float
+    exposure: float  # in linear light: 1 is a well-exposed frame
     contrast: float
-    blur: float
-    noise: float
+    blur: float  # Gaussian sigma in 1/64ths of the frame size
+    noise: float  # sigma of per-pixel noise, in grey levels
 
 
-def _random_track(rng: np.random.Generator, frames: int, config: SynthConfig) -> Track:
+# The ranges a track's conditions are drawn from; the tests film every class at their limits.
+EXPOSURE_RANGE = (0.3, 3.0)
+CONTRAST_RANGE = (0.6, 1.3)
+BLUR_RANGE = (0.0, 1.2)
+NOISE_RANGE = (2.0, 14.0)
+GAMMA = 2.2  # sRGB, roughly: exposure scales light, not the 8-bit values a camera stores
+
+
+def random_track(rng: np.random.Generator, frames: int, config: SynthConfig) -> Track:
+    """Draw one physical sign's conditions: mostly small start sizes, growing frame by frame."""
     start = math.exp(rng.uniform(math.log(config.min_size), math.log(max(config.min_size, config.max_size * 0.5))))
     growth = rng.uniform(1.2, 2.5)
     sizes = np.clip(start * np.geomspace(1.0, growth, frames), config.min_size, config.max_size)
@@ -311,10 +332,10 @@ def _random_track(rng: np.random.Generator, frames: int, config: SynthConfig) ->
         rotation=float(rng.normal(0.0, 5.0)),
         sizes=sizes,
         background=_background(rng),
-        brightness=float(np.exp(rng.normal(0.0, 0.45))),
-        contrast=float(rng.uniform(0.6, 1.3)),
-        blur=float(rng.uniform(0.0, 1.2)),
-        noise=float(rng.uniform(2.0, 14.0)),
+        exposure=float(np.clip(np.exp(rng.normal(0.0, 0.6)), *EXPOSURE_RANGE)),
+        contrast=float(rng.uniform(*CONTRAST_RANGE)),
+        blur=float(rng.uniform(*BLUR_RANGE)),
+        noise=float(rng.uniform(*NOISE_RANGE)),
     )
 
 
@@ -364,13 +385,25 @@ def render_frame(
     image = background.resize((size, size), Image.Resampling.LANCZOS)
     if track.blur > 0.05:
         image = image.filter(ImageFilter.GaussianBlur(track.blur * size / 64))
-    image = ImageEnhance.Brightness(image).enhance(track.brightness * rng.uniform(0.9, 1.1))
-    image = ImageEnhance.Contrast(image).enhance(track.contrast)
+    image = ImageEnhance.Contrast(_expose(image, track.exposure * rng.uniform(0.9, 1.1))).enhance(track.contrast)
     pixels = np.asarray(image, dtype=np.float64) + rng.normal(0, track.noise, size=(size, size, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     xs, ys = warped_corners[:, 0] * size / full, warped_corners[:, 1] * size / full
     roi = (max(0, int(xs.min())), max(0, int(ys.min())), min(size - 1, int(xs.max())), min(size - 1, int(ys.max())))
     return image, roi
+
+
+def _expose(image: Image.Image, exposure: float) -> Image.Image:
+    """Scale the light, not the stored values; above a full exposure, roll the highlights off.
+
+    Multiplying 8-bit values (as ``ImageEnhance.Brightness`` does) by 2.5 turns every grey above 100
+    white, and with it a small dark symbol whose edges blur has greyed. A camera's tone curve
+    compresses highlights instead: here ``e*x / (1 + (e-1)*x)`` in linear light, which keeps white
+    white and keeps every darker print darker (the map is strictly increasing) at any exposure.
+    """
+    linear = (np.asarray(image, dtype=np.float64) / 255.0) ** GAMMA
+    lit = exposure * linear / (1.0 + max(exposure - 1.0, 0.0) * linear)
+    return Image.fromarray(np.round(lit ** (1 / GAMMA) * 255.0).astype(np.uint8))
 
 
 # --- writing the tree -----------------------------------------------------------------------------
@@ -422,7 +455,7 @@ def _write_training_class(folder: Path, class_id: int, config: SynthConfig) -> N
     for track_number in range(tracks):
         rng = _stream(config.seed, 0, class_id, track_number)
         frames = min(config.frames_per_track, config.per_class - written)
-        track = _random_track(rng, frames, config)
+        track = random_track(rng, frames, config)
         for frame in range(frames):
             image, roi = render_frame(sign, track, frame, rng)
             name = f"{track_number:05d}_{frame:05d}.ppm"
@@ -445,7 +478,7 @@ def _write_test_slice(folder: Path, config: SynthConfig, start: int, stop: int) 
         class_id, k = order[permutation[index]]
         sign = signs.setdefault(class_id, draw_sign(class_id))
         rng = _stream(config.seed, 1, class_id, k)
-        track = _random_track(rng, config.frames_per_track, config)
+        track = random_track(rng, config.frames_per_track, config)
         image, roi = render_frame(sign, track, int(rng.integers(0, config.frames_per_track)), rng)
         name = f"{index:05d}.ppm"
         image.save(folder / name)
