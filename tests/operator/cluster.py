@@ -4,7 +4,12 @@
 uid, resourceVersion and generation; ``generateName``; 409 on a stale ``resourceVersion`` in a
 patch; the status subresource (a patch to ``/status`` changes only status, a patch to the object
 never changes status); label selectors on lists; and the garbage collector (deleting an owner
-deletes its dependents). These are fixture-side workarounds: product code speaks plain Kubernetes.
+deletes its dependents). It is as strict as a real API server where kmock accepts anything
+(`tests.apiserver_rules`): every write of a FederatedTraining is admitted against the checked-in
+CRD (unknown fields refused with ``fieldValidation=Strict``, else pruned; defaults; the OpenAPI
+schema; CEL rules, transition rules against the stored object), and every object's name, labels
+and annotations are validated, with the real server's 400/422 answers. These are fixture-side
+workarounds: product code speaks plain Kubernetes.
 
 `JobRunner` plays the job controller and the kubelet: for every Job it creates the Pod, runs the
 container's command as a local process (through the same fork server as `fedtrain run`) with
@@ -29,10 +34,12 @@ from typing import Any
 
 import aiohttp
 import aiohttp.web
+import jsonpatch
 import kmock
-from kmock._internal import enums, rendering
+from kmock._internal import dicts, enums, rendering
 
 from fedtrain.local.executor import ForkServer
+from tests.apiserver_rules import Refused, admit, load_crd, refuse_object
 
 RESOURCES = {
     "fedtrain.io/v1alpha1/federatedtrainings": kmock.ResourceInfo(
@@ -63,6 +70,7 @@ RESOURCES = {
         verbs={"get", "list", "watch"}),
 }
 STATUS_RESOURCES = ("federatedtrainings", "jobs", "pods")
+WRITES = (enums.action.CREATE, enums.action.UPDATE)
 
 
 def now() -> str:
@@ -79,13 +87,17 @@ def matches(selector: str, labels: dict[str, str]) -> bool:
 
 
 class ApiServer(kmock.KubernetesEmulator):
-    """kmock's emulator with the real API server's bookkeeping (see the module docstring)."""
+    """kmock's emulator with the real API server's bookkeeping and admission (see the module docstring)."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.versions = itertools.count(1)
         for key, info in RESOURCES.items():
             self.resources[key] = info
+        self.crds = {"federatedtrainings": load_crd()}  # plural -> the CRD its writes are admitted against
+        self.warnings: list[str] = []  # what Warn field validation told clients (unknown fields pruned)
+        self.refusals: list[str] = []  # every 400/422 admission answered, for a test to read
+        self._writes = asyncio.Lock()
 
     def _current(self, request: rendering.Request) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)
@@ -97,13 +109,24 @@ class ApiServer(kmock.KubernetesEmulator):
         namespace_answer = self._namespaces(request)
         if namespace_answer is not None:
             return aiohttp.web.json_response(namespace_answer)
-        if request.resource is not None and isinstance(request.data, dict):
-            if request.action == enums.action.CREATE:
-                self._on_create(request)
-            elif request.action == enums.action.UPDATE:
-                self._on_patch(request)
-        elif request.resource is not None and isinstance(request.data, list) and request.action == enums.action.UPDATE:
-            self._on_json_patch(request)
+        if request.resource is None or request.action not in WRITES or request.data is None:
+            return await self._serve(request)
+        # One write at a time, as etcd's compare-and-swap would: each is admitted against the object it replaces.
+        async with self._writes:
+            told = len(self.warnings)
+            try:
+                admitted = self._admit(request)
+            except Refused as refused:
+                if refused.code in (400, 422):
+                    self.refusals.append(refused.message)
+                raise kmock.KubernetesError(refused.code, refused.reason, refused.message,
+                                            refused.status(*self._kind(request), request.name or "")) from refused
+            response = await self._serve(admitted)
+            for warning in self.warnings[told:]:  # how the real server words them (RFC 7234 warn-code 299)
+                response.headers.add("Warning", f"299 - {json.dumps(warning)}")
+            return response
+
+    async def _serve(self, request: rendering.Request) -> Any:
         try:
             return await super()._handle(request)
         finally:
@@ -111,6 +134,67 @@ class ApiServer(kmock.KubernetesEmulator):
             # controller makes for a Job deleted a moment before): so collect after creates too.
             if request.action in (enums.action.DELETE, enums.action.CREATE) and request.resource is not None:
                 await self._collect_garbage()
+
+    def _kind(self, request: rendering.Request) -> tuple[str, str]:
+        """The request's kind and API group (``""`` for the core group)."""
+        assert request.resource is not None
+        for key, info in RESOURCES.items():
+            if key.rsplit("/", 1)[-1] == request.resource.plural:
+                return str(info.kind), key.split("/")[0] if key.count("/") == 2 else ""
+        return str(request.resource.plural), ""
+
+    def _admit(self, request: rendering.Request) -> rendering.Request:
+        """The request as the server carries it out: custom resources admitted whole, names and labels checked."""
+        assert request.resource is not None
+        kind, group = self._kind(request)
+        crd = self.crds.get(str(request.resource.plural))
+        if request.action == enums.action.CREATE and isinstance(request.data, dict):
+            self._on_create(request)
+            if crd is not None:
+                return _with_data(request, self._admit_custom(crd, request, None, request.data))
+            refuse_object(kind, group, request.data)
+            return request
+        current = self._current(request)
+        if current is None:
+            return request  # kmock answers 404
+        if crd is not None:
+            candidate = self._patched(current, request)
+            replaced = self._admit_custom(crd, request, current, candidate)
+            return _with_data(request, [{"op": "replace", "path": "", "value": replaced}])
+        if isinstance(request.data, dict):
+            self._on_patch(request)
+        elif isinstance(request.data, list):
+            self._on_json_patch(request)
+        refuse_object(kind, group, dict(dicts.patch_dict(current, request.data)))
+        return request
+
+    def _patched(self, current: dict[str, Any], request: rendering.Request) -> dict[str, Any]:
+        """The object a patch asks for (409 on a stale resourceVersion; 422 on a failed JSON-patch test)."""
+        if isinstance(request.data, list):
+            try:
+                return dict(jsonpatch.apply_patch(current, request.data, in_place=False))
+            except jsonpatch.JsonPatchException as failed:
+                raise Refused(422, "Invalid", f"the server rejected our request due to an error in our request: "
+                                              f"{failed}") from failed
+        self._check_version(current, request.data)
+        return dict(dicts.patch_dict(current, request.data))
+
+    def _admit_custom(self, crd: dict[str, Any], request: rendering.Request, current: dict[str, Any] | None,
+                      candidate: dict[str, Any]) -> dict[str, Any]:
+        """`admit`, then the bookkeeping: a new resourceVersion, and a new generation when more than meta changed."""
+        warnings: list[str] = []
+        admitted = admit(crd, candidate, current, request.params.get("fieldValidation", "Warn"),
+                         request.subresource, warnings)
+        self.warnings += warnings
+        if current is not None:
+            meta = admitted["metadata"]
+            for key in ("uid", "creationTimestamp", "generation", "namespace", "name"):
+                if key in current["metadata"]:
+                    meta[key] = current["metadata"][key]
+            meta["resourceVersion"] = str(next(self.versions))
+            if _content(admitted) != _content(current):
+                meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
+        return admitted
 
     @property
     def namespace_objects(self) -> dict[str, dict[str, Any]]:
@@ -147,16 +231,19 @@ class ApiServer(kmock.KubernetesEmulator):
         meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(self.versions)), generation=1,
                     creationTimestamp=now())
 
+    @staticmethod
+    def _check_version(current: dict[str, Any], patch: dict[str, Any]) -> None:
+        wanted = (patch.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and wanted != current["metadata"].get("resourceVersion"):
+            raise Refused(409, "Conflict", f"the object has been modified; please apply your changes to the latest "
+                                           f"version (have {wanted}, is {current['metadata'].get('resourceVersion')})")
+
     def _on_patch(self, request: rendering.Request) -> None:
         current = self._current(request)
         if current is None:
             return  # kmock answers 404
         patch = request.data
-        wanted = (patch.get("metadata") or {}).get("resourceVersion")
-        if wanted is not None and wanted != current["metadata"].get("resourceVersion"):
-            raise kmock.KubernetesError(409, "Conflict", f"the object has been modified; please apply your changes "
-                                                         f"to the latest version (have {wanted}, is "
-                                                         f"{current['metadata'].get('resourceVersion')})")
+        self._check_version(current, patch)
         plural = request.resource.plural if request.resource else None
         if request.subresource == "status":
             for key in list(patch):
@@ -179,8 +266,8 @@ class ApiServer(kmock.KubernetesEmulator):
             for part in op["path"].strip("/").split("/"):
                 value = value.get(part) if isinstance(value, dict) else None
             if value != op.get("value"):
-                raise kmock.KubernetesError(422, "Invalid", f"the server rejected our request due to an error in our "
-                                                            f"request: test failed at {op['path']}")
+                raise Refused(422, "Invalid", f"the server rejected our request due to an error in our request: "
+                                              f"test failed at {op['path']}")
             request.data.remove(op)
         request.data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": str(next(self.versions))})
 
@@ -205,6 +292,17 @@ class ApiServer(kmock.KubernetesEmulator):
                     await self._buses[resource].put({"type": "DELETED", "object": raw})
             if not orphans:
                 return
+
+
+def _with_data(request: rendering.Request, data: Any) -> rendering.Request:
+    """The request with the body the server carries out (kmock matches reactions to the very request it recorded)."""
+    object.__setattr__(request, "data", data)  # kmock's Request is frozen
+    return request
+
+
+def _content(obj: dict[str, Any]) -> dict[str, Any]:
+    """What a generation counts: everything but metadata and status."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
 
 
 @dataclass

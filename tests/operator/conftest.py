@@ -42,7 +42,8 @@ class Cluster:
             return dict(answer)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", TRAININGS, manifest, status=200)
+        """Create as ``kubectl apply`` does: strict field validation, so a misspelt field fails the test."""
+        return await self.request("POST", f"{TRAININGS}?fieldValidation=Strict", manifest, status=200)
 
     async def training(self, name: str) -> dict[str, Any]:
         return await self.request("GET", f"{TRAININGS}/{name}")
@@ -65,7 +66,8 @@ class Cluster:
             if resource.get("metadata") and check(resource):
                 return resource
             if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out; last status: {resource.get('status')}")
+                raise AssertionError(f"timed out; last status: {resource.get('status')}; "
+                                     f"writes the API server refused: {self.server.refusals}")
             await asyncio.sleep(0.1)
 
     async def start_operator(self) -> None:

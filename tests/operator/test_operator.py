@@ -9,7 +9,7 @@ import pytest
 
 from tests.operator.cluster import Sabotage
 from tests.operator.conftest import NAMESPACE, Cluster, condition, tiny_training
-from tests.operator.test_profiles import delete_profile, exercise_profile
+from tests.operator.test_profiles import delete_profile, eventually, exercise_profile
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(400)]
 
@@ -267,10 +267,10 @@ async def test_operator_uses_exactly_what_its_rbac_grants(cluster: Cluster) -> N
     assert claims[0]["metadata"]["ownerReferences"][0]["name"] == "created"
     assert claims[0]["spec"]["resources"]["requests"]["storage"] == "1Gi"
     await cluster.request("DELETE", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings/removed")
-    for _ in range(300):
-        if (await cluster.training("removed")).get("code") == 404:
-            break
-        await asyncio.sleep(0.1)
+
+    async def removed_is_gone() -> bool:  # the finalizer ran: its calls are part of what is checked below
+        return (await cluster.training("removed")).get("code") == 404
+    await eventually(removed_is_gone, timeout=30)
     cluster.server.add_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "elsewhere"}})
     foreign = tiny_training("foreign", rounds=1, mlflow={"trackingUri": "http://x"})
     foreign["spec"]["clients"] = {"list": [{"name": "far", "namespace": "elsewhere", "data": {"claimName": "d"}}]}

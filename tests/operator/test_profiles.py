@@ -88,12 +88,27 @@ async def delete_profile(cluster: Cluster) -> None:
     await eventually(gone)
 
 
+def operator_calls(cluster: Cluster, method: str, path: str, since: int) -> list[Any]:
+    """The operator's requests (kopf's and its own client's) of ``method`` on ``path`` after request ``since``."""
+    return [r for r in cluster.server._requests[since:]
+            if str(r.method.value) == method and r.url.path == path
+            and r.headers.get("User-Agent", "").startswith(("kopf/", "OpenAPI-Generator"))]
+
+
 async def test_profile_namespace_is_provisioned_repaired_and_cleaned_up(cluster: Cluster) -> None:
     await cluster.start_operator()
     await exercise_profile(cluster)
+    since = len(cluster.server._requests)
     await delete_profile(cluster)
-    await asyncio.sleep(1.5)  # nothing is put back once the profile is gone
-    assert await present(cluster, "serviceaccounts", "fedtrain-worker") is None
+
+    # The deletions of the account, the claim and the defaults each make the operator look the profile up
+    # before it repairs anything: once it has done so three times (and been told 404), it has handled them.
+    async def handled() -> bool:
+        return len(operator_calls(cluster, "GET", f"{PROFILES}/{NAMESPACE}", since)) >= 3
+    await eventually(handled)
+    assert await present(cluster, "serviceaccounts", "fedtrain-worker") is None  # nothing is put back
+    for plural in ("serviceaccounts", "persistentvolumeclaims", "configmaps"):
+        assert operator_calls(cluster, "POST", f"{CORE}/{plural}", since) == []
 
 
 async def test_profile_provisioned_before_the_operator_started(cluster: Cluster) -> None:
