@@ -17,11 +17,29 @@ from typing import Any
 
 import yaml
 
-from fedtrain.spec import FederatedTrainingSpec
+from fedtrain.spec import (
+    GROUP,
+    KIND,
+    MAX_TRAINING_NAME,
+    PLURAL,
+    SHORT_NAME,
+    SINGULAR,
+    STORAGE_KINDS,
+    VERSION,
+    FederatedTrainingSpec,
+    one_of,
+)
 
-GROUP, VERSION, KIND, PLURAL, SINGULAR = "fedtrain.io", "v1alpha1", "FederatedTraining", "federatedtrainings", \
-    "federatedtraining"
-
+# Rules on the whole object. Kubernetes lets CEL read metadata.name (and generateName) at the root only.
+ROOT_RULES: list[dict[str, str]] = [
+    {"rule": f"size(self.metadata.name) <= {MAX_TRAINING_NAME}",
+     "message": f"metadata.name must be at most {MAX_TRAINING_NAME} characters: it prefixes the names of the "
+                "training's Jobs and claim and labels each of them"},
+]
+# Fields that may not change once the training exists. Each gets the default {} as well as its rule: a
+# transition rule runs only where the old and the new object both have the field, so without the
+# default, removing the field (or adding it to a training created without it) would bypass the rule.
+IMMUTABLE = ("model", "strategy")
 # Rules the schema cannot say, each on the object it reads (names as in the resource).
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "clients": [
@@ -36,23 +54,23 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
          "message": "clients.minSuccessful must be <= clients.perRound (which defaults to clients.count)"},
     ],
     "storage": [
-        {"rule": "[has(self.persistentVolumeClaim), has(self.create), has(self.local)].filter(x, x).size() <= 1",
-         "message": "storage takes one of persistentVolumeClaim, create or local, not several"},
+        {"rule": "[" + ", ".join(f"has(self.{kind})" for kind in STORAGE_KINDS) + "].filter(x, x).size() <= 1",
+         "message": f"storage takes one of {one_of(STORAGE_KINDS)}, not several"},
     ],
     "dataset": [
         {"rule": "!(has(self.path) && has(self.synthetic))",
          "message": "give either dataset.path or dataset.synthetic, not both"},
     ],
     # A training's model and strategy cannot change under it: delete and recreate it instead.
-    "model": [{"rule": "self == oldSelf", "message": "spec.model is immutable; create a new training"}],
-    "strategy": [{"rule": "self == oldSelf", "message": "spec.strategy is immutable; create a new training"}],
+    **{field: [{"rule": "self == oldSelf", "message": f"spec.{field} is immutable; create a new training"}]
+       for field in IMMUTABLE},
 }
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
-    {"name": "Accuracy", "type": "number", "format": "float", "jsonPath": ".status.accuracy"},
-    {"name": "Epsilon", "type": "number", "format": "float", "jsonPath": ".status.privacyEpsilon", "priority": 1},
+    {"name": "Accuracy", "type": "number", "jsonPath": ".status.accuracy"},
+    {"name": "Epsilon", "type": "number", "jsonPath": ".status.privacyEpsilon", "priority": 1},
     {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.name"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
@@ -78,6 +96,9 @@ def _structural(node: Any, definitions: dict[str, Any]) -> Any:
             continue
         if key == "default" and (value is None or isinstance(value, dict | list)):
             continue  # objects default through their fields; null is no default
+        if key == "const":  # apiextensions v1 has no const: a one-value enum says the same
+            out["enum"] = [value]
+            continue
         if key in ("exclusiveMinimum", "exclusiveMaximum"):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             out[key] = True
@@ -98,6 +119,8 @@ def spec_schema() -> dict[str, Any]:
     schema = _structural(raw, raw.get("$defs", {}))
     for field, rules in CEL_RULES.items():
         schema["properties"][field]["x-kubernetes-validations"] = rules
+    for field in IMMUTABLE:
+        schema["properties"][field]["default"] = {}
     return schema
 
 
@@ -120,7 +143,7 @@ def definition() -> dict[str, Any]:
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
-            "names": {"kind": KIND, "plural": PLURAL, "singular": SINGULAR, "shortNames": ["ft"],
+            "names": {"kind": KIND, "plural": PLURAL, "singular": SINGULAR, "shortNames": [SHORT_NAME],
                       "categories": ["fedtrain"]},
             "versions": [{
                 "name": VERSION, "served": True, "storage": True,
@@ -129,6 +152,7 @@ def definition() -> dict[str, Any]:
                 "schema": {"openAPIV3Schema": {
                     "type": "object", "required": ["spec"],
                     "description": "A federated training: rounds of client training Jobs and one aggregation Job each.",
+                    "x-kubernetes-validations": ROOT_RULES,
                     "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
                                    "metadata": {"type": "object"}, "spec": spec_schema(),
                                    "status": status_schema()},

@@ -1,28 +1,43 @@
 """The FederatedTraining spec: one typed, validated model for YAML files and the custom resource.
 
 Field names are the resource's camelCase; defaults live here and nowhere else. Validation errors
-name the field path (``spec.clients.minSuccessful``) and say what is allowed. This module imports
-neither torch nor the worker: the operator uses it as is.
+name the field path (``spec.clients.minSuccessful``) and say what is allowed. Each field's
+docstring becomes its description in the CRD (what ``kubectl explain`` shows). This module is the
+one source of the resource's names (group, version, kind), its storage kinds and strategy names:
+the CRD, its CEL rules and the operator derive theirs from here. It imports neither torch nor the
+worker's heavy parts: the operator uses it as is.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from fedtrain.worker.layout import client_names
 
-API_VERSION = "fedtrain.io/v1alpha1"
+GROUP = "fedtrain.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "FederatedTraining"
+PLURAL = "federatedtrainings"
+SINGULAR = "federatedtraining"
+SHORT_NAME = "ft"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A training's name prefixes the names of its Jobs and claim and is a label value on each of them;
+# 40 leaves room for the task id in a Job name. The CRD refuses longer names at admission.
+MAX_TRAINING_NAME = 40
+MAX_CLIENT_NAME = 40
 
-# Strategy names and their parameters; kept equal to the worker's registry by a test, so that the
-# operator can validate a spec without importing the worker.
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "trimmedmean", "krum",
+                       "multikrum"]
+STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+# Each strategy's parameters; kept equal to the worker's registry by a test, so that the operator
+# can validate a spec without importing the worker.
 STRATEGY_PARAMETERS: dict[str, tuple[str, ...]] = {
     "fedavg": (),
     "fedprox": ("mu",),
@@ -34,6 +49,7 @@ STRATEGY_PARAMETERS: dict[str, tuple[str, ...]] = {
     "krum": ("f",),
     "multikrum": ("f", "m"),
 }
+assert tuple(STRATEGY_PARAMETERS) == STRATEGY_NAMES, "every strategy name has its parameters, in the same order"
 
 
 class SpecError(ValueError):
@@ -45,38 +61,53 @@ class SpecError(ValueError):
 
 
 class Model(BaseModel):
-    """Shared settings: camelCase names, unknown fields rejected, immutable."""
+    """Shared settings: camelCase names, unknown fields rejected, immutable, docstrings as descriptions."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+                              use_attribute_docstrings=True)
 
 
 class ModelSpec(Model):
-    """Which network, how many classes, which input size, and how it starts."""
+    """Which network, how many classes, which input size, and how it starts. Immutable once created."""
 
     architecture: Literal["mobilenet_v3_small", "mobilenet_v3_large", "tiny_cnn"] = "mobilenet_v3_small"
+    """The network: torchvision's MobileNetV3 (small or large), or a tiny CNN for tests and demos."""
     num_classes: Annotated[int, Field(ge=2, le=1000)] = 43
+    """Number of output classes (43 for GTSRB)."""
     image_size: Annotated[int, Field(ge=16, le=512)] = 64
+    """Images are resized to imageSize x imageSize pixels."""
     pretrained_weights: Annotated[str, Field(max_length=1024)] | None = None
+    """A safetensors file of ImageNet weights to start from (a path the worker can read); none: random init."""
     fine_tune: bool = True
+    """Train all layers (true) or only the classifier head (false)."""
 
 
 class SyntheticSpec(Model):
     """Generate a synthetic GTSRB-like data set instead of reading one."""
 
     images_per_class: Annotated[int, Field(ge=1, le=5000)] = 60
+    """Training images generated per class."""
     test_images_per_class: Annotated[int, Field(ge=1, le=5000)] = 20
+    """Test images generated per class."""
     frames_per_track: Annotated[int, Field(ge=1, le=30)] = 5
+    """Frames per track (views of one physical sign), as in GTSRB's tracks of 30."""
     seed: int = 0
+    """Seed of the generator: the same seed gives the same images."""
 
 
 class DatasetSpec(Model):
     """Where the data is: a GTSRB tree at ``path``, or ``synthetic`` (the default when neither is given)."""
 
     format: Literal["gtsrb"] = "gtsrb"
+    """The data set's layout: the official GTSRB tree (or torchvision's)."""
     path: Annotated[str, Field(max_length=1024)] | None = None
+    """Where the GTSRB tree is, as the worker sees it (mount it with worker.volumes)."""
     synthetic: SyntheticSpec | None = None
+    """Generate a synthetic GTSRB-like data set instead of reading one."""
     roi_crop: bool = True
+    """Crop each image to the sign's region of interest given in the annotations."""
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    """Share of each client's tracks held out for validation (split by track, so frames never leak)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -89,23 +120,31 @@ class PartitionSpec(Model):
     """How the training split is dealt out among clients."""
 
     scheme: Literal["iid", "dirichlet", "classes", "quantity"] = "iid"
+    """iid (equal random shares), dirichlet (label skew), classes (disjoint classes) or quantity (size skew)."""
     alpha: Annotated[float, Field(gt=0)] = 0.5
+    """Concentration of the dirichlet and quantity schemes: smaller is more skewed."""
     seed: int = 0
+    """Seed of the partition."""
 
 
 class TrainingOverride(Model):
     """Per-client changes to the training settings."""
 
     local_epochs: Annotated[int, Field(ge=1)] | None = None
+    """This client's local epochs per round."""
     batch_size: Annotated[int, Field(ge=1)] | None = None
+    """This client's batch size."""
     learning_rate: Annotated[float, Field(gt=0)] | None = None
+    """This client's learning rate."""
 
 
 class ClientData(Model):
     """A client's own data set: a GTSRB tree on a claim of the client's namespace (``path`` inside it)."""
 
     claim_name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)]
+    """The PersistentVolumeClaim, in the client's namespace, that holds the data (mounted read-only)."""
     path: Annotated[str, Field(max_length=1024)] = ""
+    """The GTSRB tree's folder inside the claim, relative to its root."""
 
     @model_validator(mode="after")
     def _inside_the_claim(self) -> ClientData:
@@ -122,23 +161,35 @@ class ClientEntry(Model):
     weights leave it, through the object store (``spec.storage.s3``).
     """
 
-    name: Annotated[str, Field(pattern=DNS_LABEL, max_length=40)]
+    name: Annotated[str, Field(pattern=DNS_LABEL, max_length=MAX_CLIENT_NAME)]
+    """The client's name (a DNS label): it names the client's Jobs and update files."""
     namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] | None = None
+    """Run this client's Jobs in this namespace (which must opt in with fedtrain.io/accept-trainings)."""
     data: ClientData | None = None
+    """The client's own data set, instead of a share of spec.dataset."""
     training: TrainingOverride = TrainingOverride()
+    """Changes to spec.training for this client."""
     resources: dict[str, Any] | None = None
+    """Resource requests and limits of this client's worker container (overrides worker.resources)."""
     node_selector: dict[str, str] | None = None
+    """Node selector of this client's Pods (overrides worker.nodeSelector)."""
     tolerations: list[dict[str, Any]] | None = None
+    """Tolerations of this client's Pods (overrides worker.tolerations)."""
 
 
 class ClientsSpec(Model):
     """How many clients, how many train each round, how many must succeed for the round to count."""
 
     count: Annotated[int, Field(ge=1, le=1000)] | None = None
+    """Number of clients (named client-00, client-01...), each training on a share of spec.dataset."""
     per_round: Annotated[int, Field(ge=1)] | None = None
+    """Clients sampled (without replacement, seeded) to train each round; default: all."""
     min_successful: Annotated[int, Field(ge=1)] | None = None
+    """Updates a round needs to be aggregated; default: all sampled clients."""
     max_retries: Annotated[int, Field(ge=0, le=10)] = 1
+    """How often a failed task is started again before it counts as failed."""
     entries: tuple[ClientEntry, ...] | None = Field(None, alias="list")
+    """Named clients, with their own settings, data or namespace (instead of, or matching, count)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ClientsSpec:
@@ -195,22 +246,33 @@ class TrainingSpec(Model):
     """How each client trains in each round."""
 
     local_epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Passes over the client's data per round."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Images per optimiser step."""
     optimizer: Literal["sgd", "adam"] = "adam"
+    """The client's optimiser (its state starts fresh each round)."""
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    """The client optimiser's learning rate."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """SGD momentum (sgd only)."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """L2 weight decay."""
     scheduler: Literal["none", "cosine"] = "none"
+    """Learning-rate schedule within a round: none, or cosine annealing with warm restarts."""
     restart_epochs: Annotated[int, Field(ge=1)] = 1
+    """Epochs between the cosine schedule's restarts."""
 
 
 class StrategySpec(Model):
-    """How the server aggregates, with the strategy's own parameters."""
+    """How the server aggregates, with the strategy's own parameters. Immutable once created."""
 
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "trimmedmean", "krum",
-                  "multikrum"] = "fedavg"
+    name: StrategyName = "fedavg"
+    """The aggregation strategy (see docs/strategies.md)."""
     parameters: Annotated[dict[str, float], Field(max_length=8)] = {}
+    """The strategy's parameters: mu (fedprox); eta, beta1, beta2, tau (fedadam, fedyogi, fedadagrad); beta
+    (trimmedmean); f (krum); f, m (multikrum)."""
     max_norm_ratio: Annotated[float, Field(ge=0)] = 10.0
+    """Reject an update whose norm exceeds this multiple of the round's median norm (0: no check)."""
 
     @model_validator(mode="after")
     def _known_parameters(self) -> StrategySpec:
@@ -226,35 +288,45 @@ class ClaimRef(Model):
     """An existing PersistentVolumeClaim."""
 
     claim_name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)]
+    """The claim's name, in the training's namespace (ReadWriteMany when Jobs run on several nodes)."""
 
 
 class ClaimCreate(Model):
     """A claim the operator creates for the training."""
 
     size: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")] = "5Gi"
+    """The claim's storage request, e.g. 5Gi."""
     storage_class_name: Annotated[str, Field(max_length=253)] | None = None
+    """The claim's storage class; none: the cluster's default."""
 
 
 class SecretRef(Model):
     """A Secret of the namespace a Job runs in, and which of its keys hold the S3 access key and secret."""
 
     name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)]
+    """The Secret's name."""
     access_key_id_key: Annotated[str, Field(min_length=1, max_length=253)] = "AWS_ACCESS_KEY_ID"
+    """The key that holds the access key id."""
     secret_access_key_key: Annotated[str, Field(min_length=1, max_length=253)] = "AWS_SECRET_ACCESS_KEY"
+    """The key that holds the secret access key."""
 
 
 class ConfigMapKeyRef(Model):
     """One key of a ConfigMap (a CA bundle)."""
 
     name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)]
+    """The ConfigMap's name."""
     key: Annotated[str, Field(min_length=1, max_length=253)] = "ca.crt"
+    """The key that holds the PEM bundle."""
 
 
 class S3Tls(Model):
     """Trust for an endpoint with a private CA; ``insecureSkipVerify`` is for test endpoints only."""
 
     ca_config_map: ConfigMapKeyRef | None = None
+    """A ConfigMap key holding the CA bundle that signed the endpoint's certificate."""
     insecure_skip_verify: bool = False
+    """Do not verify the endpoint's certificate (test endpoints only)."""
 
 
 class S3Spec(Model):
@@ -266,16 +338,28 @@ class S3Spec(Model):
     """
 
     endpoint: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/.*)?$", max_length=512)] | None = None
+    """The store's URL (http:// or https://); none: AWS S3."""
     bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    """The bucket (it must exist)."""
     prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9!_.*'()/-]*$", max_length=512)] = "fedtrain"
+    """Key prefix under which trainings live: <prefix>/<namespace>/<training>-<uid8>/."""
     region: Annotated[str, Field(max_length=64)] | None = None
+    """The bucket's region, where the store needs one."""
     addressing_style: Literal["path", "virtual"] = "path"
+    """path (endpoint/bucket/key, MinIO's default) or virtual (bucket.endpoint/key)."""
     credentials_secret: SecretRef | None = None
+    """The Secret with the access key and secret (required on Kubernetes)."""
     tls: S3Tls = S3Tls()
+    """Trust settings for an https endpoint."""
 
 
 # The fields of `StorageSpec` of which one names where weights live (camelCase, as in a raw spec).
 STORAGE_KINDS = ("persistentVolumeClaim", "create", "s3", "local")
+
+
+def one_of(names: tuple[str, ...]) -> str:
+    """``a, b, c or d``: how messages list alternatives."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 class StorageSpec(Model):
@@ -288,16 +372,22 @@ class StorageSpec(Model):
     """
 
     persistent_volume_claim: ClaimRef | None = None
+    """An existing claim to keep weights on."""
     create: ClaimCreate | None = None
+    """A claim the operator creates for this training (deleted with it)."""
     s3: S3Spec | None = None
+    """An S3-compatible object store (needed for clients in other namespaces)."""
     local: Annotated[str, Field(max_length=1024)] | None = None
+    """A local directory (fedtrain run only)."""
     reclaim_policy: Literal["Retain", "Delete"] = "Retain"
+    """What deleting the training does to its weights on a given claim or bucket: keep them, or delete them."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> StorageSpec:
-        kinds = [k for k in ("persistent_volume_claim", "create", "s3", "local") if getattr(self, k) is not None]
+        given = {info.alias for name, info in type(self).model_fields.items() if getattr(self, name) is not None}
+        kinds = [kind for kind in STORAGE_KINDS if kind in given]
         if len(kinds) > 1:
-            raise ValueError("storage takes one of persistentVolumeClaim, create, s3 or local, not several")
+            raise ValueError(f"storage takes one of {one_of(STORAGE_KINDS)}, not several")
         return self
 
 
@@ -305,17 +395,25 @@ class WorkerSpec(Model):
     """How worker tasks run: image and scheduling on Kubernetes, device and parallelism everywhere."""
 
     image: Annotated[str, Field(max_length=512)] = "ghcr.io/fedtrain/worker:0.1.0"
+    """The worker image every Job runs."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """The worker container's image pull policy."""
     resources: dict[str, Any] | None = None
+    """Resource requests and limits of the worker container."""
     node_selector: dict[str, str] | None = None
+    """Node selector of worker Pods."""
     tolerations: list[dict[str, Any]] | None = None
+    """Tolerations of worker Pods."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where workers compute: auto (CUDA when present), cpu or cuda."""
     parallelism: Annotated[int, Field(ge=1, le=256)] = 2
-    # Kubernetes only, passed to every worker Pod as they are: data and weights volumes (for example
-    # a claim holding GTSRB at /data), and environment (secrets by reference, e.g. MLflow credentials).
+    """How many tasks run at once (fedtrain run); on Kubernetes the scheduler decides."""
     volumes: list[dict[str, Any]] | None = None
+    """Extra volumes of every worker Pod (Kubernetes only), e.g. a claim holding GTSRB."""
     volume_mounts: list[dict[str, Any]] | None = None
+    """Where worker containers mount worker.volumes (not /store or /tmp)."""
     env: list[dict[str, Any]] | None = None
+    """Extra environment of worker containers (Secrets by reference, e.g. MLflow credentials)."""
 
     @model_validator(mode="after")
     def _own_namespace_only(self) -> WorkerSpec:
@@ -368,7 +466,9 @@ class StragglerSpec(Model):
     """
 
     on_missed_quorum: Literal["fail", "retry"] = "fail"
+    """When too few clients finish by the deadline: fail the training, or retry the round."""
     max_round_retries: Annotated[int, Field(ge=0, le=10)] = 1
+    """How often a round may be retried (onMissedQuorum: retry)."""
 
 
 class PrivacySpec(Model):
@@ -380,40 +480,62 @@ class PrivacySpec(Model):
     """
 
     clip_norm: Annotated[float, Field(gt=0)]
+    """The L2 bound C on each client's update (weights minus the global model)."""
     noise_multiplier: Annotated[float, Field(ge=0, le=100)] = 1.0
+    """The noise's standard deviation in units of clipNorm (on the sum of updates)."""
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    """The delta at which the privacy budget epsilon is reported."""
 
 
 class MlflowSpec(Model):
     """Tracking and registry: an embedded sqlite store in the work directory unless a URI is given."""
 
     tracking_uri: Annotated[str, Field(max_length=1024)] | None = None
+    """The MLflow tracking server; none: sqlite in the training's directory."""
     experiment: Annotated[str, Field(min_length=1, max_length=256)] = "fedtrain"
+    """The MLflow experiment of the training's runs."""
     registered_model_name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """Register the final model under this name; none: log it without registering."""
     log_clients: bool = True
-    # Move the `champion` alias to the new version when it beats the champion on the same test set.
-    # False leaves promotion to someone else (the Kubeflow pipeline's promote-model step gates it).
+    """Log one nested run per client."""
     promote_champion: bool = True
+    """Move the champion alias to the new version when it beats the champion on the same test set (false: leave
+    promotion to a pipeline step)."""
 
 
 class FederatedTrainingSpec(Model):
-    """Everything a federated training needs; see the field classes for each part."""
+    """What to train, on which data, with which clients and strategy (`kubectl explain` describes each field)."""
 
     rounds: Annotated[int, Field(ge=1, le=10000)] = 10
+    """Federated rounds: each trains the sampled clients, then aggregates their updates."""
     seed: int = 0
+    """Seed of client sampling, initial weights and local training."""
     model: ModelSpec = ModelSpec()
+    """The network (immutable)."""
     dataset: DatasetSpec = DatasetSpec()
+    """The data set the clients share out and the test split."""
     partition: PartitionSpec = PartitionSpec()
+    """How the training split is dealt out among clients."""
     clients: ClientsSpec
+    """The clients: how many, or a list, and the round's quorum."""
     training: TrainingSpec = TrainingSpec()
+    """Local training settings."""
     strategy: StrategySpec = StrategySpec()
+    """Server-side aggregation (immutable)."""
     storage: StorageSpec = StorageSpec()
+    """Where weights live."""
     worker: WorkerSpec = WorkerSpec()
+    """How worker tasks run."""
     round_deadline_seconds: Annotated[int, Field(ge=10, le=7 * 24 * 3600)] = 1800
+    """Seconds a round's clients have; late clients are dropped if the quorum holds."""
     stragglers: StragglerSpec = StragglerSpec()
+    """What a missed quorum does."""
     mlflow: MlflowSpec = MlflowSpec()
+    """Tracking and model registry."""
     privacy: PrivacySpec | None = None
+    """Central differential privacy (fedavg and fedprox)."""
     suspend: bool = False
+    """Hold the training at the next stage boundary; false resumes it."""
 
     @model_validator(mode="after")
     def _cross_field(self) -> FederatedTrainingSpec:
@@ -441,7 +563,7 @@ class Metadata(Model):
     """The part of ``metadata`` a training uses."""
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
-    name: Annotated[str, Field(pattern=DNS_LABEL, max_length=40)]
+    name: Annotated[str, Field(pattern=DNS_LABEL, max_length=MAX_TRAINING_NAME)]
     namespace: str = "default"
 
 
@@ -449,10 +571,24 @@ class FederatedTraining(Model):
     """A whole manifest, as ``kubectl apply`` and ``fedtrain run`` read it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    api_version: Literal["fedtrain.io/v1alpha1"] = Field("fedtrain.io/v1alpha1", alias="apiVersion")
-    kind: Literal["FederatedTraining"] = "FederatedTraining"
+    api_version: str = Field(API_VERSION, alias="apiVersion")
+    kind: str = KIND
     metadata: Metadata
     spec: FederatedTrainingSpec
+
+    @field_validator("api_version")
+    @classmethod
+    def _our_api_version(cls, value: str) -> str:
+        if value != API_VERSION:
+            raise ValueError(f"must be {API_VERSION}")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _our_kind(cls, value: str) -> str:
+        if value != KIND:
+            raise ValueError(f"must be {KIND}")
+        return value
 
 
 def _describe(error: Any, inside_spec: bool) -> str:

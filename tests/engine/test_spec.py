@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,17 @@ def test_objects_of_other_namespaces_are_refused(worker: dict, path: str) -> Non
     assert raised.value.problems == [f"{path} is not allowed: a training may only use claims and secrets of its own "
                                      "namespace; remove the namespace, or copy the object into the training's "
                                      "namespace"]
+
+
+def test_every_spec_field_has_a_description_for_kubectl_explain() -> None:
+    from fedtrain.crd import spec_schema
+
+    def undescribed(node: dict[str, Any], path: str) -> list[str]:
+        missing = [] if node.get("description") else [path]
+        for name, child in (node.get("properties") or {}).items():
+            missing += undescribed(child, f"{path}.{name}")
+        if isinstance(node.get("items"), dict) and node["items"].get("properties"):
+            missing += undescribed(node["items"], f"{path}[]")
+        return missing
+
+    assert undescribed(spec_schema(), "spec") == []
