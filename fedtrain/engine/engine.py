@@ -22,6 +22,8 @@ from typing import Literal
 
 from fedtrain.engine.status import (
     CONDITION_TYPES,
+    DETAILED_CLIENTS,
+    FINISHED,
     HISTORY_LIMIT,
     Cancel,
     ClientTask,
@@ -54,6 +56,16 @@ KNOWN_CAUSES = ("OOMKilled", "DeadlineExceeded", "ErrImagePull", "ImagePullBackO
                 "CreateContainerConfigError", "CreateContainerError", "Unschedulable")
 PERMANENT_CAUSES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 MAX_STEPS_PER_DECISION = 10_000
+REASON_LENGTH = 200  # of a task's failure in status (one per client: the status must stay small); logs have it all
+SHOWN_DIGITS = 4
+
+
+def significant(value: float) -> float:
+    """``value`` to 4 significant digits, for the status figures people read (printer columns have no format).
+
+    The rounds' records keep full precision.
+    """
+    return float(f"{value:.{SHOWN_DIGITS}g}")
 
 
 class Progress(Enum):
@@ -114,7 +126,7 @@ def _advance(task: ClientTask, ident: str, observations: dict[str, Observation],
     if seen.state == "succeeded":
         task.state, task.exit_code, task.reason = "succeeded", 0, None
         return Progress.SUCCEEDED
-    task.exit_code, task.reason = seen.exit_code, describe_failure(seen)
+    task.exit_code, task.reason = seen.exit_code, describe_failure(seen)[:REASON_LENGTH]
     if seen.exit_code == EXIT_TEMPORARY and task.temporary_failures < TEMPORARY_RETRIES:
         task.temporary_failures += 1  # the store, not the task, failed: run it again for free
     else:
@@ -154,7 +166,7 @@ class _Step:
 
     def run(self) -> None:
         for _ in range(MAX_STEPS_PER_DECISION):
-            if self.status.phase in ("Succeeded", "Failed") or not self.step():
+            if self.status.phase in FINISHED or not self.step():
                 return
 
     def step(self) -> bool:
@@ -313,18 +325,23 @@ class _Step:
         accepted = output.get("accepted")
         current.accepted = [str(c) for c in accepted] if isinstance(accepted, list) else []
         rejected = output.get("rejected")
-        current.rejected = {str(k): str(v)[:200] for k, v in rejected.items()} if isinstance(rejected, dict) else {}
-        status.accuracy = current.accuracy
+        rejected = rejected if isinstance(rejected, dict) else {}
+        current.rejected = {str(k): str(v)[:200] for k, v in sorted(rejected.items())[:DETAILED_CLIENTS]}
+        current.summarize(_counted(output, "accepted_count", len(current.accepted)),
+                          _counted(output, "rejected_count", len(rejected)))
+        compact_history(status.rounds)
+        status.accuracy = significant(current.accuracy) if current.accuracy is not None else None
         spent, delta = output.get("epsilon"), output.get("dp_delta")
         if isinstance(spent, int | float) and isinstance(delta, int | float):
-            status.privacy_epsilon, status.privacy_delta = float(spent), float(delta)
+            status.privacy_epsilon, status.privacy_delta = significant(float(spent)), float(delta)
         if current.accuracy is not None and (status.best_accuracy is None or current.accuracy > status.best_accuracy):
-            status.best_accuracy, status.best_round = current.accuracy, current.round
+            status.best_accuracy, status.best_round = significant(current.accuracy), current.round
         shown = f"{current.accuracy:.4f}" if current.accuracy is not None else "n/a"
-        dropped = current.count("dropped") + current.count("failed")
+        counts = current.counts
+        assert counts is not None
         self.event(Reason.ROUND_COMPLETED, f"round {current.round}/{self.spec.rounds}: accuracy {shown}, "
-                                           f"{len(current.accepted)} updates accepted, {len(current.rejected)} "
-                                           f"rejected, {dropped} clients dropped or failed")
+                                           f"{counts.accepted} updates accepted, {counts.rejected} rejected, "
+                                           f"{counts.dropped + counts.failed} clients dropped or failed")
         if current.rejected:
             self.event(Reason.UPDATES_REJECTED, f"round {current.round}: " + "; ".join(
                 f"{c}: {r}" for c, r in current.rejected.items()), warning=True)
@@ -348,18 +365,78 @@ class _Step:
         return self.fail(reason, f"round {current.round}: {why}")
 
 
+def _counted(output: dict[str, object], key: str, listed: int) -> int:
+    """A count the worker reports when its list was too long for the termination message, else the list's size."""
+    value = output.get(key)
+    return value if isinstance(value, int) and value >= listed else listed
+
+
+def compact_history(rounds: list[RoundStatus]) -> None:
+    """Keep the status small whatever the number of clients (see `DETAILED_CLIENTS`).
+
+    Newest first, finished rounds keep their per-client records while they fit the budget; every
+    older one is compacted to its counts.
+    """
+    budget = DETAILED_CLIENTS
+    for record in reversed(rounds):
+        if record.finished_at is None:
+            continue
+        if record.counts is None:  # recorded before rounds had counts
+            record.summarize(len(record.accepted), len(record.rejected))
+        budget -= len(record.selected)
+        if budget < 0:
+            record.compact()
+
+
 def decide(spec: FederatedTrainingSpec, status: TrainingStatus, observations: dict[str, Observation], now: float,
            generation: int | None = None) -> Decision:
     """The next actions and the new status; ``status`` itself is not modified."""
-    decision = Decision(status.model_copy(deep=True))
+    decision = Decision(status.fork())
+    if decision.status.phase in FINISHED:
+        return decision  # final: a finished training is never judged again
     decision.status.total_rounds = spec.rounds
     if generation is not None:
         decision.status.observed_generation = generation
-    if decision.status.phase not in ("Succeeded", "Failed"):
-        _Step(spec, observations, now, decision).run()
+    _Step(spec, observations, now, decision).run()
     decision.status.progress = f"{rounds_completed(decision.status)}/{spec.rounds}"
     update_conditions(decision.status, now)
     return decision
+
+
+def fail(status: TrainingStatus, reason: str, message: str, now: float, generation: int | None = None) -> Decision:
+    """Fail a training for a cause the executor found outside the rounds, and stop what still runs.
+
+    A spec the cluster cannot run, a client namespace that withdrew its consent, a request the API
+    server refuses for good: these end the training as a round failure does, with the same status
+    writer, metrics and Event. A finished training is left as it is.
+    """
+    decision = Decision(status.fork())
+    failed = decision.status
+    if failed.phase in FINISHED:
+        return decision
+    if generation is not None:
+        failed.observed_generation = generation
+    decision.actions.extend(Cancel(ident) for ident in running_task_ids(failed))
+    failed.phase, failed.reason, failed.message = "Failed", reason, message
+    decision.events.append(Event(reason, message, warning=True))
+    update_conditions(failed, now)
+    return decision
+
+
+def running_task_ids(status: TrainingStatus) -> list[str]:
+    """The ids of the tasks that may still be running: init, the current round's, finalize."""
+    running: list[str] = []
+    if status.init is not None and status.init.state == "running":
+        running.append(task_id("init", status.init.attempt))
+    current = status.round(status.current_round)
+    if current is not None:
+        running += [task_id("train", task.attempt, current.round, client)
+                    for client, task in current.clients.items() if task.state == "running"]
+        if current.aggregation is not None and current.aggregation.state == "running":
+            running.append(task_id("aggregate", current.aggregation.attempt, current.round))
+    if status.finalize is not None and status.finalize.state == "running":
+        running.append(task_id("finalize", status.finalize.attempt))
+    return running
 
 
 def rounds_completed(status: TrainingStatus) -> int:
@@ -401,7 +478,7 @@ def _degradation(status: TrainingStatus) -> tuple[str, str] | None:
         return None
     waiting = [f"{c}: {t.reason}" for c, t in last.clients.items() if t.state == "running" and t.reason]
     if waiting:
-        return "TasksWaiting", f"round {last.round}: " + "; ".join(waiting)
+        return Reason.TASKS_WAITING, f"round {last.round}: " + "; ".join(waiting)
     lost = [c for c, t in last.clients.items() if t.state in ("failed", "dropped")]
     if lost:
         return Reason.CLIENT_FAILED, f"round {last.round}: {', '.join(lost)} failed or dropped"

@@ -11,12 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 from pydantic.alias_generators import to_camel
 
 Phase = Literal["Pending", "Initializing", "Running", "Suspended", "Succeeded", "Failed"]
+FINISHED: tuple[Phase, ...] = ("Succeeded", "Failed")  # final: nothing changes a finished training again
 TaskState = Literal["pending", "running", "succeeded", "failed", "dropped"]
 HISTORY_LIMIT = 100  # rounds kept in status; older ones live in storage and MLflow
+# A status is stored in etcd, which refuses large objects, and every kubectl read carries it whole:
+# so finished rounds keep their per-client records only while the latest of them together hold at
+# most DETAILED_CLIENTS clients; others keep counts and name at most LISTED failures and
+# rejections. Only the round in progress keeps every client (the engine needs them).
+DETAILED_CLIENTS = 100
+LISTED = 10
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended", "Degraded")  # in the order status lists them
 
@@ -39,6 +46,15 @@ class Reason:
     TASK_FAILED = "TaskFailed"
     TASK_RETRIED = "TaskRetried"
     TRACKING_UNAVAILABLE = "TrackingUnavailable"
+    TASKS_WAITING = "TasksWaiting"
+    # Failures the executor finds outside the rounds (the engine records them through `fail`).
+    INVALID_SPEC = "InvalidSpec"
+    CLIENT_NAMESPACE_NOT_ALLOWED = "ClientNamespaceNotAllowed"
+    JOB_REJECTED = "JobRejected"
+    FORBIDDEN = "Forbidden"
+    API_REJECTED = "ApiRejected"
+    # Reported on deletion, when the training's resource is going away.
+    STORAGE_NOT_RELEASED = "StorageNotReleased"
 
 
 class StatusModel(BaseModel):
@@ -66,9 +82,29 @@ class ClientTask(StatusModel):
     reason: str | None = None
     temporary_failures: int = 0  # attempts that ended in a temporary storage failure (not counted as retries)
 
+    @model_serializer(mode="wrap")
+    def _without_zero_counters(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``temporaryFailures`` out while it is 0: a round may hold a thousand of these."""
+        data: dict[str, Any] = handler(self)
+        if not self.temporary_failures:
+            data.pop("temporaryFailures", None)
+            data.pop("temporary_failures", None)
+        return data
+
+
+class RoundCounts(StatusModel):
+    """A finished round in numbers: what remains of it when its per-client records are dropped."""
+
+    selected: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    dropped: int = 0
+    accepted: int = 0
+    rejected: int = 0
+
 
 class RoundStatus(StatusModel):
-    """One round: who was selected, how they did, and what aggregation gave."""
+    """One round: who was selected, how they did, and what aggregation gave (``counts`` once it finished)."""
 
     round: int
     attempt: int = 1
@@ -81,10 +117,24 @@ class RoundStatus(StatusModel):
     loss: float | None = None
     accepted: list[str] = []
     rejected: dict[str, str] = {}
+    counts: RoundCounts | None = None
 
     def count(self, state: TaskState) -> int:
         """How many selected clients are in ``state``."""
         return sum(1 for task in self.clients.values() if task.state == state)
+
+    def summarize(self, accepted: int, rejected: int) -> None:
+        """Record the finished round's counts (before any per-client record is dropped)."""
+        self.counts = RoundCounts(selected=len(self.selected), succeeded=self.count("succeeded"),
+                                  failed=self.count("failed"), dropped=self.count("dropped"), accepted=accepted,
+                                  rejected=rejected)
+
+    def compact(self) -> None:
+        """Drop the per-client records of a finished round, keeping its counts and the first failures."""
+        lost = {c: t for c, t in sorted(self.clients.items()) if t.state != "succeeded"}
+        self.clients = dict(list(lost.items())[:LISTED])
+        self.rejected = dict(list(sorted(self.rejected.items()))[:LISTED])
+        self.selected, self.accepted = [], []
 
 
 class TrainingStatus(StatusModel):
@@ -110,6 +160,24 @@ class TrainingStatus(StatusModel):
     message: str = ""
     conditions: list[Condition] = []
     observed_generation: int | None = None
+
+    def fork(self) -> TrainingStatus:
+        """A copy the engine may change while this one stays as it is, made in a fraction of a deep copy.
+
+        The engine changes tasks in place (init, finalize, the current round's clients and
+        aggregation), so those are copied; it only ever replaces the attributes of other rounds and of
+        the status itself (compaction, conditions), so a shallow copy of those is enough. With a
+        thousand clients a deep copy was most of a decision's time.
+        """
+        copied = self.model_copy()
+        copied.init = self.init.model_copy() if self.init is not None else None
+        copied.finalize = self.finalize.model_copy() if self.finalize is not None else None
+        copied.rounds = [record.model_copy() for record in self.rounds]
+        current = copied.round(self.current_round)
+        if current is not None:
+            current.clients = {name: task.model_copy() for name, task in current.clients.items()}
+            current.aggregation = current.aggregation.model_copy() if current.aggregation is not None else None
+        return copied
 
     def round(self, number: int) -> RoundStatus | None:
         """The record of round ``number``, if it is still in the history."""

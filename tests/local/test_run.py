@@ -166,6 +166,7 @@ def test_local_run_with_an_object_store(tmp_path: Path, s3_server: Any) -> None:
 
 
 def test_privacy_clips_updates_and_reports_the_budget(tmp_path: Path) -> None:
+    from fedtrain.engine.engine import significant
     from fedtrain.worker.strategies.privacy import epsilon
 
     body = manifest("private", 2, clients={"count": 4, "perRound": 2},
@@ -174,10 +175,12 @@ def test_privacy_clips_updates_and_reports_the_budget(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     status = json.loads((tmp_path / "w" / "status.json").read_text())
     assert status["phase"] == "Succeeded"
-    assert status["privacyEpsilon"] == pytest.approx(epsilon(2 / 4, 1.2, 2, 1e-5)) and status["privacyDelta"] == 1e-5
+    spent = epsilon(2 / 4, 1.2, 2, 1e-5)
+    assert status["privacyEpsilon"] == significant(spent) and status["privacyDelta"] == 1e-5  # as kubectl shows it
+    result = json.loads((tmp_path / "w" / "round-0002" / "result.json").read_text())
+    assert result["epsilon"] == pytest.approx(spent)  # the worker's own record keeps full precision
     for sidecar in (tmp_path / "w" / "round-0002" / "clients").glob("*.json"):
         meta = json.loads(sidecar.read_text())
         assert meta["clip_norm"] == 0.5 and meta["metrics"]["update_norm"] > 0
-    result = json.loads((tmp_path / "w" / "round-0002" / "result.json").read_text())
     assert result["dp_noise_std"] == pytest.approx(1.2 * 0.5 / len(result["accepted"]))
     assert all(norm <= 0.5 + 1e-4 for norm in result["dp_update_norms"].values())  # clipped before leaving

@@ -1,0 +1,135 @@
+"""A training with 1,000 clients: the engine's decision time per pass and the size of the status.
+
+The engine decides a 1,000-client training (perRound 100, then 1,000) to the end, every task
+answered at once (one client in seven failing, a third of the rest rejected: the status must carry
+failures too); the aggregation's output goes through the worker's 4 KiB termination message, as on
+Kubernetes. Printed: decision time per pass (median, p99, max) and the largest status seen, against
+two baselines measured in the same run: a 10-client training (decision time) and the same training
+with every round's per-client records kept (status size, the design before rounds were compacted).
+
+With ``--local``, also `fedtrain run` of a 1,000-client, perRound-100, 2-round federation (tiny CNN,
+16 px): wall time per round and the size of status.json.
+
+    python bench/many_clients.py [--local]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: the repo's operator/ must not shadow stdlib
+
+from fedtrain.engine import (
+    Observation,
+    TrainingStatus,
+    decide,
+    engine,
+)
+from fedtrain.engine.status import Launch
+from fedtrain.spec import parse_spec
+from fedtrain.worker.jobs import termination_message
+
+ROUNDS = 10
+
+
+def simulate(clients: int, per_round: int) -> tuple[list[float], int]:
+    """Decision seconds per pass, and the largest status (bytes of JSON)."""
+    names = [f"city-{i:04d}-road-operator" for i in range(clients)]
+    failing = set(names[::7])
+    spec = parse_spec({"rounds": ROUNDS, "clients": {"list": [{"name": n} for n in names], "perRound": per_round,
+                                                      "minSuccessful": max(1, per_round // 2), "maxRetries": 0}})
+    status, observations, now = TrainingStatus(), dict[str, Observation](), 0.0
+    times: list[float] = []
+    largest = 0
+    while status.phase not in ("Succeeded", "Failed"):
+        now += 1
+        started = time.perf_counter()
+        decision = decide(spec, status, observations, now)
+        times.append(time.perf_counter() - started)
+        for action in decision.actions:
+            if isinstance(action, Launch):
+                observations[action.task.id] = answer(action.task, decision.status, failing)
+        status = decision.status
+        largest = max(largest, len(json.dumps(status.to_json())))
+    assert status.phase == "Succeeded", status.message
+    return times, largest
+
+
+def answer(task: Any, status: TrainingStatus, failing: set[str]) -> Observation:
+    if task.kind == "aggregate":
+        trained = [c for c in status.rounds[-1].selected if c not in failing]
+        rejected = trained[:len(trained) // 3]
+        result = {"round": task.round, "accuracy": 0.5, "loss": 1.0, "accepted": trained[len(rejected):],
+                  "rejected": {c: "update norm is over 10x the round's median" for c in rejected}}
+        return Observation("succeeded", 0, json.loads(termination_message(result)))
+    if task.client in failing:
+        return Observation("failed", 1, None, "Traceback (most recent call last): RuntimeError: CUDA out of memory")
+    return Observation("succeeded", 0)
+
+
+def summary(times: list[float]) -> str:
+    ordered = sorted(times)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return (f"{len(times)} passes, median {statistics.median(times) * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, "
+            f"max {max(times) * 1e3:.2f} ms")
+
+
+def local_run() -> None:
+    """`fedtrain run` with 1,000 clients, 100 per round: seconds per round and the size of status.json."""
+    with tempfile.TemporaryDirectory() as folder:
+        manifest = {"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining",
+                    "metadata": {"name": "thousand"},
+                    "spec": {"rounds": 2, "model": {"architecture": "tiny_cnn", "numClasses": 43, "imageSize": 16},
+                             "dataset": {"synthetic": {"imagesPerClass": 30, "testImagesPerClass": 2,
+                                                       "framesPerTrack": 3, "seed": 3}},
+                             "clients": {"count": 1000, "perRound": 100, "minSuccessful": 50},
+                             "training": {"localEpochs": 1, "batchSize": 32},
+                             "worker": {"parallelism": 2, "device": "cpu"}, "mlflow": {"logClients": False}}}
+        path = Path(folder) / "thousand.yaml"
+        path.write_text(yaml.safe_dump(manifest))
+        started = time.monotonic()
+        done = subprocess.run(["fedtrain", "run", str(path), "--workdir", f"{folder}/w"], capture_output=True,
+                              text=True)
+        wall = time.monotonic() - started
+        if done.returncode != 0:
+            print(done.stdout[-2000:], done.stderr[-2000:])
+            return
+        status = json.loads((Path(folder) / "w" / "status.json").read_text())
+        seconds = [r["finishedAt"] - r["startedAt"] for r in status["rounds"]]
+        print(f"fedtrain run, 1000 clients, 100 per round, 2 rounds: {wall:.0f} s in all, rounds "
+              f"{', '.join(f'{s:.0f} s' for s in seconds)}, status.json {len(json.dumps(status)) / 1024:.1f} KiB, "
+              f"phase {status['phase']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--local", action="store_true", help="also run a 1,000-client federation with fedtrain run")
+    args = parser.parse_args()
+    small, _ = simulate(10, 10)
+    print(f"baseline, 10 clients: {summary(small)}")
+    for per_round in (100, 1000):
+        times, largest = simulate(1000, per_round)
+        limit = engine.DETAILED_CLIENTS
+        engine.DETAILED_CLIENTS = 10**9  # baseline: every round keeps its per-client records
+        _, uncompacted = simulate(1000, per_round)
+        engine.DETAILED_CLIENTS = limit
+        print(f"1000 clients, {per_round} per round: {summary(times)}; ratio of median to 10 clients: "
+              f"{statistics.median(times) / statistics.median(small):.1f}")
+        print(f"  largest status {largest / 1024:.1f} KiB (limit 256 KiB); every round kept whole: "
+              f"{uncompacted / 1024:.1f} KiB; ratio {largest / uncompacted:.2f}")
+    if args.local:
+        local_run()
+
+
+if __name__ == "__main__":
+    main()
