@@ -18,17 +18,16 @@ timer (deadlines and stuck Pods change nothing the API would tell us about).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from fedtrain.engine import decide
-from fedtrain.engine.engine import cause, update_conditions
-from fedtrain.engine.status import Cancel, Event, Launch, Observation, TrainingStatus
+from fedtrain.engine import decide, fail
+from fedtrain.engine.engine import cause, running_task_ids
+from fedtrain.engine.status import FINISHED, Cancel, Decision, Event, Launch, Observation, Reason, TrainingStatus
 from fedtrain.operator import metrics
 from fedtrain.operator.jobs import (
     ANNOTATION_ACCEPT,
@@ -36,7 +35,6 @@ from fedtrain.operator.jobs import (
     CLEANUP_TASK,
     LABEL_MANAGED_BY,
     LABEL_TASK,
-    LABEL_TRAINING,
     LABEL_TRAINING_NAMESPACE,
     LABEL_TRAINING_UID,
     MANAGER,
@@ -52,20 +50,40 @@ from fedtrain.operator.jobs import (
     kubernetes_problems,
     observe,
     placement,
+    training_selector,
     worker_account_manifest,
 )
 from fedtrain.operator.kube import ApiError, Kube, Paths
 from fedtrain.operator.profiles import DEFAULTS_CONFIGMAP, LABEL_PROFILE, apply_defaults, provision
 from fedtrain.operator.status import Conflict, read_status, write_status
-from fedtrain.spec import STORAGE_KINDS, FederatedTrainingSpec, SpecError, parse_spec
+from fedtrain.spec import API_VERSION, KIND, STORAGE_KINDS, FederatedTrainingSpec, SpecError, parse_spec
 from fedtrain.tasks import aggregation_clients, worker_arguments
 
 log = logging.getLogger("fedtrain.operator")
-TERMINAL = ("Succeeded", "Failed")
 MAX_CONFLICT_RETRIES = 5
 PLURALS = {"ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps",
            "PersistentVolumeClaim": "persistentvolumeclaims"}
 KEEP_ROUNDS = 2  # Jobs of the last finished rounds stay for `kubectl logs`; older ones are deleted
+POD_CHECK_SECONDS = 5.0  # how often running Jobs' Pods are looked at when Jobs come from the watch
+JobSource = Callable[[str, str], list[dict[str, Any]]]  # (namespace, name) -> the training's Jobs, as last seen
+
+
+class Refusal(Exception):
+    """Something outside the rounds that the training cannot get past: it fails with ``reason``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def api_refusal(error: ApiError) -> tuple[str, str]:
+    """The Failed reason and message for a request the API server refuses for good (`ApiError.permanent`)."""
+    if error.status == 403:
+        return Reason.FORBIDDEN, (f"the API server refused {error.request}: {error.message}; the operator's "
+                                  "ServiceAccount needs this permission (see deploy/rbac.yaml)")
+    return Reason.API_REJECTED, (f"the API server refused {error.request}: {error.status} {error.reason}: "
+                                 f"{error.message}")
 
 
 @dataclass(frozen=True)
@@ -94,12 +112,40 @@ class Wakeups:
         """The training is gone."""
         self._events.pop((namespace, name), None)
 
-    async def wait(self, namespace: str, name: str, timeout: float) -> None:
-        """Until woken or ``timeout`` seconds passed; clears the event for the next pass."""
+    async def wait(self, namespace: str, name: str, timeout: float,
+                   until: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Until woken, ``until()`` completes (the daemon is stopped) or ``timeout`` seconds passed.
+
+        Clears the event for the next pass.
+        """
         event = self.event(namespace, name)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(event.wait())]
+        if until is not None:
+            waiters.append(asyncio.ensure_future(until()))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
         event.clear()
+
+
+class Backoff:
+    """Delays between retries of a pass that failed for a temporary reason: 1, 2, 4... up to a minute."""
+
+    FIRST, LAST = 1.0, 60.0
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def next(self) -> float:
+        """The delay before the next try."""
+        self.failures += 1
+        return min(self.FIRST * 2 ** (self.failures - 1), self.LAST)
+
+    def reset(self) -> None:
+        """A pass went through."""
+        self.failures = 0
 
 
 def storage_claim(spec: FederatedTrainingSpec, training: str) -> str | None:
@@ -159,7 +205,7 @@ def record_metrics(owner: Owner, before: TrainingStatus, after: TrainingStatus, 
             was = previous.clients.get(client) if previous else None
             if task.state in ("failed", "dropped") and (was is None or was.state != task.state):
                 metrics.CLIENT_FAILURES.labels(owner.namespace, owner.name, cause(task) or task.state).inc()
-    if after.phase in TERMINAL and before.phase not in TERMINAL:
+    if after.phase in FINISHED and before.phase not in FINISHED:
         metrics.TRAININGS_FINISHED.labels(owner.namespace, after.phase).inc()
 
 
@@ -179,6 +225,16 @@ class Controller:
     def __init__(self, kube: Kube, clock: Callable[[], float] = time.time) -> None:
         self.kube = kube
         self.clock = clock
+        self.known_jobs: JobSource | None = None
+        self._pods_checked: dict[tuple[str, str], float] = {}
+
+    def follow(self, known_jobs: JobSource) -> None:
+        """Read each training's Jobs from the operator's watch (a kopf index) instead of listing them."""
+        self.known_jobs = known_jobs
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The training's loop ended: drop what this process remembered of it."""
+        self._pods_checked.pop((namespace, name), None)
 
     async def reconcile(self, namespace: str, name: str) -> Outcome:
         """One pass, repeated while another writer changed the resource under it."""
@@ -199,52 +255,87 @@ class Controller:
         meta = resource["metadata"]
         if meta.get("deletionTimestamp"):
             return Outcome(active=False, phase="Deleting")
-        owner = Owner(name, namespace, meta["uid"])
         status = read_status(resource)
+        if status.phase in FINISHED:
+            return Outcome(active=False, phase=status.phase)  # final: nothing re-judges a finished training
+        owner = Owner(name, namespace, meta["uid"])
+        spec: FederatedTrainingSpec | None = None
         try:
             spec = parse_spec(await self.effective_spec(namespace, name, resource.get("spec") or {}),
                               f"{namespace}/{name}")
-            claim = storage_claim(spec, name)
-            if status.phase not in TERMINAL and spec.storage.create is not None:
-                await self._ensure_claim(spec, owner)
+            return await self._run(resource, status, spec, owner)
         except SpecError as error:
-            return await self._reject(resource, status, "InvalidSpec", "; ".join(error.problems))
-        jobs: list[dict[str, Any]] = []
-        observations: dict[str, Observation] = {}
-        stuck: list[dict[str, Any]] = []
-        if status.phase not in TERMINAL:
-            refusal = await self.client_namespaces_refusal(spec, owner)
-            if refusal:
-                return await self._reject(resource, status, "ClientNamespaceNotAllowed", refusal)
-            jobs, pods = await self.worker_objects(spec, owner)
-            observations, stuck = observations_from(jobs, pods)
-        decision = decide(spec, status, observations, self.clock(), meta.get("generation"))
-        log.debug("%s/%s: %s, %d observations, %d actions", namespace, name, decision.status.progress,
+            return await self._fail(owner, spec, Reason.INVALID_SPEC, "; ".join(error.problems))
+        except Refusal as refusal:
+            return await self._fail(owner, spec, refusal.reason, refusal.message)
+        except ApiError as error:
+            if not error.permanent:
+                raise
+            return await self._fail(owner, spec, *api_refusal(error))
+
+    async def _run(self, resource: dict[str, Any], status: TrainingStatus, spec: FederatedTrainingSpec,
+                   owner: Owner) -> Outcome:
+        """Observe the training's Jobs, let the engine decide, store the status, then act on the decision."""
+        claim = storage_claim(spec, owner.name)
+        if spec.storage.create is not None:
+            await self._ensure_claim(spec, owner)
+        refusal = await self.client_namespaces_refusal(spec, owner)
+        if refusal:
+            raise Refusal(Reason.CLIENT_NAMESPACE_NOT_ALLOWED, refusal)
+        jobs, pods = await self.observed_objects(spec, owner, status)
+        observations, stuck = observations_from(jobs, pods)
+        decision = decide(spec, status, observations, self.clock(), resource["metadata"].get("generation"))
+        log.debug("%s/%s: %s, %d observations, %d actions", owner.namespace, owner.name, decision.status.progress,
                   len(observations), len(decision.actions))
+        await self._store(resource, owner, status, decision, jobs)
+        await self._act(decision.actions, spec, owner, claim, decision.status, stuck, jobs)
+        await self._prune(jobs, decision.status)
+        return Outcome(active=decision.status.phase not in FINISHED, phase=decision.status.phase)
+
+    async def _store(self, resource: dict[str, Any], owner: Owner, before: TrainingStatus, decision: Decision,
+                     jobs: list[dict[str, Any]]) -> None:
+        """The one way a decision is recorded: the status (conditionally), its metrics, then its Events."""
         if await write_status(self.kube, resource, decision.status) is not None:
-            record_metrics(owner, status, decision.status, jobs)
-        refused = await self._act(decision.actions, spec, owner, claim, decision.status, stuck, jobs)
+            record_metrics(owner, before, decision.status, jobs)
         for event in decision.events:
             await self._post(resource, event)
-        if refused:
-            return await self._reject(await self.kube.get(Paths.training(namespace, name)), decision.status,
-                                      "JobRejected", refused)
-        await self._prune(jobs, decision.status)
-        return Outcome(active=decision.status.phase not in TERMINAL, phase=decision.status.phase)
+
+    async def _fail(self, owner: Owner, spec: FederatedTrainingSpec | None, reason: str, message: str) -> Outcome:
+        """Fail the training through the engine, read afresh (an earlier write in this pass moved it on).
+
+        Its Jobs are cancelled. With no valid spec, only the training's own namespace can be searched.
+        """
+        resource = await self.kube.get(Paths.training(owner.namespace, owner.name))
+        status = read_status(resource)
+        decision = fail(status, reason, message, self.clock(), resource["metadata"].get("generation"))
+        jobs: list[dict[str, Any]] = []
+        if decision.actions:
+            jobs = (await self.worker_objects(spec, owner))[0] if spec is not None else await self._own_jobs(owner)
+        await self._store(resource, owner, status, decision, jobs)
+        await self._cancel(decision.actions, jobs)
+        return Outcome(active=False, phase=decision.status.phase)
+
+    async def _own_jobs(self, owner: Owner) -> list[dict[str, Any]]:
+        listed = await self.kube.list(Paths.jobs(owner.namespace), training_selector(owner))
+        return [j for j in listed if owned_by(j, owner.uid)]
+
+    async def _cancel(self, actions: list[Launch | Cancel], jobs: list[dict[str, Any]]) -> None:
+        by_task = {(j["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID): j for j in jobs}
+        for action in actions:
+            found = by_task.get(action.task_id) if isinstance(action, Cancel) else None
+            if found is not None:
+                await self.kube.delete(Paths.jobs(found["metadata"]["namespace"], found["metadata"]["name"]))
 
     async def _act(self, actions: list[Launch | Cancel], spec: FederatedTrainingSpec, owner: Owner,
                    claim: str | None, status: TrainingStatus, stuck: list[dict[str, Any]],
-                   jobs: list[dict[str, Any]]) -> str:
-        """Create and delete Jobs; returns the API server's message if it refused a Job as invalid."""
+                   jobs: list[dict[str, Any]]) -> None:
+        """Create and delete Jobs; a Job the API server refuses for good raises `Refusal`."""
         where = placement(spec, owner)
         for namespace in sorted({job_namespace(spec, owner, a.task) for a in actions if isinstance(a, Launch)}):
             await self.ensure_worker_account(namespace)
-        by_task = {(j["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID): j for j in jobs}
+        await self._cancel(actions, jobs)
         for action in actions:
-            if isinstance(action, Cancel):
-                found = by_task.get(action.task_id)
-                if found is not None:
-                    await self.kube.delete(Paths.jobs(found["metadata"]["namespace"], found["metadata"]["name"]))
+            if not isinstance(action, Launch):
                 continue
             task = action.task
             arguments = worker_arguments(task, spec, where, aggregation_clients(status, task.round))
@@ -255,13 +346,13 @@ class Controller:
             except ApiError as error:
                 if error.status == 409:
                     continue  # created by an earlier pass: the deterministic name makes this idempotent
-                if error.status in (400, 422):
-                    return (f"the API server refused Job {manifest['metadata']['name']}: {error.message}; check "
-                            "spec.worker (resources, volumes, env) and the client entries")
+                if error.permanent and error.status != 403:
+                    raise Refusal(Reason.JOB_REJECTED,
+                                  f"the API server refused Job {manifest['metadata']['name']}: {error.message}; "
+                                  "check spec.worker (resources, volumes, env) and the client entries") from None
                 raise
         for job in stuck:  # the engine has recorded them as failed; their Pods would wait forever
             await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
-        return ""
 
     async def client_namespaces_refusal(self, spec: FederatedTrainingSpec, owner: Owner) -> str:
         """Why a client namespace may not be used by this training ("" when all have opted in).
@@ -285,19 +376,49 @@ class Controller:
                         f"{owner.namespace} (or {owner.namespace}/{owner.name}){now}")
         return ""
 
+    async def observed_objects(self, spec: FederatedTrainingSpec, owner: Owner, status: TrainingStatus
+                               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The training's Jobs, and the Pods the engine needs to read this pass.
+
+        Following the watch (`follow`), Jobs come from memory, and Pods are listed only when a Job of a
+        task the engine waits for has finished (its exit code and message are on the Pod), and every
+        `POD_CHECK_SECONDS` while such Jobs run (a Pod may be stuck pulling its image). So a pass costs
+        no list at all most of the time, and nothing grows with the number of other trainings.
+        """
+        if self.known_jobs is None:
+            return await self.worker_objects(spec, owner)
+        jobs = [j for j in self.known_jobs(owner.namespace, owner.name) if owned_by(j, owner.uid)]
+        waiting = set(running_task_ids(status))
+        tracked = [j for j in jobs if (j["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID) in waiting]
+        key, now = (owner.namespace, owner.name), self.clock()
+        if any(finished(j) for j in tracked) or (tracked and now - self._pods_checked.get(key, 0) >= POD_CHECK_SECONDS):
+            self._pods_checked[key] = now
+            return jobs, await self.worker_pods(spec, owner)
+        return jobs, []
+
     async def worker_objects(self, spec: FederatedTrainingSpec, owner: Owner
                              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The training's Jobs and Pods, in its namespace and in its clients' namespaces."""
+        """The training's Jobs and Pods, listed in its namespace and in its clients' namespaces."""
         jobs: list[dict[str, Any]] = []
-        pods: list[dict[str, Any]] = []
-        for namespace in [owner.namespace, *sorted(set(spec.clients.namespaces().values()) - {owner.namespace})]:
-            selector = {LABEL_TRAINING: owner.name}
-            if namespace != owner.namespace:
-                selector[LABEL_TRAINING_NAMESPACE] = owner.namespace
+        for namespace, selector in self._selectors(spec, owner):
             listed = await self.kube.list(Paths.jobs(namespace), selector)
             jobs += [j for j in listed if owned_by(j, owner.uid)]
+        return jobs, await self.worker_pods(spec, owner)
+
+    async def worker_pods(self, spec: FederatedTrainingSpec, owner: Owner) -> list[dict[str, Any]]:
+        """The training's Pods, in its namespace and in its clients' namespaces."""
+        pods: list[dict[str, Any]] = []
+        for namespace, selector in self._selectors(spec, owner):
             pods += await self.kube.list(Paths.core(namespace, "pods"), selector)
-        return jobs, pods
+        return pods
+
+    @staticmethod
+    def _selectors(spec: FederatedTrainingSpec, owner: Owner) -> list[tuple[str, dict[str, str]]]:
+        """Where a training's worker objects are, and their label selector there."""
+        found = [(owner.namespace, training_selector(owner))]
+        for namespace in sorted(set(spec.clients.namespaces().values()) - {owner.namespace}):
+            found.append((namespace, {**training_selector(owner), LABEL_TRAINING_NAMESPACE: owner.namespace}))
+        return found
 
     async def effective_spec(self, namespace: str, name: str, raw_spec: dict[str, Any]) -> dict[str, Any]:
         """The spec with the namespace's ``fedtrain-defaults`` filled in where it is silent (profiles)."""
@@ -371,16 +492,6 @@ class Controller:
             raise SpecError([f"spec.storage.create: a claim named {wanted['metadata']['name']} already exists and "
                              "is not this training's; delete it, or use it with storage.persistentVolumeClaim"])
 
-    async def _reject(self, resource: dict[str, Any], status: TrainingStatus, reason: str, message: str) -> Outcome:
-        """Fail the training with a reason and a message that names what to fix."""
-        failed = status.model_copy(deep=True)
-        failed.phase, failed.reason, failed.message = "Failed", reason, message
-        failed.observed_generation = resource["metadata"].get("generation")
-        update_conditions(failed, self.clock())
-        if await write_status(self.kube, resource, failed) is not None:
-            await self._post(resource, Event(reason, message, warning=True))
-        return Outcome(active=False, phase="Failed")
-
     async def _post(self, resource: dict[str, Any], event: Event) -> None:
         try:
             await self.kube.post_event(resource, event.reason, event.message, event.warning)
@@ -417,7 +528,7 @@ class Controller:
                 await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
         if not remove_weights:
             return True
-        for job in await self.kube.list(Paths.jobs(namespace), {LABEL_TRAINING: name}):
+        for job in await self.kube.list(Paths.jobs(namespace), training_selector(owner)):
             meta = job["metadata"]
             if meta["labels"].get(LABEL_TASK) != CLEANUP_TASK and not meta.get("deletionTimestamp"):
                 await self.kube.delete(Paths.jobs(namespace, job["metadata"]["name"]))
@@ -439,9 +550,9 @@ class Controller:
         if seen.state == "running":
             return False
         if seen.state == "failed":
-            resource = {"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining",
+            resource = {"apiVersion": API_VERSION, "kind": KIND,
                         "metadata": {"name": name, "namespace": namespace, "uid": uid}}
-            await self._post(resource, Event("StorageNotReleased", f"the training's directory was not removed: "
+            await self._post(resource, Event(Reason.STORAGE_NOT_RELEASED, f"the training's directory was not removed: "
                                                                    f"{seen.reason}", warning=True))
         await self.kube.delete(Paths.jobs(namespace, cleanup))
         return True

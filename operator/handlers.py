@@ -1,10 +1,11 @@
 """kopf handlers: thin. They only wake a training's loop or call the controller.
 
 Run with ``kopf run --standalone --all-namespaces -m fedtrain.operator.handlers`` (the Deployment in
-``deploy/`` does). Each FederatedTraining gets a daemon, a loop that runs a reconcile pass whenever
-one of its Jobs or its spec changes, and every few seconds anyway (round deadlines and Pods stuck
-pulling an image change no Job). kopf restarts the daemons of all existing trainings when the
-operator starts, and the status holds everything they need: that is what makes restarts safe.
+``deploy/`` does). Each unfinished FederatedTraining gets a daemon, a loop that runs a reconcile
+pass whenever one of its Jobs or its spec changes, and every few seconds anyway (round deadlines
+and Pods stuck pulling an image change no Job); it ends when the training finishes or is deleted.
+kopf restarts the daemons of all existing trainings when the operator starts, and the status holds
+everything they need: that is what makes restarts safe.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ from typing import Any
 
 import kopf
 
-from fedtrain.operator.controller import Controller, Outcome, Wakeups
-from fedtrain.operator.jobs import LABEL_MANAGED_BY, LABEL_TRAINING, LABEL_TRAINING_NAMESPACE, MANAGER
-from fedtrain.operator.kube import GROUP, PLURAL, VERSION, ApiError, Kube
+from fedtrain.operator.controller import Backoff, Controller, Outcome, Wakeups
+from fedtrain.operator.jobs import (
+    ANNOTATION_TRAINING,
+    LABEL_MANAGED_BY,
+    LABEL_TRAINING,
+    LABEL_TRAINING_NAMESPACE,
+    MANAGER,
+)
+from fedtrain.operator.kube import ApiError, Kube
 from fedtrain.operator.profiles import LABEL_PROFILE, PROFILE_GROUP, PROFILE_PLURAL, PROFILE_VERSION
+from fedtrain.spec import GROUP, PLURAL, VERSION
 
-IDLE_TICK = 60.0
 PROFILE_NAMESPACE_WAITS = 30  # x 2 s: how long a new profile's namespace may take to appear
 
 
@@ -53,32 +60,61 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     memo.controller.kube.close()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="rounds", cancellation_timeout=2.0)
+def _training_of(namespace: str | None, labels: kopf.Labels, annotations: kopf.Annotations) -> tuple[str, str]:
+    """A worker Job's training: its namespace (a label on Jobs in client namespaces) and its whole name."""
+    return (labels.get(LABEL_TRAINING_NAMESPACE) or namespace or "",
+            annotations.get(ANNOTATION_TRAINING) or labels[LABEL_TRAINING])
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING: kopf.PRESENT})
+def worker_jobs(namespace: str | None, body: kopf.Body, labels: kopf.Labels, annotations: kopf.Annotations,
+                **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every worker Job as the watch last saw it, by training: passes read Jobs here instead of listing them."""
+    return {_training_of(namespace, labels, annotations): dict(body)}
+
+
+# On deletion or shutdown kopf sets `stopped` and, after cancellation_backoff, cancels the loop; the
+# loop wakes on `stopped` and ends well within that (after the pass in flight, if any).
+@kopf.daemon(GROUP, VERSION, PLURAL, id="rounds", cancellation_backoff=10.0, cancellation_timeout=2.0)
 async def drive(namespace: str | None, name: str, stopped: kopf.DaemonStopped, memo: Any,
-                logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-    """The training's loop: a pass, then wait for a Job or spec event (or the tick)."""
+                logger: logging.Logger | logging.LoggerAdapter[Any], **indexes: Any) -> None:
+    """The training's loop: a pass, then wait for a Job or spec event (or the tick), until it is finished.
+
+    A finished training needs no loop (nothing changes it again); a deleted one ends the loop at once.
+    Requests the API server refuses for good have failed the training inside the pass; what is left
+    here is temporary (5xx, 429, lost connections): retried with a growing delay.
+    """
     assert namespace is not None  # FederatedTrainings are namespaced
     controller: Controller = memo.controller
     wakeups: Wakeups = memo.wakeups
+    jobs: kopf.Index[tuple[str, str], dict[str, Any]] = indexes["worker_jobs"]  # kopf passes indexes by name
+    controller.follow(lambda space, training: list(jobs.get((space, training), [])))
+    backoff = Backoff()
     while not stopped:
         try:
             outcome = await controller.reconcile(namespace, name)
+            delay = active_tick()
+            backoff.reset()
         except ApiError as error:
-            logger.warning("reconcile failed, retrying: %s", error)
+            delay = backoff.next()
+            logger.warning("reconcile failed, retrying in %.0f s: %s", delay, error)
             outcome = Outcome(active=True)
-        if outcome.phase == "Deleting" or (not outcome.active and not outcome.phase):
-            wakeups.forget(namespace, name)
-            return
-        await wakeups.wait(namespace, name, active_tick() if outcome.active else IDLE_TICK)
+        if not outcome.active:
+            break
+        await wakeups.wait(namespace, name, delay, until=stopped.wait)
+    wakeups.forget(namespace, name)
+    controller.forget(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING: kopf.PRESENT})
-def job_changed(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> None:
+def job_changed(namespace: str | None, labels: kopf.Labels, annotations: kopf.Annotations, memo: Any,
+                **_: Any) -> None:
     """A worker Job changed: its training decides now (the next Jobs follow within a second).
 
-    A Job in a client's namespace names its training's namespace in a label.
+    A Job in a client's namespace names its training's namespace in a label; the annotation keeps the
+    training's whole name (a label value may be cut to 63 characters).
     """
-    memo.wakeups.wake(labels.get(LABEL_TRAINING_NAMESPACE) or namespace or "", labels[LABEL_TRAINING])
+    memo.wakeups.wake(*_training_of(namespace, labels, annotations))
 
 
 def _spec_changed(body: kopf.Body, **_: Any) -> bool:

@@ -5,8 +5,8 @@ into `Observation`s. Kept free of kopf, the Kubernetes client and torch, so that
 plain data and the operator image stays small.
 
 - Names are deterministic (``<training>-<task id>``), so a restarted operator that creates the
-  same Job gets 409 AlreadyExists and moves on. Over 63 characters, the name is cut and ends in a
-  hash of the whole.
+  same Job gets 409 AlreadyExists and moves on. Over 63 characters, a name or label value is cut
+  and ends in a hash of the whole (`fit`).
 - ``backoffLimit: 0``: Kubernetes does not retry; the engine does, as a new attempt with a new
   name, so every failure is seen and counted once.
 - The owner reference makes the API server's garbage collector delete the Jobs with the training.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtrain.engine.status import Observation, Task
-from fedtrain.spec import FederatedTrainingSpec
+from fedtrain.spec import API_VERSION, KIND, FederatedTrainingSpec
 from fedtrain.tasks import Placement, storage_environment, storage_location
 from fedtrain.worker.storage import S3_ENV
 
@@ -44,6 +44,7 @@ LABEL_TASK = "fedtrain.io/task"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fedtrain-operator"
 ANNOTATION_TASK_ID = "fedtrain.io/task-id"
+ANNOTATION_TRAINING = "fedtrain.io/training"  # the whole name, where the label may be cut
 CLEANUP_TASK = "cleanup"
 # Kubeflow profile namespaces inject an Istio sidecar into every Pod; a sidecar never exits, so a Job whose
 # Pod has one never completes. Worker Pods opt out (as Kubeflow Pipelines' own Pods do).
@@ -60,8 +61,8 @@ class Owner:
     name: str
     namespace: str
     uid: str
-    api_version: str = "fedtrain.io/v1alpha1"
-    kind: str = "FederatedTraining"
+    api_version: str = API_VERSION
+    kind: str = KIND
 
 
 def workdir(owner: Owner) -> str:
@@ -74,7 +75,7 @@ def claim_name(spec: FederatedTrainingSpec, training: str) -> str | None:
     if spec.storage.persistent_volume_claim is not None:
         return spec.storage.persistent_volume_claim.claim_name
     if spec.storage.create is not None:
-        return f"{training}-store"
+        return fit(f"{training}-store")
     return None
 
 
@@ -146,7 +147,7 @@ def claim_manifest(spec: FederatedTrainingSpec, owner: Owner) -> dict[str, Any]:
         claim_spec["storageClassName"] = create.storage_class_name
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": claim_name(spec, owner.name), "namespace": owner.namespace,
-                         "labels": {LABEL_TRAINING: owner.name, LABEL_MANAGED_BY: MANAGER},
+                         "labels": {**training_selector(owner), LABEL_MANAGED_BY: MANAGER},
                          "ownerReferences": [owner_reference(owner)]},
             "spec": claim_spec}
 
@@ -158,18 +159,31 @@ def worker_account_manifest(namespace: str) -> dict[str, Any]:
                          "labels": {LABEL_MANAGED_BY: MANAGER, "app.kubernetes.io/name": "fedtrain-worker"}}}
 
 
+def fit(value: str) -> str:
+    """``value`` if it has at most 63 characters, else cut and ending in a hash of the whole (still unique).
+
+    Every name and label value the operator derives from user input goes through here: Kubernetes
+    refuses label values (and Job names, which the Job controller copies into a label) over 63.
+    """
+    if len(value) <= MAX_NAME:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{value[:MAX_NAME - 9].rstrip('-._')}-{digest}"
+
+
 def job_name(training: str, task_id: str) -> str:
-    """``<training>-<task id>``, cut to 63 characters with a hash suffix when longer (still unique)."""
-    name = f"{training}-{task_id}"
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:MAX_NAME - 9].rstrip('-')}-{digest}"
+    """``<training>-<task id>``, fitted to 63 characters (see `fit`)."""
+    return fit(f"{training}-{task_id}")
+
+
+def training_selector(owner: Owner) -> dict[str, str]:
+    """The label selector of a training's Jobs and Pods."""
+    return {LABEL_TRAINING: fit(owner.name)}
 
 
 def _worker_labels(training: str, kind: str) -> dict[str, str]:
     """What every worker Job (and Pod) carries: the operator finds a training's Jobs by these."""
-    return {"app.kubernetes.io/name": "fedtrain-worker", LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING: training,
+    return {"app.kubernetes.io/name": "fedtrain-worker", LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING: fit(training),
             LABEL_TASK: kind}
 
 
@@ -204,7 +218,8 @@ def job_manifest(task: Task, spec: FederatedTrainingSpec, owner: Owner, argument
                       claim if not foreign else None, entry.resources if entry else None,
                       entry.node_selector if entry else None, entry.tolerations if entry else None,
                       client_data=data, foreign=foreign)
-    job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: task.id}  # names may be cut; the id is kept whole
+    # Names and labels may be cut (see `fit`): annotations keep the task id and training name whole.
+    job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: task.id, ANNOTATION_TRAINING: owner.name}
     if not foreign:
         job["metadata"]["ownerReferences"] = [owner_reference(owner)]
     if task.kind == "train":
@@ -221,7 +236,8 @@ def cleanup_job_manifest(spec: FederatedTrainingSpec, owner: Owner, claim: str |
     """
     job = _worker_job(job_name(owner.name, CLEANUP_TASK), owner.namespace, _worker_labels(owner.name, CLEANUP_TASK),
                       spec, ["remove", "--workdir", placement(spec, owner).workdir], claim)
-    job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: CLEANUP_TASK, "fedtrain.io/training-uid": owner.uid}
+    job["metadata"]["annotations"] = {ANNOTATION_TASK_ID: CLEANUP_TASK, ANNOTATION_TRAINING: owner.name,
+                                      "fedtrain.io/training-uid": owner.uid}
     job["spec"]["activeDeadlineSeconds"] = 600
     return job
 

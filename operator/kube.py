@@ -15,21 +15,36 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
+import urllib3
 
-GROUP = "fedtrain.io"
-VERSION = "v1alpha1"
-PLURAL = "federatedtrainings"
+from fedtrain.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
 MERGE_PATCH = "application/merge-patch+json"
 
 
-class ApiError(Exception):
-    """An API call that failed, with the HTTP status (404, 409, 403, 422...) and the server's message."""
+# Answers that may change by themselves: not there yet, changed meanwhile, too many requests. Any
+# other 4xx (403: the operator lacks an RBAC rule; 400/422: the object is invalid) comes back the same
+# on every retry.
+RETRYABLE_CLIENT_ERRORS = (404, 409, 429)
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
+
+class ApiError(Exception):
+    """An API call that failed, with the HTTP status (404, 409, 403, 422...) and the server's message.
+
+    ``status`` is 0 when the server could not be reached at all.
+    """
+
+    def __init__(self, status: int, reason: str, message: str, request: str = "") -> None:
+        super().__init__(f"{request + ': ' if request else ''}{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.request = request  # "POST /apis/batch/v1/namespaces/x/jobs"
+
+    @property
+    def permanent(self) -> bool:
+        """A refusal that retrying cannot change (any 4xx but 404, 409, 429); 5xx and lost connections pass."""
+        return 400 <= self.status < 500 and self.status not in RETRYABLE_CLIENT_ERRORS
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,9 @@ class Kube:
                 header_params={"Accept": "application/json", "Content-Type": content_type},
                 body=body, auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True)
         except kubernetes.client.ApiException as error:
-            raise _api_error(error) from None
+            raise _api_error(error, f"{method} {path}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:  # refused, reset, timed out, TLS
+            raise ApiError(0, "Unreachable", str(error), f"{method} {path}") from None
         data = response.data
         return json.loads(data) if data else {}
 
@@ -149,8 +166,8 @@ class Kube:
         event = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": involved.get("apiVersion", f"{GROUP}/{VERSION}"),
-                               "kind": involved.get("kind", "FederatedTraining"), "name": meta["name"],
+            "involvedObject": {"apiVersion": involved.get("apiVersion", API_VERSION),
+                               "kind": involved.get("kind", KIND), "name": meta["name"],
                                "namespace": meta["namespace"], "uid": meta.get("uid", "")},
             "reason": reason, "message": message[:1024], "type": "Warning" if warning else "Normal",
             "source": {"component": "fedtrain-operator"}, "reportingComponent": "fedtrain.io/operator",
@@ -160,11 +177,11 @@ class Kube:
         await self.create(Paths.core(meta["namespace"], "events"), event)
 
 
-def _api_error(error: kubernetes.client.ApiException) -> ApiError:
+def _api_error(error: kubernetes.client.ApiException, request: str) -> ApiError:
     message = str(error.reason or "")
     try:
         payload = json.loads(error.body or "{}")
         message = payload.get("message") or message
     except (TypeError, ValueError):
         pass
-    return ApiError(int(error.status or 0), str(error.reason or ""), message)
+    return ApiError(int(error.status or 0), str(error.reason or ""), message, request)

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from fedtrain.engine.status import Task
-from fedtrain.operator.jobs import MAX_NAME, Owner, job_manifest, job_name, observe
+from fedtrain.operator.jobs import (
+    MAX_NAME,
+    Owner,
+    claim_manifest,
+    claim_name,
+    cleanup_job_manifest,
+    job_manifest,
+    job_name,
+    observe,
+    training_selector,
+)
 from fedtrain.spec import parse_spec
 
 SPEC = parse_spec({
@@ -133,3 +144,29 @@ def test_profile_provisioning_from_annotations() -> None:
                                "their own experiment"]
     assert all(o["metadata"]["ownerReferences"][0]["uid"] == "p-uid" and o["metadata"]["namespace"] == "team-a"
                for o in wanted.objects)
+
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+@pytest.mark.parametrize("name", ["s", "a" * 40, "b" * 63, "c" * 64, "d-" * 120 + "e", "x." * 126 + "y"])
+def test_every_derived_name_and_label_fits_whatever_the_trainings_name(name: str) -> None:
+    """Admission refuses names over 40 characters, but a name longer than that must still give valid objects."""
+    spec = parse_spec({"clients": {"list": [{"name": "c" * 40, "namespace": "n" * 63, "data": {"claimName": "d"}},
+                                            {"name": "local"}]},
+                       "storage": {"s3": {"bucket": "weights", "credentialsSecret": {"name": "s3"}}},
+                       "mlflow": {"trackingUri": "http://mlflow:5000"}})
+    created = parse_spec({"clients": {"count": 2}, "storage": {"create": {"size": "1Gi"}}})
+    owner = Owner(name, "m" * 63, "0b7e1a52-6c1f-4a8e-9a57-3c0f1f6a2b11")
+    manifests = [job_manifest(Task(f"r9999-{'c' * 40}-a10", "train", 9999, "c" * 40, 10), spec, owner, [], None),
+                 job_manifest(Task("r9999-aggregate-a10", "aggregate", 9999, None, 10), spec, owner, [], None),
+                 claim_manifest(created, owner), cleanup_job_manifest(created, owner, claim_name(created, owner.name))]
+    for manifest in manifests:
+        meta = manifest["metadata"]
+        assert len(meta["name"]) <= MAX_NAME and LABEL_VALUE.match(meta["name"]), meta["name"]
+        for value in [*meta["labels"].values(), *training_selector(owner).values()]:
+            assert len(value) <= MAX_NAME and LABEL_VALUE.match(value), value
+    job = manifests[0]
+    assert job["spec"]["template"]["metadata"]["labels"] == job["metadata"]["labels"]
+    assert job["metadata"]["annotations"]["fedtrain.io/training"] == name  # the whole name, for the wake-up
+    assert training_selector(owner).items() <= job["metadata"]["labels"].items()

@@ -1,0 +1,201 @@
+"""Many trainings on one operator: API requests per pass and per round, reaction time, CPU and memory.
+
+Starts the test cluster of tests/operator (kmock API server over HTTP) in a child process, with Jobs
+that complete at once (no worker runs: this measures the operator, not training), creates
+``--trainings`` 3-round, 2-client trainings at the same moment, and runs the operator until all
+have Succeeded. Each variant runs in a fresh process, so CPU time and peak memory are the operator's:
+
+- the operator as deployed: Jobs followed through a kopf index fed by its Job watch, Pods listed
+  only when a Job the engine waits for has finished (or every few seconds while such Jobs run);
+- baseline: the same operator listing the training's Jobs and Pods on every pass (the earlier design).
+
+Printed per variant: requests the operator made (kopf's own and the controller's), per reconcile
+pass and per round; stage-to-stage reaction (last Job of a stage completed -> first Job of the
+next created) p50 and p99; operator CPU seconds and peak RSS. Then the ratios deployed / baseline.
+
+    python bench/operator_scale.py --trainings 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: the repo's operator/ must not shadow stdlib
+
+ROUNDS = 3
+CLIENTS = 2
+
+
+def stamp(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def gaps(jobs: list[dict[str, Any]]) -> list[float]:
+    """Per training: seconds from the last Job of each stage completing to the first Job of the next."""
+    found: list[float] = []
+    by_training: dict[str, list[dict[str, Any]]] = {}
+    for job in jobs:
+        by_training.setdefault(job["metadata"]["labels"]["fedtrain.io/training"], []).append(job)
+    for training_jobs in by_training.values():
+        stages: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for job in training_jobs:
+            labels = job["metadata"]["labels"]
+            order = {"init": 0, "train": 1, "aggregate": 2, "finalize": 3}[labels["fedtrain.io/task"]]
+            number = int(labels["fedtrain.io/round"])
+            key = (number if order in (1, 2) else (0 if order == 0 else ROUNDS + 1), order)
+            stages.setdefault(key, []).append(job)
+        for before, after in itertools.pairwise(sorted(stages)):
+            if before[0] != after[0] - 1 and before[0] != after[0]:
+                continue  # a stage whose Jobs were pruned in between
+            ended = max(stamp(j["status"]["completionTime"]) for j in stages[before])
+            started = min(stamp(j["metadata"]["creationTimestamp"]) for j in stages[after])
+            found.append(started - ended)
+    return found
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def serve_cluster(connection: Any, root: str) -> None:
+    """The child process: the test cluster, Jobs succeeding at once, until told to stop."""
+    from tests.operator.cluster import Sabotage
+    from tests.operator.conftest import ClusterThread
+
+    thread = ClusterThread(Path(root), lambda job: Sabotage(exit_code=0, message="done"))
+    thread.start()
+    thread.started.wait(60)
+    assert thread.server is not None
+    connection.send(thread.url)
+    while connection.recv() != "stop":
+        requests = list(thread.server._requests)
+        connection.send(Counter(r.headers.get("User-Agent", "").split("/")[0] for r in requests))
+    jobs = [dict(o.raw) for (r, _, _), o in list(thread.server.objects.items())
+            if getattr(r, "plural", "") == "jobs" and not o.deleted]
+    connection.send(jobs)
+    thread.stop()
+
+
+async def run_variant(url: str, trainings: int) -> dict[str, Any]:
+    """In this (fresh) process: the operator against the cluster at ``url`` until every training is done."""
+    import aiohttp
+    import kopf
+
+    import fedtrain.operator.handlers  # noqa: F401  (registers the handlers)
+    from fedtrain.operator.controller import Controller
+    from tests.operator.conftest import NAMESPACE, tiny_training
+
+    passes = 0
+    reconcile = Controller.reconcile
+
+    async def counted(self: Controller, namespace: str, name: str) -> Any:
+        nonlocal passes
+        passes += 1
+        return await reconcile(self, namespace, name)
+
+    Controller.reconcile = counted  # type: ignore[method-assign]
+    if os.environ.get("BENCH_VARIANT") == "baseline":
+        Controller.follow = lambda self, source: None  # type: ignore[method-assign]
+    path = f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings"
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.monotonic()
+    stop = asyncio.Event()
+    operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+    async with aiohttp.ClientSession(base_url=url) as session:
+        await asyncio.gather(*(session.post(path, json=tiny_training(f"t{i:03d}", rounds=ROUNDS,
+                                                                     clients={"count": CLIENTS}))
+                               for i in range(trainings)))
+        while True:
+            async with session.get(path) as answer:
+                items = (await answer.json())["items"]
+            if sum(i.get("status", {}).get("phase") in ("Succeeded", "Failed") for i in items) == trainings:
+                break
+            await asyncio.sleep(0.5)
+    elapsed = time.monotonic() - started
+    stop.set()
+    await asyncio.wait_for(operator, 60)
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    return {"passes": passes, "seconds": elapsed,
+            "cpu": cpu.ru_utime + cpu.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime,
+            "rss_mib": cpu.ru_maxrss / 1024, "phases": Counter(i["status"]["phase"] for i in items)}
+
+
+def measure(variant: str, trainings: int) -> dict[str, Any]:
+    """One variant: a fresh cluster process, a fresh operator process."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    with tempfile.TemporaryDirectory() as folder:
+        cluster = context.Process(target=serve_cluster, args=(theirs, folder))
+        cluster.start()
+        url = ours.recv()
+        config = Path(folder) / "kubeconfig"
+        from tests.operator.conftest import kubeconfig
+
+        kubeconfig(config, url)
+        env = {**os.environ, "KUBECONFIG": str(config), "FEDTRAIN_METRICS_PORT": "0", "BENCH_VARIANT": variant}
+        ours.send("count")
+        before = ours.recv()
+        child = subprocess.run([sys.executable, __file__, "--child", url, "--trainings", str(trainings)], env=env,
+                               capture_output=True, text=True, check=True)
+        ours.send("count")
+        after = ours.recv()
+        ours.send("stop")
+        jobs = ours.recv()
+        cluster.join(60)
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    made = {agent: after[agent] - before.get(agent, 0) for agent in ("kopf", "OpenAPI-Generator")}
+    reaction = gaps([j for j in jobs if j.get("status", {}).get("completionTime")])
+    return {**result, "kopf_requests": made["kopf"], "controller_requests": made["OpenAPI-Generator"],
+            "reaction_p50": statistics.median(reaction), "reaction_p99": percentile(reaction, 0.99),
+            "gaps": len(reaction)}
+
+
+def report(name: str, figures: dict[str, Any], trainings: int) -> None:
+    rounds = trainings * ROUNDS
+    total = figures["kopf_requests"] + figures["controller_requests"]
+    print(f"{name}: {figures['phases']} in {figures['seconds']:.1f} s, {figures['passes']} passes")
+    print(f"  requests: {total} ({figures['kopf_requests']} kopf, {figures['controller_requests']} controller); "
+          f"controller per pass {figures['controller_requests'] / figures['passes']:.2f}, "
+          f"all per round {total / rounds:.1f}")
+    print(f"  reaction (n={figures['gaps']}): p50 {figures['reaction_p50']:.3f} s, p99 {figures['reaction_p99']:.3f} s")
+    print(f"  operator CPU {figures['cpu']:.1f} s, peak RSS {figures['rss_mib']:.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trainings", type=int, default=50)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import logging
+
+        logging.basicConfig(level=logging.ERROR)
+        print(json.dumps(asyncio.run(run_variant(args.child, args.trainings)), default=dict))
+        return
+    deployed = measure("deployed", args.trainings)
+    baseline = measure("baseline", args.trainings)
+    report("deployed (Jobs from the watch)", deployed, args.trainings)
+    report("baseline (list Jobs and Pods every pass)", baseline, args.trainings)
+    for key, label in (("controller_requests", "controller requests"), ("reaction_p99", "reaction p99"),
+                       ("cpu", "operator CPU")):
+        print(f"ratio deployed/baseline, {label}: {deployed[key] / baseline[key]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
