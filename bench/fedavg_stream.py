@@ -1,14 +1,17 @@
 """FedAvg over many client updates against the time just to read those files; peak memory of each.
 
 Usage: python bench/fedavg_stream.py [--updates 100] [--architecture mobilenet_v3_small] [--dir /tmp/bench-updates]
-Goal (issue 2): FedAvg time / read time <= 1.5, memory about one model whatever the number of clients.
+Goal: FedAvg time / read time <= 1.2; peak memory <= 3 models (the current model, which the
+aggregator holds anyway, plus what aggregation allocates) whatever the number of clients.
 Both passes run with the files in the page cache (a warm-up read comes first), so the ratio
-compares the aggregation's work with reading and checksumming alone.
+compares the aggregation's work with reading, checksumming and parsing alone (`read_weights`,
+the same call FedAvg reads with).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 import tracemalloc
@@ -91,9 +94,11 @@ def main() -> None:
     print(f"median of {args.repeats} runs each, files in the page cache")
     print(f"read only:       {read_s:7.2f} s   peak traced memory {read_peak:7.1f} MiB")
     print(f"fedavg (stream): {agg_s:7.2f} s   peak traced memory {agg_peak:7.1f} MiB "
-          f"({agg_peak / model_mib:.1f}× one model)")
+          f"({agg_peak / model_mib:.2f}× one model; with the current model {1 + agg_peak / model_mib:.2f}×, "
+          "goal <= 3)")
     print(f"fedavg over {tenth} updates: peak traced memory {tenth_peak:7.1f} MiB (memory does not grow with clients)")
-    print(f"ratio fedavg/read: {agg_s / read_s:.2f} (goal <= 1.5)")
+    print(f"ratio fedavg/read: {agg_s / read_s:.2f} (goal <= 1.2)")
+    print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the cores: machine busy)")
     shutil.rmtree(args.dir, ignore_errors=True)
 
 

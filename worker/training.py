@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -88,8 +89,15 @@ def state_to_numpy(model: nn.Module) -> Weights:
 
 
 def load_numpy_state(model: nn.Module, weights: Weights) -> None:
-    """Load numpy arrays into the model, strictly (every name, every shape)."""
-    model.load_state_dict({name: torch.from_numpy(np.asarray(array)) for name, array in weights.items()}, strict=True)
+    """Load numpy arrays into the model, strictly (every name, every shape).
+
+    Weights read from a file are read-only views into its bytes (see `weights.tensors_of`); torch
+    warns about wrapping those, but ``load_state_dict`` only copies from them.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        model.load_state_dict({name: torch.from_numpy(np.asarray(array)) for name, array in weights.items()},
+                              strict=True)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

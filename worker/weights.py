@@ -15,13 +15,15 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from fedtrain.worker.errors import BadDataError
 from fedtrain.worker.storage import DirectoryStore, Store
 
 Weights = dict[str, NDArray[Any]]
+HEADER_LENGTH_BYTES = 8
+DTYPES = {"F64": "f8", "F32": "f4", "F16": "f2", "I64": "i8", "I32": "i4", "I16": "i2", "I8": "i1", "U64": "u8",
+          "U32": "u4", "U16": "u2", "U8": "u1", "BOOL": "?"}
 
 
 def sidecar_of(key: str) -> str:
@@ -68,10 +70,65 @@ def read_weights(store: Store, key: str) -> tuple[Weights, dict[str, Any]]:
         recorded = str(meta.get("sha256"))[:12]
         raise BadDataError(f"{store.describe(key)}: sha256 {digest[:12]}… does not match its sidecar ({recorded}…)")
     try:
-        weights = load_safetensors(data)
-    except Exception as error:
+        weights = tensors_of(data)
+    except ValueError as error:
         raise BadDataError(f"{store.describe(key)}: not a valid safetensors file ({error})") from error
     return weights, meta
+
+
+def tensors_of(data: bytes) -> Weights:
+    """The arrays of a safetensors buffer as read-only views into it: no copy.
+
+    ``safetensors.numpy.load`` copies every tensor, which costs about as much as reading and
+    hashing the file and doubles the memory an update takes. The format is an 8-byte
+    little-endian header length, a JSON header (dtype, shape, data offsets per tensor), then the
+    raw little-endian data. The checks are the library's: known dtype, offsets inside the buffer,
+    sizes that match the shapes, tensors tiling the data with no gap or overlap. A file that fails
+    any of them raises ValueError.
+    """
+    if len(data) < HEADER_LENGTH_BYTES:
+        raise ValueError("shorter than its header length")
+    header_length = int.from_bytes(data[:HEADER_LENGTH_BYTES], "little")
+    start = HEADER_LENGTH_BYTES + header_length
+    if start > len(data):
+        raise ValueError(f"header length {header_length} runs past the end of the file")
+    try:
+        header = json.loads(data[HEADER_LENGTH_BYTES:start])
+    except ValueError as error:
+        raise ValueError(f"header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = sorted(((name, _entry(name, spec)) for name, spec in header.items()), key=lambda e: e[1][2])
+    end_of_previous = 0
+    weights: Weights = {}
+    for name, (dtype, shape, begin, end) in entries:
+        if begin != end_of_previous:
+            raise ValueError(f"tensor {name!r} starts at {begin}, not where the previous one ends ({end_of_previous})")
+        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise ValueError(f"tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype}")
+        if start + end > len(data):
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        weights[name] = np.frombuffer(data, dtype, count=(end - begin) // dtype.itemsize,
+                                      offset=start + begin).reshape(shape)
+        end_of_previous = end
+    if start + end_of_previous != len(data):
+        raise ValueError(f"{len(data) - start - end_of_previous} bytes after the last tensor")
+    return weights
+
+
+def _entry(name: str, spec: Any) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked for type."""
+    if not isinstance(spec, dict) or spec.get("dtype") not in DTYPES:
+        found = spec.get("dtype") if isinstance(spec, dict) else spec
+        raise ValueError(f"tensor {name!r}: unknown or missing dtype {found!r}")
+    shape, offsets = spec.get("shape"), spec.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
+    return np.dtype(DTYPES[spec["dtype"]]).newbyteorder("<"), tuple(shape), offsets[0], offsets[1]
 
 
 def read_weights_file(path: Path) -> tuple[Weights, dict[str, Any]]:

@@ -17,11 +17,15 @@ def is_statistic(name: str) -> bool:
 
 
 def cast_like(values: Weights, reference: Weights) -> Weights:
-    """Cast float64 results back to each tensor's original dtype (rounding integer buffers)."""
+    """Cast float64 results back to each tensor's original dtype (rounding integer buffers).
+
+    An array already in its dtype is returned as is, not copied.
+    """
     out: Weights = {}
     for name, array in values.items():
         dtype = reference[name].dtype
-        out[name] = np.rint(array).astype(dtype) if np.issubdtype(dtype, np.integer) else array.astype(dtype)
+        out[name] = np.rint(array).astype(dtype) if np.issubdtype(dtype, np.integer) \
+            else array.astype(dtype, copy=False)
     return out
 
 

@@ -2,7 +2,8 @@
 
 FedAvg and the server-optimiser strategies only need the example-weighted mean, which is linear:
 `UpdateSet.weighted_mean` reads each file once and keeps a running sum of ``n * (update - current)``,
-so memory stays at about one model whatever the number of clients. Each tensor's difference is
+so memory stays at three models (current, sum, the update being added) whatever the number of
+clients. Each tensor's difference is
 computed once and serves three ends: its squared norm (which also catches NaN and Inf), the norm
 outlier test, and the running sum. Summing deltas rather than weights keeps float32 sums precise,
 since deltas are small. Norm outliers are only known once every norm has been
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedtrain.worker.errors import BadDataError, RejectedUpdatesError
 from fedtrain.worker.storage import Store
@@ -89,6 +92,7 @@ class UpdateSet:
                 continue
             norms[update.client] = norm
             self.examples[update.client] = update.num_examples
+            del update  # the next update is read into the memory this one frees
         outliers = self._settle(norms)
         for source in self.files:
             if source.client in outliers:
@@ -115,10 +119,15 @@ class UpdateSet:
         return [u for u in updates if u.client not in outliers]
 
 
-class DeltaSum:
-    """Running ``sum(n * (update - current))`` with preallocated buffers: no allocation per update.
+CHUNK = 1 << 15  # elements per visit: small enough to stay in cache, large enough to amortise numpy's calls
 
-    Fresh multi-megabyte arrays per tensor and update cost page faults that outweigh the arithmetic.
+
+class DeltaSum:
+    """Running ``sum(n * (update - current))`` in preallocated buffers: no allocation per update.
+
+    Fresh multi-megabyte arrays per tensor and update cost page faults that outweigh the
+    arithmetic. Differences go through a small scratch buffer, a chunk at a time, so the sum is
+    the only model-sized buffer this holds.
     """
 
     def __init__(self, current: Weights) -> None:
@@ -126,34 +135,60 @@ class DeltaSum:
         self.floating = {name: bool(np.issubdtype(a.dtype, np.floating)) for name, a in current.items()}
         self.sums = {name: np.zeros(a.shape, a.dtype if self.floating[name] else np.float64)
                      for name, a in current.items()}
-        self.scratch = {name: np.empty_like(total) for name, total in self.sums.items()}
+        self.scratch: dict[np.dtype[Any], NDArray[Any]] = {}
+        for total in self.sums.values():  # per dtype, no larger than a chunk or the largest tensor of that dtype
+            size = min(CHUNK, max(total.size, len(self.scratch.get(total.dtype, ()))))
+            self.scratch[total.dtype] = np.empty(size, total.dtype)
+
+    def _accumulate(self, name: str, array: NDArray[Any], factor: int, limit: int | None = None
+                    ) -> tuple[float, int]:
+        """Add ``factor * (array - current)`` chunk by chunk; the squared norm and the elements added.
+
+        Stops before a chunk that is not finite (its norm is then NaN or Inf). ``limit`` stops
+        after that many elements (to undo part of a tensor).
+        """
+        total, source, base = self.sums[name].reshape(-1), array.reshape(-1), self.current[name].reshape(-1)
+        scratch, floating = self.scratch[total.dtype], self.floating[name]
+        squared, end = 0.0, total.size if limit is None else limit
+        for start in range(0, end, CHUNK):
+            stop = min(end, start + CHUNK)
+            delta = scratch[:stop - start]
+            np.subtract(source[start:stop], base[start:stop], out=delta)
+            if floating:
+                part = float(np.dot(delta, delta))
+                if not np.isfinite(part):
+                    return part, start
+                squared += part
+            np.multiply(delta, factor, out=delta)
+            np.add(total[start:stop], delta, out=total[start:stop])
+        return squared, end
 
     def add(self, weights: Weights, factor: int) -> tuple[float, str | None]:
         """Add ``factor * (weights - current)``; return the delta's norm, or why the update is unusable.
 
-        Each tensor is differenced, measured, scaled and summed in one visit, while it is still in
-        cache. A tensor that is not finite rolls back what this update added, so the sums only ever
-        hold whole, finite updates.
+        Each chunk is differenced, measured, scaled and summed in one visit, while it is in cache.
+        A chunk that is not finite rolls back what this update added (recomputing those
+        differences), so the sums only ever hold whole, finite updates.
         """
         squared_norm = 0.0
         added: list[str] = []
         for name, array in weights.items():
-            delta = self.scratch[name]
-            np.subtract(array, self.current[name], out=delta)
-            if self.floating[name]:
-                flat = delta.reshape(-1)
-                squared = float(np.dot(flat, flat))
-                if not np.isfinite(squared):
-                    for done in added:
-                        np.subtract(self.sums[done], self.scratch[done], out=self.sums[done])
-                    return 0.0, non_finite_problem(name)
-                squared_norm += squared
-            np.multiply(delta, factor, out=delta)
-            np.add(self.sums[name], delta, out=self.sums[name])
+            squared, reached = self._accumulate(name, array, factor)
+            if not np.isfinite(squared):
+                self._accumulate(name, array, -factor, reached)
+                for done in added:
+                    self._accumulate(done, weights[done], -factor)
+                return 0.0, non_finite_problem(name)
+            squared_norm += squared
             added.append(name)
         return float(np.sqrt(squared_norm)), None
 
     def mean(self, total_examples: float) -> Weights:
-        """``current + sum / total_examples``, in each tensor's own dtype."""
-        mean = {name: self.current[name] + total / total_examples for name, total in self.sums.items()}
-        return cast_like(mean, self.current)
+        """``current + sum / total_examples``, in each tensor's own dtype.
+
+        Computed in the sums' own buffers (no second model): the sum is spent afterwards.
+        """
+        for name, total in self.sums.items():
+            np.divide(total, total_examples, out=total)
+            np.add(total, self.current[name], out=total)
+        return cast_like(self.sums, self.current)

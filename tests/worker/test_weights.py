@@ -1,0 +1,54 @@
+"""Reading safetensors without copying: the same arrays as the library, and every malformed file refused."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load, save
+
+from fedtrain.worker.weights import tensors_of
+
+WEIGHTS = {"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "bn.num_batches_tracked": np.array(7),
+           "bn.running_var": np.ones(3, dtype=np.float64), "mask": np.array([True, False]),
+           "empty": np.zeros((0, 3), dtype=np.float16)}
+
+
+def test_views_equal_what_the_library_reads_and_copy_nothing() -> None:
+    data = save(WEIGHTS)
+    ours, theirs = tensors_of(data), load(data)
+    assert ours.keys() == theirs.keys()
+    for name, array in theirs.items():
+        assert ours[name].dtype == array.dtype and ours[name].shape == array.shape
+        assert np.array_equal(ours[name], array)
+    assert np.shares_memory(ours["conv.weight"], np.frombuffer(data, np.uint8))
+    assert not ours["conv.weight"].flags.writeable  # a view of the file's bytes is never written through
+
+
+def raw(header: dict[str, Any], body: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"\x01\x02", "shorter than its header length"),
+    (struct.pack("<Q", 1000) + b"{}", "runs past the end"),
+    (struct.pack("<Q", 3) + b"{{{", "not JSON"),
+    (raw({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unknown or missing dtype"),
+    (raw({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "is not a list of sizes"),
+    (raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4), "are not [begin, end]"),
+    (raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "4 bytes for shape (2,)"),
+    (raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "starts at 4"),
+    (raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+          "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "starts at 0"),
+    (raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12), "8 bytes after the last"),
+    (raw({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 4), "runs past the end of the file"),
+    (raw([1, 2], b""), "not a JSON object"),  # type: ignore[arg-type]
+])
+def test_a_malformed_file_is_refused_with_the_reason(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tensors_of(data)
