@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--architecture", default="mobilenet_v3_small")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/fedtrain-bench-robust"))
+    parser.add_argument("--only", nargs="*", choices=sorted(STRATEGIES), default=sorted(STRATEGIES))
     args = parser.parse_args()
     current = state_to_numpy(build_model(ModelConfig(args.architecture, 43, 64)))
     model_mib = sum(v.nbytes for v in current.values()) / 2**20
@@ -87,7 +88,7 @@ def main() -> None:
     read_all(files)  # warm the page cache
     print(f"{args.updates} updates of {args.architecture} ({model_mib:.1f} MiB each), median of {args.repeats} "
           "runs each, files in the page cache")
-    for name, (parameters, bare) in STRATEGIES.items():
+    for name, (parameters, bare) in ((n, STRATEGIES[n]) for n in args.only):
         def strategy(name: str = name, parameters: dict[str, Any] = parameters) -> None:
             updates = UpdateSet(current, files, max_norm_ratio=10.0)
             make_strategy(name, parameters).aggregate(current, updates, {})

@@ -78,6 +78,7 @@ class ForkServer:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                         preexec_fn=_die_with_parent, env=environment)
         self.exit_codes: dict[str, int] = {}
+        self.exited = threading.Event()  # set by the reader on every exit, so waiting needs no polling
         assert self.process.stdout is not None
         ready = self.process.stdout.readline()
         if not ready:
@@ -91,6 +92,7 @@ class ForkServer:
             message = json.loads(line)
             if "exit" in message:
                 self.exit_codes[message["id"]] = int(message["exit"])
+                self.exited.set()
 
     def send(self, request: dict[str, Any]) -> None:
         """One request line to the server."""
@@ -219,6 +221,11 @@ class LocalExecutor:
 
     def wait(self, timeout: float) -> None:
         """Sleep until a process ends or ``timeout`` seconds pass."""
+        if self.server is not None:  # the fork server reports exits as they happen
+            self.server.exited.clear()
+            if not any(p.poll() is not None for p in self.running.values()):
+                self.server.exited.wait(timeout)
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if any(p.poll() is not None for p in self.running.values()):

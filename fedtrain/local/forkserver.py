@@ -27,6 +27,8 @@ def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in a for
 
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the server
         os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)  # the server's wake-up pipe and SIGCHLD handler are not the task's
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -83,6 +85,16 @@ def warm_up() -> None:
         Image.open(Path(folder) / "i.ppm").convert("RGB")
 
 
+def _wake_on_child_exit() -> int:
+    """A pipe that becomes readable when a child exits (SIGCHLD), so exits are reported at once."""
+    read_end, write_end = os.pipe()
+    for end in (read_end, write_end):
+        os.set_blocking(end, False)
+    signal.set_wakeup_fd(write_end)
+    signal.signal(signal.SIGCHLD, lambda number, frame: None)
+    return read_end
+
+
 def serve(preload: list[str]) -> None:
     """Import the heavy modules and warm them up, then fork one child per request until stdin closes."""
     import importlib
@@ -90,13 +102,16 @@ def serve(preload: list[str]) -> None:
     for module in ["torch", "fedtrain.worker.cli", "fedtrain.worker.jobs", *preload]:
         importlib.import_module(module)
     warm_up()
+    wake = _wake_on_child_exit()
     _send({"ready": True})
     children: dict[int, str] = {}
     buffer = b""
     stdin = sys.stdin.fileno()
     while True:
-        readable, _, _ = select.select([stdin], [], [], 0.05)
-        if readable:
+        readable, _, _ = select.select([stdin, wake], [], [], 1.0)
+        if wake in readable:
+            os.read(wake, 4096)  # drain; the exits are collected below
+        if stdin in readable:
             chunk = os.read(stdin, 65536)
             if not chunk:
                 break
