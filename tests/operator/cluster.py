@@ -70,7 +70,7 @@ RESOURCES = {
         verbs={"get", "list", "watch"}),
 }
 STATUS_RESOURCES = ("federatedtrainings", "jobs", "pods")
-WRITES = (enums.action.CREATE, enums.action.UPDATE)
+WRITES = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE)
 
 
 def now() -> str:
@@ -109,10 +109,13 @@ class ApiServer(kmock.KubernetesEmulator):
         namespace_answer = self._namespaces(request)
         if namespace_answer is not None:
             return aiohttp.web.json_response(namespace_answer)
-        if request.resource is None or request.action not in WRITES or request.data is None:
+        if request.resource is None or request.action not in WRITES:
             return await self._serve(request)
-        # One write at a time, as etcd's compare-and-swap would: each is admitted against the object it replaces.
+        # One write at a time, as etcd's compare-and-swap would: each is admitted against the object it replaces
+        # (a deletion too, or a patch computed before it could overwrite its deletionTimestamp).
         async with self._writes:
+            if request.action == enums.action.DELETE or request.data is None:
+                return await self._serve(request)
             told = len(self.warnings)
             try:
                 admitted = self._admit(request)

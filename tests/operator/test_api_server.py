@@ -1,0 +1,139 @@
+"""The test cluster's API server refuses what a real one refuses (so the operator tests fail where a cluster would)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import kmock
+import pytest
+import pytest_asyncio
+
+from tests.apiserver_rules import label_errors, name_errors
+from tests.operator.cluster import ApiServer
+from tests.operator.conftest import NAMESPACE, TRAININGS, tiny_training
+
+pytestmark = pytest.mark.timeout(60)
+CORE = f"/api/v1/namespaces/{NAMESPACE}"
+
+
+@dataclass
+class Api:
+    """The test cluster's API server alone: no Job runs here, so no Job runner (and no fork server) starts."""
+
+    server: ApiServer
+    session: aiohttp.ClientSession
+
+    async def request(self, method: str, path: str, body: Any = None, status: int | None = None) -> dict[str, Any]:
+        types = {"PATCH": "application/json-patch+json" if isinstance(body, list) else "application/merge-patch+json"}
+        headers = {"Content-Type": types.get(method, "application/json")}
+        async with self.session.request(method, path, json=body, headers=headers) as response:
+            answer = await response.json()
+            assert status is None or response.status == status, (response.status, answer)
+            return dict(answer)
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("POST", f"{TRAININGS}?fieldValidation=Strict", manifest, status=200)
+
+
+@pytest_asyncio.fixture
+async def api() -> AsyncIterator[Api]:
+    async with ApiServer() as server, kmock.Server(server) as http, \
+            aiohttp.ClientSession(base_url=str(http.url).rstrip("/")) as session:
+        yield Api(server, session)
+
+
+async def patch(api: Api, path: str, body: Any, status: int) -> dict[str, Any]:
+    return await api.request("PATCH", path, body, status=status)
+
+
+@pytest.mark.asyncio
+async def test_unknown_fields_are_refused_when_strict_and_pruned_with_a_warning_otherwise(api: Api) -> None:
+    manifest = tiny_training()
+    manifest["spec"]["modell"] = {"architecture": "tiny_cnn"}
+    refused = await api.request("POST", f"{TRAININGS}?fieldValidation=Strict", manifest, status=400)
+    assert refused["message"].endswith('strict decoding error: unknown field "spec.modell"')
+    async with api.session.post(TRAININGS, json=manifest) as response:  # no fieldValidation: the default, Warn
+        assert response.status == 200
+        assert response.headers.getall("Warning") == ['299 - "unknown field \\"spec.modell\\""']
+        stored = await response.json()
+    assert "modell" not in stored["spec"] and stored["spec"]["strategy"]["name"] == "fedavg"  # pruned, defaulted
+
+
+@pytest.mark.asyncio
+async def test_updates_go_through_the_schema_and_the_transition_rules(api: Api) -> None:
+    created = await api.apply(tiny_training())
+    path = f"{TRAININGS}/signs"
+    refused = await patch(api, path, {"spec": {"rounds": 0}}, 422)
+    assert refused["message"] == ('FederatedTraining.fedtrain.io "signs" is invalid: spec.rounds: Invalid value: 0: '
+                                  "spec.rounds in body should be greater than or equal to 1")
+    refused = await patch(api, path, {"spec": {"model": None}}, 422)  # removing it: the default differs
+    assert 'spec.model: Invalid value: "object": spec.model is immutable' in refused["message"]
+    changed = await api.request("PATCH", path, [{"op": "replace", "path": "/spec/rounds", "value": 3}],
+                                    status=200)  # a JSON patch, through the same admission
+    assert changed["spec"]["rounds"] == 3 and changed["metadata"]["generation"] == 2
+    assert changed["spec"]["model"] == created["spec"]["model"]
+
+
+@pytest.mark.asyncio
+async def test_status_goes_through_its_schema_and_changes_nothing_else(api: Api) -> None:
+    await api.apply(tiny_training())
+    path = f"{TRAININGS}/signs/status"
+    refused = await patch(api, path, {"status": {"accuracy": "high"}}, 422)
+    assert 'status.accuracy: Invalid value: "string": status.accuracy in body must be of type number' in \
+        refused["message"]
+    stored = await patch(api, path, {"status": {"accuracy": 0.5}, "spec": {"rounds": 7}}, 200)
+    assert stored["status"]["accuracy"] == 0.5 and stored["spec"]["rounds"] == 2
+    assert stored["metadata"]["generation"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_name_over_the_crds_limit_is_refused_at_admission(api: Api) -> None:
+    refused = await api.request("POST", TRAININGS, tiny_training("n" * 41), status=422)
+    assert refused["message"].startswith(f'FederatedTraining.fedtrain.io "{"n" * 41}" is invalid: <nil>: '
+                                         'Invalid value: "object": metadata.name must be at most 40 characters')
+
+
+@pytest.mark.asyncio
+async def test_labels_and_names_of_any_object_are_checked(api: Api) -> None:
+    long = "y" * 64
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": {"name": "store", "labels": {"fedtrain.io/training": long}}}
+    refused = await api.request("POST", f"{CORE}/persistentvolumeclaims", claim, status=422)
+    assert refused["message"] == (f'PersistentVolumeClaim "store" is invalid: metadata.labels: Invalid value: '
+                                  f'"{long}": must be no more than 63 characters')
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j" * 64},
+           "spec": {"template": {"metadata": {"labels": {}}, "spec": {"containers": []}}}}
+    refused = await api.request("POST", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", job, status=422)
+    assert "spec.template.metadata.labels: Invalid value" in refused["message"]  # its Pods' job-name label
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "Worker"}}
+    refused = await api.request("POST", f"{CORE}/serviceaccounts", account, status=422)
+    assert "a lowercase RFC 1123 subdomain" in refused["message"]
+    account["metadata"]["name"] = "worker"
+    await api.request("POST", f"{CORE}/serviceaccounts", account, status=200)
+    refused = await patch(api, f"{CORE}/serviceaccounts/worker", {"metadata": {"labels": {"bad key!": "x"}}},
+                          422)
+    assert "name part must consist of alphanumeric characters" in refused["message"]
+
+
+@pytest.mark.parametrize(("labels", "fragment"), [
+    ({"a": "v" * 63}, None),
+    ({"a": "v" * 64}, "must be no more than 63 characters"),
+    ({"a": "-v"}, "a valid label must be an empty string"),
+    ({"a": ""}, None),
+    ({"example.com/" + "k" * 63: "v"}, None),
+    ({"k" * 64: "v"}, "name part must be no more than 63 characters"),
+    ({"Example.com/k": "v"}, "prefix part a lowercase RFC 1123 subdomain"),
+])
+def test_label_rules(labels: dict[str, str], fragment: str | None) -> None:
+    problems = [str(e) for e in label_errors(labels)]
+    assert (problems == []) if fragment is None else any(fragment in p for p in problems), problems
+
+
+def test_name_rules() -> None:
+    assert name_errors("ConfigMap", "a." * 126 + "b") == []  # 253 characters
+    assert [e.detail for e in name_errors("ConfigMap", "a" * 254)] == ["must be no more than 253 characters"]
+    assert [e.detail for e in name_errors("Namespace", "a" * 64)] == ["must be no more than 63 characters"]
+    assert name_errors("Namespace", "a.b")[0].detail.startswith("a lowercase RFC 1123 label")
