@@ -25,6 +25,7 @@ from fedtrain.engine.status import (
     DETAILED_CLIENTS,
     FINISHED,
     HISTORY_LIMIT,
+    LISTED,
     Cancel,
     ClientTask,
     Condition,
@@ -56,7 +57,7 @@ KNOWN_CAUSES = ("OOMKilled", "DeadlineExceeded", "ErrImagePull", "ImagePullBackO
                 "CreateContainerConfigError", "CreateContainerError", "Unschedulable")
 PERMANENT_CAUSES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 MAX_STEPS_PER_DECISION = 10_000
-REASON_LENGTH = 200  # of a task's failure in status (one per client: the status must stay small); logs have it all
+REASON_LENGTH = 80  # of a client failure in a round over DETAILED_CLIENTS (the status must stay small)
 SHOWN_DIGITS = 4
 
 
@@ -126,7 +127,7 @@ def _advance(task: ClientTask, ident: str, observations: dict[str, Observation],
     if seen.state == "succeeded":
         task.state, task.exit_code, task.reason = "succeeded", 0, None
         return Progress.SUCCEEDED
-    task.exit_code, task.reason = seen.exit_code, describe_failure(seen)[:REASON_LENGTH]
+    task.exit_code, task.reason = seen.exit_code, describe_failure(seen)
     if seen.exit_code == EXIT_TEMPORARY and task.temporary_failures < TEMPORARY_RETRIES:
         task.temporary_failures += 1  # the store, not the task, failed: run it again for free
     else:
@@ -258,6 +259,8 @@ class _Step:
             attempt_before, state_before = task.attempt, task.state
             ident = task_id("train", task.attempt, current.round, client)
             progress = _advance(task, ident, self.observations, self.spec.clients.max_retries)
+            if task.reason and len(current.selected) > DETAILED_CLIENTS:
+                task.reason = task.reason[:REASON_LENGTH]
             if progress is Progress.LAUNCH:
                 if task.attempt != attempt_before:
                     self.event(Reason.CLIENT_RETRIED, f"round {current.round}: {client} retried after {task.reason}")
@@ -270,7 +273,7 @@ class _Step:
         waiting = [c for c in current.selected if current.clients[c].state in ("pending", "running")]
         quorum = self.spec.clients.quorum
         if len(current.selected) - len(failed) < quorum:
-            reasons = "; ".join(f"{c}: {current.clients[c].reason}" for c in failed)
+            reasons = some([f"{c}: {current.clients[c].reason}" for c in failed], "; ")
             causes = {cause(current.clients[c]) for c in failed}
             shared = causes.pop() if len(causes) == 1 else None  # one cause for all: name it in the reason
             return self.missed_quorum(current, f"{len(failed)} of {len(current.selected)} clients failed, "
@@ -286,7 +289,7 @@ class _Step:
                                                             current.round, client)))
                 current.clients[client].state = "dropped"
                 current.clients[client].reason = "dropped at the round deadline"
-            self.event(Reason.CLIENTS_DROPPED, f"round {current.round}: dropped late clients {', '.join(waiting)}",
+            self.event(Reason.CLIENTS_DROPPED, f"round {current.round}: dropped late clients {some(waiting)}",
                        warning=True)
             waiting = []
         if waiting:
@@ -343,8 +346,8 @@ class _Step:
                                            f"{counts.accepted} updates accepted, {counts.rejected} rejected, "
                                            f"{counts.dropped + counts.failed} clients dropped or failed")
         if current.rejected:
-            self.event(Reason.UPDATES_REJECTED, f"round {current.round}: " + "; ".join(
-                f"{c}: {r}" for c, r in current.rejected.items()), warning=True)
+            self.event(Reason.UPDATES_REJECTED, f"round {current.round}: " + some(
+                [f"{c}: {r}" for c, r in current.rejected.items()], "; "), warning=True)
 
     def missed_quorum(self, current: RoundStatus, why: str, reason: str = Reason.QUORUM_MISSED) -> bool:
         for client in current.selected:
@@ -363,6 +366,12 @@ class _Step:
                        warning=True)
             return True
         return self.fail(reason, f"round {current.round}: {why}")
+
+
+def some(items: list[str], separator: str = ", ") -> str:
+    """The first `LISTED` items joined, and how many more: messages stay short with a thousand clients."""
+    more = f"{separator}and {len(items) - LISTED} more" if len(items) > LISTED else ""
+    return separator.join(items[:LISTED]) + more
 
 
 def _counted(output: dict[str, object], key: str, listed: int) -> int:
@@ -478,10 +487,10 @@ def _degradation(status: TrainingStatus) -> tuple[str, str] | None:
         return None
     waiting = [f"{c}: {t.reason}" for c, t in last.clients.items() if t.state == "running" and t.reason]
     if waiting:
-        return Reason.TASKS_WAITING, f"round {last.round}: " + "; ".join(waiting)
+        return Reason.TASKS_WAITING, f"round {last.round}: " + some(waiting, "; ")
     lost = [c for c, t in last.clients.items() if t.state in ("failed", "dropped")]
     if lost:
-        return Reason.CLIENT_FAILED, f"round {last.round}: {', '.join(lost)} failed or dropped"
+        return Reason.CLIENT_FAILED, f"round {last.round}: {some(lost)} failed or dropped"
     if last.rejected:
-        return Reason.UPDATES_REJECTED, f"round {last.round}: updates of {', '.join(last.rejected)} rejected"
+        return Reason.UPDATES_REJECTED, f"round {last.round}: updates of {some(list(last.rejected))} rejected"
     return None

@@ -102,7 +102,8 @@ def result_from(name: str, namespace: str, status: TrainingStatus, registered_na
     else:
         uri = status.model_uri or ""
     rounds = [{"round": r.round, "accuracy": r.accuracy, "loss": r.loss} for r in status.rounds]
-    return LaunchResult(name, namespace, uri, float(status.accuracy or 0.0), rounds)
+    last = rounds[-1]["accuracy"] if rounds else None  # full precision; status.accuracy is rounded for display
+    return LaunchResult(name, namespace, uri, float(last if last is not None else status.accuracy or 0.0), rounds)
 
 
 def launch_locally(manifest: dict[str, Any], workdir: Path) -> LaunchResult:

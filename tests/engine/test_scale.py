@@ -76,3 +76,11 @@ def test_small_trainings_keep_every_client_of_their_recent_rounds() -> None:
     detailed = [r.round for r in rounds if r.selected]
     assert detailed == list(range(10, 60))  # the newest rounds, 2 clients each, up to DETAILED_CLIENTS
     assert all(r.counts is not None and r.counts.accepted == 2 for r in rounds)
+
+
+def test_a_thousand_clients_missing_the_quorum_keep_the_status_small() -> None:
+    everyone = {f"city-{i:04d}-road-operator-{i:012d}" for i in range(1000)}
+    _, status, largest = run(1000, rounds=2, failing=everyone)
+    assert status.phase == "Failed" and status.reason == "QuorumMissed"
+    assert "and 990 more" in status.message and len(status.message) < 5000
+    assert largest < STATUS_LIMIT, largest

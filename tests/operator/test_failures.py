@@ -34,8 +34,9 @@ async def controller(cluster: Cluster) -> AsyncIterator[Controller]:
 
 def refuse(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, method: str, path_part: str, status: int,
            message: str, times: int | None = None) -> list[str]:
-    """Make the test API server answer ``status`` to matching requests (``times`` of them, or all).
+    """Make the test API server answer ``status`` to the operator's matching requests (``times`` of them, or all).
 
+    Only the operator's own client (the kubernetes library) is refused, not the test's Job runner.
     Returns the list of refused requests, which grows as the server refuses them.
     """
     server, refused = cluster.server, []
@@ -43,7 +44,8 @@ def refuse(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, method: str, path_
 
     async def handle(request: Any) -> Any:
         verb = str(getattr(request.method, "value", request.method)).upper()
-        if verb == method and path_part in request.url.path and (times is None or len(refused) < times):
+        ours = request.headers.get("User-Agent", "").startswith("OpenAPI-Generator")
+        if ours and verb == method and path_part in request.url.path and (times is None or len(refused) < times):
             refused.append(f"{verb} {request.url.path}")
             reason = {403: "Forbidden", 422: "Invalid", 503: "ServiceUnavailable"}.get(status, "Error")
             raise kmock.KubernetesError(status, reason, message)
@@ -174,6 +176,7 @@ async def test_an_unreachable_server_is_a_temporary_error() -> None:
     assert raised.value.request.startswith("GET /apis/fedtrain.io/")
 
 
+@pytest.mark.filterwarnings("ignore:The test <Function")  # a plain function among asyncio tests
 def test_backoff_doubles_up_to_a_minute_and_resets() -> None:
     backoff = Backoff()
     assert [backoff.next() for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
