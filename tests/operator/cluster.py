@@ -346,8 +346,15 @@ class JobRunner:
         self.store.mkdir(parents=True, exist_ok=True)
         self.logs = self.root / "pods"
         self.logs.mkdir(exist_ok=True)
-        self.forks = ForkServer([])
+        self.forks: ForkServer | None = None  # started by the first Job that runs a process (see `_fork_server`)
         self.session: aiohttp.ClientSession | None = None
+
+    async def _fork_server(self) -> ForkServer:
+        """The fork server, started on first use, off the event loop: it takes seconds (torch) and many tests run
+        no Job at all."""
+        if self.forks is None:
+            self.forks = await asyncio.to_thread(ForkServer, [])
+        return self.forks
 
     async def run(self) -> None:
         """Until cancelled: start new Jobs, report finished ones, stop deleted ones."""
@@ -365,7 +372,8 @@ class JobRunner:
             finally:
                 for running in self.running.values():
                     running.process.terminate()
-                self.forks.close()
+                if self.forks is not None:
+                    self.forks.close()
 
     async def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         assert self.session is not None
@@ -470,8 +478,9 @@ class JobRunner:
             process: Any = _Exited(plan.exit_code)
             stderr.write_text(plan.message + "\n")
         else:
-            process = self.forks.start(pod_name, argv, self.logs / f"{pod_name}.out", stderr, threads=1,
-                                       environment={k: v for k, v in environment.items() if k != "HOME"})
+            forks = await self._fork_server()
+            process = forks.start(pod_name, argv, self.logs / f"{pod_name}.out", stderr, threads=1,
+                                  environment={k: v for k, v in environment.items() if k != "HOME"})
         self.ran.append(name)
         self.running[meta["uid"]] = Running(job, pod_name, process, started, termination_log, stderr)
         await self._json("PATCH", pod_path, {"status": {"phase": "Running", "containerStatuses": [

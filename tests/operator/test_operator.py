@@ -167,6 +167,7 @@ class Killed(Exception):
     """The simulated end of an operator process."""
 
 
+@pytest.mark.slow  # 13 controller deaths in a 3-round training: about 45 s; the default suite keeps under 15 minutes
 async def test_controller_killed_after_any_write_resumes_without_loss_or_duplicates(cluster: Cluster) -> None:
     """Each operator 'life' dies right after its k-th write to the API (k = 1, 2, 3, 1, 2, 3...).
 
