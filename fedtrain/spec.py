@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from fedtrain.worker.layout import client_names
@@ -576,18 +576,12 @@ class FederatedTraining(Model):
     metadata: Metadata
     spec: FederatedTrainingSpec
 
-    @field_validator("api_version")
+    @field_validator("api_version", "kind")
     @classmethod
-    def _our_api_version(cls, value: str) -> str:
-        if value != API_VERSION:
-            raise ValueError(f"must be {API_VERSION}")
-        return value
-
-    @field_validator("kind")
-    @classmethod
-    def _our_kind(cls, value: str) -> str:
-        if value != KIND:
-            raise ValueError(f"must be {KIND}")
+    def _ours(cls, value: str, info: ValidationInfo) -> str:
+        wanted = {"api_version": API_VERSION, "kind": KIND}[str(info.field_name)]
+        if value != wanted:
+            raise ValueError(f"must be {wanted}")
         return value
 
 
