@@ -1,0 +1,206 @@
+"""A site's decisions, shared by ``fedtrain site run`` and the site's operator: what to do with the posted task.
+
+Both runners loop the same way: read ``sites/<site>/task.json`` (`Posting`), ask `plan` what to do,
+act (start the worker with `worker_arguments`, stop it, or write `refusal_result` /
+`failure_result` where the coordinator reads answers), then keep `next_status`. Everything here is
+pure: no I/O, no clock, so each rule is tested on its own and both runners behave alike. The worker
+writes the result of a task that succeeded; the runner writes the others. Kept free of torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from fedtrain.engine.status import Condition
+from fedtrain.sites.participation import ParticipationSpec, ParticipationStatus, SitePolicy
+from fedtrain.sites.policy import refusal, total_epsilon
+from fedtrain.worker.errors import EXIT_REFUSED
+from fedtrain.worker.sitetask import Posting, SiteResult, SiteTask
+
+FINISHED_PHASES = ("Succeeded", "Failed")  # the coordinator's phases after which a site stops polling
+REDACTED = "<site data>"
+MAX_REASON = 500
+WORKER_COMMAND = "fedtrain-worker"
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Nothing to start: no task, one answered already, one past its deadline, or the training is over."""
+
+    why: str
+    finished: bool = False  # the training is over (Succeeded or Failed): stop polling it
+
+
+@dataclass(frozen=True)
+class Wait:
+    """The site's task is running: let it run."""
+
+    task_id: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """Start the task (its policy accepted it and its deadline has not passed)."""
+
+    task: SiteTask
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer the task with a refusal (`refusal_result`) without touching the site's data."""
+
+    task: SiteTask
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop the running task: the coordinator withdrew it (another task, none, or the training ended)."""
+
+    task_id: str
+    why: str
+
+
+SiteAction = Idle | Wait | Run | Refuse | Cancel
+
+
+def plan(posting: Posting | None, site: str, policy: SitePolicy | None, now: float, answered: bool,
+         running: str | None, suspended: bool = False) -> SiteAction:
+    """What the site does next with ``posting`` (None: nothing posted yet).
+
+    ``answered``: a result for the posted task is in the store already (never run a task twice);
+    ``running``: the id of the site's task in progress, if any; ``suspended``: take no new task.
+    ``policy``: the participation's ``spec.policy``; None accepts every task (tools and tests).
+    """
+    task = posting.task if posting is not None else None
+    if running is not None:
+        if posting is not None and posting.phase in FINISHED_PHASES:
+            return Cancel(running, f"the training is {posting.phase}")
+        if task is None or task.id != running:
+            return Cancel(running, "the coordinator withdrew the task")
+        return Wait(running)
+    if posting is not None and posting.phase in FINISHED_PHASES:
+        return Idle(f"the training is {posting.phase}", finished=True)
+    if task is None:
+        return Idle("no task posted")
+    if answered:
+        return Idle(f"task {task.id} is answered")
+    if task.site != site:
+        return Refuse(task, f"the task is addressed to site {task.site}, but this is site {site}")
+    reason = refusal(task, policy) if policy is not None else None
+    if reason is not None:
+        return Refuse(task, reason)
+    if now > task.deadline:
+        return Idle(f"task {task.id} is past its deadline")
+    if suspended:
+        return Idle("suspended (spec.suspend)")
+    return Run(task)
+
+
+def redact(text: str, data_paths: Iterable[str]) -> str:
+    """``text`` without any of the site's data paths (longest first), cut to `MAX_REASON` characters."""
+    for path in sorted((p.rstrip("/") for p in data_paths if p and p.rstrip("/")), key=len, reverse=True):
+        text = text.replace(path, REDACTED)
+    return text[:MAX_REASON]
+
+
+def failure_result(task: SiteTask, site: str, exit_code: int | None, reason: str | None,
+                   data_paths: Iterable[str]) -> SiteResult:
+    """The answer for a task that failed at the site, its reason free of the site's paths."""
+    said = redact(reason or "the site's worker failed without a message", data_paths)
+    return SiteResult(task=task.id, site=site, state="failed", exit_code=exit_code, reason=said)
+
+
+def refusal_result(task: SiteTask, site: str, reason: str) -> SiteResult:
+    """The answer for a task the site's policy refused (exit code 77, the reason naming the policy field)."""
+    return SiteResult(task=task.id, site=site, state="failed", exit_code=EXIT_REFUSED, reason=f"refused: {reason}")
+
+
+def worker_arguments(task: SiteTask, spec: ParticipationSpec, location: str, data_path: str) -> list[str]:
+    """Arguments after ``fedtrain-worker`` that run ``task`` on the site's data at ``data_path``."""
+    return ["site-task", "--workdir", location, "--task-json", json.dumps(task.to_json(), sort_keys=True),
+            "--data", data_path, "--device", spec.worker.device,
+            "--validation-fraction", repr(spec.validation_fraction), "--evaluation-split", spec.evaluation.split]
+
+
+def next_status(status: ParticipationStatus, posting: Posting | None, action: SiteAction,
+                ended: tuple[SiteTask, SiteResult] | None = None, now: float = 0.0) -> ParticipationStatus:
+    """The site's status after one look at the store: what was posted, what `plan` decided, what ended.
+
+    ``ended`` is a task that finished since the last look and its result (the worker's, or the
+    site's failure or refusal). ``now`` (unix seconds) stamps changed conditions.
+    """
+    new = status.model_copy(deep=True)
+    if posting is not None:
+        new.training_phase = posting.phase
+    if ended is not None:
+        _record(new, *ended)
+    _apply(new, posting, action)
+    _conditions(new, now)
+    return new
+
+
+def _record(status: ParticipationStatus, task: SiteTask, result: SiteResult) -> None:
+    """Count a finished task: rounds, accuracy and epsilon from a success, the reason from a failure."""
+    status.last_task = task.id
+    if result.state == "failed":
+        refused = result.exit_code == EXIT_REFUSED
+        status.phase = "Refused" if refused else "Failed"
+        status.message = f"task {task.id} {'refused' if refused else 'failed'}: {result.reason or ''}".strip()
+        if refused:
+            status.last_refusal = result.reason
+        return
+    status.phase = "Waiting"
+    if task.kind == "train":
+        status.rounds_done += 1
+        metrics = result.output.get("metrics") or {}
+        accuracy = metrics.get("val_accuracy", metrics.get("accuracy"))
+        if task.privacy is not None and task.privacy.noise_multiplier > 0:
+            status.epsilon = round(total_epsilon(task.privacy, task.round), 6)
+        status.message = f"trained round {task.round} ({result.output.get('num_examples', 0)} examples)"
+    else:
+        accuracy = result.output.get("accuracy")
+        status.message = f"evaluated the global model of round {task.round}"
+    if isinstance(accuracy, (int, float)):
+        status.last_accuracy = float(accuracy)
+
+
+def _apply(status: ParticipationStatus, posting: Posting | None, action: SiteAction) -> None:
+    """The phase and message that the decision itself gives."""
+    if isinstance(action, Run):
+        status.phase = "Training" if action.task.kind == "train" else "Evaluating"
+        status.last_task = action.task.id
+        status.message = f"running task {action.task.id}"
+    elif isinstance(action, Refuse):
+        status.phase, status.last_task, status.last_refusal = "Refused", action.task.id, action.reason
+        status.message = f"refused task {action.task.id}: {action.reason}"
+    elif isinstance(action, Cancel):
+        status.phase, status.message = "Waiting", f"cancelled task {action.task_id}: {action.why}"
+    elif isinstance(action, Idle) and action.finished and posting is not None:
+        status.phase = "Completed" if posting.phase == "Succeeded" else "Failed"
+        status.message = f"the training is {posting.phase}" + (f": {posting.message}" if posting.message else "")
+    elif isinstance(action, Idle) and status.phase in ("Training", "Evaluating"):
+        status.phase, status.message = "Waiting", action.why
+
+
+CONDITIONS = ("Participating", "Refused", "Completed")
+
+
+def _conditions(status: ParticipationStatus, now: float) -> None:
+    """Kubernetes-style conditions from the phase; a condition's time changes only when its status does."""
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    wanted = {"Participating": status.phase in ("Waiting", "Training", "Evaluating"),
+              "Refused": status.phase == "Refused", "Completed": status.phase == "Completed"}
+    old = {c.type: c for c in status.conditions}
+    conditions = []
+    for kind in CONDITIONS:
+        value: Literal["True", "False"] = "True" if wanted[kind] else "False"
+        previous = old.get(kind)
+        since = previous.last_transition_time if previous is not None and previous.status == value else stamp
+        conditions.append(Condition(type=kind, status=value, reason=status.phase, message=status.message[:MAX_REASON],
+                                    last_transition_time=since))
+    status.conditions = conditions
