@@ -153,12 +153,24 @@ class ClientData(Model):
         return self
 
 
+class SiteRef(Model):
+    """A client that is another organisation's site: it runs nothing here and is reached only through the store.
+
+    The coordinator posts the site's tasks into ``spec.storage``; the site's own operator (or
+    ``fedtrain site run``) checks them against its policy, trains on its own data and answers there.
+    """
+
+    evaluate: bool = True
+    """Take part in federated evaluation: score each evaluated global model on the site's own test split."""
+
+
 class ClientEntry(Model):
     """One named client with optional overrides (Kubernetes scheduling settings apply to its Jobs).
 
     With ``data``, the client trains on its own data set instead of a share of ``spec.dataset``;
     with ``namespace`` too, its Jobs run there, as that namespace's ``fedtrain-worker``, and only
-    weights leave it, through the object store (``spec.storage.s3``).
+    weights leave it, through the object store (``spec.storage.s3``). With ``site``, it is another
+    organisation's site (see docs/sites.md): nothing runs for it here.
     """
 
     name: Annotated[str, Field(pattern=DNS_LABEL, max_length=MAX_CLIENT_NAME)]
@@ -167,6 +179,8 @@ class ClientEntry(Model):
     """Run this client's Jobs in this namespace (which must opt in with fedtrain.io/accept-trainings)."""
     data: ClientData | None = None
     """The client's own data set, instead of a share of spec.dataset."""
+    site: SiteRef | None = None
+    """This client is a remote site, reached only through spec.storage (its data and Jobs are its own)."""
     training: TrainingOverride = TrainingOverride()
     """Changes to spec.training for this client."""
     resources: dict[str, Any] | None = None
@@ -234,8 +248,16 @@ class ClientsSpec(Model):
         return next((c for c in self.entries or () if c.name == name), None)
 
     def own_data(self) -> list[str]:
-        """Clients that train on their own data set (not on a share of ``spec.dataset``)."""
-        return [c.name for c in self.entries or () if c.data is not None]
+        """Clients that train on their own data set (not on a share of ``spec.dataset``): sites too."""
+        return [c.name for c in self.entries or () if c.data is not None or c.site is not None]
+
+    def sites(self) -> list[str]:
+        """Clients that are remote sites, in the order of the list."""
+        return [c.name for c in self.entries or () if c.site is not None]
+
+    def evaluating_sites(self) -> list[str]:
+        """Sites that take part in federated evaluation."""
+        return [c.name for c in self.entries or () if c.site is not None and c.site.evaluate]
 
     def namespaces(self) -> dict[str, str]:
         """Client name -> namespace, for clients that run in a namespace of their own."""
@@ -487,6 +509,20 @@ class PrivacySpec(Model):
     """The delta at which the privacy budget epsilon is reported."""
 
 
+class EvaluationSpec(Model):
+    """Where each round's global model is scored: centrally on spec.dataset's test split, at the sites, or both.
+
+    Federated evaluation asks every site with ``site.evaluate`` to score the new global model on its
+    own held-out split and send back metrics only; status and MLflow show the example-weighted
+    accuracy and loss, the worst and best site, and each site's figures.
+    """
+
+    central: bool = True
+    """Score each global model on spec.dataset's test split (false: the coordinator holds no test data)."""
+    every_rounds: Annotated[int, Field(ge=1, le=10000)] = 1
+    """Sites evaluate the global model every this many rounds, and always after the last."""
+
+
 class MlflowSpec(Model):
     """Tracking and registry: an embedded sqlite store in the work directory unless a URI is given."""
 
@@ -534,6 +570,8 @@ class FederatedTrainingSpec(Model):
     """Tracking and model registry."""
     privacy: PrivacySpec | None = None
     """Central differential privacy (fedavg and fedprox)."""
+    evaluation: EvaluationSpec = EvaluationSpec()
+    """Central and federated evaluation of the global models."""
     suspend: bool = False
     """Hold the training at the next stage boundary; false resumes it."""
 
@@ -556,7 +594,22 @@ class FederatedTrainingSpec(Model):
             if entry.namespace is not None and self.storage.s3 is None:
                 raise ValueError(f"clients.list[{index}].namespace needs storage.s3: a claim cannot be shared across "
                                  "namespaces, so weights travel through an object store")
+            if entry.site is not None and (entry.namespace is not None or entry.data is not None):
+                raise ValueError(f"clients.list[{index}].site cannot have namespace or data: a site runs in its own "
+                                 "cluster on its own data, which its FederatedParticipation names")
+        if not self.evaluation.central and not self.clients.evaluating_sites():
+            raise ValueError("evaluation.central is false and no site evaluates: set evaluation.central to true, or "
+                             "add sites (clients.list[].site) that evaluate")
         return self
+
+    def evaluates_round(self, round_number: int) -> bool:
+        """Whether the sites evaluate the global model after ``round_number``."""
+        every = self.evaluation.every_rounds
+        return bool(self.clients.evaluating_sites()) and (round_number % every == 0 or round_number == self.rounds)
+
+    def needs_data(self) -> bool:
+        """Whether the coordinator reads spec.dataset at all (not when sites train and evaluate everything)."""
+        return self.evaluation.central or len(self.clients.own_data()) < self.clients.total
 
 
 class Metadata(Model):

@@ -53,9 +53,16 @@ def aggregation_clients(status: TrainingStatus, round_number: int) -> list[str]:
     return [c for c in record.selected if record.clients[c].state == "succeeded"]
 
 
+def remote(task: Task, spec: FederatedTrainingSpec) -> bool:
+    """Whether a task runs at a remote site (posted through the store by `fedtrain.sites.relay`, not run here)."""
+    return task.kind == "evaluate" or (task.kind == "train" and task.client in spec.clients.sites())
+
+
 def worker_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement,
                      clients: list[str] | None = None) -> list[str]:
     """Arguments after ``fedtrain-worker`` for a task; ``clients`` are the updates an aggregation uses."""
+    if remote(task, spec):
+        raise ValueError(f"task {task.id} runs at a site: the relay posts it, no worker runs it here")
     if task.kind == "init":
         return _init(spec, where)
     if task.kind == "train":
@@ -76,7 +83,9 @@ def _init(spec: FederatedTrainingSpec, where: Placement) -> list[str]:
             "--image-size", str(model.image_size), "--validation-fraction", repr(dataset.validation_fraction)]
     if spec.clients.own_data():
         args += ["--own-data-clients", ",".join(spec.clients.own_data())]
-    if dataset.path is None:
+    if not spec.needs_data():
+        args.append("--no-data")  # every client is a site and nothing is scored centrally
+    elif dataset.path is None:
         synthetic = dataset.synthetic or SyntheticSpec()
         args += ["--synthetic-per-class", str(synthetic.images_per_class),
                  "--synthetic-test-per-class", str(synthetic.test_images_per_class),
@@ -91,13 +100,21 @@ def _init(spec: FederatedTrainingSpec, where: Placement) -> list[str]:
     return args
 
 
-def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[str]:
+def client_training(spec: FederatedTrainingSpec, client: str) -> tuple[int, int, float]:
+    """A client's local epochs, batch size and learning rate: spec.training with its list entry's overrides."""
     training = spec.training
-    entry = spec.clients.entry(task.client or "")
+    entry = spec.clients.entry(client)
     override = entry.training if entry else None
     epochs = override.local_epochs if override and override.local_epochs else training.local_epochs
     batch = override.batch_size if override and override.batch_size else training.batch_size
     rate = override.learning_rate if override and override.learning_rate else training.learning_rate
+    return epochs, batch, rate
+
+
+def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[str]:
+    training = spec.training
+    entry = spec.clients.entry(task.client or "")
+    epochs, batch, rate = client_training(spec, task.client or "")
     args = ["train", "--workdir", where.workdir, "--round", str(task.round), "--client", str(task.client),
             "--device", spec.worker.device, "--epochs", str(epochs), "--batch-size", str(batch),
             "--optimizer", training.optimizer, "--lr", repr(rate), "--momentum", repr(training.momentum),
@@ -120,6 +137,10 @@ def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, client
             "--clients", ",".join(clients), "--device", spec.worker.device]
     for key, value in sorted(spec.strategy.parameters.items()):
         args += ["--param", f"{key}={value!r}"]
+    if spec.clients.sites():
+        args += ["--sites", ",".join(spec.clients.sites())]
+    if not spec.evaluation.central:
+        args.append("--no-evaluate")
     if spec.privacy is not None:
         rate = spec.clients.round_size / spec.clients.total
         args += ["--dp-clip-norm", repr(spec.privacy.clip_norm), "--dp-noise-multiplier",
@@ -142,6 +163,10 @@ def _finalize(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list
             args.append("--log-clients")
         if not spec.mlflow.promote_champion:
             args.append("--no-promote")
+    if spec.clients.evaluating_sites():
+        args += ["--sites", ",".join(spec.clients.evaluating_sites())]
+    if not spec.evaluation.central:
+        args.append("--no-central")
     if where.termination_log:
         args += ["--termination-log", where.termination_log]
     return args

@@ -18,7 +18,9 @@ timer (deadlines and stuck Pods change nothing the API would tell us about).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -56,8 +58,11 @@ from fedtrain.operator.jobs import (
 from fedtrain.operator.kube import ApiError, Kube, Paths
 from fedtrain.operator.profiles import DEFAULTS_CONFIGMAP, LABEL_PROFILE, apply_defaults, provision
 from fedtrain.operator.status import Conflict, read_status, write_status
+from fedtrain.sites.relay import SiteRelay, assignments
 from fedtrain.spec import API_VERSION, KIND, STORAGE_KINDS, FederatedTrainingSpec, SpecError, parse_spec
-from fedtrain.tasks import aggregation_clients, worker_arguments
+from fedtrain.tasks import aggregation_clients, remote, storage_environment, worker_arguments
+from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
+from fedtrain.worker.storage import S3_ENV, open_store
 
 log = logging.getLogger("fedtrain.operator")
 MAX_CONFLICT_RETRIES = 5
@@ -88,10 +93,15 @@ def api_refusal(error: ApiError) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a pass found: whether the training still has work that Job events or the clock will move."""
+    """What a pass found: whether the training still has work that Job events or the clock will move.
+
+    ``sites_pending``: it waits for remote sites, whose answers no watch reports, so the next pass
+    should come sooner than the usual tick.
+    """
 
     active: bool
     phase: str = ""
+    sites_pending: bool = False
 
 
 class Wakeups:
@@ -166,6 +176,11 @@ def owned_by(item: dict[str, Any], uid: str) -> bool:
         (meta.get("labels") or {}).get(LABEL_TRAINING_UID) == uid
 
 
+def training_id(owner: Owner) -> str:
+    """``<namespace>/<name>-<uid8>``: the training's folder under the store's prefix, which sites join by."""
+    return f"{owner.namespace}/{owner.name}-{owner.uid[:8]}"
+
+
 def _timestamp(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
 
@@ -227,6 +242,7 @@ class Controller:
         self.clock = clock
         self.known_jobs: JobSource | None = None
         self._pods_checked: dict[tuple[str, str], float] = {}
+        self._relays: dict[str, SiteRelay] = {}  # by training uid: what each has posted, checksums read
 
     def follow(self, known_jobs: JobSource) -> None:
         """Read each training's Jobs from the operator's watch (a kopf index) instead of listing them."""
@@ -235,6 +251,9 @@ class Controller:
     def forget(self, namespace: str, name: str) -> None:
         """The training's loop ended: drop what this process remembered of it."""
         self._pods_checked.pop((namespace, name), None)
+        for uid, relay in list(self._relays.items()):
+            if relay.training == f"{namespace}/{name}":
+                del self._relays[uid]
 
     async def reconcile(self, namespace: str, name: str) -> Outcome:
         """One pass, repeated while another writer changed the resource under it."""
@@ -284,13 +303,73 @@ class Controller:
             raise Refusal(Reason.CLIENT_NAMESPACE_NOT_ALLOWED, refusal)
         jobs, pods = await self.observed_objects(spec, owner, status)
         observations, stuck = observations_from(jobs, pods)
+        relay = await self.site_relay(spec, owner) if spec.clients.sites() else None
+        if relay is not None:
+            observations.update(await self._sites(relay.observe, status))
+            status.training_id = status.training_id or training_id(owner)
         decision = decide(spec, status, observations, self.clock(), resource["metadata"].get("generation"))
         log.debug("%s/%s: %s, %d observations, %d actions", owner.namespace, owner.name, decision.status.progress,
                   len(observations), len(decision.actions))
         await self._store(resource, owner, status, decision, jobs)
-        await self._act(decision.actions, spec, owner, claim, decision.status, stuck, jobs)
+        if relay is not None:  # after the status is stored: a posting never runs ahead of it
+            await self._sites(relay.publish, decision.status)
+        local = [a for a in decision.actions if not (isinstance(a, Launch) and remote(a.task, spec))]
+        await self._act(local, spec, owner, claim, decision.status, stuck, jobs)
         await self._prune(jobs, decision.status)
-        return Outcome(active=decision.status.phase not in FINISHED, phase=decision.status.phase)
+        pending = relay is not None and bool(assignments(spec, decision.status))
+        return Outcome(active=decision.status.phase not in FINISHED, phase=decision.status.phase,
+                       sites_pending=pending)
+
+    async def _sites(self, call: Callable[[TrainingStatus], Any], status: TrainingStatus) -> Any:
+        """Run a relay call off the event loop; a store down for a moment costs this pass its site news only.
+
+        Refused credentials or a missing bucket fail the training (`Refusal`), as they would fail its Jobs.
+        """
+        try:
+            return await asyncio.to_thread(call, status)
+        except TemporaryStorageError as error:
+            log.warning("the store did not answer about the sites: %s", error)
+            return {}
+        except BadInputError as error:
+            raise Refusal(Reason.BAD_INPUT, f"remote sites: {error}") from None
+        except BadDataError as error:
+            raise Refusal(Reason.BAD_DATA, f"remote sites: {error}") from None
+
+    async def site_relay(self, spec: FederatedTrainingSpec, owner: Owner) -> SiteRelay:
+        """The training's relay, with the store credentials of its Secret (read when the relay is made)."""
+        relay = self._relays.get(owner.uid)
+        if relay is None or relay.spec != spec:
+            environment = await self.store_environment(spec, owner.namespace)
+            where = placement(spec, owner).workdir
+            store = await asyncio.to_thread(open_store, where, environment)
+            relay = SiteRelay(store, spec, f"{owner.namespace}/{owner.name}")
+            self._relays[owner.uid] = relay
+        return relay
+
+    async def store_environment(self, spec: FederatedTrainingSpec, namespace: str) -> dict[str, str]:
+        """What a worker Pod's environment says about the store, built from the spec, its Secret and CA bundle.
+
+        The Secret is read by name only (never listed) and its values stay in this process's memory.
+        """
+        s3 = spec.storage.s3
+        assert s3 is not None and s3.credentials_secret is not None  # `kubernetes_problems` checked both
+        ref = s3.credentials_secret
+        secret = await self.kube.get(Paths.core(namespace, "secrets", ref.name))
+        data = secret.get("data") or {}
+        missing = [key for key in (ref.access_key_id_key, ref.secret_access_key_key) if key not in data]
+        if missing:
+            raise SpecError([f"spec.storage.s3.credentialsSecret: Secret {namespace}/{ref.name} has no key "
+                             f"{missing[0]}; add it or name the right key (accessKeyIdKey, secretAccessKeyKey)"])
+        environment = {**storage_environment(spec), S3_ENV["credentials_from"]: f"Secret {namespace}/{ref.name}",
+                       S3_ENV["access_key_id"]: base64.b64decode(data[ref.access_key_id_key]).decode(),
+                       S3_ENV["secret_access_key"]: base64.b64decode(data[ref.secret_access_key_key]).decode()}
+        if s3.tls.ca_config_map is not None:
+            found = await self.kube.get(Paths.core(namespace, "configmaps", s3.tls.ca_config_map.name))
+            bundle = tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False)  # noqa: SIM115 (kept for boto3)
+            with bundle:
+                bundle.write((found.get("data") or {}).get(s3.tls.ca_config_map.key, ""))
+            environment[S3_ENV["ca_bundle"]] = bundle.name
+        return environment
 
     async def _store(self, resource: dict[str, Any], owner: Owner, before: TrainingStatus, decision: Decision,
                      jobs: list[dict[str, Any]]) -> None:

@@ -37,6 +37,14 @@ def active_tick() -> float:
     return float(os.environ.get("FEDTRAIN_TICK_SECONDS", "5"))
 
 
+def site_tick() -> float:
+    """Seconds between passes while remote sites work (``FEDTRAIN_SITE_POLL_SECONDS``).
+
+    No watch reports a site's answer, so the store is read this often instead.
+    """
+    return float(os.environ.get("FEDTRAIN_SITE_POLL_SECONDS", "2"))
+
+
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Keep kopf's own bookkeeping in annotations (status is ours alone) and build the controller."""
@@ -93,7 +101,7 @@ async def drive(namespace: str | None, name: str, stopped: kopf.DaemonStopped, m
     while not stopped:
         try:
             outcome = await controller.reconcile(namespace, name)
-            delay = active_tick()
+            delay = min(active_tick(), site_tick()) if outcome.sites_pending else active_tick()
             backoff.reset()
         except ApiError as error:
             delay = backoff.next()

@@ -110,6 +110,9 @@ def kubernetes_problems(spec: FederatedTrainingSpec) -> list[str]:
     if spec.storage.s3 is not None and spec.storage.s3.credentials_secret is None:
         problems.append("spec.storage.s3.credentialsSecret: name the Secret (in the training's namespace and in "
                         "every client namespace) that holds the access key and secret")
+    if spec.clients.sites() and spec.storage.s3 is None:
+        problems.append("spec.storage.s3: remote sites (clients.list[].site) reach the training only through an "
+                        "object store; a claim cannot cross clusters")
     return problems
 
 

@@ -13,6 +13,7 @@ EXIT_BAD_DATA = 3
 EXIT_REJECTED_UPDATES = 4
 EXIT_INTERNAL = 70
 EXIT_TEMPORARY = 75  # EX_TEMPFAIL of sysexits.h: the same command may succeed if run again later
+EXIT_REFUSED = 77  # EX_NOPERM: a site's policy refused the task before it touched the site's data
 
 EXIT_CODE_NAMES: dict[int, str] = {
     EXIT_OK: "ok",
@@ -21,6 +22,7 @@ EXIT_CODE_NAMES: dict[int, str] = {
     EXIT_REJECTED_UPDATES: "rejected updates",
     EXIT_INTERNAL: "internal error",
     EXIT_TEMPORARY: "temporary storage failure",
+    EXIT_REFUSED: "refused by the site",
 }
 
 
@@ -57,3 +59,9 @@ class TemporaryStorageError(WorkerError):
     """
 
     exit_code = EXIT_TEMPORARY
+
+
+class RefusedError(WorkerError):
+    """A site's policy does not accept the task (strategy, model, rounds, epochs or privacy)."""
+
+    exit_code = EXIT_REFUSED

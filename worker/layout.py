@@ -7,6 +7,14 @@
     <workdir>/round-0001/clients/<client>.safetensors (+ .json)
     <workdir>/round-0001/global.safetensors (+ .json), result.json, strategy-state.safetensors
     <workdir>/final/model.safetensors, plots/*.png
+    <workdir>/sites/<site>/task.json                     the coordinator's current task for a site
+    <workdir>/sites/<site>/results/<task id>.json        the site's answer: done, failed or refused
+    <workdir>/sites/<site>/round-0001/update.safetensors (+ .json)   a site's update
+    <workdir>/sites/<site>/round-0001/evaluation.json    a site's scores of the round's global model
+
+Everything a site may write is under ``sites/<site>/``; all it may read besides is the global
+models (``round-*/global.safetensors`` and their sidecars). That is what a per-site bucket policy
+grants (see `site_grants`).
 
 Keys are relative, ``/``-separated strings; `storage` maps them to files or objects. Kept free of
 torch and numpy so that the control plane can name the same files and clients.
@@ -25,7 +33,13 @@ def client_names(count: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Named keys of one training's files (the same in every store)."""
+    """Named keys of one training's files (the same in every store).
+
+    ``sites`` are the clients that are other organisations' sites: their updates live under
+    ``sites/<site>/``, where only that site may write.
+    """
+
+    sites: frozenset[str] = frozenset()
 
     @property
     def manifest(self) -> str:
@@ -45,8 +59,30 @@ class Layout:
         return f"{self.round_dir(round_number)}/clients"
 
     def client_update(self, round_number: int, client: str) -> str:
-        """One client's update in one round."""
+        """One client's update in one round (a site's is in its own folder)."""
+        if client in self.sites:
+            return f"{self.site_round_dir(client, round_number)}/update.safetensors"
         return f"{self.client_dir(round_number)}/{client}.safetensors"
+
+    def site_dir(self, site: str) -> str:
+        """Everything a site writes, and its task: ``sites/munich``."""
+        return f"sites/{site}"
+
+    def site_task(self, site: str) -> str:
+        """The coordinator's current task for a site (overwritten as the training moves on)."""
+        return f"{self.site_dir(site)}/task.json"
+
+    def site_result(self, site: str, task_id: str) -> str:
+        """A site's answer to one task."""
+        return f"{self.site_dir(site)}/results/{task_id}.json"
+
+    def site_round_dir(self, site: str, round_number: int) -> str:
+        """``sites/munich/round-0003``."""
+        return f"{self.site_dir(site)}/{self.round_dir(round_number)}"
+
+    def site_evaluation(self, site: str, round_number: int) -> str:
+        """A site's scores of the global model after ``round_number`` (metrics only)."""
+        return f"{self.site_round_dir(site, round_number)}/evaluation.json"
 
     def result(self, round_number: int) -> str:
         """The aggregation's JSON result of a round."""
@@ -60,3 +96,14 @@ class Layout:
     def final_dir(self) -> str:
         """The final model and plots."""
         return "final"
+
+
+def site_grants(site: str) -> dict[str, list[str]]:
+    """Key patterns (relative to a training, ``*`` matching anything) a site may read and write.
+
+    The one source of what a per-site bucket policy allows: `fedtrain site policy` turns these into
+    IAM statements, and the tests run the store with exactly that policy.
+    """
+    layout = Layout()
+    return {"read": ["round-*/global.safetensors", "round-*/global.json", f"{layout.site_dir(site)}/*"],
+            "write": [f"{layout.site_dir(site)}/*"]}

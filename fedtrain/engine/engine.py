@@ -31,10 +31,12 @@ from fedtrain.engine.status import (
     Condition,
     Decision,
     Event,
+    FederatedMetrics,
     Launch,
     Observation,
     Reason,
     RoundStatus,
+    SiteEvaluation,
     Task,
     TrainingStatus,
 )
@@ -43,11 +45,14 @@ from fedtrain.worker.errors import (
     EXIT_BAD_DATA,
     EXIT_BAD_INPUT,
     EXIT_CODE_NAMES,
+    EXIT_REFUSED,
     EXIT_REJECTED_UPDATES,
     EXIT_TEMPORARY,
 )
+from fedtrain.worker.federated import SiteScore, combine
 
-PERMANENT_EXIT_CODES = {EXIT_BAD_INPUT: Reason.BAD_INPUT, EXIT_BAD_DATA: Reason.BAD_DATA}
+PERMANENT_EXIT_CODES = {EXIT_BAD_INPUT: Reason.BAD_INPUT, EXIT_BAD_DATA: Reason.BAD_DATA,
+                        EXIT_REFUSED: Reason.SITE_REFUSED}
 # A task that exits EXIT_TEMPORARY (its store was down past the worker's own retries) runs again this
 # many times without spending clients.maxRetries; after that it is an ordinary failure.
 TEMPORARY_RETRIES = 3
@@ -79,9 +84,15 @@ class Progress(Enum):
 
 
 def task_id(kind: str, attempt: int, round_number: int = 0, client: str | None = None) -> str:
-    """Deterministic task ids: ``init-a1``, ``r0003-client-01-a2``, ``r0003-aggregate-a1``, ``finalize-a1``."""
+    """Deterministic task ids: ``init-a1``, ``r0003-client-01-a2``, ``r0003-aggregate-a1``, ``finalize-a1``.
+
+    A site's evaluation of round 3's model is ``e0003-munich-a1``: the letter keeps it apart from any
+    training task, whatever the site is called.
+    """
     if kind in ("init", "finalize"):
         return f"{kind}-a{attempt}"
+    if kind == "evaluate":
+        return f"e{round_number:04d}-{client}-a{attempt}"
     who = client if kind == "train" else "aggregate"
     return f"r{round_number:04d}-{who}-a{attempt}"
 
@@ -251,7 +262,9 @@ class _Step:
     def advance_round(self, current: RoundStatus) -> bool:
         if current.aggregation is None:
             return self.advance_clients(current)
-        return self.advance_aggregation(current)
+        if current.evaluations is None:
+            return self.advance_aggregation(current)
+        return self.advance_evaluations(current)
 
     def advance_clients(self, current: RoundStatus) -> bool:
         for client in current.selected:
@@ -316,11 +329,64 @@ class _Step:
             return self.fail(reason, f"round {current.round}: aggregation failed: {task.reason}")
         seen = self.observations.get(ident)
         self.record_result(current, seen.output if seen and seen.output else {})
+        if self.spec.evaluates_round(current.round):
+            current.evaluations = {site: ClientTask() for site in self.spec.clients.evaluating_sites()}
+            current.evaluation_started_at = self.now
+            status = self.status
+            status.message = f"round {current.round}/{self.spec.rounds}: {len(current.evaluations)} sites evaluating"
+            return True
+        self.complete_round(current)
+        return True
+
+    def advance_evaluations(self, current: RoundStatus) -> bool:
+        """The sites score the round's global model; the round completes when each answered or the deadline passed.
+
+        A site that fails or stays silent is left out of the federated figures: it never fails the
+        training (its model is already aggregated), but it is named in an Event.
+        """
+        evaluations = current.evaluations
+        assert evaluations is not None
+        for site in sorted(evaluations):
+            task = evaluations[site]
+            before = task.state
+            ident = task_id("evaluate", task.attempt, current.round, site)
+            progress = _advance(task, ident, self.observations, self.spec.clients.max_retries)
+            if progress is Progress.LAUNCH:
+                self.launch(Task(task_id("evaluate", task.attempt, current.round, site), "evaluate", current.round,
+                                 site, task.attempt))
+            elif progress is Progress.SUCCEEDED and before != "succeeded":
+                seen = self.observations.get(ident)
+                score = SiteScore.from_output(seen.output or {}) if seen is not None else None
+                if score is None:
+                    task.state, task.reason = "failed", "the site's answer holds no evaluation figures"
+                else:
+                    current.site_scores[site] = SiteEvaluation(examples=score.examples, accuracy=score.accuracy,
+                                                               loss=score.loss)
+            if task.state == "failed" and before != "failed":
+                self.event(Reason.SITE_EVALUATION_FAILED, f"round {current.round}: {site} did not evaluate: "
+                                                          f"{task.reason}", warning=True)
+        waiting = [s for s, t in sorted(evaluations.items()) if t.state in ("pending", "running")]
+        started = current.evaluation_started_at or self.now
+        if waiting and self.now - started > self.spec.round_deadline_seconds:
+            for site in waiting:
+                self.decision.actions.append(Cancel(task_id("evaluate", evaluations[site].attempt, current.round,
+                                                            site)))
+                evaluations[site].state, evaluations[site].reason = "dropped", "dropped at the round deadline"
+            self.event(Reason.CLIENTS_DROPPED, f"round {current.round}: evaluation deadline passed without "
+                                               f"{some(waiting)}", warning=True)
+            waiting = []
+        if waiting:
+            return False
+        scores = {s: SiteScore(e.examples, e.accuracy, e.loss) for s, e in current.site_scores.items()}
+        combined = combine(scores)
+        if combined is not None:
+            current.federated = FederatedMetrics(**vars(combined))
+        self.complete_round(current)
         return True
 
     def record_result(self, current: RoundStatus, output: dict[str, object]) -> None:
+        """What the aggregation reported: central scores (if any), accepted and rejected updates, privacy spent."""
         status = self.status
-        current.finished_at = self.now
         accuracy = output.get("accuracy")
         loss = output.get("loss")
         current.accuracy = float(accuracy) if isinstance(accuracy, int | float) else None
@@ -332,22 +398,39 @@ class _Step:
         current.rejected = {str(k): str(v)[:200] for k, v in sorted(rejected.items())[:DETAILED_CLIENTS]}
         current.summarize(_counted(output, "accepted_count", len(current.accepted)),
                           _counted(output, "rejected_count", len(rejected)))
-        compact_history(status.rounds)
-        status.accuracy = significant(current.accuracy) if current.accuracy is not None else None
         spent, delta = output.get("epsilon"), output.get("dp_delta")
         if isinstance(spent, int | float) and isinstance(delta, int | float):
             status.privacy_epsilon, status.privacy_delta = significant(float(spent)), float(delta)
-        if current.accuracy is not None and (status.best_accuracy is None or current.accuracy > status.best_accuracy):
-            status.best_accuracy, status.best_round = significant(current.accuracy), current.round
-        shown = f"{current.accuracy:.4f}" if current.accuracy is not None else "n/a"
-        counts = current.counts
-        assert counts is not None
-        self.event(Reason.ROUND_COMPLETED, f"round {current.round}/{self.spec.rounds}: accuracy {shown}, "
-                                           f"{counts.accepted} updates accepted, {counts.rejected} rejected, "
-                                           f"{counts.dropped + counts.failed} clients dropped or failed")
         if current.rejected:
             self.event(Reason.UPDATES_REJECTED, f"round {current.round}: " + some(
                 [f"{c}: {r}" for c, r in current.rejected.items()], "; "), warning=True)
+
+    def complete_round(self, current: RoundStatus) -> None:
+        """The round is done: its figures reach the status, the history is compacted, people are told."""
+        status = self.status
+        current.finished_at = self.now
+        compact_history(status.rounds)
+        federated = current.federated
+        if federated is not None:
+            status.federated = federated.model_copy()
+            status.federated_accuracy = significant(federated.accuracy)
+        headline = current.accuracy if self.spec.evaluation.central else (federated.accuracy if federated else None)
+        if headline is not None:
+            status.accuracy = significant(headline)
+            if status.best_accuracy is None or headline > status.best_accuracy:
+                status.best_accuracy, status.best_round = significant(headline), current.round
+        elif self.spec.evaluation.central:
+            status.accuracy = None
+        shown = f"{current.accuracy:.4f}" if current.accuracy is not None else "n/a"
+        counts = current.counts
+        assert counts is not None
+        sites = ""
+        if federated is not None:
+            sites = (f", federated accuracy {federated.accuracy:.4f} over {federated.sites} sites (worst "
+                     f"{federated.worst_site} {federated.worst_accuracy:.4f})")
+        self.event(Reason.ROUND_COMPLETED, f"round {current.round}/{self.spec.rounds}: accuracy {shown}{sites}, "
+                                           f"{counts.accepted} updates accepted, {counts.rejected} rejected, "
+                                           f"{counts.dropped + counts.failed} clients dropped or failed")
 
     def missed_quorum(self, current: RoundStatus, why: str, reason: str = Reason.QUORUM_MISSED) -> bool:
         for client in current.selected:
@@ -443,6 +526,8 @@ def running_task_ids(status: TrainingStatus) -> list[str]:
                     for client, task in current.clients.items() if task.state == "running"]
         if current.aggregation is not None and current.aggregation.state == "running":
             running.append(task_id("aggregate", current.aggregation.attempt, current.round))
+        running += [task_id("evaluate", task.attempt, current.round, site)
+                    for site, task in (current.evaluations or {}).items() if task.state == "running"]
     if status.finalize is not None and status.finalize.state == "running":
         running.append(task_id("finalize", status.finalize.attempt))
     return running

@@ -55,6 +55,9 @@ class Reason:
     API_REJECTED = "ApiRejected"
     # Reported on deletion, when the training's resource is going away.
     STORAGE_NOT_RELEASED = "StorageNotReleased"
+    # Remote sites (clients.list[].site).
+    SITE_REFUSED = "SiteRefused"
+    SITE_EVALUATION_FAILED = "SiteEvaluationFailed"
 
 
 class StatusModel(BaseModel):
@@ -103,8 +106,34 @@ class RoundCounts(StatusModel):
     rejected: int = 0
 
 
+class SiteEvaluation(StatusModel):
+    """One site's score of a round's global model on its own held-out split (counts and means only)."""
+
+    examples: int
+    accuracy: float
+    loss: float
+
+
+class FederatedMetrics(StatusModel):
+    """The sites' scores of one global model combined: example-weighted means, worst and best site."""
+
+    accuracy: float
+    loss: float
+    examples: int
+    sites: int
+    worst_site: str
+    worst_accuracy: float
+    best_site: str
+    best_accuracy: float
+
+
 class RoundStatus(StatusModel):
-    """One round: who was selected, how they did, and what aggregation gave (``counts`` once it finished)."""
+    """One round: who was selected, how they did, and what aggregation gave (``counts`` once it finished).
+
+    In a round the sites evaluate, ``evaluations`` holds their evaluation tasks once the aggregation
+    has succeeded, ``siteScores`` their figures and ``federated`` the figures combined; the round
+    finishes when every evaluation has answered, failed or passed the deadline.
+    """
 
     round: int
     attempt: int = 1
@@ -118,6 +147,10 @@ class RoundStatus(StatusModel):
     accepted: list[str] = []
     rejected: dict[str, str] = {}
     counts: RoundCounts | None = None
+    evaluations: dict[str, ClientTask] | None = None
+    evaluation_started_at: float | None = None
+    site_scores: dict[str, SiteEvaluation] = {}
+    federated: FederatedMetrics | None = None
 
     def count(self, state: TaskState) -> int:
         """How many selected clients are in ``state``."""
@@ -135,6 +168,8 @@ class RoundStatus(StatusModel):
         self.clients = dict(list(lost.items())[:LISTED])
         self.rejected = dict(list(sorted(self.rejected.items()))[:LISTED])
         self.selected, self.accepted = [], []
+        if self.evaluations is not None:
+            self.evaluations = {s: t for s, t in sorted(self.evaluations.items()) if t.state != "succeeded"}
 
 
 class TrainingStatus(StatusModel):
@@ -149,10 +184,14 @@ class TrainingStatus(StatusModel):
     finalize: ClientTask | None = None
     best_round: int | None = None
     best_accuracy: float | None = None
-    accuracy: float | None = None
+    accuracy: float | None = None  # central accuracy; federated accuracy when evaluation.central is false
+    federated_accuracy: float | None = None  # the last federated evaluation's example-weighted accuracy
+    federated: FederatedMetrics | None = None  # the last federated evaluation in full
     # Differential privacy (spec.privacy): the budget spent so far, (epsilon, delta) per client.
     privacy_epsilon: float | None = None
     privacy_delta: float | None = None
+    # "<namespace>/<name>-<uid8>": the training's folder under the object store's prefix, which sites join.
+    training_id: str | None = None
     model_uri: str | None = None
     model_version: str | None = None
     tracking_error: str | None = None
@@ -177,6 +216,9 @@ class TrainingStatus(StatusModel):
         if current is not None:
             current.clients = {name: task.model_copy() for name, task in current.clients.items()}
             current.aggregation = current.aggregation.model_copy() if current.aggregation is not None else None
+            if current.evaluations is not None:
+                current.evaluations = {name: task.model_copy() for name, task in current.evaluations.items()}
+                current.site_scores = dict(current.site_scores)
         return copied
 
     def round(self, number: int) -> RoundStatus | None:
@@ -193,7 +235,7 @@ class Task:
     """One unit of work for an executor; ``id`` is unique and deterministic within a training."""
 
     id: str
-    kind: Literal["init", "train", "aggregate", "finalize"]
+    kind: Literal["init", "train", "aggregate", "evaluate", "finalize"]
     round: int = 0
     client: str | None = None
     attempt: int = 1

@@ -16,12 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtrain.engine import decide
-from fedtrain.engine.status import Cancel, Event, Launch, TrainingStatus
+from fedtrain.engine.status import Cancel, Event, Launch, Observation, TrainingStatus
 from fedtrain.local.executor import LocalExecutor
+from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import FederatedTraining, SpecError
-from fedtrain.tasks import Placement, aggregation_clients, storage_environment, storage_location, worker_arguments
+from fedtrain.tasks import (
+    Placement,
+    aggregation_clients,
+    remote,
+    storage_environment,
+    storage_location,
+    worker_arguments,
+)
 from fedtrain.worker.data.decoded import CACHE_ENV
-from fedtrain.worker.storage import S3_ENV
+from fedtrain.worker.errors import TemporaryStorageError
+from fedtrain.worker.storage import S3_ENV, open_store
 
 STATUS_FILE = "status.json"
 SPEC_FILE = "spec.json"
@@ -104,6 +113,23 @@ def save_status(workdir: Path, status: TrainingStatus) -> None:
     os.replace(temporary, workdir / STATUS_FILE)
 
 
+def training_id(manifest: FederatedTraining, uid: str) -> str:
+    """``<namespace>/<name>-<uid8>``: the training's folder under an object store's prefix (sites join it by it)."""
+    return f"{manifest.metadata.namespace}/{manifest.metadata.name}-{uid[:8]}"
+
+
+def observe_sites(relay: SiteRelay | None, status: TrainingStatus, on_event: Callable[[Event], None]
+                  ) -> dict[str, Observation]:
+    """The sites' answers; a store that is down for a moment costs a pass, not the training."""
+    if relay is None:
+        return {}
+    try:
+        return relay.observe(status)
+    except TemporaryStorageError as error:
+        on_event(Event("StoreUnavailable", f"sites not observed this pass: {error}", warning=True))
+        return {}
+
+
 def run_training(manifest: FederatedTraining, options: RunOptions,
                  on_event: Callable[[Event], None] = lambda e: None,
                  on_status: Callable[[TrainingStatus], None] = lambda s: None) -> RunResult:
@@ -116,7 +142,7 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
     tracking_uri = options.tracking_uri or spec.mlflow.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     data_path = spec.dataset.path or str(workdir / "data")
     uid = local_uid(workdir)
-    store = storage_location(spec, manifest.metadata.namespace, f"{manifest.metadata.name}-{uid[:8]}")
+    store = storage_location(spec, manifest.metadata.namespace, training_id(manifest, uid).split("/", 1)[1])
     where = Placement(store or str(workdir), data_path, manifest.metadata.name, manifest.metadata.namespace,
                       uid=uid, tracking_uri=tracking_uri)
     preload = ["torchvision.models"] if spec.model.architecture.startswith("mobilenet") else []
@@ -126,16 +152,24 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
                                                   "AWS_SECRET_ACCESS_KEY)"
     executor = LocalExecutor(workdir / "executor", options.parallelism or spec.worker.parallelism,
                              fork_server=options.fork_server, preload=preload, environment=environment)
+    relay = None
+    if spec.clients.sites():
+        relay = SiteRelay(open_store(where.workdir, environment), spec,
+                          f"{manifest.metadata.namespace}/{manifest.metadata.name}")
     status = load_status(workdir)
+    if spec.storage.s3 is not None and status.training_id is None:
+        status.training_id = training_id(manifest, uid)
     result = RunResult(status, workdir)
     round_started: dict[int, float] = {}
     try:
         while True:
-            observations = executor.poll()
+            observations = {**executor.poll(), **observe_sites(relay, status, on_event)}
             decision = decide(spec, status, observations, time.time())
             for event in decision.events:
                 on_event(event)
             for action in decision.actions:
+                if isinstance(action, Launch) and remote(action.task, spec):
+                    continue  # posted to its site by the relay below
                 if isinstance(action, Launch):
                     clients = aggregation_clients(decision.status, action.task.round)
                     executor.launch(action.task.id, worker_arguments(action.task, spec, where, clients))
@@ -150,6 +184,8 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
                     record = decision.status.round(number)
                     if record is not None and record.finished_at is not None and number not in result.round_walls:
                         result.round_walls[number] = time.monotonic() - round_started[number]
+            if relay is not None:  # after the status is saved: a posting never runs ahead of it
+                publish_sites(relay, decision.status, on_event)
             status = decision.status
             if status.phase in ("Succeeded", "Failed", "Suspended") and executor.idle:
                 break
@@ -159,3 +195,11 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
     result.status = status
     result.durations = executor.durations
     return result
+
+
+def publish_sites(relay: SiteRelay, status: TrainingStatus, on_event: Callable[[Event], None]) -> None:
+    """Post the sites' tasks; a store that is down for a moment is tried again on the next pass."""
+    try:
+        relay.publish(status)
+    except TemporaryStorageError as error:
+        on_event(Event("StoreUnavailable", f"site tasks not posted this pass: {error}", warning=True))

@@ -1,0 +1,163 @@
+"""The coordinator's side of remote sites: post each site's task into the store, read the sites' answers.
+
+Both executors (the operator and ``fedtrain run``) call `SiteRelay.observe` before the engine
+decides and `SiteRelay.publish` after the new status is stored. Publishing is a state sync, not
+an action: each site's ``task.json`` is made to say what the stored status says that site should be
+doing now (train in the current round, evaluate its global model, nothing, or that the training is
+over), so a posting lost to a crash is simply written again on the next pass, a dropped site's task
+is withdrawn by the same write, and writing twice changes nothing. The engine's launches and
+cancellations of site tasks therefore need no executor of their own.
+
+Observations come from ``sites/<site>/results/<task id>.json``: one GET per site task the engine
+waits for, and nothing for tasks already settled. A task the relay has posted and that has no
+answer yet is "running"; one it has not posted (a new coordinator process) is not observed, so the
+engine asks for it again and the next publish posts it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from fedtrain.engine.engine import task_id
+from fedtrain.engine.status import FINISHED, Observation, RoundStatus, TrainingStatus
+from fedtrain.spec import FederatedTrainingSpec
+from fedtrain.tasks import client_training
+from fedtrain.worker.errors import BadDataError
+from fedtrain.worker.layout import Layout
+from fedtrain.worker.sitetask import Posting, PrivacySettings, SiteTask, TrainSettings, encode, parse_result
+from fedtrain.worker.storage import Store
+from fedtrain.worker.weights import sidecar_of
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one site should be doing now, as the status says."""
+
+    site: str
+    kind: str
+    round: int
+    attempt: int
+    started_at: float
+
+    @property
+    def task_id(self) -> str:
+        """The engine's id of the task (the site answers under it)."""
+        return task_id(self.kind, self.attempt, self.round, self.site)
+
+
+def assignments(spec: FederatedTrainingSpec, status: TrainingStatus) -> dict[str, Assignment]:
+    """Each site's running task in the current round: training (until aggregation) or evaluation."""
+    if status.phase in FINISHED:
+        return {}
+    current = status.round(status.current_round)
+    if current is None or current.finished_at is not None:
+        return {}
+    found: dict[str, Assignment] = {}
+    sites = set(spec.clients.sites())
+    if current.aggregation is None:
+        for client, task in current.clients.items():
+            if client in sites and task.state == "running":
+                found[client] = Assignment(client, "train", current.round, task.attempt, _started(current))
+    for site, task in (current.evaluations or {}).items():
+        if task.state == "running":
+            found[site] = Assignment(site, "evaluate", current.round, task.attempt,
+                                     current.evaluation_started_at or _started(current))
+    return found
+
+
+def _started(record: RoundStatus) -> float:
+    return record.started_at or 0.0
+
+
+def train_settings(spec: FederatedTrainingSpec, client: str) -> TrainSettings:
+    """spec.training with the client's overrides, as a site trains with them (the same as a local client)."""
+    training = spec.training
+    epochs, batch, rate = client_training(spec, client)
+    mu = float(spec.strategy.parameters.get("mu", 0.01)) if spec.strategy.name == "fedprox" else 0.0
+    return TrainSettings(epochs=epochs, batch_size=batch, optimizer=training.optimizer, learning_rate=rate,
+                         momentum=training.momentum, weight_decay=training.weight_decay,
+                         scheduler=training.scheduler, restart_epochs=training.restart_epochs, mu=mu,
+                         clip_norm=spec.privacy.clip_norm if spec.privacy is not None else None)
+
+
+def privacy_settings(spec: FederatedTrainingSpec) -> PrivacySettings | None:
+    """The training's central DP as a site judges it (the sampling rate is perRound / count)."""
+    if spec.privacy is None:
+        return None
+    return PrivacySettings(spec.privacy.clip_norm, spec.privacy.noise_multiplier, spec.privacy.delta,
+                           spec.clients.round_size / spec.clients.total)
+
+
+@dataclass
+class SiteRelay:
+    """Posts tasks for the sites of one training and reads their answers, in the training's store."""
+
+    store: Store
+    spec: FederatedTrainingSpec
+    training: str  # "<namespace>/<name>", shown to the sites
+    layout: Layout = field(default_factory=Layout)
+    posted: dict[str, bytes] = field(default_factory=dict)  # site -> the task.json this process wrote last
+    checksums: dict[int, str] = field(default_factory=dict)  # round -> sha256 of its global model
+
+    def observe(self, status: TrainingStatus) -> dict[str, Observation]:
+        """Observations of the site tasks the engine waits for."""
+        observations: dict[str, Observation] = {}
+        for site, wanted in assignments(self.spec, status).items():
+            ident = wanted.task_id
+            key = self.layout.site_result(site, ident)
+            if self.store.exists(key):
+                observations[ident] = self._answer(site, key)
+            elif self._posted_id(site) == ident:
+                observations[ident] = Observation("running", reason=None)
+        return observations
+
+    def _answer(self, site: str, key: str) -> Observation:
+        try:
+            result = parse_result(self.store.read_bytes(key), self.store.describe(key))
+        except BadDataError as error:
+            return Observation("failed", None, None, f"{site} answered with an unreadable result: {error}")
+        if result.state == "succeeded":
+            return Observation("succeeded", 0, dict(result.output))
+        return Observation("failed", result.exit_code, None, result.reason or "the site reported a failure")
+
+    def _posted_id(self, site: str) -> str | None:
+        data = self.posted.get(site)
+        if data is None:
+            return None
+        task = json.loads(data).get("task")
+        return str(task["id"]) if isinstance(task, dict) else None
+
+    def publish(self, status: TrainingStatus) -> None:
+        """Make every site's ``task.json`` say what the status wants of it (writing only what changed)."""
+        wanted = assignments(self.spec, status)
+        for site in self.spec.clients.sites():
+            assignment = wanted.get(site)
+            task = self.task(assignment) if assignment is not None else None
+            data = encode(Posting(status.phase, task, status.message))
+            if self.posted.get(site) != data:
+                self.store.write_bytes(self.layout.site_task(site), data)
+                self.posted[site] = data
+
+    def task(self, wanted: Assignment) -> SiteTask:
+        """The document for one assignment."""
+        model_round = wanted.round - 1 if wanted.kind == "train" else wanted.round
+        key = self.layout.global_weights(model_round)
+        return SiteTask(
+            id=wanted.task_id, kind="train" if wanted.kind == "train" else "evaluate", round=wanted.round,
+            site=wanted.site, training=self.training, total_rounds=self.spec.rounds,
+            strategy=self.spec.strategy.name, architecture=self.spec.model.architecture, global_key=key,
+            global_sha256=self.checksum(model_round), deadline=wanted.started_at + self.spec.round_deadline_seconds,
+            seed=self.spec.seed, train=train_settings(self.spec, wanted.site) if wanted.kind == "train" else None,
+            privacy=privacy_settings(self.spec), roi_crop=self.spec.dataset.roi_crop)
+
+    def checksum(self, round_number: int) -> str:
+        """The sha256 the aggregator recorded for a round's global model (read once per round)."""
+        if round_number not in self.checksums:
+            key = sidecar_of(self.layout.global_weights(round_number))
+            try:
+                meta = json.loads(self.store.read_bytes(key))
+            except ValueError as error:
+                raise BadDataError(f"{self.store.describe(key)}: not valid JSON ({error})") from error
+            self.checksums[round_number] = str(meta["sha256"])
+        return self.checksums[round_number]
