@@ -25,6 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def sidecar_of(key: str) -> str:
+    """``round-0001/clients/client-00.safetensors`` -> ``.../client-00.json``."""
+    return key.removesuffix(".safetensors") + ".json"
+
+
 def client_names(count: int) -> list[str]:
     """Default client names, stable and DNS-label-safe: ``client-00``, ``client-01``, ... (wider past 100)."""
     width = max(2, len(str(count - 1)))

@@ -18,17 +18,13 @@ from numpy.typing import NDArray
 from safetensors.numpy import save as save_safetensors
 
 from fedtrain.worker.errors import BadDataError
+from fedtrain.worker.layout import sidecar_of
 from fedtrain.worker.storage import DirectoryStore, Store
 
 Weights = dict[str, NDArray[Any]]
 HEADER_LENGTH_BYTES = 8
 DTYPES = {"F64": "f8", "F32": "f4", "F16": "f2", "I64": "i8", "I32": "i4", "I16": "i2", "I8": "i1", "U64": "u8",
           "U32": "u4", "U16": "u2", "U8": "u1", "BOOL": "?"}
-
-
-def sidecar_of(key: str) -> str:
-    """``round-0001/clients/client-00.safetensors`` -> ``.../client-00.json``."""
-    return key.removesuffix(".safetensors") + ".json"
 
 
 def write_json(store: Store, key: str, data: dict[str, Any]) -> None:

@@ -24,10 +24,9 @@ from fedtrain.engine.status import FINISHED, Observation, RoundStatus, TrainingS
 from fedtrain.spec import FederatedTrainingSpec
 from fedtrain.tasks import client_training
 from fedtrain.worker.errors import BadDataError
-from fedtrain.worker.layout import Layout
+from fedtrain.worker.layout import Layout, sidecar_of
 from fedtrain.worker.sitetask import Posting, PrivacySettings, SiteTask, TrainSettings, encode, parse_result
 from fedtrain.worker.storage import Store
-from fedtrain.worker.weights import sidecar_of
 
 
 @dataclass(frozen=True)
