@@ -1,0 +1,152 @@
+"""Remote sites in the engine: their training tasks, refusals, and the federated evaluation stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fedtrain.engine import Observation, Task
+from fedtrain.engine.status import Reason
+from fedtrain.operator.jobs import kubernetes_problems
+from fedtrain.spec import FederatedTrainingSpec, SpecError, parse_spec
+from fedtrain.worker.errors import EXIT_REFUSED
+from fedtrain.worker.federated import SiteScore, combine
+from tests.engine.test_engine import Simulation
+
+SITE_SCORES = {"munich": (10, 0.8, 0.5), "hamburg": (30, 0.4, 1.0)}
+
+
+def sites_spec(**overrides: Any) -> FederatedTrainingSpec:
+    data: dict[str, Any] = {
+        "rounds": 2, "roundDeadlineSeconds": 100,
+        "clients": {"list": [{"name": "hq"}, {"name": "munich", "site": {}}, {"name": "hamburg", "site": {}}]},
+        "evaluation": {"central": False},
+    }
+    data.update(overrides)
+    return parse_spec(data)
+
+
+def answer(task: Task, now: float) -> Observation:
+    """An executor and two sites that do their work: aggregation without central scores, sites evaluate."""
+    if task.kind == "evaluate":
+        examples, accuracy, loss = SITE_SCORES[task.client or ""]
+        return Observation("succeeded", 0, {"examples": examples, "accuracy": accuracy, "loss": loss})
+    if task.kind == "aggregate":
+        return Observation("succeeded", 0, {"accepted": ["hq", "munich", "hamburg"], "rejected": {}})
+    if task.kind == "finalize":
+        return Observation("succeeded", 0, {"model_uri": "models:/signs/1"})
+    return Observation("succeeded", 0)
+
+
+def test_sites_evaluate_every_round_and_the_status_shows_the_federation() -> None:
+    sim = Simulation(sites_spec(), answer)
+    status = sim.run()
+    assert status.phase == "Succeeded", status.message
+    assert [i for i in sim.launched if i.startswith("e")] == ["e0001-hamburg-a1", "e0001-munich-a1",
+                                                               "e0002-hamburg-a1", "e0002-munich-a1"]
+    record = status.round(2)
+    assert record is not None and record.federated is not None
+    # (10 * 0.8 + 30 * 0.4) / 40: weighted by examples, not a plain mean of sites (0.6)
+    assert record.federated.accuracy == pytest.approx(0.5)
+    assert record.federated.loss == pytest.approx((10 * 0.5 + 30 * 1.0) / 40)
+    assert (record.federated.worst_site, record.federated.best_site) == ("hamburg", "munich")
+    assert record.site_scores["munich"].examples == 10
+    assert status.federated_accuracy == 0.5 and status.accuracy == 0.5  # no central test set: federated
+    assert status.best_round == 1  # equal accuracy later does not move the best round
+    assert any("federated accuracy 0.5000 over 2 sites (worst hamburg" in e for e in sim.events)
+
+
+def test_central_accuracy_stays_the_headline_when_both_are_measured() -> None:
+    def central(task: Task, now: float) -> Observation:
+        seen = answer(task, now)
+        if task.kind == "aggregate":
+            return Observation("succeeded", 0, {**(seen.output or {}), "accuracy": 0.9, "loss": 0.2})
+        return seen
+
+    status = Simulation(sites_spec(evaluation={"central": True, "everyRounds": 2}, rounds=3), central).run()
+    assert status.phase == "Succeeded"
+    assert status.accuracy == 0.9 and status.federated_accuracy == 0.5
+    evaluated = [r.round for r in status.rounds if r.federated is not None]
+    assert evaluated == [2, 3]  # every second round, and always the last
+
+
+def test_a_refusing_site_fails_at_once_and_the_round_goes_on_with_the_quorum() -> None:
+    def refuse(task: Task, now: float) -> Observation:
+        if task.kind == "train" and task.client == "munich":
+            return Observation("failed", EXIT_REFUSED, None, "strategy fedavg is not accepted (spec.policy."
+                                                              "strategies: fedprox)")
+        return answer(task, now)
+
+    sim = Simulation(sites_spec(clients={"list": [{"name": "hq"}, {"name": "munich", "site": {}},
+                                                  {"name": "hamburg", "site": {}}], "minSuccessful": 2}), refuse)
+    status = sim.run()
+    assert status.phase == "Succeeded"
+    assert "r0001-munich-a2" not in sim.launched  # a refusal is not retried
+    munich = status.round(2).clients["munich"]  # type: ignore[union-attr]
+    assert munich.state == "failed" and "refused by the site" in (munich.reason or "")
+    assert "spec.policy.strategies" in (munich.reason or "")
+
+
+def test_refusals_of_every_site_name_the_cause() -> None:
+    def refuse(task: Task, now: float) -> Observation:
+        if task.kind == "train" and task.client != "hq":
+            return Observation("failed", EXIT_REFUSED, None, "architecture tiny_cnn is not accepted")
+        return answer(task, now)
+
+    status = Simulation(sites_spec(), refuse).run()
+    assert status.phase == "Failed" and status.reason == Reason.SITE_REFUSED
+    assert "munich" in status.message and "hamburg" in status.message
+
+
+def test_a_silent_site_is_left_out_of_the_federated_figures_at_the_deadline() -> None:
+    def silent(task: Task, now: float) -> Observation | None:
+        return None if task.kind == "evaluate" and task.client == "hamburg" else answer(task, now)
+
+    sim = Simulation(sites_spec(rounds=1), silent)
+    for _ in range(30):
+        sim.tick(10)
+        if sim.status.phase == "Succeeded":
+            break
+    record = sim.status.round(1)
+    assert sim.status.phase == "Succeeded" and record is not None and record.federated is not None
+    assert record.federated.sites == 1 and record.federated.accuracy == pytest.approx(0.8)
+    assert record.evaluations is not None and record.evaluations["hamburg"].state == "dropped"
+    assert "e0001-hamburg-a1" in sim.cancelled
+
+
+def test_an_answer_without_figures_is_a_failed_evaluation() -> None:
+    def empty(task: Task, now: float) -> Observation:
+        if task.kind == "evaluate" and task.client == "munich":
+            return Observation("succeeded", 0, {"examples": 0, "accuracy": 1.0, "loss": 0.0})
+        return answer(task, now)
+
+    sim = Simulation(sites_spec(rounds=1), empty)
+    status = sim.run()
+    record = status.round(1)
+    assert record is not None and record.evaluations is not None
+    assert record.evaluations["munich"].state == "failed"
+    assert record.federated is not None and record.federated.sites == 1
+    assert any(e.startswith(Reason.SITE_EVALUATION_FAILED) for e in sim.events)
+
+
+def test_combine_breaks_ties_by_name() -> None:
+    same = {"b": SiteScore(5, 0.5, 1.0), "a": SiteScore(5, 0.5, 1.0)}
+    combined = combine(same)
+    assert combined is not None and combined.worst_site == "a" and combined.best_site == "a"
+    assert combine({}) is None
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"clients": {"list": [{"name": "m", "site": {}, "data": {"claimName": "d"}}]}}, "clients.list[0].site"),
+    ({"clients": {"count": 2}, "evaluation": {"central": False}}, "evaluation.central"),
+])
+def test_site_specs_that_cannot_run_name_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec({"rounds": 1, **change})
+    assert field in str(error.value)
+
+
+def test_sites_on_kubernetes_need_an_object_store() -> None:
+    problems = kubernetes_problems(sites_spec(storage={"persistentVolumeClaim": {"claimName": "fl"}}))
+    assert any(p.startswith("spec.storage.s3: remote sites") for p in problems)
