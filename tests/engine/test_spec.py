@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from fedtrain.sites.participation import load_participation
 from fedtrain.spec import STRATEGY_PARAMETERS, SpecError, load_manifest, parse_spec
 from fedtrain.worker.strategies import STRATEGIES
 
@@ -85,6 +86,10 @@ def test_strategy_table_matches_the_worker_registry() -> None:
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
 def test_samples_are_valid(path: Path) -> None:
+    if "kind: FederatedParticipation" in path.read_text():
+        participation = load_participation(path)  # a site's side (samples/sites, samples/k8s/sites)
+        assert participation.metadata.name and participation.spec.site
+        return
     manifest = load_manifest(path)
     assert manifest.kind == "FederatedTraining" and manifest.metadata.name
 
