@@ -3,6 +3,7 @@
 fedtrain run samples/gtsrb-fedavg-local.yaml     train (or continue) a federation locally
 fedtrain status runs/gtsrb-fedavg-local          where a local training stands
 fedtrain predict --model models:/gtsrb-signs@champion IMAGE...
+fedtrain site run samples/sites/munich.yaml      take part in a training as a site (see fedtrain site --help)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from fedtrain.engine.status import TrainingStatus
 from fedtrain.local.progress import LiveProgress, PlainProgress
+from fedtrain.sites.command import add_site_commands, site_command
 from fedtrain.spec import SpecError, SyntheticSpec, load_manifest
 
 console = Console(stderr=True)
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     cam.add_argument("--data", required=True, type=Path, help="a GTSRB tree; its test images are used")
     cam.add_argument("--count", type=int, default=8, help="how many test images")
     cam.add_argument("--out", type=Path, default=Path("cam.png"))
+    site = commands.add_parser("site", help="take part in a training as a site; print a site's bucket policy")
+    add_site_commands(site)
     return parser
 
 
@@ -160,7 +164,8 @@ def _cam(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; exit 0 on success, 1 when the training failed, 2 for a bad spec or input."""
     args = build_parser().parse_args(argv)
-    handlers: dict[str, Any] = {"run": _run, "status": _status, "predict": _predict, "cam": _cam}
+    handlers: dict[str, Any] = {"run": _run, "status": _status, "predict": _predict, "cam": _cam,
+                                "site": site_command}
     try:
         return int(handlers[args.command](args))
     except SpecError as error:

@@ -18,7 +18,7 @@ FOLDERS = {"worker": "fedtrain.worker", "operator": "fedtrain.operator", "fedtra
 # fedtrain.kubeflow (pipeline steps) sits on top of everything and nothing imports it.
 FORBIDDEN = {
     "fedtrain.worker": ("fedtrain.engine", "fedtrain.local", "fedtrain.operator", "fedtrain.cli", "fedtrain.spec",
-                        "fedtrain.tasks", "fedtrain.kubeflow"),
+                        "fedtrain.tasks", "fedtrain.kubeflow", "fedtrain.sites"),
     "fedtrain.engine": ("fedtrain.local", "fedtrain.operator", "fedtrain.cli", "fedtrain.kubeflow"),
     "fedtrain.spec": ("fedtrain.engine", "fedtrain.local", "fedtrain.operator", "fedtrain.cli", "torch",
                       "fedtrain.kubeflow"),
@@ -26,6 +26,13 @@ FORBIDDEN = {
     "fedtrain.crd": ("fedtrain.engine", "fedtrain.local", "fedtrain.operator", "fedtrain.cli", "torch",
                      "fedtrain.kubeflow"),
     "fedtrain.local": ("fedtrain.operator", "fedtrain.kubeflow"),
+    # Sites run beside the local runner and under the site operator: they may use the local executor, not the runner.
+    "fedtrain.sites": ("fedtrain.operator", "fedtrain.local.runner", "fedtrain.cli", "fedtrain.kubeflow"),
+    # What the site operator imports stays free of torch.
+    "fedtrain.sites.participation": ("torch", "torchvision"),
+    "fedtrain.sites.policy": ("torch", "torchvision"),
+    "fedtrain.sites.agent": ("torch", "torchvision"),
+    "fedtrain.sites.bucket_policy": ("torch", "torchvision"),
     "fedtrain.operator": ("fedtrain.local", "fedtrain.cli", "torch", "torchvision", "fedtrain.kubeflow"),
     "fedtrain.cli": ("fedtrain.kubeflow",),
 }

@@ -20,6 +20,7 @@ from fedtrain.sites.participation import ParticipationSpec, ParticipationStatus,
 from fedtrain.sites.policy import refusal, total_epsilon
 from fedtrain.worker.errors import EXIT_REFUSED
 from fedtrain.worker.sitetask import Posting, SiteResult, SiteTask
+from fedtrain.worker.storage import S3_ENV
 
 FINISHED_PHASES = ("Succeeded", "Failed")  # the coordinator's phases after which a site stops polling
 REDACTED = "<site data>"
@@ -125,6 +126,16 @@ def worker_arguments(task: SiteTask, spec: ParticipationSpec, location: str, dat
     return ["site-task", "--workdir", location, "--task-json", json.dumps(task.to_json(), sort_keys=True),
             "--data", data_path, "--device", spec.worker.device,
             "--validation-fraction", repr(spec.validation_fraction), "--evaluation-split", spec.evaluation.split]
+
+
+def storage_environment(spec: ParticipationSpec) -> dict[str, str]:
+    """The worker's object-store settings (`S3_ENV`) from ``spec.store.s3`` that are not secret."""
+    s3 = spec.store.s3
+    if s3 is None:
+        return {}
+    values = {"endpoint": s3.endpoint or "", "region": s3.region or "", "addressing_style": s3.addressing_style,
+              "verify_tls": "false" if s3.tls.insecure_skip_verify else "true"}
+    return {S3_ENV[key]: value for key, value in values.items() if value}
 
 
 def next_status(status: ParticipationStatus, posting: Posting | None, action: SiteAction,

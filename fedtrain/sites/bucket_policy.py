@@ -1,0 +1,56 @@
+"""IAM policies for a federation's object store: what each site's key, and the coordinator's, may do.
+
+A site's key may read the training's global models and its own folder (``sites/<site>/``: its
+task, its answers, its updates) and write only its own folder; it can neither read nor overwrite
+another site's update or scores. The key patterns come from `fedtrain.worker.layout.site_grants`,
+the one source of what a site touches; this module only turns them into AWS/MinIO policy JSON
+(``fedtrain site policy`` prints it). The coordinator's key may do anything under the training.
+
+A site's policy grants no ``s3:ListBucket`` by default: a site only reads keys it can name. But
+AWS S3 answers a GET or HEAD of a *missing* key with 403 rather than 404 when the caller may not
+list the bucket, and a site looks for keys that may not exist yet (its task before the coordinator
+posts it, its answer to a task before it wrote one). ``list_bucket=True`` adds ``s3:ListBucket`` on
+the bucket so that such a look answers "not there": the caller then sees key names (never contents)
+of the whole bucket, so give each federation its own bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtrain.worker.layout import site_grants
+
+POLICY_VERSION = "2012-10-17"
+READ_ACTIONS = ["s3:GetObject"]
+# Uploads larger than a part go up in parts: PutObject covers creating and completing them.
+WRITE_ACTIONS = ["s3:PutObject", "s3:AbortMultipartUpload"]
+
+
+def training_arn(bucket: str, prefix: str, training_id: str, pattern: str = "") -> str:
+    """``arn:aws:s3:::bucket/prefix/training_id/pattern`` with empty pieces left out."""
+    path = "/".join(p.strip("/") for p in (prefix, training_id, pattern) if p.strip("/"))
+    return f"arn:aws:s3:::{bucket}/{path}" if path else f"arn:aws:s3:::{bucket}"
+
+
+def site_policy(bucket: str, prefix: str, training_id: str, site: str, list_bucket: bool = False) -> dict[str, Any]:
+    """The IAM policy of one site's key: read the global models and its own folder, write only its own folder."""
+    grants = site_grants(site)
+    statements: list[dict[str, Any]] = [
+        {"Sid": "ReadGlobalModelsAndOwnFolder", "Effect": "Allow", "Action": READ_ACTIONS,
+         "Resource": [training_arn(bucket, prefix, training_id, p) for p in grants["read"]]},
+        {"Sid": "WriteOwnFolder", "Effect": "Allow", "Action": WRITE_ACTIONS,
+         "Resource": [training_arn(bucket, prefix, training_id, p) for p in grants["write"]]},
+    ]
+    if list_bucket:
+        statements.append({"Sid": "MissingKeysAreNotFound", "Effect": "Allow", "Action": ["s3:ListBucket"],
+                           "Resource": [f"arn:aws:s3:::{bucket}"]})
+    return {"Version": POLICY_VERSION, "Statement": statements}
+
+
+def coordinator_policy(bucket: str, prefix: str, training_id: str) -> dict[str, Any]:
+    """The IAM policy of the coordinator's key: everything under the training, and listing the bucket."""
+    return {"Version": POLICY_VERSION, "Statement": [
+        {"Sid": "Training", "Effect": "Allow", "Action": ["s3:*"],
+         "Resource": [training_arn(bucket, prefix, training_id, "*")]},
+        {"Sid": "List", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [f"arn:aws:s3:::{bucket}"]},
+    ]}
