@@ -1,12 +1,13 @@
-"""The FederatedTraining CustomResourceDefinition, generated from the spec model.
+"""The CustomResourceDefinitions, generated from the spec models: FederatedTraining and FederatedParticipation.
 
-The OpenAPI v3 schema comes from `fedtrain.spec` (bounds, enums, defaults, required fields), so the
-API server refuses what the Python model refuses. CEL rules add the cross-field checks a schema
-cannot express. Regenerate the checked-in file with::
+The OpenAPI v3 schemas come from `fedtrain.spec` and `fedtrain.sites.participation` (bounds, enums,
+defaults, required fields), so the API server refuses what the Python models refuse. CEL rules add
+the cross-field checks a schema cannot express. Regenerate the checked-in files with::
 
     python -m fedtrain.crd > crds/federatedtrainings.fedtrain.io.yaml
+    python -m fedtrain.crd participation > crds/federatedparticipations.fedtrain.io.yaml
 
-``tests/engine/test_crd.py`` fails when that file is stale.
+``tests/engine/test_crd.py`` fails when either file is stale.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
+from fedtrain.sites.participation import (
+    PARTICIPATION_KIND,
+    PARTICIPATION_PLURAL,
+    PARTICIPATION_SHORT_NAME,
+    PARTICIPATION_SINGULAR,
+    ParticipationSpec,
+)
 from fedtrain.spec import (
     GROUP,
     KIND,
@@ -113,10 +122,15 @@ def _structural(node: Any, definitions: dict[str, Any]) -> Any:
     return out
 
 
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A pydantic model's validation schema as a Kubernetes structural schema."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return dict(_structural(raw, raw.get("$defs", {})))
+
+
 def spec_schema() -> dict[str, Any]:
     """The OpenAPI v3 schema of ``.spec``, with CEL rules attached."""
-    raw = FederatedTrainingSpec.model_json_schema(by_alias=True, mode="validation")
-    schema = _structural(raw, raw.get("$defs", {}))
+    schema = model_schema(FederatedTrainingSpec)
     for field, rules in CEL_RULES.items():
         schema["properties"][field]["x-kubernetes-validations"] = rules
     for field in IMMUTABLE:
@@ -162,11 +176,82 @@ def definition() -> dict[str, Any]:
     }
 
 
-def render() -> str:
-    """The CRD as YAML, with a header saying where it comes from."""
+# A participation's cross-field rules (its model's validators), each on the object it reads.
+PARTICIPATION_RULES: dict[str, list[dict[str, str]]] = {
+    "store": [{"rule": "has(self.s3) != has(self.local)", "message": "store takes exactly one of s3 or local"}],
+    "data": [
+        {"rule": "[has(self.claimName), has(self.localPath), has(self.synthetic)].filter(x, x).size() == 1",
+         "message": "data takes exactly one of claimName, localPath or synthetic"},
+        {"rule": "!has(self.path) || self.path == '' || has(self.claimName)",
+         "message": "data.path is the folder inside data.claimName; with localPath give the whole path there"},
+    ],
+    "policy": [{"rule": "!has(self.maxEpsilon) || (has(self.requirePrivacy) && self.requirePrivacy)",
+                "message": "policy.maxEpsilon bounds a privacy budget: set policy.requirePrivacy to true as well"}],
+}
+# Objects whose fields all have defaults: defaulted to {} so that the stored object shows what applies.
+PARTICIPATION_DEFAULTED = ("evaluation", "worker", "policy")
+PARTICIPATION_COLUMNS = [
+    {"name": "Training", "type": "string", "jsonPath": ".spec.training.id"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Rounds", "type": "integer", "jsonPath": ".status.roundsDone"},
+    {"name": "Accuracy", "type": "number", "jsonPath": ".status.lastAccuracy"},
+    {"name": "Epsilon", "type": "number", "jsonPath": ".status.epsilon"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def participation_status_schema() -> dict[str, Any]:
+    """The printed status fields typed; the rest kept as written (the site's operator owns it)."""
+    return {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {
+        "phase": {"type": "string"}, "trainingPhase": {"type": "string"}, "roundsDone": {"type": "integer"},
+        "lastTask": {"type": "string"}, "lastAccuracy": {"type": "number"}, "epsilon": {"type": "number"},
+        "lastRefusal": {"type": "string"}, "message": {"type": "string"}, "observedGeneration": {"type": "integer"},
+        "conditions": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+    }}
+
+
+def participation_definition() -> dict[str, Any]:
+    """The FederatedParticipation CustomResourceDefinition: one site's part in one training."""
+    schema = model_schema(ParticipationSpec)
+    for field, rules in PARTICIPATION_RULES.items():
+        schema["properties"][field]["x-kubernetes-validations"] = rules
+    for field in PARTICIPATION_DEFAULTED:
+        schema["properties"][field]["default"] = {}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PARTICIPATION_PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": PARTICIPATION_KIND, "plural": PARTICIPATION_PLURAL, "singular": PARTICIPATION_SINGULAR,
+                      "shortNames": [PARTICIPATION_SHORT_NAME], "categories": ["fedtrain"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": PARTICIPATION_COLUMNS,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object", "required": ["spec"],
+                    "description": "A site's part in a federated training run elsewhere: the training it joins "
+                                   "through the object store, its own data, worker and policy.",
+                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                   "metadata": {"type": "object"}, "spec": schema,
+                                   "status": participation_status_schema()},
+                }},
+            }],
+        },
+    }
+
+
+def render(kind: str = "training") -> str:
+    """A CRD as YAML (``training`` or ``participation``), with a header saying where it comes from."""
+    if kind == "participation":
+        header = ("# Generated by `python -m fedtrain.crd participation` from fedtrain/sites/participation.py; "
+                  "do not edit by hand.\n")
+        return header + yaml.safe_dump(participation_definition(), sort_keys=False, width=120)
     header = "# Generated by `python -m fedtrain.crd` from fedtrain/spec.py; do not edit by hand.\n"
     return header + yaml.safe_dump(definition(), sort_keys=False, width=120)
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    sys.stdout.write(render(sys.argv[1] if len(sys.argv) > 1 else "training"))

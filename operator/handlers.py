@@ -6,6 +6,10 @@ pass whenever one of its Jobs or its spec changes, and every few seconds anyway 
 and Pods stuck pulling an image change no Job); it ends when the training finishes or is deleted.
 kopf restarts the daemons of all existing trainings when the operator starts, and the status holds
 everything they need: that is what makes restarts safe.
+
+The same operator runs a site's side: each FederatedParticipation gets a daemon too, a loop that
+reads the site's task from the store every ``spec.pollSeconds`` (no watch reports a posting) and
+at once when one of its Jobs changes (`fedtrain.operator.sites`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from fedtrain.operator.jobs import (
 )
 from fedtrain.operator.kube import ApiError, Kube
 from fedtrain.operator.profiles import LABEL_PROFILE, PROFILE_GROUP, PROFILE_PLURAL, PROFILE_VERSION
+from fedtrain.operator.sites import ANNOTATION_PARTICIPATION, LABEL_PARTICIPATION, SiteController
+from fedtrain.sites.participation import PARTICIPATION_PLURAL
 from fedtrain.spec import GROUP, PLURAL, VERSION
 
 PROFILE_NAMESPACE_WAITS = 30  # x 2 s: how long a new profile's namespace may take to appear
@@ -55,6 +61,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.watching.server_timeout = 300
     memo.controller = Controller(Kube.from_environment())
     memo.wakeups = Wakeups()
+    memo.sites = SiteController(memo.controller.kube)
+    memo.site_wakeups = Wakeups()
     port = int(os.environ.get("FEDTRAIN_METRICS_PORT", "9090"))  # 0: no metrics server
     if port:
         from prometheus_client import start_http_server
@@ -178,3 +186,57 @@ def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
 async def profile_object_deleted(labels: kopf.Labels, memo: Any, **_: Any) -> None:
     """Someone deleted what a profile needs: put it back (nothing happens once the profile itself is gone)."""
     await memo.controller.repair_profile(labels[LABEL_PROFILE])
+
+
+def _participation_of(namespace: str | None, labels: kopf.Labels, annotations: kopf.Annotations) -> tuple[str, str]:
+    """A site Job's participation: its namespace and whole name (the label may be cut to 63 characters)."""
+    return namespace or "", annotations.get(ANNOTATION_PARTICIPATION) or labels[LABEL_PARTICIPATION]
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_PARTICIPATION: kopf.PRESENT})
+def site_jobs(namespace: str | None, body: kopf.Body, labels: kopf.Labels, annotations: kopf.Annotations,
+              **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every site Job as the watch last saw it, by participation."""
+    return {_participation_of(namespace, labels, annotations): dict(body)}
+
+
+@kopf.daemon(GROUP, VERSION, PARTICIPATION_PLURAL, id="tasks", cancellation_backoff=10.0, cancellation_timeout=2.0)
+async def participate(namespace: str | None, name: str, uid: str, stopped: kopf.DaemonStopped, memo: Any,
+                      logger: logging.Logger | logging.LoggerAdapter[Any], **indexes: Any) -> None:
+    """A site's loop: a pass every ``spec.pollSeconds`` or when one of its Jobs changes, until the training is over.
+
+    Passes that fail for a temporary reason (API 5xx, 429, lost connections) are retried with a growing delay.
+    """
+    assert namespace is not None  # FederatedParticipations are namespaced
+    sites: SiteController = memo.sites
+    wakeups: Wakeups = memo.site_wakeups
+    jobs: kopf.Index[tuple[str, str], dict[str, Any]] = indexes["site_jobs"]
+    sites.follow(lambda space, participation: list(jobs.get((space, participation), [])))
+    backoff = Backoff()
+    while not stopped:
+        try:
+            outcome = await sites.reconcile(namespace, name)
+            delay = outcome.delay
+            backoff.reset()
+        except ApiError as error:
+            delay = backoff.next()
+            logger.warning("site pass failed, retrying in %.0f s: %s", delay, error)
+        else:
+            if not outcome.active:
+                break
+        await wakeups.wait(namespace, name, delay, until=stopped.wait)
+    wakeups.forget(namespace, name)
+    sites.forget(uid)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_PARTICIPATION: kopf.PRESENT})
+def site_job_changed(namespace: str | None, labels: kopf.Labels, annotations: kopf.Annotations, memo: Any,
+                     **_: Any) -> None:
+    """A site Job changed: its participation answers now (a finished task is reported within a second)."""
+    memo.site_wakeups.wake(*_participation_of(namespace, labels, annotations))
+
+
+@kopf.on.event(GROUP, VERSION, PARTICIPATION_PLURAL, when=_spec_changed)
+def participation_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    """A new generation (suspend, policy edit...): decide now, not at the next poll."""
+    memo.site_wakeups.wake(namespace or "", name)

@@ -20,6 +20,7 @@ from fedtrain.spec import MAX_TRAINING_NAME, STORAGE_KINDS
 from tests.apiserver_rules import CRD_FILE, Refused, admit, load_crd, root_schema, rules_of, schema_problems
 
 ROOT = Path(__file__).parents[2]
+PARTICIPATION_FILE = ROOT / "crds" / "federatedparticipations.fedtrain.io.yaml"
 SAMPLES = sorted(p for p in (ROOT / "samples").rglob("*.yaml") if "kubeflow" not in p.parts)  # pipelines apart
 
 
@@ -101,6 +102,10 @@ def test_every_spec_field_is_described(crd: dict[str, Any]) -> None:
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
 def test_samples_are_admitted_strictly(path: Path, crd: dict[str, Any]) -> None:
     manifest = yaml.safe_load(path.read_text())
+    if manifest["kind"] == "FederatedParticipation":
+        admitted = admit(load_crd(PARTICIPATION_FILE), manifest, field_validation="Strict")
+        assert admitted["spec"]["site"] == manifest["spec"]["site"]
+        return
     admitted = admit(crd, manifest, field_validation="Strict")
     assert admitted["spec"]["rounds"] == manifest["spec"].get("rounds", 10)
 
@@ -267,3 +272,65 @@ def test_storage_rule_names_every_storage_kind(crd: dict[str, Any]) -> None:
         case = RuleCase("spec.storage", "not several", sample(storage={first: values[first], second: values[second]}),
                         sample(storage={first: values[first]}))
         assert "not several" in (refusal(crd, case, case.refused) or ""), (first, second)
+
+
+def participation(**spec: Any) -> dict[str, Any]:
+    """A site's participation (munich, joining team-signs/signs-1a2b3c4d) with spec fields replaced."""
+    base: dict[str, Any] = {"site": "munich", "training": {"id": "team-signs/signs-1a2b3c4d"},
+                            "store": {"s3": {"bucket": "weights", "credentialsSecret": {"name": "munich-s3"}}},
+                            "data": {"claimName": "munich-gtsrb", "path": "gtsrb"}}
+    for key, value in spec.items():
+        if value is None:
+            base.pop(key, None)
+        else:
+            base[key] = value
+    return {"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedParticipation",
+            "metadata": {"name": "signs", "namespace": "site-munich"}, "spec": base}
+
+
+def test_participation_crd_is_fresh_and_accepted_by_the_api_server() -> None:
+    from fedtrain.crd import participation_definition
+
+    assert PARTICIPATION_FILE.read_text() == render("participation"), \
+        "run: python -m fedtrain.crd participation > crds/federatedparticipations.fedtrain.io.yaml"
+    assert schema_problems(participation_definition()) == []
+    assert "federatedparticipations.fedtrain.io.yaml" in (ROOT / "crds" / "kustomization.yaml").read_text()
+
+
+def test_participation_names_columns_and_defaults() -> None:
+    crd = load_crd(PARTICIPATION_FILE)
+    assert crd["spec"]["names"]["shortNames"] == ["fp"]
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Training", "Phase", "Rounds", "Accuracy",
+                                                                        "Epsilon", "Age"]
+    admitted = admit(crd, participation(), field_validation="Strict")
+    assert admitted["spec"]["pollSeconds"] == 5
+    assert admitted["spec"]["policy"] == {"requirePrivacy": False}  # no list: every strategy and architecture
+    undescribed = [n for n, p in root_schema(crd)["properties"]["spec"]["properties"].items()
+                   if not p.get("description")]
+    assert undescribed == []
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    (participation(site="Munich"), "spec.site in body should match"),
+    (participation(policy={"strategies": ["fedsgd"]}), 'spec.policy.strategies[0]: Unsupported value: "fedsgd"'),
+    (participation(pollSeconds=0), "spec.pollSeconds in body should be greater than or equal to 1"),
+    (participation(store={"s3": {"bucket": "weights"}, "local": "/srv"}), "store takes exactly one of s3 or local"),
+    (participation(data={"claimName": "c", "localPath": "/data"}), "data takes exactly one of claimName"),
+    (participation(data={"localPath": "/data", "path": "x"}), "data.path is the folder inside data.claimName"),
+    (participation(policy={"maxEpsilon": 3}), "set policy.requirePrivacy to true as well"),
+    (participation(training=None), "spec.training: Required value"),
+], ids=["site-name", "strategy", "poll", "store-both", "data-both", "path-without-claim", "epsilon", "no-training"])
+def test_bad_participations_are_refused(manifest: dict[str, Any], message: str) -> None:
+    with pytest.raises(Refused) as refused:
+        admit(load_crd(PARTICIPATION_FILE), manifest, field_validation="Strict")
+    assert refused.value.code == 422
+    assert message in refused.value.message
+
+
+def test_participation_unknown_fields_are_refused_strictly() -> None:
+    with pytest.raises(Refused) as refused:
+        admit(load_crd(PARTICIPATION_FILE), participation(polSeconds=3), field_validation="Strict")
+    assert refused.value.code == 400
+    assert 'unknown field "spec.polSeconds"' in refused.value.message
