@@ -1,10 +1,11 @@
 """IAM policies for a federation's object store: what each site's key, and the coordinator's, may do.
 
 A site's key may read the training's global models and its own folder (``sites/<site>/``: its
-task, its answers, its updates) and write only its own folder; it can neither read nor overwrite
-another site's update or scores. The key patterns come from `fedtrain.worker.layout.site_grants`,
-the one source of what a site touches; this module only turns them into AWS/MinIO policy JSON
-(``fedtrain site policy`` prints it). The coordinator's key may do anything under the training.
+task, its answers, its updates) and write only its own folder, but not its task there, which is
+the coordinator's; it can neither read nor overwrite another site's update or scores. The key
+patterns come from `fedtrain.worker.layout.site_grants`, the one source of what a site touches;
+this module only turns them into AWS/MinIO policy JSON (``fedtrain site policy`` prints it). The
+coordinator's key may do anything under the training.
 
 A site's policy grants no ``s3:ListBucket`` by default: a site only reads keys it can name. But
 AWS S3 answers a GET or HEAD of a *missing* key with 403 rather than 404 when the caller may not
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtrain.worker.layout import site_grants
+from fedtrain.worker.layout import Layout, site_grants
 
 POLICY_VERSION = "2012-10-17"
 READ_ACTIONS = ["s3:GetObject"]
@@ -40,6 +41,9 @@ def site_policy(bucket: str, prefix: str, training_id: str, site: str, list_buck
          "Resource": [training_arn(bucket, prefix, training_id, p) for p in grants["read"]]},
         {"Sid": "WriteOwnFolder", "Effect": "Allow", "Action": WRITE_ACTIONS,
          "Resource": [training_arn(bucket, prefix, training_id, p) for p in grants["write"]]},
+        # The task in the site's folder is the coordinator's word: the site reads it, never rewrites it.
+        {"Sid": "TaskIsTheCoordinators", "Effect": "Deny", "Action": [*WRITE_ACTIONS, "s3:DeleteObject"],
+         "Resource": [training_arn(bucket, prefix, training_id, Layout().site_task(site))]},
     ]
     if list_bucket:
         statements.append({"Sid": "MissingKeysAreNotFound", "Effect": "Allow", "Action": ["s3:ListBucket"],

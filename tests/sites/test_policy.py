@@ -60,7 +60,8 @@ def test_max_epsilon_bounds_the_budget_after_all_rounds() -> None:
     task = site_task(privacy=private(noise_multiplier=1.0, sampling_rate=0.5))
     spent = epsilon(0.5, 1.0, 5, 1e-5)  # the training's 5 rounds, not the current round 3
     assert spent > epsilon(0.5, 1.0, 3, 1e-5)
-    assert total_epsilon(task.privacy, task.total_rounds) == spent  # type: ignore[arg-type]
+    assert task.privacy is not None
+    assert total_epsilon(task.privacy, task.total_rounds) == spent
     assert refusal(task, policy(requirePrivacy=True, maxEpsilon=spent * 1.01)) is None
     reason = refusal(task, policy(requirePrivacy=True, maxEpsilon=spent * 0.99))
     assert reason is not None
