@@ -94,8 +94,15 @@ class SiteLoop:
         self.layout = Layout()
         self.data_path = site_data(manifest, workdir)
         self.status = load_site_status(workdir)
-        self.executor = LocalExecutor(workdir / "executor", 1, environment=self.environment)
+        self.started: LocalExecutor | None = None
         self.running: SiteTask | None = None
+
+    @property
+    def executor(self) -> LocalExecutor:
+        """The executor, started with the first task (its fork server loads torch, which waiting does not need)."""
+        if self.started is None:
+            self.started = LocalExecutor(self.workdir / "executor", 1, environment=self.environment)
+        return self.started
 
     @property
     def site(self) -> str:
@@ -126,7 +133,8 @@ class SiteLoop:
         except KeyboardInterrupt:
             self._say(f"site {self.site}: stopped; run the same command again to go on")
         finally:
-            self.executor.shutdown()
+            if self.started is not None:
+                self.started.shutdown()
             signal.signal(signal.SIGTERM, previous)
         return 0
 
