@@ -20,7 +20,7 @@ import yaml
 
 from fedtrain.sites.local import STATUS_FILE
 from fedtrain.worker.cli import main as worker
-from fedtrain.worker.errors import EXIT_REFUSED
+from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_REFUSED
 from fedtrain.worker.layout import Layout
 from fedtrain.worker.sitetask import Posting, SiteResult, TrainSettings, encode, parse_result
 from tests.sites.documents import site_task
@@ -118,8 +118,8 @@ def test_a_site_trains_refuses_and_stops_with_the_training(tmp_path: Path, coord
     assert str(tmp_path) not in (answer_to_krum.reason or "")
 
 
-def test_a_site_started_again_does_not_run_an_answered_task(tmp_path: Path, coordinator: Path,
-                                                            synth_tree: Path) -> None:
+def test_a_site_never_reruns_an_answered_task_and_answers_a_failed_one(tmp_path: Path, coordinator: Path,
+                                                                      synth_tree: Path) -> None:
     task = site_task(id="r0001-munich-a1", round=1, deadline=time.time() + 600)
     answer = coordinator / LAYOUT.site_result("munich", task.id)
     answer.parent.mkdir(parents=True)
@@ -133,6 +133,10 @@ def test_a_site_started_again_does_not_run_an_answered_task(tmp_path: Path, coor
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for((workdir / STATUS_FILE).exists, "the site's first look", process)
+        forged = site_task(id="r0001-munich-a2", round=1, deadline=time.time() + 600,
+                           global_key=LAYOUT.global_weights(0), global_sha256="00" * 32)
+        post(coordinator, Posting("Running", forged))
+        wait_for((coordinator / LAYOUT.site_result("munich", forged.id)).exists, "the answer to a bad task", process)
         post(coordinator, Posting("Failed", None, "quorum missed"))
         output, _ = process.communicate(timeout=60)
     finally:
@@ -143,3 +147,7 @@ def test_a_site_started_again_does_not_run_an_answered_task(tmp_path: Path, coor
     assert not (coordinator / LAYOUT.client_update(1, "munich")).exists()
     assert not (workdir / "executor" / "logs" / f"{task.id}.err").exists()
     assert json.loads((workdir / STATUS_FILE).read_text())["phase"] == "Failed"
+    failed = result(coordinator, forged.id)
+    assert (failed.state, failed.exit_code) == ("failed", EXIT_BAD_DATA)
+    assert failed.reason is not None and "sha256" in failed.reason
+    assert str(synth_tree) not in failed.reason and str(workdir) not in failed.reason
