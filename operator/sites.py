@@ -272,6 +272,9 @@ class SiteController:
             store.exists, layout.site_result(spec.site, posting.task.id))
         action = agent.plan(posting, spec.site, spec.policy, self.clock(), answered, running_task(jobs),
                             spec.suspend)
+        if isinstance(action, agent.Cancel) and await asyncio.to_thread(
+                store.exists, layout.site_result(spec.site, action.task_id)):
+            action = agent.Wait(action.task_id)  # answered: the Job is ending on its own; keep it and its logs
         await self._act(action, resource, spec, store, layout, jobs)
         new = status
         endings: list[tuple[SiteTask, SiteResult] | None] = [*ended] or [None]

@@ -64,12 +64,28 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class S3Server:
-    """A moto S3 server on loopback with IAM enforced: one bucket, one user allowed to use only it."""
+    """A moto S3 server on loopback with IAM enforced: one bucket, one user allowed to use only it.
+
+    ``admin`` holds the keys of an IAM administrator, with which `user` adds users (per-site keys) while
+    authentication is enforced.
+    """
 
     endpoint: str
     bucket: str
     access_key_id: str
     secret_access_key: str
+    admin: tuple[str, str] = ("", "")
+
+    def user(self, name: str, policy_document: dict[str, Any]) -> tuple[str, str]:
+        """A new IAM user with ``policy_document`` as its only (inline) policy: its access key id and secret."""
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id=self.admin[0], aws_secret_access_key=self.admin[1])
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="fedtrain", PolicyDocument=json.dumps(policy_document))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return str(key["AccessKeyId"]), str(key["SecretAccessKey"])
 
     def environment(self, credentials_from: str = "Secret tests/fedtrain-s3") -> dict[str, str]:
         """What the operator puts into a worker's environment for this store."""
@@ -114,9 +130,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         "arn:aws:s3:::fedtrain-test", "arn:aws:s3:::fedtrain-test/*"]}]}
     iam.put_user_policy(UserName="fedtrain", PolicyName="bucket", PolicyDocument=json.dumps(policy))
     boto3.client("s3", **setup).create_bucket(Bucket="fedtrain-test")
+    iam.create_user(UserName="admin")
+    iam.put_user_policy(UserName="admin", PolicyName="iam", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iam:*", "Resource": "*"}]}))
+    admin = iam.create_access_key(UserName="admin")["AccessKey"]
     request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
                                      headers={"Content-Type": "text/plain"})
     urllib.request.urlopen(request, timeout=10).close()  # from now on, requests need valid signed credentials
-    yield S3Server(endpoint, "fedtrain-test", key["AccessKeyId"], key["SecretAccessKey"])
+    yield S3Server(endpoint, "fedtrain-test", key["AccessKeyId"], key["SecretAccessKey"],
+                   (admin["AccessKeyId"], admin["SecretAccessKey"]))
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=30)

@@ -45,6 +45,9 @@ RESOURCES = {
     "fedtrain.io/v1alpha1/federatedtrainings": kmock.ResourceInfo(
         kind="FederatedTraining", singular="federatedtraining", namespaced=True, shortnames={"ft"},
         subresources={"status"}, verbs={"create", "delete", "get", "list", "patch", "update", "watch"}),
+    "fedtrain.io/v1alpha1/federatedparticipations": kmock.ResourceInfo(
+        kind="FederatedParticipation", singular="federatedparticipation", namespaced=True, shortnames={"fp"},
+        subresources={"status"}, verbs={"create", "delete", "get", "list", "patch", "update", "watch"}),
     "batch/v1/jobs": kmock.ResourceInfo(kind="Job", singular="job", namespaced=True, subresources={"status"},
                                         verbs={"create", "delete", "get", "list", "patch", "watch"}),
     "v1/pods": kmock.ResourceInfo(kind="Pod", singular="pod", namespaced=True, subresources={"status"},
@@ -69,7 +72,8 @@ RESOURCES = {
         kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False,
         verbs={"get", "list", "watch"}),
 }
-STATUS_RESOURCES = ("federatedtrainings", "jobs", "pods")
+STATUS_RESOURCES = ("federatedtrainings", "federatedparticipations", "jobs", "pods")
+PARTICIPATION_CRD = Path(__file__).parents[2] / "crds" / "federatedparticipations.fedtrain.io.yaml"
 WRITES = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE)
 
 
@@ -94,7 +98,8 @@ class ApiServer(kmock.KubernetesEmulator):
         self.versions = itertools.count(1)
         for key, info in RESOURCES.items():
             self.resources[key] = info
-        self.crds = {"federatedtrainings": load_crd()}  # plural -> the CRD its writes are admitted against
+        # plural -> the CRD its writes are admitted against
+        self.crds = {"federatedtrainings": load_crd(), "federatedparticipations": load_crd(PARTICIPATION_CRD)}
         self.warnings: list[str] = []  # what Warn field validation told clients (unknown fields pruned)
         self.refusals: list[str] = []  # every 400/422 admission answered, for a test to read
         self._writes = asyncio.Lock()

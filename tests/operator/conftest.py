@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +21,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
+from tests.conftest import free_port
 from tests.operator.cluster import ApiServer, JobRunner, Sabotage
 
 ROOT = Path(__file__).parents[2]
@@ -198,3 +204,109 @@ def tiny_training(name: str = "signs", **spec: Any) -> dict[str, Any]:
 
 def condition(resource: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in resource.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+PARTICIPATIONS = "/apis/fedtrain.io/v1alpha1/namespaces/{namespace}/federatedparticipations"
+
+
+@dataclass
+class SiteCluster:
+    """Another organisation's cluster: its own API server and Job runner, and its own operator as a process.
+
+    The operator runs as ``kopf run`` in a process of its own, pointed at this cluster's API server, so
+    that it shares no registry, memory or store client with the coordinator's operator (which runs in
+    the test's event loop); `stop_operator` ends it with SIGTERM or, as a killed Pod, SIGKILL.
+    """
+
+    url: str
+    server: ApiServer
+    runner: JobRunner
+    session: aiohttp.ClientSession
+    kubeconfig: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    async def request(self, method: str, path: str, body: Any = None, status: int | None = None) -> dict[str, Any]:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with self.session.request(method, path, json=body, headers=headers) as response:
+            answer = await response.json()
+            assert status is None or response.status == status, (response.status, answer)
+            return dict(answer)
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create a participation as ``kubectl apply`` does (strict field validation)."""
+        path = PARTICIPATIONS.format(namespace=manifest["metadata"]["namespace"])
+        return await self.request("POST", f"{path}?fieldValidation=Strict", manifest, status=200)
+
+    async def participation(self, namespace: str, name: str) -> dict[str, Any]:
+        return await self.request("GET", f"{PARTICIPATIONS.format(namespace=namespace)}/{name}")
+
+    async def list(self, path: str) -> list[dict[str, Any]]:
+        return list((await self.request("GET", path)).get("items", []))
+
+    async def wait_for(self, namespace: str, name: str, check: Callable[[dict[str, Any]], bool],
+                       timeout: float = 120) -> dict[str, Any]:
+        """Poll the participation until ``check(resource)`` holds; fail with its status (and the log) if not."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            resource = await self.participation(namespace, name)
+            if resource.get("metadata") and check(resource):
+                return resource
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out; last status: {resource.get('status')}; operator log:\n"
+                                     f"{self.log.read_text()[-3000:] if self.log.exists() else ''}")
+            await asyncio.sleep(0.2)
+
+    async def start_operator(self) -> None:
+        """``kopf run`` against this cluster; returns once its liveness endpoint answers."""
+        port = free_port()
+        environment = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FEDTRAIN_METRICS_PORT": "0",
+                       "FEDTRAIN_TICK_SECONDS": "1"}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces",
+                 f"--liveness=http://127.0.0.1:{port}/healthz", "-m", "fedtrain.operator.handlers"],
+                stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await asyncio.to_thread(_answers, f"http://127.0.0.1:{port}/healthz"):
+            if self.process.poll() is not None or asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"the site operator did not start:\n{self.log.read_text()[-3000:]}")
+            await asyncio.sleep(0.2)
+
+    async def stop_operator(self, graceful: bool = True) -> None:
+        """SIGTERM (kopf stops its daemons and exits) or SIGKILL (a killed Pod: nothing runs to the end)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
+        try:
+            await asyncio.to_thread(self.process.wait, 30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait, 10)
+        self.process = None
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+@pytest_asyncio.fixture
+async def site_cluster(tmp_path: Path) -> AsyncIterator[SiteCluster]:
+    """The site's cluster (see `SiteCluster`); its operator is started by the test."""
+    thread = ClusterThread(tmp_path / "site-node", lambda job: None)
+    thread.start()
+    assert thread.started.wait(60), "the site cluster did not start"
+    assert thread.server is not None and thread.runner is not None
+    config = kubeconfig(tmp_path / "site-kubeconfig", thread.url)
+    async with aiohttp.ClientSession(base_url=thread.url) as session:
+        found = SiteCluster(thread.url, thread.server, thread.runner, session, config, tmp_path / "site-operator.log")
+        try:
+            yield found
+        finally:
+            if found.process is not None:
+                await found.stop_operator()
+            thread.stop()
+    assert not thread.runner.errors, thread.runner.errors

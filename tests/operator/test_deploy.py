@@ -30,7 +30,7 @@ def kustomized() -> list[dict[str, Any]]:
 def test_kustomization_has_namespace_crd_rbac_and_deployment() -> None:
     kinds = sorted(d["kind"] for d in kustomized())
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                     "Deployment", "Namespace", "Service", "ServiceAccount"]
+                     "CustomResourceDefinition", "Deployment", "Namespace", "Service", "ServiceAccount"]
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     namespace = next(d for d in kustomized() if d["kind"] == "Namespace")
     assert kustomization["namespace"] == namespace["metadata"]["name"]
@@ -88,13 +88,13 @@ def test_user_roles_aggregate_into_kubernetes_and_kubeflow_roles() -> None:
                                           "rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit": "true"}
     assert view["metadata"]["labels"] == {"rbac.authorization.k8s.io/aggregate-to-view": "true",
                                           "rbac.authorization.kubeflow.org/aggregate-to-kubeflow-view": "true"}
-    trainings = ("fedtrain.io", "federatedtrainings")
-    assert _grants(edit) == {(*trainings, verb) for verb in ("get", "list", "watch", "create", "update", "patch",
-                                                             "delete", "deletecollection")} | {
-        ("fedtrain.io", "federatedtrainings/status", "get")}
-    assert _grants(view) == {(group, resource, verb) for group, resource in
-                             (trainings, ("fedtrain.io", "federatedtrainings/status"))
+    kinds = ("federatedtrainings", "federatedparticipations")
+    assert _grants(edit) == {("fedtrain.io", kind, verb) for kind in kinds
+                             for verb in ("get", "list", "watch", "create", "update", "patch", "delete",
+                                          "deletecollection")} | {("fedtrain.io", f"{kind}/status", "get")
+                                                                  for kind in kinds}
+    assert _grants(view) == {("fedtrain.io", resource, verb) for kind in kinds for resource in (kind, f"{kind}/status")
                              for verb in ("get", "list", "watch")}
-    # Users never write status (the operator's alone) and these roles reach nothing but trainings.
-    assert not {g for g in _grants(edit) | _grants(view) if g[1] == "federatedtrainings/status" and g[2] != "get"
+    # Users never write status (the operator's alone) and these roles reach nothing but trainings and participations.
+    assert not {g for g in _grants(edit) | _grants(view) if g[1].endswith("/status") and g[2] != "get"
                 and g[2] not in ("list", "watch")}
