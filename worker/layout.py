@@ -12,7 +12,7 @@
     <workdir>/sites/<site>/round-0001/update.safetensors (+ .json)   a site's update
     <workdir>/sites/<site>/round-0001/evaluation.json    a site's scores of the round's global model
 
-Everything a site may write is under ``sites/<site>/``; all it may read besides is the global
+Everything a site may write is under ``sites/<site>/`` (all of it but its task); all it may read besides is the global
 models (``round-*/global.safetensors`` and their sidecars). That is what a per-site bucket policy
 grants (see `site_grants`).
 
@@ -109,6 +109,6 @@ def site_grants(site: str) -> dict[str, list[str]]:
     The one source of what a per-site bucket policy allows: `fedtrain site policy` turns these into
     IAM statements, and the tests run the store with exactly that policy.
     """
-    layout = Layout()
-    return {"read": ["round-*/global.safetensors", "round-*/global.json", f"{layout.site_dir(site)}/*"],
-            "write": [f"{layout.site_dir(site)}/*"]}
+    folder = Layout().site_dir(site)
+    return {"read": ["round-*/global.safetensors", "round-*/global.json", f"{folder}/*"],
+            "write": [f"{folder}/results/*", f"{folder}/round-*"]}  # not its task.json: the coordinator's word

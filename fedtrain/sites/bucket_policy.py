@@ -7,12 +7,13 @@ patterns come from `fedtrain.worker.layout.site_grants`, the one source of what 
 this module only turns them into AWS/MinIO policy JSON (``fedtrain site policy`` prints it). The
 coordinator's key may do anything under the training.
 
-A site's policy grants no ``s3:ListBucket`` by default: a site only reads keys it can name. But
 AWS S3 answers a GET or HEAD of a *missing* key with 403 rather than 404 when the caller may not
 list the bucket, and a site looks for keys that may not exist yet (its task before the coordinator
-posts it, its answer to a task before it wrote one). ``list_bucket=True`` adds ``s3:ListBucket`` on
-the bucket so that such a look answers "not there": the caller then sees key names (never contents)
-of the whole bucket, so give each federation its own bucket.
+posts it, its answer to a task before it wrote one); a 403 reads as refused credentials. So a site's
+policy grants ``s3:ListBucket`` on the bucket by default (an ``s3:prefix`` condition cannot limit
+it: a GET carries no prefix). The site then sees key names, never contents, of the whole bucket:
+give each federation its own bucket. ``list_bucket=False`` leaves it out, for stores that answer
+404 anyway.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def training_arn(bucket: str, prefix: str, training_id: str, pattern: str = "") 
     return f"arn:aws:s3:::{bucket}/{path}" if path else f"arn:aws:s3:::{bucket}"
 
 
-def site_policy(bucket: str, prefix: str, training_id: str, site: str, list_bucket: bool = False) -> dict[str, Any]:
+def site_policy(bucket: str, prefix: str, training_id: str, site: str, list_bucket: bool = True) -> dict[str, Any]:
     """The IAM policy of one site's key: read the global models and its own folder, write only its own folder."""
     grants = site_grants(site)
     statements: list[dict[str, Any]] = [
