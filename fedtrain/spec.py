@@ -638,10 +638,14 @@ class FederatedTraining(Model):
         return value
 
 
-def _describe(error: Any, inside_spec: bool) -> str:
-    """One line per problem: the field path from the document's root, then what is wrong."""
+def describe_error(error: Any, prefix: list[str]) -> str:
+    """One line per problem: the field path from the document's root, then what is wrong.
+
+    ``prefix`` is ["spec"] when only a spec is validated. Every resource this package validates uses
+    it, so all name their fields alike.
+    """
     parts = [str(p) for p in error["loc"] if not str(p).startswith(("function-after", "tagged"))]
-    path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", ".".join((["spec"] if inside_spec else []) + parts))
+    path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", ".".join(prefix + parts))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown field (check its spelling; fields are camelCase)"
@@ -657,7 +661,7 @@ def parse_spec(data: Any, source: str = "spec") -> FederatedTrainingSpec:
     try:
         return FederatedTrainingSpec.model_validate(data)
     except ValidationError as error:
-        raise SpecError([_describe(e, inside_spec=True) for e in error.errors()], source) from None
+        raise SpecError([describe_error(e, ["spec"]) for e in error.errors()], source) from None
 
 
 def parse_manifest(data: Any, source: str = "manifest") -> FederatedTraining:
@@ -667,7 +671,7 @@ def parse_manifest(data: Any, source: str = "manifest") -> FederatedTraining:
     try:
         return FederatedTraining.model_validate(data)
     except ValidationError as error:
-        raise SpecError([_describe(e, inside_spec=False) for e in error.errors()], source) from None
+        raise SpecError([describe_error(e, []) for e in error.errors()], source) from None
 
 
 def load_manifest(path: Path) -> FederatedTraining:

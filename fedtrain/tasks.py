@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtrain.engine.status import Task, TrainingStatus
-from fedtrain.spec import FederatedTrainingSpec, SyntheticSpec
+from fedtrain.spec import FederatedTrainingSpec, S3Spec, SyntheticSpec
 from fedtrain.worker.storage import S3_ENV, s3_location
 
 WORKER_COMMAND = "fedtrain-worker"
@@ -29,14 +29,21 @@ class Placement:
     client_data_root: str = "/client-data"  # where a client's own claim is mounted (clients.list[].data)
 
 
-def storage_environment(spec: FederatedTrainingSpec) -> dict[str, str]:
-    """The worker's object-store settings (`fedtrain.worker.storage.S3_ENV`) that are not secret."""
-    s3 = spec.storage.s3
+def s3_environment(s3: S3Spec | None) -> dict[str, str]:
+    """A worker's object-store settings (`fedtrain.worker.storage.S3_ENV`) that are not secret.
+
+    The coordinator's workers take them from spec.storage.s3, a site's from its spec.store.s3.
+    """
     if s3 is None:
         return {}
     values = {"endpoint": s3.endpoint or "", "region": s3.region or "", "addressing_style": s3.addressing_style,
               "verify_tls": "false" if s3.tls.insecure_skip_verify else "true"}
     return {S3_ENV[key]: value for key, value in values.items() if value}
+
+
+def storage_environment(spec: FederatedTrainingSpec) -> dict[str, str]:
+    """The coordinator's workers' object-store settings that are not secret."""
+    return s3_environment(spec.storage.s3)
 
 
 def storage_location(spec: FederatedTrainingSpec, namespace: str, training_dir: str) -> str | None:

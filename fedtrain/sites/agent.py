@@ -18,9 +18,9 @@ from typing import Literal
 from fedtrain.engine.status import Condition
 from fedtrain.sites.participation import ParticipationSpec, ParticipationStatus, SitePolicy
 from fedtrain.sites.policy import refusal, total_epsilon
+from fedtrain.tasks import s3_environment
 from fedtrain.worker.errors import EXIT_REFUSED
 from fedtrain.worker.sitetask import Posting, SiteResult, SiteTask
-from fedtrain.worker.storage import S3_ENV
 
 FINISHED_PHASES = ("Succeeded", "Failed")  # the coordinator's phases after which a site stops polling
 REDACTED = "<site data>"
@@ -130,12 +130,7 @@ def worker_arguments(task: SiteTask, spec: ParticipationSpec, location: str, dat
 
 def storage_environment(spec: ParticipationSpec) -> dict[str, str]:
     """The worker's object-store settings (`S3_ENV`) from ``spec.store.s3`` that are not secret."""
-    s3 = spec.store.s3
-    if s3 is None:
-        return {}
-    values = {"endpoint": s3.endpoint or "", "region": s3.region or "", "addressing_style": s3.addressing_style,
-              "verify_tls": "false" if s3.tls.insecure_skip_verify else "true"}
-    return {S3_ENV[key]: value for key, value in values.items() if value}
+    return s3_environment(spec.store.s3)
 
 
 def next_status(status: ParticipationStatus, posting: Posting | None, action: SiteAction,

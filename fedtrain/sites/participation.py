@@ -9,7 +9,6 @@ description, errors naming the field path. Kept free of torch: the site's operat
 
 from __future__ import annotations
 
-import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, get_args
 
@@ -28,6 +27,7 @@ from fedtrain.spec import (
     S3Spec,
     StrategyName,
     SyntheticSpec,
+    describe_error,
 )
 from fedtrain.worker.storage import s3_location
 
@@ -220,25 +220,11 @@ def training_location(spec: ParticipationSpec) -> str:
     return str(Path(spec.store.local) / spec.training.id) if spec.training.id else spec.store.local
 
 
-def _describe(error: Any, prefix: list[str]) -> str:
-    """One line per problem: the field path from the document's root, then what is wrong."""
-    parts = [str(p) for p in error["loc"] if not str(p).startswith(("function-after", "tagged"))]
-    path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", ".".join(prefix + parts))
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown field (check its spelling; fields are camelCase)"
-    elif error["type"] == "literal_error":
-        message = "must be one of " + error["ctx"]["expected"].replace("'", "")
-    elif error["type"] == "value_error" and re.match(r"^[a-z][A-Za-z]*\.[A-Za-z.\[\]0-9]+ ", message):
-        return f"spec.{message}"  # a rule that names its fields itself, relative to the spec
-    return f"{path or '(document)'}: {message}"
-
-
 def _validate(model: type[BaseModel], data: Any, prefix: list[str], source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ParticipationError([_describe(e, prefix) for e in error.errors()], source) from None
+        raise ParticipationError([describe_error(e, prefix) for e in error.errors()], source) from None
 
 
 def parse_participation_spec(data: Any, source: str = "spec") -> ParticipationSpec:
