@@ -1,7 +1,8 @@
 """``fedtrain-worker``: the command line every Job (and every local subprocess) runs.
 
 Exit codes tell the cause of a failure (see `errors`): 2 bad input, 3 bad data, 4 rejected
-updates, 70 internal error, 75 temporary storage failure (run the task again later).
+updates, 70 internal error, 75 temporary storage failure (run the task again later), 77 refused
+by the site.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init", help="partition the data and write the round-0 model")
     init.add_argument("--workdir", required=True, help=WORKDIR_HELP)
-    init.add_argument("--data", required=True, help="GTSRB root (generated there with --synthetic-per-class)")
+    init.add_argument("--data", default=None, help="GTSRB root (generated there with --synthetic-per-class)")
+    init.add_argument("--no-data", action="store_true", help="read no data set (ignoring --data): every client is "
+                      "a site with its own data and nothing is scored centrally")
     init.add_argument("--synthetic-per-class", type=int, default=None, help="generate synthetic data first")
     init.add_argument("--synthetic-test-per-class", type=int, default=20)
     init.add_argument("--synthetic-seed", type=int, default=0)
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--max-norm-ratio", type=float, default=10.0,
                            help="reject updates whose norm exceeds this many times the median (0: off)")
     aggregate.add_argument("--clients", default="", help="comma-separated clients to use (default: all present)")
+    aggregate.add_argument("--sites", default="", help="comma-separated clients that are remote sites (their "
+                           "updates are in sites/<site>/)")
     aggregate.add_argument("--data", default=None)
     aggregate.add_argument("--device", default="auto")
     aggregate.add_argument("--no-evaluate", action="store_true")
@@ -135,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     finalize.add_argument("--strategy", default="fedavg")
     finalize.add_argument("--spec-json", default="{}", help="the training's spec, logged as MLflow params")
     finalize.add_argument("--termination-log", type=Path, default=None)
+    finalize.add_argument("--sites", default="", help="comma-separated evaluating sites: their scores of each "
+                          "round's model are combined into federated metrics")
+    finalize.add_argument("--no-central", action="store_true", help="no central test set: the champion rule uses "
+                          "the last round's federated accuracy")
+
+    site = commands.add_parser("site-task", help="a remote site: run the coordinator's task on the site's own data")
+    site.add_argument("--workdir", required=True, help=WORKDIR_HELP)
+    site.add_argument("--task-json", required=True, help="the task of the site's task.json posting, as JSON")
+    site.add_argument("--data", required=True, help="the site's own GTSRB root")
+    site.add_argument("--device", default="auto")
+    site.add_argument("--validation-fraction", type=float, default=0.1, help="held-out tracks of the training "
+                      "split, fixed per site")
+    site.add_argument("--evaluation-split", default="test", choices=("test", "validation"),
+                      help="test: the tree's test split (held-out tracks when it has none); validation: held-out "
+                      "tracks")
 
     predict = commands.add_parser("predict", help="classify image files with a model file")
     predict.add_argument("--weights", required=True, type=Path)
@@ -199,7 +220,9 @@ def run(args: argparse.Namespace) -> Any:
             synth = SynthConfig(args.synthetic_per_class, args.synthetic_test_per_class,
                                 args.synthetic_frames_per_track, seed=args.synthetic_seed)
         model = ModelConfig(args.architecture, args.num_classes, args.image_size, args.pretrained, not args.head_only)
-        data = jobs.DataConfig(args.data, not args.no_roi_crop, args.validation_fraction)
+        if not (args.data or args.no_data):
+            raise BadInputError("init needs --data (the GTSRB root), or --no-data when every client is a site")
+        data = None if args.no_data else jobs.DataConfig(args.data, not args.no_roi_crop, args.validation_fraction)
         partition = PartitionConfig(args.partition, args.clients, args.alpha, args.partition_seed)
         names = tuple(n for n in args.client_names.split(",") if n)
         own = tuple(n for n in args.own_data_clients.split(",") if n)
@@ -209,6 +232,8 @@ def run(args: argparse.Namespace) -> Any:
         return remove_training_directory(args.workdir)
     if args.command == "predict":
         return jobs.predict(args.weights, args.images, jobs.pick_device(args.device), args.top)
+    if args.command == "site-task":
+        return _site_task(args)
     workspace = jobs.Workspace.open(args.workdir, args.data)
     device = jobs.pick_device(args.device)
     if args.command == "train":
@@ -229,7 +254,7 @@ def run(args: argparse.Namespace) -> Any:
             privacy.check()
         config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,
                                        args.max_norm_ratio, clients, not args.no_evaluate, privacy)
-        result = jobs.aggregate(workspace, args.round, config_, device)
+        result = jobs.aggregate(replace(workspace, sites=_names(args.sites)), args.round, config_, device)
         if args.termination_log is not None:
             args.termination_log.write_text(jobs.termination_message(result))
         return {k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}
@@ -239,8 +264,22 @@ def run(args: argparse.Namespace) -> Any:
     return jobs.evaluate_weights(workspace, weights, device, args.split).to_json()
 
 
+def _names(text: str) -> frozenset[str]:
+    """``a,b,,c`` -> {a, b, c}."""
+    return frozenset(n for n in text.split(",") if n)
+
+
+def _site_task(args: argparse.Namespace) -> Any:
+    from fedtrain.worker import jobs, site
+    from fedtrain.worker.storage import open_store
+
+    task = site.read_task(args.task_json)
+    data = site.SiteData(args.data, args.validation_fraction, args.evaluation_split)
+    return site.run_task(open_store(args.workdir), task, data, jobs.pick_device(args.device))
+
+
 def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:
-    from fedtrain.worker.finalize import TrackingConfig, finalize
+    from fedtrain.worker.finalize import EvaluationConfig, TrackingConfig, finalize
     from fedtrain.worker.tracking import TrainingIdentity
 
     try:
@@ -250,9 +289,11 @@ def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:
     identity = TrainingIdentity(args.training, args.namespace, args.uid, args.strategy, spec)
     tracking = TrackingConfig(args.tracking_uri, args.experiment, args.registered_model_name, args.log_clients,
                               promote=not args.no_promote)
-    summary = finalize(workspace, args.round, identity, tracking, device)
+    evaluation = EvaluationConfig(tuple(sorted(_names(args.sites))), central=not args.no_central)
+    summary = finalize(workspace, args.round, identity, tracking, device, evaluation)
     if args.termination_log is not None:
-        short = {k: summary.get(k) for k in ("model_uri", "model_version", "champion", "accuracy")}
+        short = {k: summary.get(k) for k in ("model_uri", "model_version", "champion", "accuracy",
+                                             "federated_accuracy")}
         short["tracking_error"] = (summary.get("tracking_error") or "")[:2000] or None
         args.termination_log.write_text(json.dumps(short))
     return summary

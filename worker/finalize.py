@@ -2,13 +2,18 @@
 
 Tracking failures never fail the task: the model and plots are already safe in storage, and the
 report says what could not be logged (the engine turns that into a Degraded condition).
+
+Rounds scored by sites (federated evaluation) are read from each site's ``evaluation.json`` and
+combined with `federated.combine`, the same arithmetic as the coordinator's status; a site's file
+that cannot be read is left out rather than failing the training's last step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +21,13 @@ import numpy as np
 import torch
 
 from fedtrain.worker.data.gtsrb import GtsrbTree
+from fedtrain.worker.errors import BadDataError
+from fedtrain.worker.federated import FederatedScore, SiteScore, combine
 from fedtrain.worker.jobs import Workspace
+from fedtrain.worker.layout import Layout
 from fedtrain.worker.models import build_model
 from fedtrain.worker.plots import plot_confusion, plot_per_round
-from fedtrain.worker.storage import iterate_keys
+from fedtrain.worker.storage import Store, iterate_keys
 from fedtrain.worker.tracking import Tracker, TrackingReport, TrainingIdentity
 from fedtrain.worker.training import evaluate, load_numpy_state
 from fedtrain.worker.weights import read_json, read_weights, sidecar_of, write_json
@@ -38,6 +46,67 @@ class TrackingConfig:
     promote: bool = True  # move the champion alias when the new version beats it
 
 
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Where the rounds' global models were scored: on the central test split, at these sites, or both."""
+
+    sites: tuple[str, ...] = ()  # the evaluating sites
+    central: bool = True  # false: the coordinator has no test set; the champion rule uses the sites' scores
+
+
+@dataclass(frozen=True)
+class RoundScores:
+    """The sites' scores of one round's global model, and their combination."""
+
+    round: int
+    combined: FederatedScore
+    sites: dict[str, SiteScore] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics of the round: the federation's figures and each site's accuracy."""
+        figures = {"federated_accuracy": self.combined.accuracy, "federated_loss": self.combined.loss,
+                   "federated_worst_accuracy": self.combined.worst_accuracy,
+                   "federated_best_accuracy": self.combined.best_accuracy,
+                   "federated_examples": float(self.combined.examples)}
+        figures.update({f"site_{name}_accuracy": score.accuracy for name, score in self.sites.items()})
+        return figures
+
+
+def federated_rounds(store: Store, sites: tuple[str, ...], last_round: int) -> dict[int, RoundScores]:
+    """Each round's site evaluations that are present, combined (rounds no site scored are absent)."""
+    layout = Layout()
+    found: dict[int, dict[str, SiteScore]] = {}
+    for site in sites:
+        keys = set(store.list(layout.site_dir(site)))  # one listing per site, not a request per round
+        for round_number in range(1, last_round + 1):
+            key = layout.site_evaluation(site, round_number)
+            score = _site_score(store, key) if key in keys else None
+            if score is not None:
+                found.setdefault(round_number, {})[site] = score
+    rounds = {}
+    for round_number, scores in sorted(found.items()):
+        combined = combine(scores)
+        if combined is not None:
+            rounds[round_number] = RoundScores(round_number, combined, scores)
+    return rounds
+
+
+def _site_score(store: Store, key: str) -> SiteScore | None:
+    """A site's figures, or None when its file is not a usable evaluation."""
+    try:
+        return SiteScore.from_output(read_json(store, key))
+    except BadDataError:
+        return None
+
+
+def sites_fingerprint(sites: list[str]) -> str:
+    """The "test set" of a federated score: the sites that scored it (the same sites, the same held-out data)."""
+    names = ",".join(sorted(sites))
+    if len(names) > 200:
+        names = "sha256:" + hashlib.sha256(names.encode()).hexdigest()[:16]
+    return f"sites:{names}"
+
+
 def test_fingerprint(tree: GtsrbTree) -> str:
     """Identifies a test set by its samples, labels and file sizes: equal fingerprints, same test set."""
     digest = hashlib.sha256()
@@ -47,35 +116,61 @@ def test_fingerprint(tree: GtsrbTree) -> str:
 
 
 def finalize(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
-             device: torch.device) -> dict[str, Any]:
+             device: torch.device, evaluation: EvaluationConfig | None = None) -> dict[str, Any]:
     """Write ``final/`` (model, plots, summary) and track the training; return what the engine records."""
+    evaluation = evaluation or EvaluationConfig()
     layout, store = workspace.layout, workspace.store
     final = layout.final_dir
     source = layout.global_weights(last_round)
     store.write_bytes(f"{final}/model.json", store.read_bytes(sidecar_of(source)))  # sidecar first: its sha256
     store.write_bytes(f"{final}/model.safetensors", store.read_bytes(source))  # is checked against this copy
     results = [read_json(store, layout.result(r)) for r in range(1, last_round + 1) if store.exists(layout.result(r))]
+    scored = Scored(results, federated_rounds(store, evaluation.sites, last_round), evaluation.central)
     with tempfile.TemporaryDirectory(prefix="fedtrain-final-") as scratch:
-        plots = _plots(Path(scratch), results)
+        plots = _plots(Path(scratch), results, scored.federated)
         for plot in plots:
             store.upload(f"{final}/plots/{plot.name}", plot)
         store.download(f"{final}/model.json", Path(scratch) / "model.json")
+        last = scored.federated.get(last_round)
         summary: dict[str, Any] = {"rounds": last_round, "model_path": store.describe(f"{final}/model.safetensors"),
-                                   "accuracy": results[-1].get("accuracy") if results else None,
+                                   "accuracy": scored.accuracy(last_round),
+                                   "federated_accuracy": last.combined.accuracy if last else None,
+                                   "federated": asdict(last.combined) if last else None,
                                    "plots": [store.describe(f"{final}/plots/{p.name}") for p in plots]}
         if tracking.uri:
-            report = _track(workspace, last_round, identity, tracking, results,
+            report = _track(workspace, last_round, identity, tracking, scored,
                             [*plots, Path(scratch) / "model.json"], device)
             summary.update({"run_id": report.run_id, "model_uri": report.model_uri,
                             "model_version": report.model_version, "champion": report.champion,
+                            "champion_reason": report.champion_reason,
                             "not_logged": report.not_logged, "tracking_error": report.error})
     write_json(store, f"{final}/summary.json", summary)
     return summary
 
 
-def _plots(folder: Path, results: list[dict[str, Any]]) -> list[Path]:
+@dataclass(frozen=True)
+class Scored:
+    """How the training's global models scored: the aggregations' results and the sites' evaluations."""
+
+    results: list[dict[str, Any]]
+    federated: dict[int, RoundScores]
+    central: bool = True
+
+    def accuracy(self, last_round: int) -> float | None:
+        """The final model's accuracy: central when there is a central test set, else the sites' combined."""
+        if self.central:
+            return self.results[-1].get("accuracy") if self.results else None
+        last = self.federated.get(last_round)
+        return last.combined.accuracy if last else None
+
+
+def _plots(folder: Path, results: list[dict[str, Any]], federated: dict[int, RoundScores]) -> list[Path]:
     rounds = [int(r["round"]) for r in results]
     plots = []
+    if federated:
+        plots.append(plot_per_round(folder / "federated_accuracy.png", list(federated),
+                                    [s.combined.accuracy for s in federated.values()], "federated accuracy",
+                                    "Global model accuracy at the sites (example-weighted)"))
     if results and all("accuracy" in r for r in results):
         plots.append(plot_per_round(folder / "accuracy.png", rounds, [r["accuracy"] for r in results],
                                     "test accuracy", "Global model accuracy per round"))
@@ -88,18 +183,26 @@ def _plots(folder: Path, results: list[dict[str, Any]]) -> list[Path]:
 
 
 def _client_history(workspace: Workspace, last_round: int) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    """Each client's local metrics per round, from its updates' sidecars (sites' updates included)."""
+    store = workspace.store
+    site_keys = set(store.list("sites"))
+    layout = Layout(frozenset(key.split("/")[1] for key in site_keys))
     history: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for round_number in range(1, last_round + 1):
-        for key in iterate_keys(workspace.store, workspace.layout.client_dir(round_number), ".json"):
-            meta = read_json(workspace.store, key)
+        sidecars = {key.rsplit("/", 1)[-1].removesuffix(".json"): key
+                    for key in iterate_keys(store, layout.client_dir(round_number), ".json")}
+        sidecars.update({site: sidecar_of(layout.client_update(round_number, site)) for site in sorted(layout.sites)
+                         if sidecar_of(layout.client_update(round_number, site)) in site_keys})
+        for client, key in sidecars.items():
+            meta = read_json(store, key)
             metrics = {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, int | float)}
             metrics["num_examples"] = float(meta.get("num_examples", 0))
-            history.setdefault(key.rsplit("/", 1)[-1].removesuffix(".json"), []).append((round_number, metrics))
+            history.setdefault(client, []).append((round_number, metrics))
     return history
 
 
 def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
-           results: list[dict[str, Any]], plots: list[Any], device: torch.device) -> TrackingReport:
+           scored: Scored, plots: list[Any], device: torch.device) -> TrackingReport:
     report = TrackingReport()
     assert tracking.uri is not None
     # An sqlite store keeps its artifacts beside its database file (the server's store decides otherwise).
@@ -113,8 +216,9 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
         report.not_logged["metrics"] = "no run"
         report.not_logged["model"] = "no run"
         return report
+    federated = {number: scores.metrics() for number, scores in scored.federated.items()}
     steps: list[tuple[str, Any]] = [
-        ("metrics", lambda: tracker.round_metrics(report.run_id, results)),
+        ("metrics", lambda: tracker.round_metrics(report.run_id, scored.results, federated)),
         ("plots", lambda: tracker.artifacts(report.run_id, plots)),
     ]
     if tracking.log_clients:
@@ -126,7 +230,7 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
         except Exception as error:
             report.not_logged[what] = _short(error)
     try:
-        _log_model(workspace, last_round, identity, tracking, tracker, report, results, device)
+        _log_model(workspace, last_round, identity, tracking, tracker, report, scored, device)
     except Exception as error:
         report.not_logged["model"] = _short(error)
     try:
@@ -136,33 +240,59 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
     return report
 
 
+@dataclass(frozen=True)
+class Judged:
+    """What the champion rule compares: the final model's accuracy on which test set, and how to score another."""
+
+    accuracy: float | None
+    fingerprint: str
+    score_champion: Callable[[str], float] | None
+
+
+def _judged(workspace: Workspace, last_round: int, scored: Scored, device: torch.device) -> Judged:
+    """Central: the test split's fingerprint, and the champion scored on it. Otherwise: the sites that scored."""
+    if not scored.central:
+        last = scored.federated.get(last_round)
+        return Judged(last.combined.accuracy if last else None, sites_fingerprint(list(last.sites) if last else []),
+                      None)
+    tree = workspace.tree(need_test=True)
+
+    def score_champion(uri: str) -> float:
+        import mlflow.pytorch
+
+        champion = mlflow.pytorch.load_model(uri, map_location="cpu")
+        images, labels = workspace.arrays(tree, list(tree.test))
+        return evaluate(champion, images, labels, workspace.model.num_classes, device=device).accuracy
+
+    return Judged(scored.accuracy(last_round) or 0.0, test_fingerprint(tree), score_champion)
+
+
 def _log_model(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
-               tracker: Tracker, report: TrackingReport, results: list[dict[str, Any]], device: torch.device) -> None:
+               tracker: Tracker, report: TrackingReport, scored: Scored, device: torch.device) -> None:
     weights, _ = read_weights(workspace.store, workspace.layout.global_weights(last_round))
     model = build_model(workspace.model)
     load_numpy_state(model, weights)
     model.eval()
     size = workspace.model.image_size
     example = np.zeros((2, 3, size, size), dtype=np.float32)  # batch 2: batch 1 would be exported as fixed
-    tree = workspace.tree(need_test=True)
-    fingerprint = test_fingerprint(tree)
-    accuracy = float(results[-1]["accuracy"]) if results and "accuracy" in results[-1] else 0.0
+    judged = _judged(workspace, last_round, scored, device)
     tags = {"training": identity.key, "strategy": identity.strategy, "rounds": str(last_round),
-            "partition": str(identity.spec.get("partition", {}).get("scheme")), "test_fingerprint": fingerprint,
-            "accuracy": f"{accuracy:.6f}", "architecture": workspace.model.architecture, "image_size": str(size),
+            "partition": str(identity.spec.get("partition", {}).get("scheme")),
+            "test_fingerprint": judged.fingerprint, "accuracy": f"{judged.accuracy or 0.0:.6f}",
+            "evaluation": "central" if scored.central else "federated",
+            "architecture": workspace.model.architecture, "image_size": str(size),
             "num_classes": str(workspace.model.num_classes)}
     report.model_uri, report.model_version = tracker.model(report.run_id, model, example,
                                                            tracking.registered_model_name, tags, PIP_REQUIREMENTS)
-    if tracking.registered_model_name and report.model_version and tracking.promote:
-        def score_champion(uri: str) -> float:
-            import mlflow.pytorch
-
-            champion = mlflow.pytorch.load_model(uri, map_location="cpu")
-            images, labels = workspace.arrays(tree, list(tree.test))
-            return evaluate(champion, images, labels, workspace.model.num_classes, device=device).accuracy
-
-        report.champion = tracker.promote(tracking.registered_model_name, report.model_version, accuracy,
-                                          fingerprint, score_champion)
+    if not (tracking.registered_model_name and report.model_version and tracking.promote):
+        return
+    if judged.accuracy is None:
+        report.champion_reason = (f"not promoted: no site scored the model of round {last_round}, and there is no "
+                                  "central test set")
+        return
+    report.champion, report.champion_reason = tracker.decide_champion(
+        tracking.registered_model_name, report.model_version, judged.accuracy, judged.fingerprint,
+        judged.score_champion)
 
 
 def _short(error: Exception) -> str:

@@ -42,7 +42,7 @@ from fedtrain.worker.training import (
     state_to_numpy,
     train_local,
 )
-from fedtrain.worker.weights import read_json, read_weights, read_weights_file, save_weights, write_json
+from fedtrain.worker.weights import Weights, read_json, read_weights, read_weights_file, save_weights, write_json
 
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes Kubernetes keeps of /dev/termination-log
 
@@ -69,23 +69,24 @@ def pick_device(name: str) -> torch.device:
 # --- init -----------------------------------------------------------------------------------------
 
 
-def init(store: Store, data: DataConfig, model: ModelConfig, partition: PartitionConfig,
+def init(store: Store, data: DataConfig | None, model: ModelConfig, partition: PartitionConfig,
          synth: SynthConfig | None, seed: int, names: tuple[str, ...] = (), own_data: tuple[str, ...] = ()
          ) -> dict[str, Any]:
     """Generate synthetic data if asked, partition the training split, write the round-0 model.
 
     ``names`` renames the clients (default ``client-00``...); their number must match. Clients in
     ``own_data`` bring their own data set, so the training split is dealt out among the others only.
+    ``data`` None: the coordinator holds no data at all (every client is a site and nothing is
+    scored centrally), so nothing is read and the partition is empty.
     """
     model.check()
     layout = Layout()
-    if names and len(names) != partition.num_clients:
-        raise BadInputError(f"--client-names lists {len(names)} names for --clients {partition.num_clients}")
-    unknown = sorted(set(own_data) - set(names or client_names(partition.num_clients)))
-    if unknown:
-        raise BadInputError(f"--own-data-clients names {unknown[0]!r}, which is not a client")
-    settings = {"data": asdict(data), "model": model.to_json(), "seed": seed, "client_names": list(names),
-                "partition_config": asdict(partition), "synthetic": asdict(synth) if synth else None}
+    if data is None and synth is not None:
+        raise BadInputError("--no-data and --synthetic-per-class exclude each other: a synthetic set needs --data")
+    shared = _shared_clients(partition, names, own_data, data is not None)
+    settings = {"data": asdict(data) if data else None, "model": model.to_json(), "seed": seed,
+                "client_names": list(names), "partition_config": asdict(partition),
+                "synthetic": asdict(synth) if synth else None}
     if own_data:  # only then, so that trainings initialised before the option compare equal
         settings["own_data_clients"] = list(own_data)
     if store.exists(layout.manifest):  # checked before anything is generated or written
@@ -97,23 +98,47 @@ def init(store: Store, data: DataConfig, model: ModelConfig, partition: Partitio
             )
         if store.exists(layout.global_weights(0)):
             return existing
-    if synth is not None:
-        generate(Path(data.path), synth)
-    tree = load_tree(Path(data.path), model.num_classes, need_test=False)
-    shared = [n for n in (names or client_names(partition.num_clients)) if n not in own_data]
-    result = Partition(partition.scheme, partition.alpha, partition.seed, model.num_classes)
-    if shared:
-        result = partition_samples(tree.train, replace(partition, num_clients=len(shared)), model.num_classes)
-        result.clients = dict(zip(shared, result.clients.values(), strict=True))
-        result.histograms = dict(zip(shared, result.histograms.values(), strict=True))
-    manifest = {"settings": settings, "layout": tree.layout, "num_train_samples": len(tree.train),
-                "partition": result.to_json()}
+    manifest: dict[str, Any] = {"settings": settings, "layout": None, "num_train_samples": 0,
+                                "partition": Partition(partition.scheme, partition.alpha, partition.seed,
+                                                       model.num_classes).to_json()}
+    if data is not None:
+        manifest.update(_partition_data(data, model, partition, synth, shared))
     torch.manual_seed(seed)
     network = build_model(model)
     save_weights(store, layout.global_weights(0), state_to_numpy(network),
                  {"round": 0, "model": model.to_json(), "num_examples": 0})
     write_json(store, layout.manifest, manifest)
     return manifest
+
+
+def _shared_clients(partition: PartitionConfig, names: tuple[str, ...], own_data: tuple[str, ...], has_data: bool
+                    ) -> list[str]:
+    """The clients that share the coordinator's data set (the partition's), after checking the names."""
+    if names and len(names) != partition.num_clients:
+        raise BadInputError(f"--client-names lists {len(names)} names for --clients {partition.num_clients}")
+    every = names or tuple(client_names(partition.num_clients))
+    unknown = sorted(set(own_data) - set(every))
+    if unknown:
+        raise BadInputError(f"--own-data-clients names {unknown[0]!r}, which is not a client")
+    shared = [n for n in every if n not in own_data]
+    if not has_data and shared:
+        raise BadInputError(f"--no-data leaves client {shared[0]!r} without data: list every client in "
+                            "--own-data-clients (sites bring their own), or give --data")
+    return shared
+
+
+def _partition_data(data: DataConfig, model: ModelConfig, partition: PartitionConfig, synth: SynthConfig | None,
+                    shared: list[str]) -> dict[str, Any]:
+    """Generate the synthetic set if asked, index the data set and deal its training split out among ``shared``."""
+    if synth is not None:
+        generate(Path(data.path), synth)
+    tree = load_tree(Path(data.path), model.num_classes, need_test=False)
+    result = Partition(partition.scheme, partition.alpha, partition.seed, model.num_classes)
+    if shared:
+        result = partition_samples(tree.train, replace(partition, num_clients=len(shared)), model.num_classes)
+        result.clients = dict(zip(shared, result.clients.values(), strict=True))
+        result.histograms = dict(zip(shared, result.histograms.values(), strict=True))
+    return {"layout": tree.layout, "num_train_samples": len(tree.train), "partition": result.to_json()}
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,7 @@ class Workspace:
     partition: Partition
     seed: int
     synthetic: SynthConfig | None = None
+    sites: frozenset[str] = frozenset()  # clients that are other organisations' sites (updates in their folders)
 
     @classmethod
     def open(cls, location: str | Path, data_path: str | None = None) -> Workspace:
@@ -136,7 +162,7 @@ class Workspace:
                                 "first")
         manifest = read_json(store, Layout().manifest)
         settings = manifest["settings"]
-        data = DataConfig(**settings["data"])
+        data = DataConfig(**settings["data"]) if settings.get("data") else DataConfig("")  # init --no-data
         if data_path:
             data = DataConfig(data_path, data.roi_crop, data.validation_fraction)
         synthetic = SynthConfig(**settings["synthetic"]) if settings.get("synthetic") else None
@@ -146,7 +172,7 @@ class Workspace:
     @property
     def layout(self) -> Layout:
         """The keys of this training's files."""
-        return Layout()
+        return Layout(self.sites)
 
     def tree(self, need_test: bool) -> GtsrbTree:
         """The data set as this process sees it.
@@ -155,6 +181,9 @@ class Workspace:
         generated again from the manifest's settings: the generator is deterministic, so every
         process sees the same images, sample ids included.
         """
+        if not self.data.path:
+            raise BadInputError("this training was initialised with --no-data, so it has no data set here; pass "
+                                "--data, or leave training and evaluation to the sites")
         path = Path(self.data.path)
         if self.synthetic is not None and not path.exists():
             generate(path, self.synthetic)
@@ -232,7 +261,7 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
         raise BadInputError(f"--client {client!r} is not in the partition (clients: {known}); a client with its "
                             "own data set needs --own-data")
     clock = Stopwatch()
-    weights, meta = workspace.load_global(round_number - 1)
+    base = workspace.load_global(round_number - 1)
     clock.lap("read_weights")
     expected = None if own_data else sample_ids
     shard = workspace.shard(f"{'own' if own_data else 'client'}:{client}", lambda: _client_samples(
@@ -240,19 +269,46 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
     clock.lap("decode")
     seed = client_seed(workspace.seed, round_number, client)
     train_part, validation_part = split_by_track(shard.samples, workspace.data.validation_fraction, seed)
+    return train_update(workspace, LocalRound(round_number, client, shard, train_part, validation_part),
+                        base, config, device, clip_norm, clock)
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """One client's round: who, which round, its decoded shard and how that shard splits into train/validation."""
+
+    round: int
+    client: str
+    shard: DecodedShard
+    train: list[Sample]
+    validation: list[Sample]
+
+
+def train_update(workspace: Workspace, local: LocalRound, base: tuple[Weights, dict[str, Any]],
+                 config: TrainConfig, device: torch.device, clip_norm: float | None = None,
+                 clock: Stopwatch | None = None) -> dict[str, Any]:
+    """Train from ``base`` (the global weights and their sidecar) on the round's data; write the update.
+
+    Shared by partitioned clients, clients with their own data and remote sites, so that every
+    update has the same sidecar and the same clipping whoever trained it. The update goes to
+    ``workspace.layout.client_update``: a site's own folder when the workspace knows it as a site.
+    """
+    clock = clock or Stopwatch()
+    weights, meta = base
+    seed = client_seed(workspace.seed, local.round, local.client)
     model = build_model(workspace.model)
     load_numpy_state(model, weights)
-    images, labels = shard.arrays(train_part)
-    val_images, val_labels = shard.arrays(validation_part)
+    images, labels = local.shard.arrays(local.train)
     result = train_local(model, images, labels, TrainConfig(**{**asdict(config), "seed": seed}), device)
     clock.lap("train")
     metrics: dict[str, Any] = {"train_" + k: v for k, v in result.to_json().items() if k != "num_examples"}
-    if validation_part:
+    if local.validation:
+        val_images, val_labels = local.shard.arrays(local.validation)
         scores = evaluate(model, val_images, val_labels, workspace.model.num_classes, device=device)
         metrics.update({"val_accuracy": scores.accuracy, "val_loss": scores.loss,
                         "val_examples": scores.num_examples})
     clock.lap("validate")
-    sidecar = {"client": client, "round": round_number, "num_examples": result.num_examples,
+    sidecar = {"client": local.client, "round": local.round, "num_examples": result.num_examples,
                "metrics": metrics, "base_sha256": meta["sha256"], "train_config": asdict(config),
                "timings": clock.laps}
     trained = state_to_numpy(model.cpu())
@@ -262,7 +318,7 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
         trained = {k: (weights[k] + delta[k]).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in trained.items()}
         sidecar["metrics"]["update_norm"] = norm
         sidecar["clip_norm"] = clip_norm
-    sidecar["sha256"] = save_weights(workspace.store, workspace.layout.client_update(round_number, client),
+    sidecar["sha256"] = save_weights(workspace.store, workspace.layout.client_update(local.round, local.client),
                                      trained, sidecar)
     return sidecar
 
@@ -317,8 +373,7 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     state: dict[str, NDArray[Any]] = {}
     if store.exists(layout.strategy_state(round_number - 1)):
         state, _ = read_weights(store, layout.strategy_state(round_number - 1))
-    present = iterate_keys(store, layout.client_dir(round_number), ".safetensors")
-    clients = config.clients or tuple(sorted(k.rsplit("/", 1)[-1].removesuffix(".safetensors") for k in present))
+    clients = config.clients or _updates_present(workspace, round_number)
     files = [UpdateFile(c, store, layout.client_update(round_number, c)) for c in clients]
     updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates)
     if config.privacy is not None:
@@ -346,6 +401,15 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     result["seconds"] = time.perf_counter() - started
     write_json(store, layout.result(round_number), result)
     return result
+
+
+def _updates_present(workspace: Workspace, round_number: int) -> tuple[str, ...]:
+    """Clients whose update of the round is in the store: in the round's folder, or in a site's own folder."""
+    layout, store = workspace.layout, workspace.store
+    present = {k.rsplit("/", 1)[-1].removesuffix(".safetensors")
+               for k in iterate_keys(store, layout.client_dir(round_number), ".safetensors")}
+    present.update(s for s in workspace.sites if store.exists(layout.client_update(round_number, s)))
+    return tuple(sorted(present))
 
 
 def _private_round(current: dict[str, NDArray[Any]], updates: UpdateSet, privacy: PrivacyConfig,

@@ -8,7 +8,9 @@ is named in ``not_logged`` and training results stay valid without it.
 
 The alias ``champion`` moves to the new version only if it beats the current champion on the same
 test set: compared through the ``test_fingerprint`` tag when both were scored on one test set,
-otherwise by scoring the champion on this training's test set.
+otherwise by scoring the champion on this training's test set. A training without a central test
+set is scored by its sites (fingerprint ``sites:<names>``); it cannot score an old champion, so a
+champion from another test set is kept, and the new version's ``champion_decision`` tag says why.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class TrackingReport:
     model_uri: str | None = None
     model_version: str | None = None
     champion: bool = False
+    champion_reason: str | None = None
     not_logged: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -134,8 +137,9 @@ class Tracker:
         return str(run.info.run_id)
 
     @retried
-    def round_metrics(self, run_id: str, rounds: list[dict[str, Any]]) -> None:
-        """Per-round metrics with ``step=round``, once."""
+    def round_metrics(self, run_id: str, rounds: list[dict[str, Any]],
+                      extra: dict[int, dict[str, float]] | None = None) -> None:
+        """Per-round metrics with ``step=round``, once; ``extra``: more figures by round (the sites' scores)."""
         from mlflow.entities import Metric
 
         if self.client.get_run(run_id).data.metrics:
@@ -148,6 +152,8 @@ class Tracker:
                     metrics.append(Metric(key, float(result[key]), stamp, int(result["round"])))
             metrics.append(Metric("accepted_updates", float(len(result.get("accepted", []))), stamp, result["round"]))
             metrics.append(Metric("rejected_updates", float(len(result.get("rejected", {}))), stamp, result["round"]))
+        for round_number, figures in sorted((extra or {}).items()):
+            metrics += [Metric(key, float(value), stamp, round_number) for key, value in sorted(figures.items())]
         for start in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[start:start + 900])
 
@@ -203,32 +209,58 @@ class Tracker:
         return promote_champion(self.client, name, version, accuracy, fingerprint, score_champion)
 
     @retried
+    def decide_champion(self, name: str, version: str, accuracy: float, fingerprint: str,
+                        score_champion: Callable[[str], float] | None) -> tuple[bool, str]:
+        """`promote`, with the reason, which is also tagged on ``version`` (``champion_decision``)."""
+        promoted, reason = champion_decision(self.client, name, version, accuracy, fingerprint, score_champion)
+        self.client.set_model_version_tag(name, version, "champion_decision", reason[:500])
+        return promoted, reason
+
+    @retried
     def finish(self, run_id: str) -> None:
         """Mark the parent run finished."""
         self.client.set_terminated(run_id)
 
 
 def promote_champion(client: Any, name: str, version: str, accuracy: float, fingerprint: str,
-                     score_champion: Callable[[str], float]) -> bool:
+                     score_champion: Callable[[str], float] | None) -> bool:
     """Move ``champion`` to ``version`` if it beats the current champion on the same test set.
 
     The champion's accuracy comes from its tags when it was scored on the same test set
     (``test_fingerprint``), else ``score_champion`` scores it on this one. True when ``version``
-    is (now) the champion.
+    is (now) the champion. See `champion_decision` for the reason.
+    """
+    return champion_decision(client, name, version, accuracy, fingerprint, score_champion)[0]
+
+
+def champion_decision(client: Any, name: str, version: str, accuracy: float, fingerprint: str,
+                      score_champion: Callable[[str], float] | None) -> tuple[bool, str]:
+    """`promote_champion`, saying why.
+
+    ``score_champion`` None: this test set cannot score another model (the sites' scores reach
+    the coordinator, their data does not), so a champion scored on another test set stays.
     """
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except Exception:
         current = None
     if current is not None and str(current.version) == version:
-        return True
+        return True, f"version {version} is the champion already"
     if current is not None:
         tags = current.tags or {}
         if tags.get("test_fingerprint") == fingerprint and "accuracy" in tags:
             champion_accuracy = float(tags["accuracy"])
+        elif score_champion is None:
+            return False, (f"kept the champion (version {current.version}): it was scored on "
+                           f"{tags.get('test_fingerprint')!r}, this version on {fingerprint!r}, and there is no "
+                           "test set here to score the champion on")
         else:
             champion_accuracy = score_champion(f"models:/{name}/{current.version}")
         if accuracy <= champion_accuracy:
-            return False
+            return False, (f"kept the champion (version {current.version}): {champion_accuracy:.4f} on the same "
+                           f"test set, this version {accuracy:.4f}")
+        why = f"beats the champion (version {current.version}): {accuracy:.4f} > {champion_accuracy:.4f}"
+    else:
+        why = "there was no champion"
     client.set_registered_model_alias(name, CHAMPION, version)
-    return True
+    return True, why

@@ -1,0 +1,108 @@
+"""A coordinator with no data at all: two sites train and score round 1, finalize tracks the federated figures.
+
+Site ``a`` holds a tree with a test split, site ``b`` one without (it scores its held-out tracks);
+the coordinator aggregates without evaluating and finalizes with ``--no-central``, so the model's
+accuracy and the champion rule come from the sites' scores alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedtrain.worker.data.synth import SynthConfig, generate
+from fedtrain.worker.errors import EXIT_OK
+from fedtrain.worker.federated import SiteScore, combine
+from fedtrain.worker.layout import Layout
+from fedtrain.worker.tracking import Tracker, TrainingIdentity
+from tests.worker.test_site_task import MODEL, posted, site_task, worker
+
+SITES = ("a", "b")
+
+
+@pytest.fixture(scope="module")
+def no_test_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Site b's own data: a small tree whose test folder is empty."""
+    root = tmp_path_factory.mktemp("site-b")
+    generate(root, SynthConfig(per_class=4, test_per_class=0, frames_per_track=2, seed=5, max_size=48))
+    return root
+
+
+@pytest.fixture(scope="module")
+def finalized(synth_tree: Path, no_test_tree: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, dict[str, object], str]:
+    """The whole federation through the CLI: init --no-data, two site rounds, aggregate, evaluations, finalize."""
+    workdir = tmp_path_factory.mktemp("no-data-coordinator")
+    data = {"a": synth_tree, "b": no_test_tree}
+    assert worker("init", "--workdir", workdir, "--no-data", "--clients", 2, "--client-names", "a,b",
+                  "--own-data-clients", "a,b", *MODEL)[0] == EXIT_OK
+    for site in SITES:
+        assert site_task(workdir, posted(workdir, "train", 1, site), data[site])[0] == EXIT_OK
+    code, result = worker("aggregate", "--workdir", workdir, "--round", 1, "--sites", "a,b", "--no-evaluate",
+                          "--termination-log", workdir / "termination", "--device", "cpu")
+    assert code == EXIT_OK and result["accepted"] == list(SITES) and "accuracy" not in result
+    assert "accuracy" not in json.loads((workdir / "termination").read_text())
+    for site in SITES:
+        assert site_task(workdir, posted(workdir, "evaluate", 1, site), data[site])[0] == EXIT_OK
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    code, summary = worker("finalize", "--workdir", workdir, "--round", 1, "--sites", "a,b", "--no-central",
+                           "--tracking-uri", uri, "--registered-model-name", "signs", "--log-clients",
+                           "--device", "cpu")
+    assert code == EXIT_OK
+    return workdir, summary, uri
+
+
+def test_the_sites_scores_are_combined_into_the_final_accuracy(finalized: tuple[Path, dict[str, object], str]
+                                                               ) -> None:
+    workdir, summary, _ = finalized
+    figures = {s: json.loads((workdir / Layout().site_evaluation(s, 1)).read_text()) for s in SITES}
+    assert figures["a"]["split"] == "test" and figures["b"]["split"] == "validation"  # b has no test images
+    expected = combine({s: SiteScore(f["examples"], f["accuracy"], f["loss"]) for s, f in figures.items()})
+    assert expected is not None
+    assert summary["federated_accuracy"] == pytest.approx(expected.accuracy)
+    assert summary["accuracy"] == summary["federated_accuracy"]  # no central test set: the sites' figure
+    assert summary["champion"] is True and summary["tracking_error"] is None
+    assert (workdir / "final" / "plots" / "federated_accuracy.png").is_file()
+    assert not (workdir / "final" / "plots" / "accuracy.png").exists()  # no central accuracy to plot
+
+
+def test_mlflow_holds_the_federated_metrics_and_the_sites_fingerprint(
+        finalized: tuple[Path, dict[str, object], str]) -> None:
+    workdir, summary, uri = finalized
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, uri)
+    run = str(summary["run_id"])
+    figures = {s: json.loads((workdir / Layout().site_evaluation(s, 1)).read_text()) for s in SITES}
+    for site in SITES:
+        [metric] = client.get_metric_history(run, f"site_{site}_accuracy")
+        assert metric.step == 1 and metric.value == pytest.approx(figures[site]["accuracy"])
+    [federated] = client.get_metric_history(run, "federated_accuracy")
+    assert federated.step == 1 and federated.value == pytest.approx(summary["federated_accuracy"])
+    [worst] = client.get_metric_history(run, "federated_worst_accuracy")
+    assert worst.value == pytest.approx(min(f["accuracy"] for f in figures.values()))
+    tags = client.get_model_version("signs", str(summary["model_version"])).tags
+    assert tags["test_fingerprint"] == "sites:a,b" and tags["evaluation"] == "federated"
+    assert {r.data.tags.get("fedtrain.client") for r in client.search_runs(
+        [client.get_run(run).info.experiment_id], f"tags.`mlflow.parentRunId` = '{run}'")} == set(SITES)
+
+
+def test_a_champion_from_another_test_set_is_kept_without_one_to_score_it(
+        finalized: tuple[Path, dict[str, object], str]) -> None:
+    _, summary, uri = finalized
+    tracker = Tracker(uri, "fedtrain", TrainingIdentity("t", "ns", "u", "fedavg", {}), None)
+    champion = str(summary["model_version"])  # scored by sites a and b
+    elsewhere = str(tracker.client.create_model_version("signs", source="file:///nowhere").version)
+    promoted, reason = tracker.decide_champion("signs", elsewhere, 1.0, "sites:c", None)
+    assert not promoted and "no test set here" in reason
+    assert str(tracker.client.get_model_version_by_alias("signs", "champion").version) == champion
+    assert tracker.client.get_model_version("signs", elsewhere).tags["champion_decision"] == reason
+    better = str(tracker.client.create_model_version("signs", source="file:///nowhere").version)
+    accuracy = float(tracker.client.get_model_version("signs", champion).tags["accuracy"])
+    assert accuracy == pytest.approx(float(str(summary["federated_accuracy"])), abs=1e-6)
+    assert not tracker.decide_champion("signs", better, accuracy, "sites:a,b", None)[0]  # equal: not better
+    promoted, reason = tracker.decide_champion("signs", better, accuracy + 0.01, "sites:a,b", None)
+    assert promoted and "beats the champion" in reason
+    assert str(tracker.client.get_model_version_by_alias("signs", "champion").version) == better

@@ -1,0 +1,192 @@
+"""A remote site's worker, as its runner starts it: ``site-task`` on the site's own data, through the real CLI.
+
+One training (tiny CNN, 16 px) with an in-cluster client ``hq`` and a site ``munich`` that brings
+its own data: the site trains round 1 from the posted global model, the coordinator aggregates
+both updates, then the site scores round 1's model on its test split and on its held-out tracks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedtrain.worker.cli import main
+from fedtrain.worker.data.gtsrb import load_tree
+from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_OK
+from fedtrain.worker.layout import Layout
+from fedtrain.worker.sitetask import SiteTask, TrainSettings, parse_result
+from fedtrain.worker.storage import open_store
+from fedtrain.worker.weights import read_json, sidecar_of
+from tests.conftest import S3Server
+
+SITE = "munich"
+LAYOUT = Layout(sites=frozenset({SITE}))
+MODEL = ["--architecture", "tiny_cnn", "--image-size", "16", "--seed", "1"]
+
+
+def worker(*args: object) -> tuple[int, Any]:
+    """Run the worker CLI in this process; its exit code and the JSON it printed (None when it failed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return code, json.loads(out.getvalue()) if code == EXIT_OK else None
+
+
+def posted(workdir: Path | str, kind: str, round_number: int, site: str = SITE, attempt: int = 1) -> SiteTask:
+    """The task a coordinator would post: the global model it names and that model's sha256."""
+    model_round = round_number - 1 if kind == "train" else round_number
+    key = Layout().global_weights(model_round)
+    sidecar = read_json(open_store(str(workdir)), sidecar_of(key))
+    return SiteTask(id=f"{kind[0]}{round_number:04d}-{site}-a{attempt}", kind=kind, round=round_number, site=site,  # type: ignore[arg-type]
+                    training="tests/t", total_rounds=2, strategy="fedavg", architecture="tiny_cnn", global_key=key,
+                    global_sha256=sidecar["sha256"], deadline=time.time() + 600, seed=1,
+                    train=TrainSettings(epochs=1, batch_size=32, learning_rate=0.01) if kind == "train" else None)
+
+
+def site_task(workdir: Path | str, task: SiteTask | dict[str, Any], data: Path, *options: object) -> tuple[int, Any]:
+    document = task.to_json() if isinstance(task, SiteTask) else task
+    return worker("site-task", "--workdir", workdir, "--task-json", json.dumps(document), "--data", data,
+                  "--device", "cpu", *options)
+
+
+def files(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def training(synth_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Initialised with ``hq`` on the partition and ``munich`` on its own data; round 1 trained by both."""
+    workdir = tmp_path_factory.mktemp("site-training")
+    code, _ = worker("init", "--workdir", workdir, "--data", synth_tree, "--clients", 2, "--client-names",
+                     f"hq,{SITE}", "--own-data-clients", SITE, *MODEL)
+    assert code == EXIT_OK
+    code, _ = worker("train", "--workdir", workdir, "--round", 1, "--client", "hq", "--device", "cpu")
+    assert code == EXIT_OK
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def trained(training: Path, synth_tree: Path) -> tuple[Path, dict[str, int], dict[str, int], Any]:
+    """The site's train task of round 1 run once: files before and after, and what it printed."""
+    before = files(training)
+    code, output = site_task(training, posted(training, "train", 1), synth_tree)
+    assert code == EXIT_OK
+    return training, before, files(training), output
+
+
+def test_the_site_trains_on_its_own_data_and_answers(trained: tuple[Path, dict[str, int], dict[str, int], Any],
+                                                     synth_tree: Path) -> None:
+    workdir, before, after, output = trained
+    written = sorted(set(after) - set(before))
+    assert all(key.startswith(f"sites/{SITE}/") for key in written)  # only where the site may write
+    update = json.loads((workdir / sidecar_of(LAYOUT.client_update(1, SITE))).read_text())
+    global_0 = json.loads((workdir / "round-0000/global.json").read_text())
+    assert update["client"] == SITE and update["round"] == 1 and update["base_sha256"] == global_0["sha256"]
+    held_out = update["metrics"]["val_examples"]  # the whole training split: trained on or held out
+    assert held_out > 0 and update["num_examples"] + held_out == len(load_tree(synth_tree, need_test=False).train)
+    result = parse_result((workdir / LAYOUT.site_result(SITE, "t0001-munich-a1")).read_bytes())
+    assert result.state == "succeeded" and result.site == SITE and result.output == output
+    assert output == {"num_examples": update["num_examples"], "metrics": update["metrics"], "sha256": update["sha256"]}
+
+
+def test_a_task_answered_already_is_not_run_again(trained: tuple[Path, dict[str, int], dict[str, int], Any],
+                                                  synth_tree: Path) -> None:
+    workdir, _, after, output = trained
+    code, again = site_task(workdir, posted(workdir, "train", 1), synth_tree)
+    assert code == EXIT_OK and again == output
+    assert files(workdir) == after  # nothing uploaded or rewritten a second time
+
+
+def test_the_coordinator_aggregates_the_site_update_from_its_folder(
+        trained: tuple[Path, dict[str, int], dict[str, int], Any]) -> None:
+    workdir = trained[0]
+    code, result = worker("aggregate", "--workdir", workdir, "--round", 1, "--sites", SITE, "--device", "cpu")
+    assert code == EXIT_OK
+    assert result["accepted"] == ["hq", SITE] and result["rejected"] == {}
+    update = json.loads((workdir / sidecar_of(LAYOUT.client_update(1, SITE))).read_text())
+    hq = json.loads((workdir / sidecar_of(LAYOUT.client_update(1, "hq"))).read_text())
+    assert result["num_examples"] == update["num_examples"] + hq["num_examples"]
+
+
+def test_the_site_scores_the_global_model_on_its_test_split_and_held_out_tracks(
+        trained: tuple[Path, dict[str, int], dict[str, int], Any], synth_tree: Path) -> None:
+    workdir = trained[0]
+    if not (workdir / "round-0001/result.json").exists():
+        assert worker("aggregate", "--workdir", workdir, "--round", 1, "--sites", SITE, "--device", "cpu")[0] == 0
+    central = json.loads((workdir / "round-0001/result.json").read_text())
+    code, output = site_task(workdir, posted(workdir, "evaluate", 1), synth_tree)
+    assert code == EXIT_OK
+    figures = json.loads((workdir / LAYOUT.site_evaluation(SITE, 1)).read_text())
+    test_size = len(load_tree(synth_tree).test)
+    assert figures["examples"] == output["examples"] == test_size and figures["split"] == "test"
+    assert sum(figures["per_class_total"]) == test_size
+    assert figures["accuracy"] == pytest.approx(sum(figures["per_class_correct"]) / test_size)
+    assert 0 <= output["accuracy"] <= 1
+    # The site's test split is the coordinator's here: the same model must score the same on it.
+    assert output["accuracy"] == pytest.approx(central["accuracy"]) and output["loss"] == pytest.approx(central["loss"])
+    result = parse_result((workdir / LAYOUT.site_result(SITE, "e0001-munich-a1")).read_bytes())
+    assert result.state == "succeeded" and result.output == output
+
+    code, held = site_task(workdir, posted(workdir, "evaluate", 1, attempt=2), synth_tree,
+                           "--evaluation-split", "validation")
+    assert code == EXIT_OK
+    trained_update = json.loads((workdir / sidecar_of(LAYOUT.client_update(1, SITE))).read_text())
+    assert held["examples"] == trained_update["metrics"]["val_examples"]  # the tracks training held out
+    assert json.loads((workdir / LAYOUT.site_evaluation(SITE, 1)).read_text())["split"] == "validation"
+
+
+def test_a_task_or_model_that_is_not_what_the_coordinator_posted_is_refused(
+        training: Path, synth_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task = posted(training, "train", 1, attempt=9)
+    tampered = {**task.to_json(), "round": 2}  # digest of the original content
+    assert site_task(training, tampered, synth_tree)[0] == EXIT_BAD_DATA
+    assert "does not match its content" in capsys.readouterr().err
+    assert site_task(training, replace(task, global_sha256="0" * 64), synth_tree)[0] == EXIT_BAD_DATA
+    assert "sha256 differs from the one the coordinator posted" in capsys.readouterr().err
+    assert site_task(training, replace(task, architecture="mobilenet_v3_small"), synth_tree)[0] == EXIT_BAD_DATA
+    assert "architecture is 'tiny_cnn'" in capsys.readouterr().err
+    assert site_task(training, replace(task, global_key="round-0000/manifest.json"), synth_tree)[0] == EXIT_BAD_DATA
+    assert "is not the global model this task needs" in capsys.readouterr().err
+    assert site_task(training, task, synth_tree, "--validation-fraction", 1.5)[0] == EXIT_BAD_INPUT
+    assert not (training / LAYOUT.site_result(SITE, task.id)).exists()
+
+
+def test_init_without_data_reads_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    workdir = tmp_path / "coordinator"
+    code, output = worker("init", "--workdir", workdir, "--data", tmp_path / "nowhere", "--no-data", "--clients", 2,
+                          "--client-names", "a,b", "--own-data-clients", "a,b", *MODEL)
+    assert code == EXIT_OK and output == {"clients": {}, "num_train_samples": 0}
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["partition"]["clients"] == {} and manifest["settings"]["data"] is None
+    assert sorted(files(workdir)) == ["manifest.json", "round-0000/global.json", "round-0000/global.safetensors"]
+    assert worker("init", "--workdir", tmp_path / "other", "--no-data", "--clients", 2, "--client-names", "a,b",
+                  "--own-data-clients", "a", *MODEL)[0] == EXIT_BAD_INPUT
+    assert "--no-data leaves client 'b' without data" in capsys.readouterr().err
+    assert worker("evaluate", "--workdir", workdir, "--round", 0, "--device", "cpu")[0] == EXIT_BAD_INPUT
+    assert "initialised with --no-data" in capsys.readouterr().err
+
+
+def test_a_site_trains_through_an_object_store(s3_server: S3Server, synth_tree: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    prefix = f"site-task-{time.time_ns()}"
+    location = f"s3://{s3_server.bucket}/{prefix}"
+    assert worker("init", "--workdir", location, "--no-data", "--clients", 1, "--client-names", SITE,
+                  "--own-data-clients", SITE, *MODEL)[0] == EXIT_OK
+    code, output = site_task(location, posted(location, "train", 1), synth_tree)
+    assert code == EXIT_OK
+    listed = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{prefix}/")["Contents"]
+    keys = sorted(item["Key"].removeprefix(f"{prefix}/") for item in listed)
+    assert keys == sorted(["manifest.json", "round-0000/global.json", "round-0000/global.safetensors",
+                           LAYOUT.client_update(1, SITE), sidecar_of(LAYOUT.client_update(1, SITE)),
+                           LAYOUT.site_result(SITE, "t0001-munich-a1")])
+    update = read_json(open_store(location), sidecar_of(LAYOUT.client_update(1, SITE)))
+    assert update["sha256"] == output["sha256"] and update["num_examples"] == output["num_examples"] > 0

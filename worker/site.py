@@ -1,0 +1,214 @@
+"""A site's side of a task: train on, or evaluate with, the site's own data, and answer in the store.
+
+The coordinator posts a `SiteTask`; the site's runner (its operator or ``fedtrain site run``) has
+already checked it against the site's policy, and starts ``fedtrain-worker site-task``. This module
+runs it: it checks the global model against the sha256 and architecture the task vouches for,
+trains or evaluates on the site's own data, writes the update or the evaluation under
+``sites/<site>/``, and then the `SiteResult` that tells the coordinator the task is done.
+
+The site reads nothing of the coordinator but the task and the global models: no manifest, no
+partition (a per-site bucket policy grants nothing else, see `layout.site_grants`). The model
+comes from the global model's sidecar, the seed and image settings from the task, the data and
+its splits from the site's own settings.
+
+Held-out tracks: the site's validation tracks are drawn once per (training seed, site), not per
+round, so that an evaluation on ``validation`` scores tracks that no round ever trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree, split_by_track
+from fedtrain.worker.data.partition import Partition
+from fedtrain.worker.errors import BadDataError, BadInputError
+from fedtrain.worker.jobs import (
+    DataConfig,
+    LocalRound,
+    Stopwatch,
+    Workspace,
+    client_seed,
+    train_update,
+)
+from fedtrain.worker.layout import Layout
+from fedtrain.worker.models import ModelConfig, build_model
+from fedtrain.worker.sitetask import SiteResult, SiteTask, TrainSettings, encode, parse_result, parse_task
+from fedtrain.worker.storage import Store
+from fedtrain.worker.training import Evaluation, TrainConfig, evaluate, load_numpy_state
+from fedtrain.worker.weights import Weights, read_weights, write_json
+
+EVALUATION_SPLITS = ("test", "validation")
+HELD_OUT_ROUND = 0  # the round number in the seed of the site's fixed held-out tracks
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """The site's own data and how the site splits it (its settings, never the coordinator's)."""
+
+    path: str
+    validation_fraction: float = 0.1
+    evaluation_split: str = "test"  # test: the tree's test split when it has one; validation: held-out tracks
+
+    def check(self) -> None:
+        """Name the option that is out of range."""
+        if not 0 <= self.validation_fraction < 1:
+            raise BadInputError(f"--validation-fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.evaluation_split not in EVALUATION_SPLITS:
+            raise BadInputError(f"--evaluation-split {self.evaluation_split!r} is unknown; use one of "
+                                f"{', '.join(EVALUATION_SPLITS)}")
+
+
+def read_task(text: str) -> SiteTask:
+    """The task given on the command line (``--task-json``), its version and digest checked."""
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise BadDataError(f"--task-json: not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise BadDataError("--task-json: expected a JSON object (the task of a task.json posting)")
+    return parse_task(value, "--task-json")
+
+
+def run_task(store: Store, task: SiteTask, data: SiteData, device: torch.device) -> dict[str, Any]:
+    """Run one task and answer it; return the answer's output.
+
+    A task already answered successfully is not run again (a runner restarted mid-task must not
+    upload twice): its recorded output is returned as it is.
+    """
+    data.check()
+    layout = Layout(sites=frozenset({task.site}))
+    answered = _answered(store, layout, task)
+    if answered is not None:
+        return answered
+    clock = Stopwatch()
+    base = global_model(store, task)
+    clock.lap("read_weights")
+    workspace = site_workspace(store, task, data, base[1])
+    if task.kind == "train":
+        output = _train(workspace, task, base, device, clock)
+    else:
+        output = _evaluate(workspace, task, data, base[0], device)
+    result = SiteResult(task=task.id, site=task.site, state="succeeded", exit_code=0, output=output)
+    store.write_bytes(layout.site_result(task.site, task.id), encode(result))
+    return output
+
+
+def _answered(store: Store, layout: Layout, task: SiteTask) -> dict[str, Any] | None:
+    """The output of this task's earlier success, or None when it has none (not run, or failed)."""
+    key = layout.site_result(task.site, task.id)
+    if not store.exists(key):
+        return None
+    result = parse_result(store.read_bytes(key), store.describe(key))
+    return result.output if result.state == "succeeded" else None
+
+
+def expected_global_key(task: SiteTask) -> str:
+    """The only model a task may name: the previous round's global model to train from, this round's to evaluate."""
+    return Layout().global_weights(task.round - 1 if task.kind == "train" else task.round)
+
+
+def global_model(store: Store, task: SiteTask) -> tuple[Weights, dict[str, Any]]:
+    """The task's global model, refused unless it is exactly the one the coordinator vouched for."""
+    if task.kind == "train" and task.round < 1:
+        raise BadDataError(f"task {task.id}: a train task's round must be >= 1, got {task.round}")
+    if task.global_key != expected_global_key(task):
+        raise BadDataError(f"task {task.id}: global_key {task.global_key!r} is not the global model this task "
+                           f"needs ({expected_global_key(task)!r}); refusing it")
+    weights, meta = read_weights(store, task.global_key)  # the bytes match the sidecar's sha256
+    if meta.get("sha256") != task.global_sha256:
+        raise BadDataError(f"task {task.id}: the global model's sha256 differs from the one the coordinator "
+                           "posted; refusing it")
+    architecture = (meta.get("model") or {}).get("architecture")
+    if architecture != task.architecture:
+        raise BadDataError(f"task {task.id}: the global model's architecture is {architecture!r}, but the task "
+                           f"says {task.architecture!r}; refusing it")
+    return weights, meta
+
+
+def site_workspace(store: Store, task: SiteTask, data: SiteData, meta: dict[str, Any]) -> Workspace:
+    """A workspace for the site: the model from the global model's sidecar, the data the site's own."""
+    model = ModelConfig.from_json({**meta["model"], "pretrained_weights": None})  # its weights are the global's
+    partition = Partition("none", 0.0, 0, model.num_classes)  # no shares: the site trains on all of its data
+    return Workspace(store, model, DataConfig(data.path, task.roi_crop, data.validation_fraction), partition,
+                     task.seed, sites=frozenset({task.site}))
+
+
+def train_config(settings: TrainSettings) -> TrainConfig:
+    """The worker's training settings from the task's (the seed is set per round and site by `train_update`)."""
+    config = TrainConfig(settings.epochs, settings.batch_size, settings.optimizer, settings.learning_rate,
+                         settings.momentum, settings.weight_decay, settings.scheduler, settings.restart_epochs,
+                         settings.mu)
+    config.check()
+    if settings.clip_norm is not None and not settings.clip_norm > 0:
+        raise BadInputError(f"task train.clip_norm must be > 0, got {settings.clip_norm}")
+    return config
+
+
+def _own_split(workspace: Workspace, task: SiteTask) -> LocalRound:
+    """The site's whole training split, decoded, with its fixed held-out tracks."""
+    def locate() -> tuple[GtsrbTree, list[Sample]]:
+        tree = load_tree(Path(workspace.data.path), workspace.model.num_classes, need_test=False)
+        return tree, list(tree.train)
+
+    shard = workspace.shard(f"own:{task.site}", locate)
+    seed = client_seed(task.seed, HELD_OUT_ROUND, task.site)
+    train_part, held_out = split_by_track(shard.samples, workspace.data.validation_fraction, seed)
+    return LocalRound(task.round, task.site, shard, train_part, held_out)
+
+
+def _train(workspace: Workspace, task: SiteTask, base: tuple[Weights, dict[str, Any]], device: torch.device,
+           clock: Stopwatch) -> dict[str, Any]:
+    """Train on the site's own data from the global model; the update goes to the site's folder."""
+    if task.train is None:
+        raise BadDataError(f"task {task.id}: a train task without its 'train' settings")
+    config = train_config(task.train)
+    local = _own_split(workspace, task)
+    clock.lap("decode")
+    sidecar = train_update(workspace, local, base, config, device, task.train.clip_norm, clock)
+    return {"num_examples": sidecar["num_examples"], "metrics": sidecar["metrics"], "sha256": sidecar["sha256"]}
+
+
+def _evaluate(workspace: Workspace, task: SiteTask, data: SiteData, weights: Weights, device: torch.device
+              ) -> dict[str, Any]:
+    """Score the round's global model on the site's evaluation split; write the figures (metrics only)."""
+    split, images, labels = _evaluation_arrays(workspace, task, data)
+    model = build_model(workspace.model)
+    load_numpy_state(model, weights)
+    scores = evaluate(model, images, labels, workspace.model.num_classes, device=device)
+    figures = {"round": task.round, "split": split, **evaluation_figures(scores)}
+    write_json(workspace.store, workspace.layout.site_evaluation(task.site, task.round), figures)
+    return {"examples": scores.num_examples, "accuracy": scores.accuracy, "loss": scores.loss}
+
+
+def _evaluation_arrays(workspace: Workspace, task: SiteTask, data: SiteData) -> tuple[str, Any, Any]:
+    """Which split is scored ("test" or "validation") and its decoded images and labels."""
+    root = Path(data.path)
+    if data.evaluation_split == "test" and has_test_images(root):
+        tree = load_tree(root, workspace.model.num_classes, need_test=True)
+        if tree.test:
+            shard = workspace.shard(f"site-test:{task.site}", lambda: (tree, list(tree.test)))
+            return "test", shard.images, shard.labels
+    local = _own_split(workspace, task)
+    if not local.validation:
+        raise BadInputError(f"--validation-fraction {data.validation_fraction} holds out no tracks, and the site "
+                            "has no test images to evaluate on; raise --validation-fraction or add a test split")
+    images, labels = local.shard.arrays(local.validation)
+    return "validation", images, labels
+
+
+def has_test_images(root: Path) -> bool:
+    """Whether a GTSRB tree has a test folder (official or torchvision layout): its labels are then required."""
+    return (root / "Final_Test" / "Images").is_dir() or (root / "GTSRB" / "Final_Test" / "Images").is_dir()
+
+
+def evaluation_figures(scores: Evaluation) -> dict[str, Any]:
+    """Counts and means only: what a site's evaluation may tell the coordinator about its data."""
+    correct = [row[c] for c, row in enumerate(scores.confusion)]
+    total = [sum(row) for row in scores.confusion]
+    return {"examples": scores.num_examples, "accuracy": scores.accuracy, "loss": scores.loss,
+            "per_class_correct": correct, "per_class_total": total}
