@@ -231,7 +231,7 @@ def client_seed(seed: int, round_number: int, client: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _client_samples(workspace: Workspace, client: str, sample_ids: list[str] | None, own_data: bool
+def client_samples(workspace: Workspace, client: str, sample_ids: list[str] | None, own_data: bool
                     ) -> tuple[GtsrbTree, list[Sample]]:
     """Index the data set and pick the client's samples (all of them for its own data set)."""
     tree = load_tree(Path(workspace.data.path), workspace.model.num_classes, need_test=False) if own_data \
@@ -264,7 +264,7 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
     base = workspace.load_global(round_number - 1)
     clock.lap("read_weights")
     expected = None if own_data else sample_ids
-    shard = workspace.shard(f"{'own' if own_data else 'client'}:{client}", lambda: _client_samples(
+    shard = workspace.shard(f"{'own' if own_data else 'client'}:{client}", lambda: client_samples(
         workspace, client, None if own_data else sample_ids, own_data), expected)
     clock.lap("decode")
     seed = client_seed(workspace.seed, round_number, client)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree, split_by_track
+from fedtrain.worker.data.gtsrb import load_tree, split_by_track
 from fedtrain.worker.data.partition import Partition
 from fedtrain.worker.errors import BadDataError, BadInputError
 from fedtrain.worker.jobs import (
@@ -32,6 +32,7 @@ from fedtrain.worker.jobs import (
     LocalRound,
     Stopwatch,
     Workspace,
+    client_samples,
     client_seed,
     train_update,
 )
@@ -151,11 +152,7 @@ def train_config(settings: TrainSettings) -> TrainConfig:
 
 def _own_split(workspace: Workspace, task: SiteTask) -> LocalRound:
     """The site's whole training split, decoded, with its fixed held-out tracks."""
-    def locate() -> tuple[GtsrbTree, list[Sample]]:
-        tree = load_tree(Path(workspace.data.path), workspace.model.num_classes, need_test=False)
-        return tree, list(tree.train)
-
-    shard = workspace.shard(f"own:{task.site}", locate)
+    shard = workspace.shard(f"own:{task.site}", lambda: client_samples(workspace, task.site, None, own_data=True))
     seed = client_seed(task.seed, HELD_OUT_ROUND, task.site)
     train_part, held_out = split_by_track(shard.samples, workspace.data.validation_fraction, seed)
     return LocalRound(task.round, task.site, shard, train_part, held_out)

@@ -44,7 +44,7 @@ def posted(workdir: Path | str, kind: str, round_number: int, site: str = SITE, 
     model_round = round_number - 1 if kind == "train" else round_number
     key = Layout().global_weights(model_round)
     sidecar = read_json(open_store(str(workdir)), sidecar_of(key))
-    return SiteTask(id=f"{kind[0]}{round_number:04d}-{site}-a{attempt}", kind=kind, round=round_number, site=site,  # type: ignore[arg-type]
+    return SiteTask(id=f"{kind[0]}{round_number:04d}-{site}-a{attempt}", kind=kind, round=round_number, site=site,
                     training="tests/t", total_rounds=2, strategy="fedavg", architecture="tiny_cnn", global_key=key,
                     global_sha256=sidecar["sha256"], deadline=time.time() + 600, seed=1,
                     train=TrainSettings(epochs=1, batch_size=32, learning_rate=0.01) if kind == "train" else None)
