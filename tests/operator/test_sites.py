@@ -1,0 +1,276 @@
+"""Remote sites on two clusters: a coordinator's training and sites' FederatedParticipations, meeting in S3 only.
+
+The coordinator cluster runs the training with the operator in the test's event loop; the site
+cluster is a second API server with its own Job runner and its own operator, a separate ``kopf run``
+process. They share nothing but the moto S3 server, where IAM is enforced: the coordinator's key
+may use the bucket, each site's key only what `fedtrain.sites.bucket_policy.site_policy` grants it.
+Each site's data is a synthetic GTSRB tree on its own claim, which the site's Jobs mount read-only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedtrain.sites.bucket_policy import site_policy
+from fedtrain.worker.data.synth import SynthConfig, generate
+from fedtrain.worker.storage import open_store
+from tests.conftest import S3Server
+from tests.operator.cluster import ApiServer
+from tests.operator.conftest import NAMESPACE, Cluster, SiteCluster, tiny_training
+from tests.operator.test_operator import _rbac_rules, _verb
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]
+PREFIX = "sites"
+CLAIM = "signs-data"
+SITES = {"munich": "site-munich", "hamburg": "site-hamburg"}  # site -> its namespace in the site cluster
+
+
+def secret(namespace: str, name: str, key_id: str, key: str) -> dict[str, Any]:
+    data = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": key}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
+def store_spec(s3: S3Server, secret_name: str) -> dict[str, Any]:
+    return {"endpoint": s3.endpoint, "bucket": s3.bucket, "prefix": PREFIX, "region": "us-east-1",
+            "credentialsSecret": {"name": secret_name}}
+
+
+def coordinated(name: str, s3: S3Server, mlflow: str, sites: list[str], **spec: Any) -> dict[str, Any]:
+    """A 2-round training with in-cluster client hq and remote ``sites``, weights in S3."""
+    entries = [{"name": "hq"}, *({"name": site, "site": {}} for site in sites)]
+    manifest = tiny_training(name, clients={"count": len(entries), "list": entries},
+                             mlflow={"experiment": "operator-sites", "trackingUri": mlflow}, **spec)
+    manifest["spec"]["storage"] = {"s3": store_spec(s3, "fedtrain-s3")}
+    return manifest
+
+
+def participation(site: str, training_id: str, s3: S3Server, **spec: Any) -> dict[str, Any]:
+    """The site's FederatedParticipation, as the site's own people write it."""
+    return {"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedParticipation",
+            "metadata": {"name": "signs", "namespace": SITES[site]},
+            "spec": {"site": site, "training": {"id": training_id}, "store": {"s3": store_spec(s3, "site-s3")},
+                     "data": {"claimName": CLAIM, "path": "gtsrb"}, "pollSeconds": 1,
+                     "worker": {"image": "fedtrain/worker:test", "device": "cpu"}, **spec}}
+
+
+async def start_training(cluster: Cluster, manifest: dict[str, Any], s3: S3Server) -> str:
+    """Apply the training with the coordinator's Secret; its id once the operator published it."""
+    await cluster.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets",
+                          secret(NAMESPACE, "fedtrain-s3", s3.access_key_id, s3.secret_access_key))
+    await cluster.start_operator()
+    await cluster.apply(manifest)
+    found = await cluster.wait_for(manifest["metadata"]["name"], lambda r: bool(r.get("status", {}).get("trainingId")),
+                                   timeout=60)
+    return str(found["status"]["trainingId"])
+
+
+async def join(site_cluster: SiteCluster, site: str, training_id: str, s3: S3Server, seed: int,
+               **spec: Any) -> tuple[Path, tuple[str, str]]:
+    """Give the site its own IAM user (the site policy), Secret and data, and apply its participation."""
+    namespace = SITES[site]
+    keys = s3.user(f"{site}-{seed}", site_policy(s3.bucket, PREFIX, training_id, site, list_bucket=True))
+    await site_cluster.request("POST", f"/api/v1/namespaces/{namespace}/secrets", secret(namespace, "site-s3", *keys))
+    home = site_cluster.runner.claim_dir(namespace, CLAIM) / "gtsrb"
+    generate(home, SynthConfig(per_class=4, test_per_class=2, frames_per_track=2, seed=seed, max_size=32))
+    await site_cluster.apply(participation(site, training_id, s3, **spec))
+    return home, keys
+
+
+def operator_calls(server: ApiServer) -> set[tuple[str, str]]:
+    """(resource[/subresource], verb) of every request the operator (kopf and its own client) made to ``server``."""
+    used = set()
+    for request in list(server._requests):
+        agent = request.headers.get("User-Agent", "")
+        if not agent.startswith(("kopf/", "OpenAPI-Generator")) or request.resource is None or \
+                not isinstance(request.resource.plural, str):
+            continue
+        used.add((request.resource.plural + (f"/{request.subresource}" if request.subresource else ""),
+                  _verb(request)))
+    return used
+
+
+def finished(resource: dict[str, Any]) -> bool:
+    return resource.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+def printed(resource: dict[str, Any], crd_columns: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``kubectl get`` shows: each printer column's jsonPath read from the resource."""
+    shown = {}
+    for column in crd_columns:
+        value: Any = resource
+        for part in column["jsonPath"].strip(".").split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        shown[column["name"]] = value
+    return shown
+
+
+@pytest.mark.slow  # about 3.5 min on two busy cores
+async def test_a_training_with_a_local_client_and_two_sites_succeeds(
+        cluster: Cluster, site_cluster: SiteCluster, s3_server: S3Server, mlflow_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDTRAIN_SITE_POLL_SECONDS", "1")
+    training_id = await start_training(
+        cluster, coordinated("signs-sites", s3_server, mlflow_server, ["munich", "hamburg"]), s3_server)
+    await site_cluster.start_operator()
+    homes = {site: (await join(site_cluster, site, training_id, s3_server, seed))[0]
+             for seed, site in enumerate(SITES, start=11)}
+
+    done = await cluster.wait_for("signs-sites", finished, timeout=280)
+    status = done["status"]
+    assert status["phase"] == "Succeeded", (status.get("reason"), status.get("message"))
+    assert 0.0 <= status["federatedAccuracy"] <= 1.0
+    for record in status["rounds"]:
+        assert set(record["siteScores"]) == set(SITES), record
+        assert record["federated"]["examples"] == sum(s["examples"] for s in record["siteScores"].values())
+        assert {record["clients"][s]["state"] for s in SITES} == {"succeeded"}
+    for home in homes.values():
+        assert str(home) not in json.dumps(done)  # no site path reaches the coordinator
+
+    columns = site_cluster.server.crds["federatedparticipations"]["spec"]["versions"][0]["additionalPrinterColumns"]
+    for site, namespace in SITES.items():
+        fp = await site_cluster.wait_for(namespace, "signs", lambda r: r.get("status", {}).get("phase") == "Completed")
+        shown = printed(fp, columns)
+        assert (shown["Training"], shown["Phase"], shown["Rounds"]) == (training_id, "Completed", 2), shown
+        assert 0.0 <= shown["Accuracy"] <= 1.0
+        jobs = await site_cluster.list(f"/apis/batch/v1/namespaces/{namespace}/jobs")
+        assert sorted(j["metadata"]["name"] for j in jobs) == sorted(
+            f"signs-{kind}{n:04d}-{site}-a1" for kind in "re" for n in (1, 2))
+        pod = jobs[0]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "fedtrain-worker" and pod["securityContext"]["runAsNonRoot"]
+        assert {"name": "site-data", "persistentVolumeClaim": {"claimName": CLAIM, "readOnly": True}} in pod["volumes"]
+        refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in pod["containers"][0]["env"] if "valueFrom" in e]
+        assert refs == ["site-s3", "site-s3"]
+
+    used, granted = operator_calls(site_cluster.server), _rbac_rules()
+    assert used <= granted, f"the site operator used what deploy/rbac.yaml does not grant: {sorted(used - granted)}"
+    site_only = {("federatedparticipations/status", "patch"), ("jobs", "patch"), ("secrets", "get"),
+                 ("federatedparticipations", "get"), ("federatedparticipations", "watch"), ("jobs", "create")}
+    assert site_only <= used, sorted(site_only - used)
+
+    store = open_store(f"s3://{s3_server.bucket}/{PREFIX}/{training_id}", s3_server.environment())
+    for site in SITES:
+        update = json.loads(store.read_bytes(f"sites/{site}/round-0002/update.json"))
+        assert update["num_examples"] > 0
+        assert json.loads(store.read_bytes(f"sites/{site}/round-0002/evaluation.json"))["examples"] == 43 * 2
+
+
+@pytest.mark.slow  # about 3 min on two busy cores
+async def test_a_site_refuses_a_strategy_outside_its_policy_and_the_training_goes_on(
+        cluster: Cluster, site_cluster: SiteCluster, s3_server: S3Server, mlflow_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDTRAIN_SITE_POLL_SECONDS", "1")
+    manifest = coordinated("signs-refused", s3_server, mlflow_server, ["munich"])
+    manifest["spec"]["clients"]["minSuccessful"] = 1
+    training_id = await start_training(cluster, manifest, s3_server)
+    await site_cluster.start_operator()
+    await join(site_cluster, "munich", training_id, s3_server, 21, policy={"strategies": ["fedprox"]})
+
+    fp = await site_cluster.wait_for("site-munich", "signs", lambda r: bool(r.get("status", {}).get("lastRefusal")))
+    assert "strategy fedavg is not accepted (spec.policy.strategies: fedprox)" in fp["status"]["lastRefusal"]
+    events = await site_cluster.list("/api/v1/namespaces/site-munich/events")
+    assert any(e["reason"] == "TaskRefused" and e["type"] == "Warning" and "spec.policy.strategies" in e["message"]
+               for e in events), events
+
+    done = await cluster.wait_for("signs-refused", finished, timeout=200)
+    status = done["status"]
+    assert status["phase"] == "Succeeded", (status.get("reason"), status.get("message"))
+    munich = status["rounds"][0]["clients"]["munich"]
+    assert (munich["state"], munich["exitCode"]) == ("failed", 77), munich
+    assert "spec.policy.strategies" in munich["reason"]
+    coordinator_events: Any = await cluster.events()  # (Cluster.list shadows the builtin in its annotations)
+    assert any(e["reason"] == "ClientFailed" and "munich failed: exit code 77 (refused by the site)" in e["message"]
+               and "spec.policy.strategies" in e["message"] for e in coordinator_events), \
+        [(e["reason"], e["message"]) for e in coordinator_events]
+    assert await site_cluster.list("/apis/batch/v1/namespaces/site-munich/jobs") == []  # nothing touched its data
+
+
+async def test_a_silent_site_is_dropped_at_the_round_deadline(cluster: Cluster, s3_server: S3Server,
+                                                              mlflow_server: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDTRAIN_SITE_POLL_SECONDS", "1")
+    manifest = coordinated("signs-silent", s3_server, mlflow_server, [], roundDeadlineSeconds=10)
+    manifest["spec"]["clients"] = {"count": 2, "minSuccessful": 1,
+                                   "list": [{"name": "hq"}, {"name": "hamburg", "site": {"evaluate": False}}]}
+    await start_training(cluster, manifest, s3_server)
+    done = await cluster.wait_for("signs-silent", finished, timeout=120)
+    status = done["status"]
+    assert status["phase"] == "Succeeded", (status.get("reason"), status.get("message"))
+    for record in status["rounds"]:
+        assert record["clients"]["hamburg"]["state"] == "dropped", record
+        assert record["clients"]["hq"]["state"] == "succeeded"
+
+
+async def test_a_site_key_cannot_touch_another_sites_keys(s3_server: S3Server) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    training_id = "team-signs/keys-0123abcd"
+    keys = s3_server.user("munich-keys", site_policy(s3_server.bucket, PREFIX, training_id, "munich"))
+    munich = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+                          aws_access_key_id=keys[0], aws_secret_access_key=keys[1])
+    base = f"{PREFIX}/{training_id}"
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/sites/hamburg/round-0001/update.json",
+                                  Body=b"{}")
+    munich.put_object(Bucket=s3_server.bucket, Key=f"{base}/sites/munich/round-0001/update.json", Body=b"{}")
+    calls: list[Callable[[], Any]] = [
+        lambda: munich.put_object(Bucket=s3_server.bucket, Body=b"x",
+                                  Key=f"{base}/sites/hamburg/round-0001/update.safetensors"),
+        lambda: munich.get_object(Bucket=s3_server.bucket, Key=f"{base}/sites/hamburg/round-0001/update.json"),
+        lambda: munich.put_object(Bucket=s3_server.bucket, Key=f"{base}/round-0001/global.safetensors", Body=b"x")]
+    for call in calls:
+        with pytest.raises(ClientError) as refused:
+            call()
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+
+
+@pytest.mark.slow  # about 2 min on two busy cores
+async def test_a_site_operator_killed_mid_task_uploads_once(
+        cluster: Cluster, site_cluster: SiteCluster, s3_server: S3Server, mlflow_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDTRAIN_SITE_POLL_SECONDS", "1")
+    admin = s3_server.client()
+    admin.put_bucket_versioning(Bucket=s3_server.bucket, VersioningConfiguration={"Status": "Enabled"})
+    try:
+        training_id = await start_training(cluster, coordinated("signs-restart", s3_server, mlflow_server,
+                                                                ["munich"]), s3_server)
+        await site_cluster.start_operator()
+        await join(site_cluster, "munich", training_id, s3_server, 31)
+        jobs = "/apis/batch/v1/namespaces/site-munich/jobs"
+        started = await poll(lambda: site_cluster.list(jobs), lambda found: bool(found))
+        await site_cluster.stop_operator(graceful=False)  # killed while the round's Job runs
+        assert not started[0].get("status", {}).get("conditions"), "the Job ended before the operator was killed"
+        await poll(lambda: site_cluster.list(jobs), lambda found: all(j.get("status", {}).get("conditions")
+                                                                      for j in found))
+        await site_cluster.start_operator()
+        done = await cluster.wait_for("signs-restart", finished, timeout=200)
+        assert done["status"]["phase"] == "Succeeded", (done["status"].get("reason"), done["status"].get("message"))
+        fp = await site_cluster.wait_for("site-munich", "signs", lambda r: r.get("status", {}).get("phase")
+                                         == "Completed")
+        assert fp["status"]["roundsDone"] == 2
+        assert sorted(site_cluster.runner.ran) == sorted(set(site_cluster.runner.ran))  # every task's Job ran once
+        for round_number in (1, 2):
+            key = f"{PREFIX}/{training_id}/sites/munich/round-{round_number:04d}/update.safetensors"
+            versions = admin.list_object_versions(Bucket=s3_server.bucket, Prefix=key).get("Versions", [])
+            assert len([v for v in versions if v["Key"] == key]) == 1, versions
+    finally:
+        admin.put_bucket_versioning(Bucket=s3_server.bucket, VersioningConfiguration={"Status": "Suspended"})
+
+
+async def poll(read: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], timeout: float = 120) -> Any:
+    """``await read()`` until ``check`` holds for what it returns (a deadline, not a sleep standing in)."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        found = await read()
+        if check(found):
+            return found
+        assert asyncio.get_running_loop().time() < deadline, f"timed out; last: {found}"
+        await asyncio.sleep(0.1)
