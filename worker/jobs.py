@@ -368,14 +368,15 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
         raise BadInputError(f"--round must be >= 1, got {round_number}")
     started = time.perf_counter()
     strategy = make_strategy(config.strategy, dict(config.parameters))
-    current, _ = workspace.load_global(round_number - 1)
+    current, current_meta = workspace.load_global(round_number - 1)
     layout, store = workspace.layout, workspace.store
     state: dict[str, NDArray[Any]] = {}
     if store.exists(layout.strategy_state(round_number - 1)):
         state, _ = read_weights(store, layout.strategy_state(round_number - 1))
     clients = config.clients or _updates_present(workspace, round_number)
     files = [UpdateFile(c, store, layout.client_update(round_number, c)) for c in clients]
-    updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates)
+    updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates,
+                        base_sha256=current_meta.get("sha256"))
     if config.privacy is not None:
         outcome = _private_round(current, updates, config.privacy, round_number)
     else:

@@ -116,13 +116,26 @@ def test_a_round_of_poisoned_updates_exits_rejected(federation: Path, tmp_path: 
     layout = at(federation)
     from fedtrain.worker.weights import read_weights_file
 
-    weights, _ = read_weights_file(layout.global_weights(2))
+    weights, meta = read_weights_file(layout.global_weights(2))
     nan = {k: (np.full_like(v, np.nan) if v.dtype.kind == "f" else v) for k, v in weights.items()}
-    save_weights_file(layout.client_update(3, "client-00"), nan, {"num_examples": 5})
+    save_weights_file(layout.client_update(3, "client-00"), nan, {"num_examples": 5, "base_sha256": meta["sha256"]})
     done = worker("aggregate", "--workdir", federation, "--round", 3, "--device", "cpu", check=False)
     assert done.returncode == EXIT_REJECTED_UPDATES
     assert "client-00: tensor" in done.stderr and "NaN" in done.stderr
     assert not layout.global_weights(3).exists()
+
+
+def test_an_update_trained_from_another_model_is_rejected(federation: Path, tmp_path: Path) -> None:
+    """A replayed or stale update (its base is round 1's model, the round started from round 2's) never counts."""
+    layout = at(federation)
+    from fedtrain.worker.weights import read_weights_file
+
+    weights, stale = read_weights_file(layout.global_weights(1))
+    save_weights_file(layout.client_update(3, "client-00"), weights, {"num_examples": 5,
+                                                                      "base_sha256": stale["sha256"]})
+    done = worker("aggregate", "--workdir", federation, "--round", 3, "--device", "cpu", check=False)
+    assert done.returncode == EXIT_REJECTED_UPDATES
+    assert "client-00: trained from another model" in done.stderr
 
 
 def test_remove_deletes_only_a_training_directory(tmp_path: Path) -> None:

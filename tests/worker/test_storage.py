@@ -358,10 +358,10 @@ def test_an_aggregation_whose_update_read_fails_exits_75_and_succeeds_when_run_a
     assert worker_main(["init", "--workdir", location, "--data", str(synth_tree), "--clients", "2",
                         "--architecture", "tiny_cnn", "--image-size", "32"]) == 0
     store, layout = open_store(location, s3_server.environment()), Layout()
-    start, _ = read_weights(store, layout.global_weights(0))
+    start, base = read_weights(store, layout.global_weights(0))
     for step, client in enumerate(("client-00", "client-01"), start=1):  # two honest updates, no training needed
         moved = {k: v + np.asarray(0.001 * step, v.dtype) if v.dtype.kind == "f" else v for k, v in start.items()}
-        save_weights(store, layout.client_update(1, client), moved, {"num_examples": 5})
+        save_weights(store, layout.client_update(1, client), moved, {"num_examples": 5, "base_sha256": base["sha256"]})
     aggregate = ["aggregate", "--workdir", location, "--round", "1", "--device", "cpu"]
     proxy = FlakyS3(failing="clients/client-01.safetensors", upstream=s3_server.endpoint)
     try:  # the real process, for its exit code

@@ -47,6 +47,9 @@ class UpdateSet:
     rejected: dict[str, str] = field(default_factory=dict)
     accepted: list[str] = field(default_factory=list)
     examples: dict[str, int] = field(default_factory=dict)
+    # The sha256 of the model the round started from; an update whose sidecar names another base was
+    # trained from a stale or foreign model (a site that replayed an old round, or was sent a wrong one).
+    base_sha256: str | None = None
 
     def _read(self, source: UpdateFile) -> Update | None:
         """The update, or None after noting why it is rejected.
@@ -62,6 +65,10 @@ class UpdateSet:
             self.rejected[source.client] = str(error)
             return None
         problem = structural_problem(weights, self.current, meta.get("num_examples"))
+        if problem is None and self.base_sha256 is not None and meta.get("base_sha256") != self.base_sha256:
+            named = str(meta.get("base_sha256") or "none")[:12]
+            problem = (f"trained from another model (base sha256 {named}…), not this round's global model "
+                       f"({self.base_sha256[:12]}…)")
         if problem is not None:
             self.rejected[source.client] = problem
             return None
