@@ -64,13 +64,20 @@ def progress_display(out: Console, total_rounds: int, clients_per_round: int) ->
 def summary_table(status: TrainingStatus) -> Table:
     """Per-round results of a training."""
     table = Table(title=f"{status.phase}: {status.message}")
-    for column in ("round", "clients ok", "failed", "dropped", "rejected", "accuracy", "loss"):
+    sites = any(record.federated is not None for record in status.rounds)
+    columns = ["round", "clients ok", "failed", "dropped", "rejected", "accuracy", "loss"]
+    for column in columns + (["federated", "worst site"] if sites else []):
         table.add_column(column, justify="right")
     for record in status.rounds:
         accuracy = f"{record.accuracy:.4f}" if record.accuracy is not None else "-"
         loss = f"{record.loss:.4f}" if record.loss is not None else "-"
-        table.add_row(str(record.round), str(record.count("succeeded")), str(record.count("failed")),
-                      str(record.count("dropped")), str(len(record.rejected)), accuracy, loss)
+        row = [str(record.round), str(record.count("succeeded")), str(record.count("failed")),
+               str(record.count("dropped")), str(len(record.rejected)), accuracy, loss]
+        if sites:
+            federated = record.federated
+            row += [f"{federated.accuracy:.4f} ({federated.sites} sites)", f"{federated.worst_site} "
+                    f"{federated.worst_accuracy:.4f}"] if federated is not None else ["-", "-"]
+        table.add_row(*row)
     return table
 
 

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+
+from fedtrain.cli import main
 
 SITES = {"munich": 11, "hamburg": 12, "berlin": 13}  # site -> seed of the data generated there
 
@@ -63,7 +66,8 @@ def wait_all(processes: dict[str, subprocess.Popen[bytes]], logs: Path, timeout:
     assert not failed, failed
 
 
-def test_a_coordinator_and_three_sites_share_only_a_store(tmp_path: Path) -> None:
+def test_a_coordinator_and_three_sites_share_only_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     store, logs = tmp_path / "store", tmp_path / "logs"
     logs.mkdir()
     files = {"coordinator": tmp_path / "coordinator.yaml"}
@@ -92,3 +96,7 @@ def test_a_coordinator_and_three_sites_share_only_a_store(tmp_path: Path) -> Non
         assert site_status["phase"] == "Completed" and site_status["roundsDone"] == 2, site_status
         assert (store / "sites" / site / "round-0002" / "update.safetensors").is_file()
     assert (store / "final" / "model.safetensors").is_file()
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: rich cuts columns to fit 80
+    assert main(["status", str(store)]) == 0
+    shown = capsys.readouterr().out
+    assert "federated" in shown and "3 sites" in shown and "worst site" in shown
