@@ -224,6 +224,7 @@ class SiteCluster:
     session: aiohttp.ClientSession
     kubeconfig: Path
     log: Path
+    sabotage: dict[str, Sabotage]  # Job name fragment -> what its Pod does instead of running
     process: subprocess.Popen[bytes] | None = None
 
     async def request(self, method: str, path: str, body: Any = None, status: int | None = None) -> dict[str, Any]:
@@ -296,13 +297,19 @@ def _answers(url: str) -> bool:
 @pytest_asyncio.fixture
 async def site_cluster(tmp_path: Path) -> AsyncIterator[SiteCluster]:
     """The site's cluster (see `SiteCluster`); its operator is started by the test."""
-    thread = ClusterThread(tmp_path / "site-node", lambda job: None)
+    sabotage: dict[str, Sabotage] = {}
+
+    def plan(job: dict[str, Any]) -> Sabotage | None:
+        return next((p for fragment, p in sabotage.items() if fragment in job["metadata"]["name"]), None)
+
+    thread = ClusterThread(tmp_path / "site-node", plan)
     thread.start()
     assert thread.started.wait(60), "the site cluster did not start"
     assert thread.server is not None and thread.runner is not None
     config = kubeconfig(tmp_path / "site-kubeconfig", thread.url)
     async with aiohttp.ClientSession(base_url=thread.url) as session:
-        found = SiteCluster(thread.url, thread.server, thread.runner, session, config, tmp_path / "site-operator.log")
+        found = SiteCluster(thread.url, thread.server, thread.runner, session, config, tmp_path / "site-operator.log",
+                            sabotage)
         try:
             yield found
         finally:

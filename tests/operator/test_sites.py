@@ -9,6 +9,7 @@ Each site's data is a synthetic GTSRB tree on its own claim, which the site's Jo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -19,9 +20,10 @@ import pytest
 
 from fedtrain.sites.bucket_policy import site_policy
 from fedtrain.worker.data.synth import SynthConfig, generate
+from fedtrain.worker.sitetask import Posting, SiteTask, TrainSettings, encode, parse_result
 from fedtrain.worker.storage import open_store
 from tests.conftest import S3Server
-from tests.operator.cluster import ApiServer
+from tests.operator.cluster import ApiServer, Sabotage
 from tests.operator.conftest import NAMESPACE, Cluster, SiteCluster, tiny_training
 from tests.operator.test_operator import _rbac_rules, _verb
 
@@ -195,7 +197,7 @@ async def test_a_silent_site_is_dropped_at_the_round_deadline(cluster: Cluster, 
                                                               mlflow_server: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDTRAIN_SITE_POLL_SECONDS", "1")
-    manifest = coordinated("signs-silent", s3_server, mlflow_server, [], roundDeadlineSeconds=10)
+    manifest = coordinated("signs-silent", s3_server, mlflow_server, [], roundDeadlineSeconds=10, rounds=1)
     manifest["spec"]["clients"] = {"count": 2, "minSuccessful": 1,
                                    "list": [{"name": "hq"}, {"name": "hamburg", "site": {"evaluate": False}}]}
     await start_training(cluster, manifest, s3_server)
@@ -228,6 +230,37 @@ async def test_a_site_key_cannot_touch_another_sites_keys(s3_server: S3Server) -
         with pytest.raises(ClientError) as refused:
             call()
         assert refused.value.response["Error"]["Code"] == "AccessDenied"
+
+
+async def test_a_failed_site_job_is_answered_with_its_exit_code_and_no_site_path(
+        site_cluster: SiteCluster, s3_server: S3Server) -> None:
+    """The coordinator is played by the test: it posts a task with its own key; the site's Job fails."""
+    import time
+
+    training_id = "team-signs/failing-0badc0de"
+    coordinator = open_store(f"s3://{s3_server.bucket}/{PREFIX}/{training_id}", s3_server.environment())
+    task = SiteTask(id="r0001-munich-a1", kind="train", round=1, site="munich", training="team-signs/failing",
+                    total_rounds=2, strategy="fedavg", architecture="tiny_cnn",
+                    global_key="round-0000/global.safetensors", global_sha256="0" * 64, deadline=time.time() + 600,
+                    train=TrainSettings())
+    coordinator.write_bytes("sites/munich/task.json", encode(Posting("Running", task)))
+    site_cluster.sabotage["r0001-munich"] = Sabotage(
+        exit_code=3, message="cannot decode /site-data/gtsrb/Final_Training/Images/00007/00000_00001.ppm")
+    await site_cluster.start_operator()
+    await join(site_cluster, "munich", training_id, s3_server, 41)
+
+    result_key = "sites/munich/results/r0001-munich-a1.json"
+    await poll(lambda: asyncio.to_thread(coordinator.exists, result_key), bool, timeout=60)
+    answer = parse_result(coordinator.read_bytes(result_key))
+    assert (answer.state, answer.exit_code) == ("failed", 3)
+    assert answer.reason == "cannot decode <site data>/Final_Training/Images/00007/00000_00001.ppm"
+    fp = await site_cluster.wait_for("site-munich", "signs", lambda r: r.get("status", {}).get("phase") == "Failed")
+    assert "/site-data" not in json.dumps(fp["status"]) and "<site data>" in fp["status"]["message"]
+    assert len(site_cluster.runner.ran) == 1  # answered: never started again
+
+    coordinator.write_bytes("sites/munich/task.json", encode(Posting("Succeeded", None, "done")))
+    fp = await site_cluster.wait_for("site-munich", "signs", lambda r: r.get("status", {}).get("phase") == "Completed")
+    assert fp["status"]["trainingPhase"] == "Succeeded"
 
 
 @pytest.mark.slow  # about 2 min on two busy cores
@@ -265,8 +298,6 @@ async def test_a_site_operator_killed_mid_task_uploads_once(
 
 async def poll(read: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], timeout: float = 120) -> Any:
     """``await read()`` until ``check`` holds for what it returns (a deadline, not a sleep standing in)."""
-    import asyncio
-
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         found = await read()
