@@ -273,6 +273,44 @@ async def test_a_failed_site_job_is_answered_with_its_exit_code_and_no_site_path
     check_rbac(site_cluster)
 
 
+async def test_a_withdrawn_task_is_cancelled_and_a_task_outside_the_policy_refused(
+        site_cluster: SiteCluster, s3_server: S3Server) -> None:
+    """The coordinator, played by the test, withdraws a running task, then asks for more epochs than the site allows."""
+    import time
+
+    training_id = "team-signs/policy-0ddba11e"
+    coordinator = open_store(f"s3://{s3_server.bucket}/{PREFIX}/{training_id}", s3_server.environment())
+
+    def task(ident: str, epochs: int) -> SiteTask:
+        return SiteTask(id=ident, kind="train", round=1, site="munich", training="team-signs/policy", total_rounds=2,
+                        strategy="fedavg", architecture="tiny_cnn", global_key="round-0000/global.safetensors",
+                        global_sha256="0" * 64, deadline=time.time() + 600, train=TrainSettings(epochs=epochs))
+
+    coordinator.write_bytes("sites/munich/task.json", encode(Posting("Running", task("r0001-munich-a1", 1))))
+    site_cluster.sabotage["r0001-munich"] = Sabotage(unschedulable=True)  # runs until deleted
+    await site_cluster.start_operator()
+    await join(site_cluster, "munich", training_id, s3_server, 51, policy={"maxLocalEpochs": 2})
+    jobs = "/apis/batch/v1/namespaces/site-munich/jobs"
+    await poll(lambda: site_cluster.list(jobs), lambda found: len(found) == 1)
+
+    coordinator.write_bytes("sites/munich/task.json", encode(Posting("Running", None)))
+    await poll(lambda: site_cluster.list(jobs), lambda found: not found)
+    fp = await site_cluster.wait_for("site-munich", "signs", lambda r: "cancelled task r0001-munich-a1" in
+                                     r.get("status", {}).get("message", ""))
+    assert fp["status"]["phase"] == "Waiting"
+    assert not coordinator.exists("sites/munich/results/r0001-munich-a1.json")  # withdrawn: nobody waits for it
+
+    coordinator.write_bytes("sites/munich/task.json", encode(Posting("Running", task("r0001-munich-a2", 3))))
+    result_key = "sites/munich/results/r0001-munich-a2.json"
+    await poll(lambda: asyncio.to_thread(coordinator.exists, result_key), bool, timeout=60)
+    answer = parse_result(coordinator.read_bytes(result_key))
+    assert (answer.state, answer.exit_code) == ("failed", 77)
+    assert answer.reason == ("refused: the round asks for 3 local epochs, more than spec.policy.maxLocalEpochs (2)")
+    fp = await site_cluster.wait_for("site-munich", "signs", lambda r: r.get("status", {}).get("phase") == "Refused")
+    assert "spec.policy.maxLocalEpochs" in fp["status"]["lastRefusal"]
+    assert await site_cluster.list(jobs) == [] and len(site_cluster.runner.ran) == 0
+
+
 @pytest.mark.slow  # about 2 min on two busy cores
 async def test_a_site_operator_killed_mid_task_uploads_once(
         cluster: Cluster, site_cluster: SiteCluster, s3_server: S3Server, mlflow_server: str,
