@@ -18,10 +18,8 @@ imports kopf: the handlers call `SiteController.reconcile` on a timer and on the
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from fedtrain.operator.jobs import (
 )
 from fedtrain.operator.kube import ApiError, Kube
 from fedtrain.operator.status import merge_patch
+from fedtrain.operator.storeaccess import secret_environment, store_settings
 from fedtrain.sites import agent
 from fedtrain.sites.participation import (
     PARTICIPATION_KIND,
@@ -101,13 +100,6 @@ def site_job_name(participation: str, task_id: str) -> str:
 def data_path(spec: ParticipationSpec) -> str:
     """The site's GTSRB tree as the worker Pod sees it: the claim's mount and ``data.path`` inside it."""
     return f"{SITE_DATA_MOUNT}/{spec.data.path}".rstrip("/")
-
-
-def store_settings(s3: S3Spec) -> dict[str, str]:
-    """The worker's object-store settings that are not secret (as `fedtrain.tasks.storage_environment`)."""
-    values = {"endpoint": s3.endpoint or "", "region": s3.region or "", "addressing_style": s3.addressing_style,
-              "verify_tls": "false" if s3.tls.insecure_skip_verify else "true"}
-    return {S3_ENV[key]: value for key, value in values.items() if value}
 
 
 def spec_problems(spec: ParticipationSpec) -> list[str]:
@@ -289,35 +281,15 @@ class SiteController:
     async def _store(self, resource: dict[str, Any], spec: ParticipationSpec) -> Store:
         """The training's store with the site's credentials; opened again when the spec or the Secret changed."""
         s3 = spec.store.s3
-        assert s3 is not None and s3.credentials_secret is not None
-        namespace, ref = resource["metadata"]["namespace"], s3.credentials_secret
-        secret = await self.kube.get(f"/api/v1/namespaces/{namespace}/secrets/{ref.name}")
-        data = secret.get("data") or {}
-        missing = [key for key in (ref.access_key_id_key, ref.secret_access_key_key) if key not in data]
-        if missing:
-            raise BadInputError(f"spec.store.s3.credentialsSecret: Secret {namespace}/{ref.name} has no key "
-                                f"{missing[0]}; add it or name the right key (accessKeyIdKey, secretAccessKeyKey)")
-        wanted = (spec, secret["metadata"].get("resourceVersion"))
+        assert s3 is not None
+        environment, version = await secret_environment(self.kube, resource["metadata"]["namespace"], s3,
+                                                         "spec.store.s3.credentialsSecret")
         known = self._stores.get(resource["metadata"]["uid"])
-        if known is not None and known[0] == wanted:
+        if known is not None and known[0] == (spec, version):
             return known[1]
-        environment = {**store_settings(s3), S3_ENV["credentials_from"]: f"Secret {namespace}/{ref.name}",
-                       S3_ENV["access_key_id"]: base64.b64decode(data[ref.access_key_id_key]).decode(),
-                       S3_ENV["secret_access_key"]: base64.b64decode(data[ref.secret_access_key_key]).decode()}
-        if s3.tls.ca_config_map is not None:
-            environment[S3_ENV["ca_bundle"]] = await self._ca_bundle(namespace, s3)
         store = await asyncio.to_thread(open_store, training_location(spec), environment)
-        self._stores[resource["metadata"]["uid"]] = (wanted, store)
+        self._stores[resource["metadata"]["uid"]] = ((spec, version), store)
         return store
-
-    async def _ca_bundle(self, namespace: str, s3: S3Spec) -> str:
-        """The CA bundle of ``tls.caConfigMap`` written to a file (boto3 reads a path)."""
-        assert s3.tls.ca_config_map is not None
-        found = await self.kube.get(f"/api/v1/namespaces/{namespace}/configmaps/{s3.tls.ca_config_map.name}")
-        bundle = tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False)  # noqa: SIM115 (kept for boto3)
-        with bundle:
-            bundle.write((found.get("data") or {}).get(s3.tls.ca_config_map.key, ""))
-        return bundle.name
 
     @staticmethod
     def _posting(store: Store, layout: Layout, site: str) -> Posting | None:
