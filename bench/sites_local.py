@@ -65,8 +65,9 @@ def run_sites(scratch: Path, args: argparse.Namespace) -> dict[str, float]:
     generated = time.monotonic() - generated
     began = time.monotonic()
     processes = [start(["run", str(scratch / "coordinator.yaml")], scratch / "coordinator.log")]
-    processes += [start(["site", "run", str(scratch / f"{site}.yaml"), "--workdir", str(scratch / site)],
-                        scratch / f"{site}.log") for site in SITES]
+    threads = str(max(1, (os.cpu_count() or 1) // len(SITES)))  # the cores shared out, as the baseline does
+    processes += [start(["site", "run", str(scratch / f"{site}.yaml"), "--workdir", str(scratch / site),
+                         "--threads", threads], scratch / f"{site}.log") for site in SITES]
     for process in processes:
         process.wait()
     wall = time.monotonic() - began

@@ -28,6 +28,8 @@ def add_site_commands(site: argparse.ArgumentParser) -> None:
     run = commands.add_parser("run", help="take part in a training from this machine until it is over")
     run.add_argument("file", type=Path, help="a FederatedParticipation YAML file")
     run.add_argument("--workdir", type=Path, default=None, help="the site's own files (default: runs/site-<name>)")
+    run.add_argument("--threads", type=int, default=None, help="compute threads per task (default: every core; "
+                     "give each site a share when several run on one machine)")
     status = commands.add_parser("status", help="show where a site run on this machine stands")
     status.add_argument("workdir", type=Path)
     policy = commands.add_parser("policy", help="print the IAM policy of a site's (or the coordinator's) store key")
@@ -58,7 +60,9 @@ def _run(args: argparse.Namespace) -> int:
 
     manifest = load_participation(args.file)
     workdir = args.workdir or Path("runs") / f"site-{manifest.metadata.name}"
-    return SiteLoop(manifest, workdir, sys.stdout).run()
+    if args.threads is not None and args.threads < 1:
+        raise ParticipationError([f"--threads must be 1 or more, got {args.threads}"], "fedtrain site run")
+    return SiteLoop(manifest, workdir, sys.stdout, threads=args.threads).run()
 
 
 def _status(args: argparse.Namespace) -> int:

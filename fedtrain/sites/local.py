@@ -85,8 +85,10 @@ class SiteLoop:
     """One site's loop over one training: `step` looks once; `run` loops until the training is over."""
 
     def __init__(self, manifest: FederatedParticipation, workdir: Path, out: IO[str],
-                 environment: Mapping[str, str] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 environment: Mapping[str, str] | None = None, clock: Callable[[], float] = time.time,
+                 threads: int | None = None) -> None:
         self.manifest, self.spec, self.workdir, self.out, self.clock = manifest, manifest.spec, workdir, out, clock
+        self.threads = threads  # per task; None: every core (a site's machine is its own)
         workdir.mkdir(parents=True, exist_ok=True)
         self.environment = site_environment(manifest, workdir, environment)
         self.location = training_location(self.spec)
@@ -101,7 +103,8 @@ class SiteLoop:
     def executor(self) -> LocalExecutor:
         """The executor, started with the first task (its fork server loads torch, which waiting does not need)."""
         if self.started is None:
-            self.started = LocalExecutor(self.workdir / "executor", 1, environment=self.environment)
+            self.started = LocalExecutor(self.workdir / "executor", 1, threads_per_task=self.threads,
+                                         environment=self.environment)
         return self.started
 
     @property

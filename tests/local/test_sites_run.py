@@ -77,7 +77,7 @@ def test_a_coordinator_and_three_sites_share_only_a_store(tmp_path: Path, capsys
         files[site].write_text(yaml.safe_dump(participation(site, seed, store)))
     processes = {"coordinator": start(["run", str(files["coordinator"])], logs / "coordinator.log", tmp_path)}
     for site in SITES:
-        processes[site] = start(["site", "run", str(files[site]), "--workdir", str(tmp_path / site)],
+        processes[site] = start(["site", "run", str(files[site]), "--workdir", str(tmp_path / site), "--threads", "1"],
                                 logs / f"{site}.log", tmp_path)
     wait_all(processes, logs, timeout=420)
 
