@@ -18,9 +18,7 @@ timer (deadlines and stuck Pods change nothing the API would tell us about).
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -58,11 +56,12 @@ from fedtrain.operator.jobs import (
 from fedtrain.operator.kube import ApiError, Kube, Paths
 from fedtrain.operator.profiles import DEFAULTS_CONFIGMAP, LABEL_PROFILE, apply_defaults, provision
 from fedtrain.operator.status import Conflict, read_status, write_status
+from fedtrain.operator.storeaccess import secret_environment
 from fedtrain.sites.relay import SiteRelay, assignments
 from fedtrain.spec import API_VERSION, KIND, STORAGE_KINDS, FederatedTrainingSpec, SpecError, parse_spec
-from fedtrain.tasks import aggregation_clients, remote, storage_environment, worker_arguments
+from fedtrain.tasks import aggregation_clients, remote, worker_arguments
 from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
-from fedtrain.worker.storage import S3_ENV, open_store
+from fedtrain.worker.storage import open_store
 
 log = logging.getLogger("fedtrain.operator")
 MAX_CONFLICT_RETRIES = 5
@@ -339,7 +338,10 @@ class Controller:
         """The training's relay, with the store credentials of its Secret (read when the relay is made)."""
         relay = self._relays.get(owner.uid)
         if relay is None or relay.spec != spec:
-            environment = await self.store_environment(spec, owner.namespace)
+            try:
+                environment = await self.store_environment(spec, owner.namespace)
+            except BadInputError as error:  # the Secret lacks a key the spec names
+                raise Refusal(Reason.BAD_INPUT, str(error)) from None
             where = placement(spec, owner).workdir
             store = await asyncio.to_thread(open_store, where, environment)
             relay = SiteRelay(store, spec, f"{owner.namespace}/{owner.name}")
@@ -347,28 +349,10 @@ class Controller:
         return relay
 
     async def store_environment(self, spec: FederatedTrainingSpec, namespace: str) -> dict[str, str]:
-        """What a worker Pod's environment says about the store, built from the spec, its Secret and CA bundle.
-
-        The Secret is read by name only (never listed) and its values stay in this process's memory.
-        """
+        """The store's environment for the relay: the spec's settings, its Secret's keys, its CA bundle."""
         s3 = spec.storage.s3
-        assert s3 is not None and s3.credentials_secret is not None  # `kubernetes_problems` checked both
-        ref = s3.credentials_secret
-        secret = await self.kube.get(Paths.core(namespace, "secrets", ref.name))
-        data = secret.get("data") or {}
-        missing = [key for key in (ref.access_key_id_key, ref.secret_access_key_key) if key not in data]
-        if missing:
-            raise SpecError([f"spec.storage.s3.credentialsSecret: Secret {namespace}/{ref.name} has no key "
-                             f"{missing[0]}; add it or name the right key (accessKeyIdKey, secretAccessKeyKey)"])
-        environment = {**storage_environment(spec), S3_ENV["credentials_from"]: f"Secret {namespace}/{ref.name}",
-                       S3_ENV["access_key_id"]: base64.b64decode(data[ref.access_key_id_key]).decode(),
-                       S3_ENV["secret_access_key"]: base64.b64decode(data[ref.secret_access_key_key]).decode()}
-        if s3.tls.ca_config_map is not None:
-            found = await self.kube.get(Paths.core(namespace, "configmaps", s3.tls.ca_config_map.name))
-            bundle = tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False)  # noqa: SIM115 (kept for boto3)
-            with bundle:
-                bundle.write((found.get("data") or {}).get(s3.tls.ca_config_map.key, ""))
-            environment[S3_ENV["ca_bundle"]] = bundle.name
+        assert s3 is not None  # `kubernetes_problems` requires it with sites
+        environment, _ = await secret_environment(self.kube, namespace, s3, "spec.storage.s3.credentialsSecret")
         return environment
 
     async def _store(self, resource: dict[str, Any], owner: Owner, before: TrainingStatus, decision: Decision,

@@ -40,7 +40,7 @@ from fedtrain.operator.jobs import (
 )
 from fedtrain.operator.kube import ApiError, Kube
 from fedtrain.operator.status import merge_patch
-from fedtrain.operator.storeaccess import secret_environment, store_settings
+from fedtrain.operator.storeaccess import secret_environment
 from fedtrain.sites import agent
 from fedtrain.sites.participation import (
     PARTICIPATION_KIND,
@@ -52,6 +52,7 @@ from fedtrain.sites.participation import (
     training_location,
 )
 from fedtrain.spec import API_VERSION, GROUP, VERSION, S3Spec
+from fedtrain.tasks import s3_environment
 from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
 from fedtrain.worker.layout import Layout
 from fedtrain.worker.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result, parse_task
@@ -172,7 +173,7 @@ def _store_access(s3: S3Spec, namespace: str
     """Env (keys by secretKeyRef), volumes and mounts that give the site's worker the store."""
     secret = s3.credentials_secret
     assert secret is not None
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in store_settings(s3).items()]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in s3_environment(s3).items()]
     env += [{"name": S3_ENV["access_key_id"],
              "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.access_key_id_key}}},
             {"name": S3_ENV["secret_access_key"],

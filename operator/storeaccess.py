@@ -16,15 +16,9 @@ from pathlib import Path
 
 from fedtrain.operator.kube import Kube, Paths
 from fedtrain.spec import S3Spec
+from fedtrain.tasks import s3_environment
 from fedtrain.worker.errors import BadInputError
 from fedtrain.worker.storage import S3_ENV
-
-
-def store_settings(s3: S3Spec) -> dict[str, str]:
-    """The store's settings that are not secret (`S3_ENV` names): endpoint, region, addressing, TLS checks."""
-    values = {"endpoint": s3.endpoint or "", "region": s3.region or "", "addressing_style": s3.addressing_style,
-              "verify_tls": "false" if s3.tls.insecure_skip_verify else "true"}
-    return {S3_ENV[key]: value for key, value in values.items() if value}
 
 
 async def secret_environment(kube: Kube, namespace: str, s3: S3Spec, field: str) -> tuple[dict[str, str], str]:
@@ -42,7 +36,7 @@ async def secret_environment(kube: Kube, namespace: str, s3: S3Spec, field: str)
     if missing:
         raise BadInputError(f"{field}: Secret {namespace}/{ref.name} has no key {missing[0]}; add it or name the "
                             "right key (accessKeyIdKey, secretAccessKeyKey)")
-    environment = {**store_settings(s3), S3_ENV["credentials_from"]: f"Secret {namespace}/{ref.name}",
+    environment = {**s3_environment(s3), S3_ENV["credentials_from"]: f"Secret {namespace}/{ref.name}",
                    S3_ENV["access_key_id"]: base64.b64decode(data[ref.access_key_id_key]).decode(),
                    S3_ENV["secret_access_key"]: base64.b64decode(data[ref.secret_access_key_key]).decode()}
     if s3.tls.ca_config_map is not None:
