@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,11 +120,12 @@ def spec_problems(spec: ParticipationSpec) -> list[str]:
 
 
 def site_job_manifest(task: SiteTask, spec: ParticipationSpec, participation: dict[str, Any],
-                      arguments: list[str]) -> dict[str, Any]:
+                      arguments: list[str], now: float) -> dict[str, Any]:
     """The Job that runs ``fedtrain-worker <arguments>`` for ``task`` on the site's claim, owned by the participation.
 
     The store's keys come from the site's Secret by reference (their values never enter the Job);
-    security settings are those of the coordinator's worker Jobs.
+    security settings are those of the coordinator's worker Jobs. The Job may run until the task's
+    deadline and no longer: past it the coordinator no longer waits for the answer.
     """
     meta = participation["metadata"]
     s3 = spec.store.s3
@@ -163,8 +165,8 @@ def site_job_manifest(task: SiteTask, spec: ParticipationSpec, participation: di
                      "labels": job_labels, "ownerReferences": [owner],
                      "annotations": {ANNOTATION_PARTICIPATION: meta["name"],
                                      ANNOTATION_SITE_TASK: json.dumps(task.to_json(), sort_keys=True)}},
-        "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": job_labels, "annotations": POD_ANNOTATIONS},
-                                                 "spec": pod_spec}},
+        "spec": {"backoffLimit": 0, "activeDeadlineSeconds": max(1, math.ceil(task.deadline - now)),
+                 "template": {"metadata": {"labels": job_labels, "annotations": POD_ANNOTATIONS}, "spec": pod_spec}},
     }
 
 
@@ -370,7 +372,7 @@ class SiteController:
         await self.kube.get_or_create(f"/api/v1/namespaces/{namespace}/serviceaccounts",
                                       worker_account_manifest(namespace))
         arguments = agent.worker_arguments(task, spec, training_location(spec), data_path(spec))
-        manifest = site_job_manifest(task, spec, resource, arguments)
+        manifest = site_job_manifest(task, spec, resource, arguments, self.clock())
         try:
             await self.kube.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", manifest)
         except ApiError as error:
