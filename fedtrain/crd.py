@@ -79,7 +79,9 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.accuracy"},
+    {"name": "Federated", "type": "number", "jsonPath": ".status.federatedAccuracy", "priority": 1},
     {"name": "Epsilon", "type": "number", "jsonPath": ".status.privacyEpsilon", "priority": 1},
+    {"name": "Training-ID", "type": "string", "jsonPath": ".status.trainingId", "priority": 1},
     {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.name"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
@@ -143,6 +145,7 @@ def status_schema() -> dict[str, Any]:
     return {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {
         "phase": {"type": "string"}, "progress": {"type": "string"}, "accuracy": {"type": "number"},
         "privacyEpsilon": {"type": "number"}, "privacyDelta": {"type": "number"},
+        "federatedAccuracy": {"type": "number"}, "trainingId": {"type": "string"},
         "currentRound": {"type": "integer"}, "observedGeneration": {"type": "integer"},
         "conditions": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
     }}

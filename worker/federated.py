@@ -26,7 +26,7 @@ class SiteScore:
         """Read a site's evaluation output; None when it holds no usable figures (no examples, no numbers)."""
         examples, accuracy, loss = output.get("examples"), output.get("accuracy"), output.get("loss")
         numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (examples, accuracy, loss))
-        if not numbers or int(examples or 0) <= 0:  # type: ignore[arg-type]
+        if not numbers or int(examples or 0) <= 0:
             return None
         return cls(int(examples), float(accuracy), float(loss))  # type: ignore[arg-type]
 

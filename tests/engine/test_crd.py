@@ -83,8 +83,13 @@ def test_names_columns_and_subresource(crd: dict[str, Any]) -> None:
     assert crd["spec"]["names"]["shortNames"] == ["ft"]
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Round", "Accuracy", "Epsilon",
-                                                                        "Strategy", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase", "Round", "Accuracy", "Federated", "Epsilon", "Training-ID", "Strategy", "Age"]
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    for column in version["additionalPrinterColumns"]:  # each status column reads a field the status has
+        path = column["jsonPath"].split(".")
+        if path[1] == "status":
+            assert path[2] in status["properties"], path
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["required"] == ["clients"]
     assert spec["properties"]["strategy"]["properties"]["name"]["enum"][0] == "fedavg"
