@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +48,13 @@ def federation(synth_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     workdir = tmp_path_factory.mktemp("run")
     worker("init", "--workdir", workdir, "--data", synth_tree, "--clients", 3, "--architecture", "tiny_cnn",
            "--image-size", 32, "--seed", 1)
-    for round_number in (1, 2):
-        for client in CLIENTS:
-            worker("train", "--workdir", workdir, "--round", round_number, "--client", client, "--epochs", 4,
-                   "--lr", 0.01, "--batch-size", 16, "--device", "cpu")
+    for round_number in (1, 2):  # the clients of a round at once, as their Jobs run (each process imports torch)
+        with ThreadPoolExecutor(len(CLIENTS)) as pool:
+            trainings = [pool.submit(worker, "train", "--workdir", workdir, "--round", round_number, "--client",
+                                     client, "--epochs", 4, "--lr", 0.01, "--batch-size", 16, "--device", "cpu")
+                         for client in CLIENTS]
+            for training in trainings:
+                training.result()
         worker("aggregate", "--workdir", workdir, "--round", round_number, "--min-updates", 3,
                "--termination-log", workdir / f"termination-{round_number}", "--device", "cpu")
     return workdir
