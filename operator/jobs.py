@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtrain.engine.status import Observation, Task
-from fedtrain.spec import API_VERSION, KIND, FederatedTrainingSpec
-from fedtrain.tasks import Placement, storage_environment, storage_location
+from fedtrain.spec import API_VERSION, KIND, FederatedTrainingSpec, S3Spec
+from fedtrain.tasks import Placement, s3_environment, storage_location
 from fedtrain.worker.storage import S3_ENV
 
 MAX_NAME = 63
@@ -301,11 +301,20 @@ def _worker_job(name: str, namespace: str, job_labels: dict[str, str], spec: Fed
 
 def _object_store(spec: FederatedTrainingSpec, namespace: str
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Env, volumes and mounts that give a worker the object store: settings, the Secret's keys, the CA."""
-    s3 = spec.storage.s3
-    if s3 is None:
+    """Env, volumes and mounts that give a training's worker its object store (none with a claim)."""
+    if spec.storage.s3 is None:
         return [], [], []
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in storage_environment(spec).items()]
+    return object_store_access(spec.storage.s3, namespace)
+
+
+def object_store_access(s3: S3Spec, namespace: str
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Env, volumes and mounts that give a worker an object store: settings, the Secret's keys, the CA bundle.
+
+    The keys go by reference (their values never enter a Job). A coordinator's workers and a site's
+    use it alike.
+    """
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in s3_environment(s3).items()]
     secret = s3.credentials_secret
     if secret is not None:
         env += [{"name": S3_ENV["access_key_id"],

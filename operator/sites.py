@@ -31,11 +31,11 @@ from fedtrain.operator.jobs import (
     LABEL_TASK,
     MANAGER,
     POD_ANNOTATIONS,
-    S3_CA_MOUNT,
     TERMINATION_LOG,
     WORKER_SERVICE_ACCOUNT,
     finished,
     fit,
+    object_store_access,
     observe,
     worker_account_manifest,
 )
@@ -52,12 +52,11 @@ from fedtrain.sites.participation import (
     parse_participation_spec,
     training_location,
 )
-from fedtrain.spec import API_VERSION, GROUP, VERSION, S3Spec
-from fedtrain.tasks import s3_environment
+from fedtrain.spec import API_VERSION, GROUP, VERSION
 from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
 from fedtrain.worker.layout import Layout
 from fedtrain.worker.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result, parse_task
-from fedtrain.worker.storage import S3_ENV, Store, open_store
+from fedtrain.worker.storage import Store, open_store
 
 log = logging.getLogger("fedtrain.operator.sites")
 SITE_DATA_MOUNT = "/site-data"
@@ -133,7 +132,7 @@ def site_job_manifest(task: SiteTask, spec: ParticipationSpec, participation: di
     job_labels = {"app.kubernetes.io/name": "fedtrain-worker", LABEL_MANAGED_BY: MANAGER,
                   LABEL_PARTICIPATION: fit(meta["name"]), LABEL_SITE: spec.site, LABEL_TASK: task.kind,
                   "fedtrain.io/round": str(task.round)}
-    env, volumes, mounts = _store_access(s3, meta["namespace"])
+    env, volumes, mounts = object_store_access(s3, meta["namespace"])
     worker = spec.worker
     container: dict[str, Any] = {
         "name": "worker", "image": worker.image, "imagePullPolicy": worker.image_pull_policy,
@@ -168,25 +167,6 @@ def site_job_manifest(task: SiteTask, spec: ParticipationSpec, participation: di
         "spec": {"backoffLimit": 0, "activeDeadlineSeconds": max(1, math.ceil(task.deadline - now)),
                  "template": {"metadata": {"labels": job_labels, "annotations": POD_ANNOTATIONS}, "spec": pod_spec}},
     }
-
-
-def _store_access(s3: S3Spec, namespace: str
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Env (keys by secretKeyRef), volumes and mounts that give the site's worker the store."""
-    secret = s3.credentials_secret
-    assert secret is not None
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in s3_environment(s3).items()]
-    env += [{"name": S3_ENV["access_key_id"],
-             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.access_key_id_key}}},
-            {"name": S3_ENV["secret_access_key"],
-             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.secret_access_key_key}}},
-            {"name": S3_ENV["credentials_from"], "value": f"Secret {namespace}/{secret.name}"}]
-    ca = s3.tls.ca_config_map
-    if ca is None:
-        return env, [], []
-    env.append({"name": S3_ENV["ca_bundle"], "value": f"{S3_CA_MOUNT}/{ca.key}"})
-    volume = {"name": "s3-ca", "configMap": {"name": ca.name, "items": [{"key": ca.key, "path": ca.key}]}}
-    return env, [volume], [{"name": "s3-ca", "mountPath": S3_CA_MOUNT, "readOnly": True}]
 
 
 def job_task(job: dict[str, Any]) -> SiteTask | None:
