@@ -632,10 +632,15 @@ class FederatedTraining(Model):
     @field_validator("api_version", "kind")
     @classmethod
     def _ours(cls, value: str, info: ValidationInfo) -> str:
-        wanted = {"api_version": API_VERSION, "kind": KIND}[str(info.field_name)]
-        if value != wanted:
-            raise ValueError(f"must be {wanted}")
-        return value
+        return identity(value, info, KIND)
+
+
+def identity(value: str, info: ValidationInfo, kind: str) -> str:
+    """``apiVersion`` and ``kind`` of a manifest must be this package's: the field's value, or what it must be."""
+    wanted = {"api_version": API_VERSION, "kind": kind}[str(info.field_name)]
+    if value != wanted:
+        raise ValueError(f"must be {wanted}")
+    return value
 
 
 def describe_error(error: Any, prefix: list[str]) -> str:

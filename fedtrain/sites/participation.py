@@ -28,6 +28,7 @@ from fedtrain.spec import (
     StrategyName,
     SyntheticSpec,
     describe_error,
+    identity,
 )
 from fedtrain.worker.storage import s3_location
 
@@ -191,10 +192,7 @@ class FederatedParticipation(Model):
     @field_validator("api_version", "kind")
     @classmethod
     def _ours(cls, value: str, info: ValidationInfo) -> str:
-        wanted = {"api_version": API_VERSION, "kind": PARTICIPATION_KIND}[str(info.field_name)]
-        if value != wanted:
-            raise ValueError(f"must be {wanted}")
-        return value
+        return identity(value, info, PARTICIPATION_KIND)
 
 
 class ParticipationStatus(StatusModel):
