@@ -29,6 +29,20 @@ NAMESPACE = "team-signs"
 TRAININGS = f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings"
 
 
+async def api_request(session: aiohttp.ClientSession, method: str, path: str, body: Any = None,
+                      status: int | None = None) -> dict[str, Any]:
+    """One call to a test API server, as kubectl makes it; ``status``: the answer expected.
+
+    A PATCH is a JSON patch when ``body`` is a list of operations, else a merge patch.
+    """
+    patch = "application/json-patch+json" if isinstance(body, list) else "application/merge-patch+json"
+    headers = {"Content-Type": patch} if method == "PATCH" else {}
+    async with session.request(method, path, json=body, headers=headers) as response:
+        answer = await response.json()
+        assert status is None or response.status == status, (response.status, answer)
+        return dict(answer)
+
+
 @dataclass
 class Cluster:
     """What a test drives: the API (over HTTP), the Job runner, and the operator it can stop and start."""
@@ -42,11 +56,7 @@ class Cluster:
     kopf_ignores: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def request(self, method: str, path: str, body: Any = None, status: int | None = None) -> dict[str, Any]:
-        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
-        async with self.session.request(method, path, json=body, headers=headers) as response:
-            answer = await response.json()
-            assert status is None or response.status == status, (response.status, answer)
-            return dict(answer)
+        return await api_request(self.session, method, path, body, status)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Create as ``kubectl apply`` does: strict field validation, so a misspelt field fails the test."""
@@ -237,11 +247,7 @@ class SiteCluster:
     process: subprocess.Popen[bytes] | None = None
 
     async def request(self, method: str, path: str, body: Any = None, status: int | None = None) -> dict[str, Any]:
-        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
-        async with self.session.request(method, path, json=body, headers=headers) as response:
-            answer = await response.json()
-            assert status is None or response.status == status, (response.status, answer)
-            return dict(answer)
+        return await api_request(self.session, method, path, body, status)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Create a participation as ``kubectl apply`` does (strict field validation)."""

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from tests.apiserver_rules import label_errors, name_errors
 from tests.operator.cluster import ApiServer
-from tests.operator.conftest import NAMESPACE, TRAININGS, tiny_training
+from tests.operator.conftest import NAMESPACE, TRAININGS, api_request, tiny_training
 
 pytestmark = pytest.mark.timeout(60)
 CORE = f"/api/v1/namespaces/{NAMESPACE}"
@@ -27,12 +27,7 @@ class Api:
     session: aiohttp.ClientSession
 
     async def request(self, method: str, path: str, body: Any = None, status: int | None = None) -> dict[str, Any]:
-        types = {"PATCH": "application/json-patch+json" if isinstance(body, list) else "application/merge-patch+json"}
-        headers = {"Content-Type": types.get(method, "application/json")}
-        async with self.session.request(method, path, json=body, headers=headers) as response:
-            answer = await response.json()
-            assert status is None or response.status == status, (response.status, answer)
-            return dict(answer)
+        return await api_request(self.session, method, path, body, status)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return await self.request("POST", f"{TRAININGS}?fieldValidation=Strict", manifest, status=200)
