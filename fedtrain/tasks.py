@@ -46,6 +46,16 @@ def storage_environment(spec: FederatedTrainingSpec) -> dict[str, str]:
     return s3_environment(spec.storage.s3)
 
 
+def training_dir(name: str, uid: str) -> str:
+    """``<name>-<uid8>``: a training's folder in its namespace's part of the store (a recreated one gets a new one)."""
+    return f"{name}-{uid[:8]}"
+
+
+def training_id(namespace: str, name: str, uid: str) -> str:
+    """``<namespace>/<name>-<uid8>``: the training's folder under the store's prefix, by which sites join it."""
+    return f"{namespace}/{training_dir(name, uid)}"
+
+
 def storage_location(spec: FederatedTrainingSpec, namespace: str, training_dir: str) -> str | None:
     """``s3://bucket/prefix/<namespace>/<training dir>`` with an object store, else None (a directory)."""
     s3 = spec.storage.s3

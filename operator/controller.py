@@ -59,7 +59,7 @@ from fedtrain.operator.status import Conflict, read_status, write_status
 from fedtrain.operator.storeaccess import secret_environment
 from fedtrain.sites.relay import SiteRelay, assignments
 from fedtrain.spec import API_VERSION, KIND, STORAGE_KINDS, FederatedTrainingSpec, SpecError, parse_spec
-from fedtrain.tasks import aggregation_clients, remote, worker_arguments
+from fedtrain.tasks import aggregation_clients, remote, training_id, worker_arguments
 from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
 from fedtrain.worker.storage import open_store
 
@@ -173,11 +173,6 @@ def owned_by(item: dict[str, Any], uid: str) -> bool:
     meta = item.get("metadata", {})
     return any(ref.get("uid") == uid for ref in meta.get("ownerReferences") or []) or \
         (meta.get("labels") or {}).get(LABEL_TRAINING_UID) == uid
-
-
-def training_id(owner: Owner) -> str:
-    """``<namespace>/<name>-<uid8>``: the training's folder under the store's prefix, which sites join by."""
-    return f"{owner.namespace}/{owner.name}-{owner.uid[:8]}"
 
 
 def _timestamp(value: str | None) -> float | None:
@@ -305,7 +300,8 @@ class Controller:
         relay = await self.site_relay(spec, owner) if spec.clients.sites() else None
         if relay is not None:
             observations.update(await self._sites(relay.observe, status))
-            status.training_id = status.training_id or training_id(owner)
+        if spec.storage.s3 is not None:  # as `fedtrain run` records it: what sites (and people) find the weights by
+            status.training_id = status.training_id or training_id(owner.namespace, owner.name, owner.uid)
         decision = decide(spec, status, observations, self.clock(), resource["metadata"].get("generation"))
         log.debug("%s/%s: %s, %d observations, %d actions", owner.namespace, owner.name, decision.status.progress,
                   len(observations), len(decision.actions))

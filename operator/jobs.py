@@ -27,7 +27,7 @@ from typing import Any
 
 from fedtrain.engine.status import Observation, Task
 from fedtrain.spec import API_VERSION, KIND, FederatedTrainingSpec, S3Spec
-from fedtrain.tasks import Placement, s3_environment, storage_location
+from fedtrain.tasks import Placement, s3_environment, storage_location, training_dir, training_id
 from fedtrain.worker.storage import S3_ENV
 
 MAX_NAME = 63
@@ -67,7 +67,7 @@ class Owner:
 
 def workdir(owner: Owner) -> str:
     """The training's directory on the claim: ``/store/<namespace>/<training>-<uid8>`` (a new uid, a new one)."""
-    return f"{STORE_MOUNT}/{owner.namespace}/{owner.name}-{owner.uid[:8]}"
+    return f"{STORE_MOUNT}/{training_id(owner.namespace, owner.name, owner.uid)}"
 
 
 def claim_name(spec: FederatedTrainingSpec, training: str) -> str | None:
@@ -85,7 +85,7 @@ def placement(spec: FederatedTrainingSpec, owner: Owner) -> Placement:
     With an object store there is no shared directory: a synthetic data set is generated again in
     each Pod's scratch space, and MLflow needs ``spec.mlflow.trackingUri`` (see `kubernetes_problems`).
     """
-    root = storage_location(spec, owner.namespace, f"{owner.name}-{owner.uid[:8]}")
+    root = storage_location(spec, owner.namespace, training_dir(owner.name, owner.uid))
     if root is not None:
         return Placement(root, spec.dataset.path or "/tmp/data", owner.name, owner.namespace, owner.uid,
                          tracking_uri=spec.mlflow.tracking_uri, termination_log=TERMINATION_LOG,

@@ -26,6 +26,8 @@ from fedtrain.tasks import (
     remote,
     storage_environment,
     storage_location,
+    training_dir,
+    training_id,
     worker_arguments,
 )
 from fedtrain.worker.data.decoded import CACHE_ENV
@@ -113,11 +115,6 @@ def save_status(workdir: Path, status: TrainingStatus) -> None:
     os.replace(temporary, workdir / STATUS_FILE)
 
 
-def training_id(manifest: FederatedTraining, uid: str) -> str:
-    """``<namespace>/<name>-<uid8>``: the training's folder under an object store's prefix (sites join it by it)."""
-    return f"{manifest.metadata.namespace}/{manifest.metadata.name}-{uid[:8]}"
-
-
 def observe_sites(relay: SiteRelay | None, status: TrainingStatus, on_event: Callable[[Event], None]
                   ) -> dict[str, Observation]:
     """The sites' answers; a store that is down for a moment costs a pass, not the training."""
@@ -142,7 +139,8 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
     tracking_uri = options.tracking_uri or spec.mlflow.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     data_path = spec.dataset.path or str(workdir / "data")
     uid = local_uid(workdir)
-    store = storage_location(spec, manifest.metadata.namespace, training_id(manifest, uid).split("/", 1)[1])
+    namespace, name = manifest.metadata.namespace, manifest.metadata.name
+    store = storage_location(spec, namespace, training_dir(name, uid))
     where = Placement(store or str(workdir), data_path, manifest.metadata.name, manifest.metadata.namespace,
                       uid=uid, tracking_uri=tracking_uri)
     preload = ["torchvision.models"] if spec.model.architecture.startswith("mobilenet") else []
@@ -158,7 +156,7 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
                           f"{manifest.metadata.namespace}/{manifest.metadata.name}")
     status = load_status(workdir)
     if spec.storage.s3 is not None and status.training_id is None:
-        status.training_id = training_id(manifest, uid)
+        status.training_id = training_id(namespace, name, uid)
     result = RunResult(status, workdir)
     round_started: dict[int, float] = {}
     try:
