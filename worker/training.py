@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -130,8 +131,13 @@ def train_local(
     labels: NDArray[np.int64],
     config: TrainConfig,
     device: torch.device | None = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``config.local_epochs`` on the given arrays."""
+    """Train ``model`` in place for ``config.local_epochs`` on the given arrays.
+
+    ``after_epoch(n)`` is called after each epoch n (from 1): a benchmark reads a learning curve from
+    one run, with the optimiser's state kept across epochs as in any single run.
+    """
     config.check()
     if len(labels) == 0:
         raise BadInputError("this client has no training examples; check the partition")
@@ -151,7 +157,7 @@ def train_local(
     jitter = torch.Generator().manual_seed(config.seed)
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
-    for _ in range(config.local_epochs):
+    for epoch in range(config.local_epochs):
         order = generator.permutation(len(labels))
         for start in range(0, len(order), config.batch_size):
             index = order[start:start + config.batch_size]
@@ -172,6 +178,9 @@ def train_local(
             total_loss += float(loss.detach()) * len(index)
             correct += int((logits.detach().argmax(1) == target).sum())
             seen += len(index)
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
+            model.train()  # the callback may have evaluated the model
     seconds = time.perf_counter() - started
     return TrainResult(len(labels), total_loss / seen, correct / seen, seconds, seen / max(seconds, 1e-9))
 

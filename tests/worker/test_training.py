@@ -97,3 +97,20 @@ def test_weights_round_trip_and_tampering_is_caught(tmp_path: Path) -> None:
     path.with_suffix(".json").unlink()
     with pytest.raises(BadDataError, match=r"x.json: missing"):
         read_weights_file(path)
+
+
+def test_after_epoch_sees_each_epoch_and_training_goes_on_in_train_mode(
+        arrays: tuple[np.ndarray, np.ndarray]) -> None:
+    """A learning curve from one run: the callback runs after every epoch, and evaluating in it does not leave
+    the model in eval mode (BatchNorm would stop learning its statistics)."""
+    images, labels = arrays
+    model = build_model(ModelConfig("tiny_cnn", 5, 32))
+    seen: list[tuple[int, bool]] = []
+
+    def after(epoch: int) -> None:
+        seen.append((epoch, model.training))
+        model.eval()
+
+    train_local(model, images, labels, TrainConfig(local_epochs=3, batch_size=8), after_epoch=after)
+    assert seen == [(1, True), (2, True), (3, True)]
+    assert model.training
