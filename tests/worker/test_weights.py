@@ -52,3 +52,21 @@ def raw(header: dict[str, Any], body: bytes) -> bytes:
 def test_a_malformed_file_is_refused_with_the_reason(data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         tensors_of(data)
+
+
+def test_runs_group_tensors_of_one_dtype_lying_end_to_end() -> None:
+    data = save(WEIGHTS)
+    weights = tensors_of(data)
+    assert sorted(n for run in weights.runs for n in run.names) == sorted(WEIGHTS)
+    for run in weights.runs:
+        assert {weights[n].dtype for n in run.names} == {run.dtype}
+        assert np.array_equal(weights.flat(run), np.concatenate([weights[n].reshape(-1) for n in run.names]))
+    assert weights.intact_runs() == frozenset(weights.runs)
+
+
+def test_a_replaced_entry_leaves_no_run_to_read_flat() -> None:
+    """A run read flat would show the file's values, not the replacement: no run is offered then."""
+    weights = tensors_of(save({"a": np.zeros(3, np.float32), "b": np.ones(2, np.float32)}))
+    assert len(weights.runs) == 1 and weights.intact_runs()
+    weights["a"] = np.full(3, 5, np.float32)
+    assert weights.intact_runs() == frozenset()
