@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from fedtrain.worker.errors import BadInputError, RejectedUpdatesError
+from fedtrain.worker.errors import BadInputError, RejectedUpdatesError, TemporaryStorageError
 from fedtrain.worker.storage import DirectoryStore
-from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
+from fedtrain.worker.strategies import Aggregate, UpdateFile, UpdateSet, make_strategy
+from fedtrain.worker.strategies.arrays import FlatModel
 from fedtrain.worker.strategies.fedopt import server_step
-from fedtrain.worker.weights import save_weights_file
+from fedtrain.worker.strategies.krum import pairwise_squared_distances
+from fedtrain.worker.weights import (
+    Weights,
+    read_weights,
+    read_weights_file,
+    save_weights,
+    save_weights_file,
+    write_json,
+)
 
 CURRENT = {"w": np.zeros(2, dtype=np.float32), "bn.num_batches_tracked": np.array(0, dtype=np.int64)}
 
 
-def write_updates(folder: Path, updates: dict[str, tuple[list[float], int]], tracked: int = 4) -> list[UpdateFile]:
+Updates = Mapping[str, tuple[Sequence[float], int]]  # client -> (values of "w", num_examples)
+
+
+def write_updates(folder: Path, updates: Updates, tracked: int = 4) -> list[UpdateFile]:
     files = []
     for client, (values, examples) in updates.items():
         path = folder / f"{client}.safetensors"
@@ -26,8 +43,8 @@ def write_updates(folder: Path, updates: dict[str, tuple[list[float], int]], tra
     return files
 
 
-def run(name: str, folder: Path, updates: dict[str, tuple[list[float], int]], params: dict | None = None,
-        state: dict | None = None, max_norm_ratio: float = 0.0, min_updates: int = 1):
+def run(name: str, folder: Path, updates: Updates, params: dict[str, Any] | None = None,
+        state: Weights | None = None, max_norm_ratio: float = 0.0, min_updates: int = 1) -> tuple[Aggregate, UpdateSet]:
     strategy = make_strategy(name, params)
     update_set = UpdateSet(CURRENT, write_updates(folder, updates), max_norm_ratio, min_updates)
     return strategy.aggregate(CURRENT, update_set, state or {}), update_set
@@ -89,7 +106,8 @@ def test_trimmed_mean_by_hand(tmp_path: Path) -> None:
 
 
 def test_krum_picks_the_update_closest_to_its_neighbours(tmp_path: Path) -> None:
-    updates = {"a": ([0, 0], 1), "b": ([1, 0], 1), "c": ([0, 1], 1), "d": ([0.5, 0.5], 1), "evil": ([50, 50], 1)}
+    updates: Updates = {"a": ([0, 0], 1), "b": ([1, 0], 1), "c": ([0, 1], 1), "d": ([0.5, 0.5], 1),
+                        "evil": ([50, 50], 1)}
     result, _ = run("krum", tmp_path, updates, {"f": 1})
     # scores (n-f-2 = 2 nearest): d is 0.5 from each of a, b, c -> the lowest
     np.testing.assert_allclose(result.weights["w"], [0.5, 0.5])
@@ -97,7 +115,8 @@ def test_krum_picks_the_update_closest_to_its_neighbours(tmp_path: Path) -> None
 
 
 def test_multikrum_averages_the_best_m_weighted_by_examples(tmp_path: Path) -> None:
-    updates = {"a": ([0, 0], 1), "b": ([1.5, 0], 3), "c": ([0, 2], 2), "d": ([0.5, 0.5], 4), "evil": ([50, 50], 1)}
+    updates: Updates = {"a": ([0, 0], 1), "b": ([1.5, 0], 3), "c": ([0, 2], 2), "d": ([0.5, 0.5], 4),
+                        "evil": ([50, 50], 1)}
     result, _ = run("multikrum", tmp_path, updates, {"f": 1, "m": 3})
     # squared distances: a-d 0.5, b-d 1.25, a-b 2.25, c-d 2.5, a-c 4, b-c 6.25, evil ~5000 from all.
     # scores (sum over the n-f-2 = 2 nearest): d 0.5+1.25 = 1.75, a 0.5+2.25 = 2.75, b 1.25+2.25 = 3.5,
@@ -113,14 +132,14 @@ def test_krum_needs_enough_updates(tmp_path: Path) -> None:
         run("krum", tmp_path, {"a": ([0, 0], 1), "b": ([1, 0], 1), "c": ([0, 1], 1)}, {"f": 1})
 
 
-HONEST = {f"c{i}": ([1.0 + 0.1 * i, -1.0 - 0.1 * i], 10) for i in range(5)}
-POISONED = {**HONEST, "evil": ([-30.0, 30.0], 10)}
+HONEST: Updates = {f"c{i}": ([1.0 + 0.1 * i, -1.0 - 0.1 * i], 10) for i in range(5)}
+POISONED: Updates = {**HONEST, "evil": ([-30.0, 30.0], 10)}
 
 
 @pytest.mark.parametrize(("name", "params"), [
     ("fedmedian", {}), ("trimmedmean", {"beta": 0.2}), ("krum", {"f": 1}), ("multikrum", {"f": 1, "m": 3}),
 ])
-def test_robust_strategies_neutralise_a_poisoned_update(tmp_path: Path, name: str, params: dict) -> None:
+def test_robust_strategies_neutralise_a_poisoned_update(tmp_path: Path, name: str, params: dict[str, Any]) -> None:
     poisoned, _ = run(name, tmp_path, POISONED, params)
     honest_mean = np.mean([v for v, _ in HONEST.values()], axis=0)
     assert np.abs(poisoned.weights["w"] - honest_mean).max() < 0.3
@@ -181,6 +200,167 @@ def test_too_few_valid_updates_fail_the_round_with_every_reason(tmp_path: Path) 
     ("trimmedmean", {"beta": 0.5}, r"strategy.beta must be in \[0, 0.5\)"),
     ("fedadam", {"beta1": 1.0}, r"strategy.beta1 must be in \[0, 1\)"),
 ])
-def test_bad_strategy_settings_name_the_field(name: str, params: dict, message: str) -> None:
+def test_bad_strategy_settings_name_the_field(name: str, params: dict[str, Any], message: str) -> None:
     with pytest.raises(BadInputError, match=message):
         make_strategy(name, params)
+
+
+# A model whose float tensors form one run of ~45K values in its file: more than one chunk of the
+# streaming sum and more than one block of the coordinate-wise reductions for a handful of updates.
+SHAPES = {"conv.weight": (4, 3, 3, 3), "conv.bias": (4,), "bn.weight": (4,), "bn.bias": (4,), "bn.running_mean": (4,),
+          "bn.running_var": (4,), "fc.weight": (220, 200), "fc.bias": (220,)}
+EPS = float(np.finfo(np.float32).eps)
+
+
+def model(rng: np.random.Generator, base: dict[str, np.ndarray] | None = None, scale: float = 1e-2
+          ) -> dict[str, np.ndarray]:
+    """Random float32 weights (near ``base`` when given) plus a batch-norm counter."""
+    weights = {name: (rng.normal(0, 1, shape) * (scale if base else 1)).astype(np.float32) + (base[name] if base else 0)
+               for name, shape in SHAPES.items()}
+    return {**weights, "bn.num_batches_tracked": np.array(int(rng.integers(1, 100)))}
+
+
+def write_in_order(folder: Path, client: str, weights: dict[str, np.ndarray], examples: int, order: list[str]
+                   ) -> UpdateFile:
+    """A valid safetensors file with its tensors in ``order`` (the library always sorts them), and its sidecar."""
+    header, body = {}, b""
+    for name in order:
+        raw = np.ascontiguousarray(weights[name]).tobytes()
+        header[name] = {"dtype": {"float32": "F32", "int64": "I64"}[weights[name].dtype.name],
+                        "shape": list(weights[name].shape), "data_offsets": [len(body), len(body) + len(raw)]}
+        body += raw
+    text = json.dumps(header).encode()
+    data = struct.pack("<Q", len(text)) + text + body
+    store = DirectoryStore(folder)
+    store.write_bytes(f"{client}.safetensors", data)
+    write_json(store, f"{client}.json", {"num_examples": examples, "sha256": hashlib.sha256(data).hexdigest()})
+    return UpdateFile(client, store, f"{client}.safetensors")
+
+
+def round_files(folder: Path, count: int = 7, seed: int = 0
+                ) -> tuple[Weights, list[UpdateFile], list[dict[str, np.ndarray]], list[int]]:
+    """The current model read from its file (as the aggregator has it) and ``count`` updates; the last
+    one laid out in another tensor order, so it is read tensor by tensor."""
+    rng = np.random.default_rng(seed)
+    save_weights_file(folder / "global.safetensors", model(rng), {})
+    current, _ = read_weights_file(folder / "global.safetensors")
+    updates = [model(rng, current) for _ in range(count)]
+    examples = [int(rng.integers(1, 50)) for _ in range(count)]
+    files = []
+    for i, (update, n) in enumerate(zip(updates, examples, strict=True)):
+        files.append(write_in_order(folder, f"c{i}", update, n, sorted(update, reverse=True)) if i == count - 1 else
+                     UpdateFile(f"c{i}", DirectoryStore(folder), f"c{i}.safetensors"))
+        if i < count - 1:
+            save_weights_file(folder / f"c{i}.safetensors", update, {"num_examples": n})
+    return current, files, updates, examples
+
+
+def float64_mean(current: Weights, updates: list[dict[str, np.ndarray]], examples: list[int]) -> dict[str, np.ndarray]:
+    total = float(sum(examples))
+    return {name: current[name] + sum(n * (u[name].astype(np.float64) - current[name]) for u, n in
+                                       zip(updates, examples, strict=True)) / total for name in current}
+
+
+def test_streaming_mean_over_runs_matches_float64_and_the_tensor_by_tensor_path(tmp_path: Path) -> None:
+    current, files, updates, examples = round_files(tmp_path)
+    assert len(FlatModel(current).runs) == 2  # the float tensors are read as one array
+    flat = make_strategy("fedavg").aggregate(current, UpdateSet(current, files), {}).weights
+    plain_current = {name: np.array(array) for name, array in current.items()}  # not from a file: tensor by tensor
+    plain = make_strategy("fedavg").aggregate(plain_current, UpdateSet(plain_current, files), {}).weights
+    reference = float64_mean(current, updates, examples)
+    for name, expected in reference.items():
+        assert np.array_equal(flat[name], plain[name]), name  # the same operations on every value
+        if name == "bn.num_batches_tracked":
+            assert flat[name] == np.rint(expected)
+            continue
+        # float32 sums of deltas: each of the k additions rounds by at most eps/2 of a partial sum
+        # (at most the sum of |n * delta|), the division and the final add by eps/2 of the result.
+        deltas = sum(n * np.abs(u[name].astype(np.float64) - current[name])
+                     for u, n in zip(updates, examples, strict=True))
+        bound = EPS * (len(updates) * deltas / sum(examples) + np.abs(expected))
+        assert np.all(np.abs(flat[name] - expected) <= bound), name
+
+
+@pytest.mark.parametrize(("name", "index"), [("fc.weight", (190, 3)), ("bn.bias", (2,))])
+def test_a_non_finite_value_inside_a_run_names_its_tensor_and_leaves_the_sum_as_it_was(
+        tmp_path: Path, name: str, index: tuple[int, ...]) -> None:
+    current, files, updates, examples = round_files(tmp_path)
+    broken = {k: v.copy() for k, v in updates[2].items()}
+    broken[name][index] = np.inf
+    save_weights_file(tmp_path / "c2.safetensors", broken, {"num_examples": examples[2]})
+    update_set = UpdateSet(current, files)
+    result = make_strategy("fedavg").aggregate(current, update_set, {}).weights
+    assert update_set.rejected == {"c2": f"tensor {name} contains NaN or Inf (or values too large to square)"}
+    assert_rounding_of(result, float64_mean(current, updates[:2] + updates[3:], examples[:2] + examples[3:]))
+
+
+def test_a_corrupt_file_read_while_its_checksum_is_computed_is_taken_out_again(tmp_path: Path) -> None:
+    current, files, updates, examples = round_files(tmp_path)
+    path = tmp_path / "c1.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8:] = np.array([7.0, -7.0], np.float32).tobytes()  # still a valid file, with other values
+    path.write_bytes(bytes(data))
+    update_set = UpdateSet(current, files)
+    result = make_strategy("fedavg").aggregate(current, update_set, {}).weights
+    assert list(update_set.rejected) == ["c1"] and "does not match its sidecar" in update_set.rejected["c1"]
+    assert_rounding_of(result, float64_mean(current, updates[:1] + updates[2:], examples[:1] + examples[2:]))
+
+
+def assert_rounding_of(result: Weights, reference: dict[str, np.ndarray]) -> None:
+    """An update added and subtracted again leaves at most a few float32 roundings of the sum behind."""
+    for name, expected in reference.items():
+        if result[name].dtype.kind != "f":
+            assert result[name] == np.rint(expected)
+        else:
+            np.testing.assert_allclose(result[name], expected, rtol=4 * EPS, atol=4 * EPS)
+
+
+class RewritingStore(DirectoryStore):  # type: ignore[misc]  # (mypy does not map fedtrain.worker from tests)
+    """A directory where a client replaces its update (file and sidecar) right after the aggregator first reads it."""
+
+    def __init__(self, root: Path, key: str, replacement: dict[str, np.ndarray]) -> None:
+        super().__init__(root)
+        self.key, self.replacement = key, replacement
+
+    def read_bytes(self, key: str) -> bytes:
+        data = super().read_bytes(key)
+        if key == self.key and self.replacement:
+            save_weights(DirectoryStore(self.root), key, self.replacement, {"num_examples": 10})
+            self.replacement = {}
+        return data
+
+
+def test_an_outlier_replaced_before_it_is_taken_out_fails_the_round_as_temporary(tmp_path: Path) -> None:
+    """Subtracting other values than were added would let the replacement in unchecked."""
+    files = write_updates(tmp_path, POISONED)
+    store = RewritingStore(tmp_path, "evil.safetensors", {"w": np.array([3.0, 3.0], np.float32),
+                                                          "bn.num_batches_tracked": np.array(4)})
+    files = [UpdateFile(f.client, store, f.key) for f in files]
+    with pytest.raises(TemporaryStorageError, match=r"evil\.safetensors: changed while the round was aggregated"):
+        make_strategy("fedavg").aggregate(CURRENT, UpdateSet(CURRENT, files, max_norm_ratio=5.0), {})
+
+
+def test_robust_reductions_block_by_block_match_numpy_over_whole_tensors(tmp_path: Path) -> None:
+    current, files, updates, _ = round_files(tmp_path)
+    stacked = {name: np.stack([u[name] for u in updates]) for name in current}
+    median = make_strategy("fedmedian").aggregate(current, UpdateSet(current, files), {}).weights
+    trimmed = make_strategy("trimmedmean", {"beta": 0.2}).aggregate(current, UpdateSet(current, files), {}).weights
+    for name, values in stacked.items():
+        expected_median = np.median(values, axis=0)
+        middle = np.sort(values.astype(np.float64), axis=0)[1:-1].mean(axis=0)  # beta 0.2 of 7: one per side
+        if values.dtype.kind != "f":
+            assert median[name] == np.rint(expected_median) and trimmed[name] == np.rint(middle)
+            continue
+        assert np.array_equal(median[name], expected_median), name  # the same values picked the same way
+        # float64 sums of at most 7 float32 values are exact to far below float32's rounding: the
+        # cast to float32 is the only rounding, half an ulp of the result.
+        assert np.all(np.abs(trimmed[name] - middle) <= EPS / 2 * np.abs(middle)), name
+    floats = [name for name in current if current[name].dtype.kind == "f"]
+    direct = np.array([[sum(float(np.sum((a[n].astype(np.float64) - b[n]) ** 2)) for n in floats) for b in updates]
+                       for a in updates])
+    np.testing.assert_allclose(pairwise_squared_distances(current, [tensors_of_update(f) for f in files]), direct,
+                               rtol=1e-9, atol=1e-9 * direct.max())
+
+
+def tensors_of_update(source: UpdateFile) -> Weights:
+    return read_weights(source.store, source.key)[0]

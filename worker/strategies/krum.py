@@ -13,21 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtrain.worker.errors import BadInputError, RejectedUpdatesError
-from fedtrain.worker.strategies.arrays import cast_like, weighted_mean
+from fedtrain.worker.strategies.arrays import cast_like, gram_matrix, weighted_mean
 from fedtrain.worker.strategies.protocol import Aggregate
 from fedtrain.worker.strategies.updates import UpdateSet
 from fedtrain.worker.weights import Weights
 
 
-def pairwise_squared_distances(updates: list[Weights]) -> np.ndarray:
-    """``(n, n)`` squared L2 distances over all floating tensors, through Gram matrices tensor by tensor."""
-    n = len(updates)
-    gram = np.zeros((n, n))
-    for name, first in updates[0].items():
-        if not np.issubdtype(first.dtype, np.floating):
-            continue
-        rows = np.stack([u[name].ravel() for u in updates]).astype(np.float64)
-        gram += rows @ rows.T
+def pairwise_squared_distances(current: Weights, updates: list[Weights]) -> np.ndarray:
+    """``(n, n)`` squared L2 distances over all floating tensors, through the updates' Gram matrix."""
+    gram = gram_matrix(current, updates)
     squared_norms = np.diag(gram)
     return np.maximum(squared_norms[:, None] + squared_norms[None, :] - 2 * gram, 0.0)
 
@@ -65,7 +59,7 @@ class Krum:
         """Select by Krum score, then average the selected updates."""
         accepted = updates.all()
         try:
-            chosen = krum_select(pairwise_squared_distances([u.weights for u in accepted]), self.f,
+            chosen = krum_select(pairwise_squared_distances(current, [u.weights for u in accepted]), self.f,
                                  min(self.m, len(accepted)))
         except ValueError as error:
             raise RejectedUpdatesError(f"krum: {error}") from error

@@ -11,23 +11,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtrain.worker.errors import BadInputError, RejectedUpdatesError
-from fedtrain.worker.strategies.arrays import cast_like
+from fedtrain.worker.strategies.arrays import cast_like, coordinate_wise
 from fedtrain.worker.strategies.protocol import Aggregate
 from fedtrain.worker.strategies.updates import UpdateSet
 from fedtrain.worker.weights import Weights
 
 
-def trimmed_mean(stacked: np.ndarray, trim: int) -> np.ndarray:
-    """Mean over axis 0 after dropping the ``trim`` smallest and ``trim`` largest values per coordinate.
+def trimmed_mean(block: np.ndarray, trim: int) -> np.ndarray:
+    """Mean of each row of a ``(coordinates, clients)`` block without its ``trim`` smallest and largest values.
 
-    A partition around the two cut points finds the kept values without sorting them all; the
-    mean accumulates in float64 without a float64 copy of the stack.
+    A partition (in place) around the two cut points finds the kept values without sorting them
+    all; the mean accumulates in float64 without a float64 copy of the block.
     """
-    count = stacked.shape[0]
+    count = block.shape[1]
     if count - 2 * trim < 1:
         raise ValueError(f"cannot trim {trim} from each side of {count} values")
-    kept = np.partition(stacked, [trim, count - trim - 1], axis=0)[trim:count - trim] if trim else stacked
-    return kept.mean(axis=0, dtype=np.float64)
+    if trim:
+        block.partition([trim, count - trim - 1], axis=1)
+    return block[:, trim:count - trim].mean(axis=1, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class TrimmedMean:
         accepted = updates.all()
         trim = math.floor(self.beta * len(accepted))
         try:
-            merged = {name: trimmed_mean(np.stack([u.weights[name] for u in accepted]), trim) for name in current}
+            merged = coordinate_wise(current, [u.weights for u in accepted], lambda block: trimmed_mean(block, trim))
         except ValueError as error:
             raise RejectedUpdatesError(f"trimmed mean: {error}") from error
         return Aggregate(cast_like(merged, current), details={"trimmed_per_side": trim})

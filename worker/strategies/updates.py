@@ -12,19 +12,27 @@ seen; their (rare) files are read a second time and their contribution subtracte
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtrain.worker.errors import BadDataError, RejectedUpdatesError
+from fedtrain.worker.errors import BadDataError, RejectedUpdatesError, TemporaryStorageError
 from fedtrain.worker.storage import Store
-from fedtrain.worker.strategies.arrays import cast_like
+from fedtrain.worker.strategies.arrays import CHUNK, FlatModel, cast_like, tiled_runs
 from fedtrain.worker.strategies.protocol import Update
-from fedtrain.worker.strategies.validation import delta_norm, non_finite_problem, norm_outliers, structural_problem
-from fedtrain.worker.weights import Weights, read_weights
+from fedtrain.worker.strategies.validation import (
+    delta_norm,
+    first_non_finite,
+    non_finite_problem,
+    norm_outliers,
+    structural_problem,
+)
+from fedtrain.worker.weights import Weights, checksum_problem, parse_weights, read_unchecked
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,13 @@ class UpdateSet:
     # trained from a stale or foreign model (a site that replayed an old round, or was sent a wrong one).
     base_sha256: str | None = None
 
-    def _read(self, source: UpdateFile) -> Update | None:
-        """The update, or None after noting why it is rejected.
+    def _read(self, source: UpdateFile, hasher: Executor) -> tuple[Update, Future[str], dict[str, Any]] | None:
+        """The update, parsed and checked while its sha256 is computed on ``hasher``; None after noting why not.
+
+        The caller may use the arrays before the checksum is known and must then check `_checksum_problem`.
+        The checksum catches a file truncated or swapped after its sidecar was written; parsing and
+        the structural checks treat every file as hostile anyway, so they need not wait for it, and
+        the hash (which releases the GIL) runs beside the arithmetic instead of before it.
 
         Only what the client is answerable for rejects its update: a file that is missing, corrupt,
         unparsable or of the wrong shape. A store that cannot be read right now
@@ -60,19 +73,28 @@ class UpdateSet:
         the client: those propagate, and the aggregation task fails (and is retried) instead.
         """
         try:
-            weights, meta = read_weights(source.store, source.key)
+            data, meta = read_unchecked(source.store, source.key)
         except BadDataError as error:
             self.rejected[source.client] = str(error)
             return None
-        problem = structural_problem(weights, self.current, meta.get("num_examples"))
+        digest = hasher.submit(sha256_of, data)
+        try:
+            weights = parse_weights(source.store, source.key, data)
+            problem = structural_problem(weights, self.current, meta.get("num_examples"))
+        except BadDataError as error:
+            problem = str(error)
         if problem is None and self.base_sha256 is not None and meta.get("base_sha256") != self.base_sha256:
             named = str(meta.get("base_sha256") or "none")[:12]
             problem = (f"trained from another model (base sha256 {named}…), not this round's global model "
                        f"({self.base_sha256[:12]}…)")
-        if problem is not None:
-            self.rejected[source.client] = problem
+        if problem is not None:  # a corrupt file is reported as corrupt, whatever else it shows
+            self.rejected[source.client] = self._checksum_problem(source, meta, digest) or problem
             return None
-        return Update(source.client, weights, int(meta["num_examples"]))
+        return Update(source.client, weights, int(meta["num_examples"])), digest, meta
+
+    def _checksum_problem(self, source: UpdateFile, meta: dict[str, Any], digest: Future[str]) -> str | None:
+        """Why the file does not match its sidecar's sha256, or None; waits for the hash."""
+        return checksum_problem(source.store, source.key, meta, digest.result())
 
     def _settle(self, norms: dict[str, float]) -> dict[str, str]:
         outliers = norm_outliers(norms, self.max_norm_ratio)
@@ -86,77 +108,107 @@ class UpdateSet:
         return outliers
 
     def weighted_mean(self) -> Weights:
-        """Example-weighted mean of the accepted updates, reading each file once (outliers twice)."""
+        """Example-weighted mean of the accepted updates, reading each file once (outliers twice).
+
+        An update is added while its checksum is computed, and subtracted again if the file
+        turns out not to match its sidecar: the sums' rounding is then all it leaves behind.
+        """
         total = DeltaSum(self.current)
         norms: dict[str, float] = {}
-        for source in self.files:
-            update = self._read(source)
-            if update is None:
-                continue
-            norm, problem = total.add(update.weights, update.num_examples)
-            if problem is not None:
-                self.rejected[update.client] = problem
-                continue
-            norms[update.client] = norm
-            self.examples[update.client] = update.num_examples
-            del update  # the next update is read into the memory this one frees
-        outliers = self._settle(norms)
-        for source in self.files:
-            if source.client in outliers:
-                update = self._read(source)
-                assert update is not None  # it was valid a moment ago
-                total.add(update.weights, -update.num_examples)
+        digests: dict[str, str] = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+            for source in self.files:
+                read = self._read(source, hasher)
+                if read is None:
+                    continue
+                update, digest, meta = read
+                norm, problem = total.add(update.weights, update.num_examples)
+                corrupt = self._checksum_problem(source, meta, digest)
+                if corrupt is not None and problem is None:
+                    total.add(update.weights, -update.num_examples)
+                if corrupt is not None or problem is not None:
+                    self.rejected[update.client] = corrupt or str(problem)
+                    continue
+                norms[update.client], digests[update.client] = norm, digest.result()
+                self.examples[update.client] = update.num_examples
+                del update, read  # the next update is read into the memory this one frees
+            outliers = self._settle(norms)
+            for source in (s for s in self.files if s.client in outliers):
+                self._subtract(total, source, digests[source.client], hasher)
         return total.mean(float(sum(self.examples[c] for c in self.accepted)))
+
+    def _subtract(self, total: DeltaSum, source: UpdateFile, digest: str, hasher: Executor) -> None:
+        """Take an outlier back out of the sum: the very bytes that went in, with the same example count.
+
+        A file replaced in between (its owner can write it) would subtract something else than it
+        added, so that is refused: the task fails as temporary and a new attempt reads a stable set.
+        """
+        again = self._read(source, hasher)
+        if again is None or again[1].result() != digest:
+            raise TemporaryStorageError(f"{source.store.describe(source.key)}: changed while the round was "
+                                        "aggregated; aggregate the round again")
+        total.add(again[0].weights, -self.examples[source.client])
 
     def all(self) -> list[Update]:
         """Every accepted update, in memory at once (for coordinate-wise and distance-based strategies)."""
         updates: list[Update] = []
         norms: dict[str, float] = {}
-        for update in (self._read(s) for s in self.files):
-            if update is None:
-                continue
-            norm, problem = delta_norm(update.weights, self.current)
-            if problem is not None:
-                self.rejected[update.client] = problem
-                continue
-            updates.append(update)
-            norms[update.client] = norm
-            self.examples[update.client] = update.num_examples
+        model = FlatModel(self.current)
+        with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+            for source in self.files:
+                read = self._read(source, hasher)
+                if read is None:
+                    continue
+                update, digest, meta = read
+                norm, problem = delta_norm(update.weights, model)
+                problem = self._checksum_problem(source, meta, digest) or problem
+                if problem is not None:
+                    self.rejected[update.client] = problem
+                    continue
+                updates.append(update)
+                norms[update.client] = norm
+                self.examples[update.client] = update.num_examples
         outliers = self._settle(norms)
         return [u for u in updates if u.client not in outliers]
 
 
-CHUNK = 1 << 15  # elements per visit: small enough to stay in cache, large enough to amortise numpy's calls
+def sha256_of(data: bytes) -> str:
+    """Hex sha256 of ``data`` (hashlib releases the GIL while it hashes)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class DeltaSum:
     """Running ``sum(n * (update - current))`` in preallocated buffers: no allocation per update.
 
     Fresh multi-megabyte arrays per tensor and update cost page faults that outweigh the
-    arithmetic. Differences go through a small scratch buffer, a chunk at a time, so the sum is
-    the only model-sized buffer this holds.
+    arithmetic. The sums are laid out like the current model's runs (`FlatModel`), so an update
+    read from a file of the same layout is added in a few long passes; differences go through a
+    small scratch buffer, a chunk at a time, so the sum is the only model-sized buffer this holds.
     """
 
     def __init__(self, current: Weights) -> None:
-        self.current = current
-        self.floating = {name: bool(np.issubdtype(a.dtype, np.floating)) for name, a in current.items()}
-        self.sums = {name: np.zeros(a.shape, a.dtype if self.floating[name] else np.float64)
-                     for name, a in current.items()}
+        self.model = FlatModel(current)
+        self.floating = [bool(np.issubdtype(run.dtype, np.floating)) for run in self.model.runs]
+        self.sums = [np.zeros(run.size, run.dtype if floating else np.float64)
+                     for run, floating in zip(self.model.runs, self.floating, strict=True)]
         self.scratch: dict[np.dtype[Any], NDArray[Any]] = {}
-        for total in self.sums.values():  # per dtype, no larger than a chunk or the largest tensor of that dtype
+        for total in self.sums:  # per dtype, no larger than a chunk or the largest run of that dtype
             size = min(CHUNK, max(total.size, len(self.scratch.get(total.dtype, ()))))
             self.scratch[total.dtype] = np.empty(size, total.dtype)
 
-    def _accumulate(self, name: str, array: NDArray[Any], factor: int, limit: int | None = None
-                    ) -> tuple[float, int]:
-        """Add ``factor * (array - current)`` chunk by chunk; the squared norm and the elements added.
+    def _accumulate(self, index: int, offset: int, source: NDArray[Any], factor: int, limit: int | None = None
+                    ) -> tuple[float, int, int]:
+        """Add ``factor * (source - current)`` at ``offset`` of run ``index``, chunk by chunk.
 
-        Stops before a chunk that is not finite (its norm is then NaN or Inf). ``limit`` stops
-        after that many elements (to undo part of a tensor).
+        Returns the squared norm, the elements added and, when a chunk is not finite (its norm is
+        then NaN or Inf), the offset of its first bad element; it stops before that chunk.
+        ``limit`` stops after that many elements (to undo part of an update).
         """
-        total, source, base = self.sums[name].reshape(-1), array.reshape(-1), self.current[name].reshape(-1)
-        scratch, floating = self.scratch[total.dtype], self.floating[name]
-        squared, end = 0.0, total.size if limit is None else limit
+        end = source.size if limit is None else limit
+        total = self.sums[index][offset:offset + source.size]
+        base = self.model.arrays[index][offset:offset + source.size]
+        scratch, floating = self.scratch[total.dtype], self.floating[index]
+        squared = 0.0
         for start in range(0, end, CHUNK):
             stop = min(end, start + CHUNK)
             delta = scratch[:stop - start]
@@ -164,11 +216,11 @@ class DeltaSum:
             if floating:
                 part = float(np.dot(delta, delta))
                 if not np.isfinite(part):
-                    return part, start
+                    return part, start, offset + start + first_non_finite(delta)
                 squared += part
             np.multiply(delta, factor, out=delta)
             np.add(total[start:stop], delta, out=total[start:stop])
-        return squared, end
+        return squared, end, -1
 
     def add(self, weights: Weights, factor: int) -> tuple[float, str | None]:
         """Add ``factor * (weights - current)``; return the delta's norm, or why the update is unusable.
@@ -177,17 +229,19 @@ class DeltaSum:
         A chunk that is not finite rolls back what this update added (recomputing those
         differences), so the sums only ever hold whole, finite updates.
         """
+        tiled = tiled_runs(weights)
         squared_norm = 0.0
-        added: list[str] = []
-        for name, array in weights.items():
-            squared, reached = self._accumulate(name, array, factor)
-            if not np.isfinite(squared):
-                self._accumulate(name, array, -factor, reached)
-                for done in added:
-                    self._accumulate(done, weights[done], -factor)
-                return 0.0, non_finite_problem(name)
-            squared_norm += squared
-            added.append(name)
+        added: list[tuple[int, int, NDArray[Any]]] = []
+        for index in range(len(self.model.runs)):
+            for offset, source in self.model.pieces(weights, index, tiled):
+                squared, reached, bad = self._accumulate(index, offset, source, factor)
+                if not np.isfinite(squared):
+                    self._accumulate(index, offset, source, -factor, reached)
+                    for done in added:
+                        self._accumulate(*done, -factor)
+                    return 0.0, non_finite_problem(self.model.name_at(index, bad))
+                squared_norm += squared
+                added.append((index, offset, source))
         return float(np.sqrt(squared_norm)), None
 
     def mean(self, total_examples: float) -> Weights:
@@ -195,7 +249,7 @@ class DeltaSum:
 
         Computed in the sums' own buffers (no second model): the sum is spent afterwards.
         """
-        for name, total in self.sums.items():
+        for total, base in zip(self.sums, self.model.arrays, strict=True):
             np.divide(total, total_examples, out=total)
-            np.add(total, self.current[name], out=total)
-        return cast_like(self.sums, self.current)
+            np.add(total, base, out=total)
+        return cast_like(self.model.unflatten(self.sums), self.model.weights)

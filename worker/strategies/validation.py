@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedtrain.worker.strategies.arrays import CHUNK, FlatModel, tiled_runs
 from fedtrain.worker.weights import Weights
 
 
@@ -39,29 +40,35 @@ def non_finite_problem(name: str) -> str:
     return f"tensor {name} contains NaN or Inf (or values too large to square)"
 
 
-NORM_CHUNK = 1 << 15  # elements differenced at a time, in one reused buffer
+def first_non_finite(values: NDArray[Any]) -> int:
+    """Index of the first value that is not finite or whose square is not (0 if the fault is only in a sum)."""
+    bad = np.flatnonzero(~np.isfinite(np.square(values)))
+    return int(bad[0]) if bad.size else 0
 
 
-def delta_norm(update: Weights, current: Weights) -> tuple[float, str | None]:
-    """L2 norm of ``update - current`` over floating tensors, or the first tensor that is not finite.
+def delta_norm(update: Weights, model: FlatModel) -> tuple[float, str | None]:
+    """L2 norm of ``update - model`` over floating tensors, or the first tensor that is not finite.
 
-    Differences go through one small reused buffer: a fresh array per large tensor costs page
-    faults that outweigh the arithmetic.
+    A run at a time where the update tiles it like the model (`FlatModel`); differences go
+    through one small reused buffer: a fresh array per large tensor costs page faults that
+    outweigh the arithmetic.
     """
     total = 0.0
     scratch: dict[np.dtype[Any], NDArray[Any]] = {}
-    for name, array in update.items():
-        if not np.issubdtype(array.dtype, np.floating):
+    tiled = tiled_runs(update)
+    for index, run in enumerate(model.runs):
+        if not np.issubdtype(run.dtype, np.floating):
             continue
-        buffer = scratch.setdefault(array.dtype, np.empty(NORM_CHUNK, array.dtype))
-        source, base = array.reshape(-1), current[name].reshape(-1)
-        for start in range(0, source.size, NORM_CHUNK):
-            stop = min(source.size, start + NORM_CHUNK)
-            diff = np.subtract(source[start:stop], base[start:stop], out=buffer[:stop - start])
-            squared = float(np.dot(diff, diff))
-            if not np.isfinite(squared):
-                return 0.0, non_finite_problem(name)
-            total += squared
+        buffer = scratch.setdefault(run.dtype, np.empty(CHUNK, run.dtype))
+        base = model.arrays[index]
+        for offset, source in model.pieces(update, index, tiled):
+            for start in range(0, source.size, CHUNK):
+                stop = min(source.size, start + CHUNK)
+                diff = np.subtract(source[start:stop], base[offset + start:offset + stop], out=buffer[:stop - start])
+                squared = float(np.dot(diff, diff))
+                if not np.isfinite(squared):
+                    return 0.0, non_finite_problem(model.name_at(index, offset + start + first_non_finite(diff)))
+                total += squared
     return float(np.sqrt(total)), None
 
 
