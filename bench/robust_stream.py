@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
-from fedtrain.worker.training import state_to_numpy
 from fedtrain.worker.weights import Weights, read_weights
 
-from fedavg_stream import peak_mib_of, seconds_of, write_updates  # isort: skip (a sibling script: run from bench/ or the root)
+from fedavg_stream import load, peak_mib_of, read_current, seconds_of, write_updates  # isort: skip (a sibling script: run from bench/ or the root)
 
 
 def read_all(files: list[UpdateFile]) -> list[Weights]:
@@ -80,10 +77,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/fedtrain-bench-robust"))
     parser.add_argument("--only", nargs="*", choices=sorted(STRATEGIES), default=sorted(STRATEGIES))
     args = parser.parse_args()
-    current = state_to_numpy(build_model(ModelConfig(args.architecture, 43, 64)))
-    model_mib = sum(v.nbytes for v in current.values()) / 2**20
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
+    current = read_current(args.dir, args.architecture)
+    model_mib = sum(v.nbytes for v in current.values()) / 2**20
     files = write_updates(args.dir, current, args.updates)
     read_all(files)  # warm the page cache
     print(f"{args.updates} updates of {args.architecture} ({model_mib:.1f} MiB each), median of {args.repeats} "
@@ -97,11 +94,13 @@ def main() -> None:
         def baseline(bare: Callable[..., Weights] = bare, parameters: dict[str, Any] = parameters) -> None:
             bare(current, files, **parameters)
 
-        ours, theirs = seconds_of([strategy, baseline], args.repeats)
+        print(f"{name}: {load()}")
+        (ours, ours_cpu, _), (theirs, theirs_cpu, _) = seconds_of([strategy, baseline], args.repeats)
         ours_mib, theirs_mib = peak_mib_of(strategy), peak_mib_of(baseline)
-        print(f"{name:12s} strategy {ours:6.2f} s ({ours_mib / model_mib:5.1f} models)   bare NumPy {theirs:6.2f} s "
-              f"({theirs_mib / model_mib:5.1f} models)   ratio {ours / theirs:.2f}")
-    print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the cores: machine busy)")
+        print(f"{name:12s} strategy {ours:6.2f} s (CPU {ours_cpu:6.2f}, {ours_mib / model_mib:5.1f} models)   "
+              f"bare NumPy {theirs:6.2f} s (CPU {theirs_cpu:6.2f}, {theirs_mib / model_mib:5.1f} models)   "
+              f"ratio {ours / theirs:.2f} wall, {ours_cpu / theirs_cpu:.2f} CPU")
+    print(f"after: {load()}")
     shutil.rmtree(args.dir, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ seen; their (rare) files are read a second time and their contribution subtracte
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -215,7 +216,7 @@ class DeltaSum:
             np.subtract(source[start:stop], base[start:stop], out=delta)
             if floating:
                 part = float(np.dot(delta, delta))
-                if not np.isfinite(part):
+                if not math.isfinite(part):
                     return part, start, offset + start + first_non_finite(delta)
                 squared += part
             np.multiply(delta, factor, out=delta)
@@ -235,7 +236,7 @@ class DeltaSum:
         for index in range(len(self.model.runs)):
             for offset, source in self.model.pieces(weights, index, tiled):
                 squared, reached, bad = self._accumulate(index, offset, source, factor)
-                if not np.isfinite(squared):
+                if not math.isfinite(squared):
                     self._accumulate(index, offset, source, -factor, reached)
                     for done in added:
                         self._accumulate(*done, -factor)

@@ -6,6 +6,7 @@ pure functions over arrays; reading files is `updates.UpdateSet`'s job.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,7 +67,7 @@ def delta_norm(update: Weights, model: FlatModel) -> tuple[float, str | None]:
                 stop = min(source.size, start + CHUNK)
                 diff = np.subtract(source[start:stop], base[offset + start:offset + stop], out=buffer[:stop - start])
                 squared = float(np.dot(diff, diff))
-                if not np.isfinite(squared):
+                if not math.isfinite(squared):
                     return 0.0, non_finite_problem(model.name_at(index, offset + start + first_non_finite(diff)))
                 total += squared
     return float(np.sqrt(total)), None
