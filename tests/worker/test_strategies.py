@@ -237,10 +237,10 @@ def write_in_order(folder: Path, client: str, weights: dict[str, np.ndarray], ex
     return UpdateFile(client, store, f"{client}.safetensors")
 
 
-def round_files(folder: Path, count: int = 7, seed: int = 0
+def round_files(folder: Path, count: int = 7, seed: int = 0, odd_layout: bool = True
                 ) -> tuple[Weights, list[UpdateFile], list[dict[str, np.ndarray]], list[int]]:
-    """The current model read from its file (as the aggregator has it) and ``count`` updates; the last
-    one laid out in another tensor order, so it is read tensor by tensor."""
+    """The current model read from its file (as the aggregator has it) and ``count`` updates; with
+    ``odd_layout`` the last one lays its tensors out in another order, so it is read tensor by tensor."""
     rng = np.random.default_rng(seed)
     save_weights_file(folder / "global.safetensors", model(rng), {})
     current, _ = read_weights_file(folder / "global.safetensors")
@@ -248,10 +248,11 @@ def round_files(folder: Path, count: int = 7, seed: int = 0
     examples = [int(rng.integers(1, 50)) for _ in range(count)]
     files = []
     for i, (update, n) in enumerate(zip(updates, examples, strict=True)):
-        files.append(write_in_order(folder, f"c{i}", update, n, sorted(update, reverse=True)) if i == count - 1 else
-                     UpdateFile(f"c{i}", DirectoryStore(folder), f"c{i}.safetensors"))
-        if i < count - 1:
+        if odd_layout and i == count - 1:
+            files.append(write_in_order(folder, f"c{i}", update, n, sorted(update, reverse=True)))
+        else:
             save_weights_file(folder / f"c{i}.safetensors", update, {"num_examples": n})
+            files.append(UpdateFile(f"c{i}", DirectoryStore(folder), f"c{i}.safetensors"))
     return current, files, updates, examples
 
 
@@ -340,8 +341,9 @@ def test_an_outlier_replaced_before_it_is_taken_out_fails_the_round_as_temporary
         make_strategy("fedavg").aggregate(CURRENT, UpdateSet(CURRENT, files, max_norm_ratio=5.0), {})
 
 
-def test_robust_reductions_block_by_block_match_numpy_over_whole_tensors(tmp_path: Path) -> None:
-    current, files, updates, _ = round_files(tmp_path)
+@pytest.mark.parametrize("odd_layout", [False, True], ids=["runs", "tensor-by-tensor"])
+def test_robust_reductions_block_by_block_match_numpy_over_whole_tensors(tmp_path: Path, odd_layout: bool) -> None:
+    current, files, updates, _ = round_files(tmp_path, odd_layout=odd_layout)
     stacked = {name: np.stack([u[name] for u in updates]) for name in current}
     median = make_strategy("fedmedian").aggregate(current, UpdateSet(current, files), {}).weights
     trimmed = make_strategy("trimmedmean", {"beta": 0.2}).aggregate(current, UpdateSet(current, files), {}).weights
