@@ -295,6 +295,18 @@ def test_a_non_finite_value_inside_a_run_names_its_tensor_and_leaves_the_sum_as_
     assert_rounding_of(result, float64_mean(current, updates[:2] + updates[3:], examples[:2] + examples[3:]))
 
 
+@pytest.mark.parametrize(("name", "index"), [("fc.weight", (190, 3)), ("bn.bias", (2,))])
+def test_the_norms_for_the_robust_strategies_name_a_non_finite_tensor_inside_a_run(
+        tmp_path: Path, name: str, index: tuple[int, ...]) -> None:
+    current, files, updates, examples = round_files(tmp_path, odd_layout=False)
+    broken = {k: v.copy() for k, v in updates[2].items()}
+    broken[name][index] = np.nan
+    save_weights_file(tmp_path / "c2.safetensors", broken, {"num_examples": examples[2]})
+    update_set = UpdateSet(current, files)
+    assert [u.client for u in update_set.all()] == ["c0", "c1", "c3", "c4", "c5", "c6"]
+    assert update_set.rejected == {"c2": f"tensor {name} contains NaN or Inf (or values too large to square)"}
+
+
 def test_a_corrupt_file_read_while_its_checksum_is_computed_is_taken_out_again(tmp_path: Path) -> None:
     current, files, updates, examples = round_files(tmp_path)
     path = tmp_path / "c1.safetensors"

@@ -57,9 +57,7 @@ class FlatModel:
 
     def __init__(self, weights: Weights) -> None:
         self.weights = weights
-        intact = weights.intact_runs() if isinstance(weights, FileWeights) else frozenset()
-        if intact and sum(len(run.names) for run in intact) == len(weights):
-            assert isinstance(weights, FileWeights)
+        if isinstance(weights, FileWeights) and weights.intact_runs():
             self.runs = weights.runs
             self.arrays = [weights.flat(run) for run in self.runs]
         else:
