@@ -1,17 +1,23 @@
 """Learning quality: federated training against central training on the same data, model and epochs.
 
-Usage: python bench/learning_quality.py [--rows iid,dirichlet,poisoned] [--seeds 3] [--per-class 20]
-       [--rounds 6] [--local-epochs 2] [--pretrain-epochs 12] [--clients 10] [--out results.json]
+Usage: python bench/learning_quality.py [--rows iid,dirichlet,poisoned] [--seeds 3] [--per-class 60]
+       [--rounds 40] [--local-epochs 2] [--pretrain-epochs 0] [--clients 10] [--processes 2] [--out results.json]
 
-Everything runs in this process with the worker's own functions, as the round tasks call them:
-`partition_samples` deals the training split by track, `train_local` trains each client from the
-global weights, `save_weights` writes its update with its sidecar, and the registered strategy
-aggregates an `UpdateSet` of those files (with the default norm-outlier check). Central training is
-one `train_local` over the whole training split for rounds x local epochs: the same model, data,
-optimiser, batch size and number of passes over the data. Every run starts from the same warm
-start (see `warm_start`; ``--pretrain-epochs 0`` starts from random weights). Each seed changes the
-partition and every client's shuffling (and the initial weights without a warm start); the data
-set is the same for all.
+Everything runs with the worker's own functions, as the round tasks call them: `partition_samples`
+deals the training split by track, `train_local` trains each client from the global weights,
+`save_weights` writes its update with its sidecar, and the registered strategy aggregates an
+`UpdateSet` of those files (with the default norm-outlier check). Central training is one
+`train_local` over the whole training split for rounds x local epochs: the same model, data,
+optimiser, batch size and number of passes over the data.
+
+Every run is a learning curve: the global model is scored after every round, central training
+after every ``--local-epochs`` epochs of its one run (the optimiser's state kept), so each round's
+figure is compared with central training after the same number of epochs. The table's figure is
+the last point; the curve shows how many epochs the federation needs to come level. Runs start
+from random weights (``--pretrain-epochs N``: from a model trained N epochs on another synthetic
+set). Each seed changes the initial weights, the partition and every client's shuffling; the data
+set is the same for all. ``--processes`` runs that many configurations at once, one torch thread
+each.
 
 Rows (each with its baseline measured in the same run):
 - ``iid``: FedAvg with 4 and with ``--clients`` clients, IID, / central.
@@ -28,12 +34,12 @@ to its update file's weights before aggregation, never through a spec field a us
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import multiprocessing
+import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -150,15 +156,25 @@ def train_config(setup: Setup, epochs: int, seed: int, mu: float = 0.0) -> Train
                        learning_rate=setup.learning_rate, mu=mu, seed=seed)
 
 
-def central(data: Data, setup: Setup, seed: int) -> float:
-    """Test accuracy of one model trained on all the training data for rounds x local epochs."""
+Curve = list[float]  # test accuracy after each round (central: after each round's worth of epochs)
+
+
+def central(data: Data, setup: Setup, seed: int) -> Curve:
+    """One model trained on all the training data for rounds x local epochs, scored every local-epochs epochs."""
     model = new_model(setup, seed)
-    train_local(model, data.train_x, data.train_y, train_config(setup, setup.rounds * setup.local_epochs, seed))
-    return evaluate(model, data.test_x, data.test_y, NUM_CLASSES).accuracy
+    curve: Curve = []
+
+    def score(epoch: int) -> None:
+        if epoch % setup.local_epochs == 0:
+            curve.append(evaluate(model, data.test_x, data.test_y, NUM_CLASSES).accuracy)
+
+    train_local(model, data.train_x, data.train_y, train_config(setup, setup.rounds * setup.local_epochs, seed),
+                after_epoch=score)
+    return curve
 
 
-def federate(data: Data, setup: Setup, federation: Federation, seed: int) -> float:
-    """Test accuracy of the global model after ``setup.rounds`` rounds of ``federation``."""
+def federate(data: Data, setup: Setup, federation: Federation, seed: int) -> Curve:
+    """The global model's test accuracy after each of ``setup.rounds`` rounds of ``federation``."""
     partition = partition_samples(data.samples, PartitionConfig(federation.scheme, federation.clients,
                                                                 federation.alpha, seed), NUM_CLASSES)
     names = sorted(partition.clients)
@@ -170,6 +186,7 @@ def federate(data: Data, setup: Setup, federation: Federation, seed: int) -> flo
     current = state_to_numpy(model)
     state: Weights = {}
     store = DirectoryStore(Path(tempfile.mkdtemp(dir=setup.workdir)))
+    curve: Curve = []
     for round_number in range(1, setup.rounds + 1):
         files = []
         for number, name in enumerate(names):
@@ -187,15 +204,18 @@ def federate(data: Data, setup: Setup, federation: Federation, seed: int) -> flo
             files.append(UpdateFile(name, store, key))
         outcome = strategy.aggregate(current, UpdateSet(current, files), state)
         current, state = outcome.weights, outcome.state
-    load_numpy_state(model, current)
-    return evaluate(model, data.test_x, data.test_y, NUM_CLASSES).accuracy
+        shutil.rmtree(store.root / f"round-{round_number:04d}", ignore_errors=True)
+        load_numpy_state(model, current)
+        curve.append(evaluate(model, data.test_x, data.test_y, NUM_CLASSES).accuracy)
+    return curve
 
 
 # --- the table ----------------------------------------------------------------------------------
 
 
 DIRICHLET_STRATEGIES: list[tuple[str, dict[str, Any]]] = [
-    ("fedavg", {}), ("fedprox", {"mu": 0.01}), ("fedadam", {}), ("fedyogi", {})]
+    ("fedavg", {}), ("fedprox", {"mu": 0.01}), ("fedadam", {}), ("fedyogi", {}),
+    ("fedadam", {"eta": 0.03})]  # the server step in proportion to the clients' (see docs/benchmarks.md)
 
 
 def rows(selected: list[str], clients: int) -> dict[str, list[tuple[Federation, Federation | None]]]:
@@ -204,14 +224,15 @@ def rows(selected: list[str], clients: int) -> dict[str, list[tuple[Federation, 
     robust: list[tuple[str, dict[str, Any]]] = [("fedmedian", {}), ("trimmedmean", {"beta": attackers / clients}),
               ("krum", {"f": attackers}), ("multikrum", {"f": attackers, "m": clients - 2 * attackers})]
     table: dict[str, list[tuple[Federation, Federation | None]]] = {
-        "iid": [(Federation(f"fedavg iid {n} clients", n), None) for n in (4, clients)],
-        "dirichlet": [(Federation(f"{name} dirichlet 0.3, {clients} clients", clients, name, parameters,
-                                  "dirichlet", 0.3), None)
+        "iid": [(Federation(f"fedavg iid {n} clients", n), None) for n in sorted({4, clients})],
+        "dirichlet": [(Federation(f"{name} {parameters or ''} dirichlet 0.3, {clients} clients", clients, name,
+                                  parameters, "dirichlet", 0.3), None)
                       for name, parameters in DIRICHLET_STRATEGIES],
         "poisoned": [],
     }
     for name, parameters in [*robust, ("fedavg", {})]:  # FedAvg last: the reference that shows the attack bites
-        clean = Federation(f"{name} {parameters or ''} no attack", clients, name, parameters)
+        clean = Federation(f"{name} {parameters or ''} no attack", clients, name, parameters) if parameters or \
+            name != "fedavg" else Federation(f"fedavg iid {clients} clients", clients)  # the iid row's run
         for attack in ("signflip", "labelflip"):
             table["poisoned"].append((Federation(f"{name} {parameters or ''} {attack} {attackers}/{clients}",
                                                  clients, name, parameters, attack=attack, poisoned=attackers),
@@ -223,14 +244,44 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
-def measure(label: str, seeds: list[int], run: Callable[[int], float], cache: dict[str, list[float]]) -> list[float]:
-    """Accuracy of a configuration over the seeds, measured once per run of the benchmark."""
-    if label not in cache:
-        started = time.perf_counter()
-        cache[label] = [run(seed) for seed in seeds]
-        print(f"  {label}: {', '.join(f'{a:.3f}' for a in cache[label])} ({time.perf_counter() - started:.0f} s)",
-              flush=True)
-    return cache[label]
+# --- running the runs, several at once --------------------------------------------------------------
+
+_SHARED: tuple[Data, Setup] | None = None  # set before the pool forks: every process reads the same arrays
+
+
+def _run(job: tuple[Federation | None, int]) -> tuple[Curve, float]:
+    """One run (central when the federation is None), in a pool process: its curve and its seconds."""
+    assert _SHARED is not None
+    data, setup = _SHARED
+    federation, seed = job
+    started = time.perf_counter()
+    curve = central(data, setup, seed) if federation is None else federate(data, setup, federation, seed)
+    return curve, time.perf_counter() - started
+
+
+def run_all(configurations: list[Federation | None], seeds: list[int], processes: int) -> dict[str, list[Curve]]:
+    """Every configuration's curve for every seed, keyed by label (None: "central"), longest runs first."""
+    jobs = [(configuration, seed) for configuration in configurations for seed in seeds]
+    jobs.sort(key=lambda job: -(job[0].clients if job[0] is not None else 1))
+    curves: dict[str, dict[int, Curve]] = {}
+    context = multiprocessing.get_context("fork")
+    with context.Pool(processes, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for (configuration, seed), (curve, seconds) in zip(jobs, pool.imap(_run, jobs), strict=True):
+            label = "central" if configuration is None else configuration.label
+            curves.setdefault(label, {})[seed] = curve
+            print(f"  {label}, seed {seed}: final {curve[-1]:.3f}, best {max(curve):.3f} ({seconds:.0f} s)", flush=True)
+    return {label: [by_seed[seed] for seed in seeds] for label, by_seed in curves.items()}
+
+
+def ratio_curve(curves: list[Curve], baselines: list[Curve]) -> list[list[float]]:
+    """Per round, the ratio of each seed's accuracy to its baseline's at the same round."""
+    return [[c[r] / b[r] for c, b in zip(curves, baselines, strict=True)] for r in range(len(curves[0]))]
+
+
+def first_level(ratios: list[list[float]], goal: float) -> int | None:
+    """The first round from which the mean ratio stays at or above ``goal`` (None: never)."""
+    means = [statistics.mean(r) for r in ratios]
+    return next((r + 1 for r in range(len(means)) if all(m >= goal for m in means[r:])), None)
 
 
 def load_data(args: argparse.Namespace) -> Data:
@@ -243,24 +294,28 @@ def load_data(args: argparse.Namespace) -> Data:
     return Data(train_x, train_y, test_x, test_y, tree.train, {s.sample_id: i for i, s in enumerate(tree.train)})
 
 
+GOALS = {"iid": 0.98, "dirichlet": 0.95, "poisoned": 0.97}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="iid,dirichlet,poisoned")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--attack-scale", type=float, default=4.0)
-    parser.add_argument("--per-class", type=int, default=20)
-    parser.add_argument("--test-per-class", type=int, default=10)
+    parser.add_argument("--per-class", type=int, default=SynthConfig.per_class)
+    parser.add_argument("--test-per-class", type=int, default=SynthConfig.test_per_class)
     parser.add_argument("--frames-per-track", type=int, default=SynthConfig.frames_per_track)
     parser.add_argument("--data-seed", type=int, default=5)
-    parser.add_argument("--pretrain-epochs", type=int, default=12, help="warm start; 0: random initial weights")
+    parser.add_argument("--pretrain-epochs", type=int, default=0, help="warm start; 0: random initial weights")
+    parser.add_argument("--processes", type=int, default=2, help="runs at once, one torch thread each")
     parser.add_argument("--data", type=Path, default=Path("/tmp/fedtrain-learning-quality"))
-    parser.add_argument("--out", type=Path, default=None, help="write every accuracy as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write every curve as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny batches: a second thread costs more than it gives on a shared machine
     data = load_data(args)
@@ -271,27 +326,35 @@ def main() -> None:
     seeds = list(range(1, args.seeds + 1))
     print(f"tiny_cnn {args.image_size}px, {len(data.train_y)} train / {len(data.test_y)} test images, "
           f"{args.rounds} rounds x {args.local_epochs} local epochs, Adam lr {args.lr}, seeds {seeds}", flush=True)
-    cache: dict[str, list[float]] = {}
-    results: list[dict[str, Any]] = []
+    table = rows(args.rows.split(","), args.clients)
+    configurations: list[Federation | None] = [None]
+    for pairs in table.values():
+        for federation, reference in pairs:
+            configurations += [c for c in (reference, federation) if c is not None and c not in configurations]
+    global _SHARED
+    _SHARED = (data, setup)
     started = time.perf_counter()
-    baseline = measure(f"central, {args.rounds * args.local_epochs} epochs", seeds,
-                       functools.partial(central, data, setup), cache)
-    for row, configurations in rows(args.rows.split(","), args.clients).items():
-        print(f"{row}:", flush=True)
-        for federation, reference in configurations:
-            reference_label = "central" if reference is None else reference.label
-            base = baseline if reference is None else measure(
-                reference.label, seeds, functools.partial(federate, data, setup, reference), cache)
-            accuracy = measure(federation.label, seeds, functools.partial(federate, data, setup, federation), cache)
-            ratios = [a / b for a, b in zip(accuracy, base, strict=True)]
-            results.append({"row": row, "label": federation.label, "accuracy": accuracy, "baseline": reference_label,
-                            "baseline_accuracy": base, "ratios": ratios})
-            print(f"  => {federation.label} / {reference_label}: ratio {spread(ratios)} "
-                  f"(accuracy {spread(accuracy)} / {spread(base)})", flush=True)
+    curves = run_all(configurations, seeds, args.processes)
+    results: list[dict[str, Any]] = []
+    for row, pairs in table.items():
+        print(f"{row}:")
+        for federation, reference in pairs:
+            base_label = "central" if reference is None else reference.label
+            ratios = ratio_curve(curves[federation.label], curves[base_label])
+            level = first_level(ratios, GOALS[row])
+            finals = [c[-1] for c in curves[federation.label]]
+            print(f"  => {federation.label} / {base_label}: ratio {spread(ratios[-1])} (accuracy {spread(finals)} / "
+                  f"{spread([c[-1] for c in curves[base_label]])}); mean ratio >= {GOALS[row]} from round "
+                  f"{level if level else 'never'}; mean ratio by quarter: "
+                  + ", ".join(f"r{q}: {statistics.mean(ratios[q - 1]):.2f}"
+                              for q in sorted({max(1, args.rounds * k // 4) for k in (1, 2, 3, 4)})), flush=True)
+            results.append({"row": row, "label": federation.label, "baseline": base_label,
+                            "curves": curves[federation.label], "baseline_curves": curves[base_label],
+                            "final_ratios": ratios[-1], "level_round": level})
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.out is not None:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "central": baseline,
-                                        "results": results}, indent=1))
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                        "central": curves["central"], "results": results}, indent=1))
 
 
 if __name__ == "__main__":
