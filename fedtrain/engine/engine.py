@@ -16,7 +16,6 @@ clients miss the round's quorum, which fails the training or retries the round
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Literal
@@ -131,13 +130,13 @@ def _advance(task: ClientTask, ident: str, observations: dict[str, Observation],
         return Progress.FAILED
     seen = observations.get(ident)
     if seen is None:
-        _set(task, state="running")
+        task.state = "running"
         return Progress.LAUNCH  # not started yet, or lost by its executor: (re)start it
     if seen.state == "running":
-        _set(task, state="running", reason=seen.reason)  # e.g. why its Pod is not scheduled yet
+        task.state, task.reason = "running", seen.reason  # e.g. why its Pod is not scheduled yet
         return Progress.WAIT
     if seen.state == "succeeded":
-        _set(task, state="succeeded", exit_code=0, reason=None)
+        task.state, task.exit_code, task.reason = "succeeded", 0, None
         return Progress.SUCCEEDED
     task.exit_code, task.reason = seen.exit_code, describe_failure(seen)
     if seen.exit_code == EXIT_TEMPORARY and task.temporary_failures < TEMPORARY_RETRIES:
@@ -151,13 +150,6 @@ def _advance(task: ClientTask, ident: str, observations: dict[str, Observation],
     task.attempt += 1
     task.state = "running"
     return Progress.LAUNCH
-
-
-def _set(task: ClientTask, **values: object) -> None:
-    """Assign only what differs: most passes change nothing, and a model's attribute assignment is not free."""
-    for name, value in values.items():
-        if getattr(task, name) != value:
-            setattr(task, name, value)
 
 
 class _Step:
@@ -280,9 +272,8 @@ class _Step:
             attempt_before, state_before = task.attempt, task.state
             ident = task_id("train", task.attempt, current.round, client)
             progress = _advance(task, ident, self.observations, self.spec.clients.max_retries)
-            if task.reason and len(task.reason) > REASON_LENGTH and len(current.selected) > DETAILED_CLIENTS:
-                # a copy: an ended task is shared with the status being decided from (`TrainingStatus.fork`)
-                current.clients[client] = task = replace(task, reason=task.reason[:REASON_LENGTH])
+            if task.reason and len(current.selected) > DETAILED_CLIENTS:
+                task.reason = task.reason[:REASON_LENGTH]
             if progress is Progress.LAUNCH:
                 if task.attempt != attempt_before:
                     self.event(Reason.CLIENT_RETRIED, f"round {current.round}: {client} retried after {task.reason}")

@@ -8,18 +8,15 @@ lastTransitionTime that changes only when the status does).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 from pydantic.alias_generators import to_camel
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 Phase = Literal["Pending", "Initializing", "Running", "Suspended", "Succeeded", "Failed"]
 FINISHED: tuple[Phase, ...] = ("Succeeded", "Failed")  # final: nothing changes a finished training again
 TaskState = Literal["pending", "running", "succeeded", "failed", "dropped"]
-ENDED: tuple[TaskState, ...] = ("succeeded", "failed", "dropped")  # a task in these states never changes again
 HISTORY_LIMIT = 100  # rounds kept in status; older ones live in storage and MLflow
 # A status is stored in etcd, which refuses large objects, and every kubectl read carries it whole:
 # so finished rounds keep their per-client records only while the latest of them together hold at
@@ -79,13 +76,8 @@ class Condition(StatusModel):
     last_transition_time: str = ""
 
 
-@pydantic_dataclass(config=StatusModel.model_config)
-class ClientTask:
-    """One selected client's task in the current round.
-
-    A (pydantic) dataclass, not a model: a round may hold a thousand of these, and the engine copies
-    and assigns them on every pass, which a dataclass does in a fraction of a model's time.
-    """
+class ClientTask(StatusModel):
+    """One selected client's task in the current round."""
 
     attempt: int = 1
     state: TaskState = "pending"
@@ -101,11 +93,6 @@ class ClientTask:
             data.pop("temporaryFailures", None)
             data.pop("temporary_failures", None)
         return data
-
-
-def _unless_ended(task: ClientTask) -> ClientTask:
-    """A copy of a task that may still change; an ended one is shared (see `TrainingStatus.fork`)."""
-    return task if task.state in ENDED else copy.copy(task)
 
 
 class RoundCounts(StatusModel):
@@ -217,21 +204,20 @@ class TrainingStatus(StatusModel):
         """A copy the engine may change while this one stays as it is, made in a fraction of a deep copy.
 
         The engine changes tasks in place (init, finalize, the current round's clients and
-        aggregation), so those are copied, except tasks that have ended, which never change again
-        (`ENDED`); it only ever replaces the attributes of other rounds and of the status itself
-        (compaction, conditions), so a shallow copy of those is enough. With a thousand clients a deep
-        copy was most of a decision's time, and copying ended tasks most of what remained.
+        aggregation), so those are copied; it only ever replaces the attributes of other rounds and of
+        the status itself (compaction, conditions), so a shallow copy of those is enough. With a
+        thousand clients a deep copy was most of a decision's time.
         """
         copied = self.model_copy()
-        copied.init = copy.copy(self.init) if self.init is not None else None
-        copied.finalize = copy.copy(self.finalize) if self.finalize is not None else None
+        copied.init = self.init.model_copy() if self.init is not None else None
+        copied.finalize = self.finalize.model_copy() if self.finalize is not None else None
         copied.rounds = [record.model_copy() for record in self.rounds]
         current = copied.round(self.current_round)
         if current is not None:
-            current.clients = {name: _unless_ended(task) for name, task in current.clients.items()}
-            current.aggregation = copy.copy(current.aggregation) if current.aggregation is not None else None
+            current.clients = {name: task.model_copy() for name, task in current.clients.items()}
+            current.aggregation = current.aggregation.model_copy() if current.aggregation is not None else None
             if current.evaluations is not None:
-                current.evaluations = {name: _unless_ended(task) for name, task in current.evaluations.items()}
+                current.evaluations = {name: task.model_copy() for name, task in current.evaluations.items()}
                 current.site_scores = dict(current.site_scores)
         return copied
 
