@@ -214,8 +214,9 @@ def federate(data: Data, setup: Setup, federation: Federation, seed: int) -> Cur
 
 
 DIRICHLET_STRATEGIES: list[tuple[str, dict[str, Any]]] = [
-    ("fedavg", {}), ("fedprox", {"mu": 0.01}), ("fedadam", {}), ("fedyogi", {}),
-    ("fedadam", {"eta": 0.03})]  # the server step in proportion to the clients' (see docs/benchmarks.md)
+    # FedAdam with its server step in proportion to the clients' (docs/benchmarks.md) right after FedAvg
+    ("fedavg", {}), ("fedadam", {"eta": 0.03}),
+    ("fedprox", {"mu": 0.01}), ("fedadam", {}), ("fedyogi", {})]
 
 
 def rows(selected: list[str], clients: int) -> dict[str, list[tuple[Federation, Federation | None]]]:
@@ -259,17 +260,30 @@ def _run(job: tuple[Federation | None, int]) -> tuple[Curve, float]:
     return curve, time.perf_counter() - started
 
 
-def run_all(configurations: list[Federation | None], seeds: list[int], processes: int) -> dict[str, list[Curve]]:
-    """Every configuration's curve for every seed, keyed by label (None: "central"), longest runs first."""
-    jobs = [(configuration, seed) for configuration in configurations for seed in seeds]
-    jobs.sort(key=lambda job: -(job[0].clients if job[0] is not None else 1))
+def run_all(configurations: list[Federation | None], seeds: list[int], processes: int,
+            done: Path | None) -> dict[str, list[Curve]]:
+    """Every configuration's curve for every seed, keyed by label (None: "central"), in the given order.
+
+    Each finished run is appended to ``done`` (JSON lines) and one found there is not run again: a long
+    table survives an interruption, and a second invocation with more rows reuses the first one's runs.
+    Only ``done`` files of the same settings may be reused (the caller names one per setting).
+    """
     curves: dict[str, dict[int, Curve]] = {}
+    if done is not None and done.exists():
+        for line in done.read_text().splitlines():
+            record = json.loads(line)
+            curves.setdefault(record["label"], {})[record["seed"]] = record["curve"]
+    jobs = [(configuration, seed) for configuration in configurations for seed in seeds
+            if seed not in curves.get("central" if configuration is None else configuration.label, {})]
     context = multiprocessing.get_context("fork")
     with context.Pool(processes, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for (configuration, seed), (curve, seconds) in zip(jobs, pool.imap(_run, jobs), strict=True):
             label = "central" if configuration is None else configuration.label
             curves.setdefault(label, {})[seed] = curve
             print(f"  {label}, seed {seed}: final {curve[-1]:.3f}, best {max(curve):.3f} ({seconds:.0f} s)", flush=True)
+            if done is not None:
+                with done.open("a") as file:
+                    file.write(json.dumps({"label": label, "seed": seed, "curve": curve}) + "\n")
     return {label: [by_seed[seed] for seed in seeds] for label, by_seed in curves.items()}
 
 
@@ -316,6 +330,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="runs at once, one torch thread each")
     parser.add_argument("--data", type=Path, default=Path("/tmp/fedtrain-learning-quality"))
     parser.add_argument("--out", type=Path, default=None, help="write every curve as JSON here")
+    parser.add_argument("--done", type=Path, default=None,
+                        help="JSON lines of finished runs, appended to and reused (one file per setting)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny batches: a second thread costs more than it gives on a shared machine
     data = load_data(args)
@@ -334,7 +350,7 @@ def main() -> None:
     global _SHARED
     _SHARED = (data, setup)
     started = time.perf_counter()
-    curves = run_all(configurations, seeds, args.processes)
+    curves = run_all(configurations, seeds, args.processes, args.done)
     results: list[dict[str, Any]] = []
     for row, pairs in table.items():
         print(f"{row}:")
