@@ -1,6 +1,7 @@
 """`fedtrain run` against the same federation as one plain PyTorch process: the physical limit.
 
 Usage: python bench/federation_baseline.py [--preset tiny|demo|mobilenet] [--rounds N] [--epochs N]
+                                           [--repeat N] [--baseline both|pairs|sequential]
 Goal: local federation / in-process FedAvg <= 1.10, final accuracy within one point.
 
 The baseline reads the partition and the selected clients that `fedtrain run` recorded, so both
@@ -12,7 +13,9 @@ time (two threads, one torch thread each); the faster counts as the limit.
 
 `fedtrain run` is timed as a whole (fork server start, init, rounds, finalize with MLflow) and by
 rounds (first client launched to the aggregation recorded). Its per-round breakdown comes from
-the workers' own timings (sidecars, result.json) and the executor's process times.
+the workers' own timings (sidecars, result.json), the executor's process times and each task's
+CPU seconds (from the fork server). ``--repeat`` alternates `fedtrain run` and the baselines, so
+that a machine shared with other work slows both alike; the ratios are medians over repetitions.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +81,45 @@ def make_data(manifest: dict[str, Any], folder: Path) -> Path:
 # --- fedtrain run ---------------------------------------------------------------------------------
 
 
+@dataclass
+class Timing:
+    """One federation's run: wall and CPU seconds in all, per round, and its test accuracy per round."""
+
+    wall: float
+    cpu: float
+    accuracies: list[float] = field(default_factory=list)
+    round_walls: list[float] = field(default_factory=list)
+    round_cpu: list[float] = field(default_factory=list)
+    decode: float = 0.0  # the baseline's decoding, before its first round
+
+    @property
+    def rounds(self) -> float:
+        """Wall seconds of the rounds only."""
+        return sum(self.round_walls)
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and of its finished children (the fork server and its tasks)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_fedtrain(manifest: dict[str, Any], workdir: Path) -> tuple[float, float, RunResult]:
-    """`fedtrain run`'s runner, timed from the call to its return: wall and CPU seconds."""
+def run_fedtrain(manifest: dict[str, Any], workdir: Path) -> tuple[Timing, RunResult]:
+    """`fedtrain run`'s runner, timed from the call to its return: wall and CPU seconds, in all and per round.
+
+    A round's CPU is the sum of its tasks' own CPU seconds (reported by the fork server); the runner's
+    and the server's share is in the whole run's figure only.
+    """
     started, cpu = time.perf_counter(), cpu_seconds()
     result = run_training(parse_manifest(manifest), RunOptions(workdir, f"sqlite:///{workdir / 'mlflow.db'}"))
     wall = time.perf_counter() - started
     if result.status.phase != "Succeeded":
         raise SystemExit(f"fedtrain run ended {result.status.phase}: {result.status.message}")
-    return wall, cpu_seconds() - cpu, result
+    rounds = sorted(result.round_walls)
+    timing = Timing(wall, cpu_seconds() - cpu, fedtrain_accuracies(workdir, manifest["spec"]["rounds"]),
+                    [result.round_walls[n] for n in rounds])
+    timing.round_cpu = [sum(v for k, v in result.cpu_seconds.items() if k.startswith(f"r{n:04d}-")) for n in rounds]
+    return timing, result
 
 
 def breakdown(workdir: Path, result: RunResult) -> dict[str, float]:
@@ -114,6 +143,7 @@ def breakdown(workdir: Path, result: RunResult) -> dict[str, float]:
             task = last_attempt(durations, f"r{number:04d}-{data['client']}-a")
             if task is not None:
                 row["client process"] = row.get("client process", 0.0) + durations[task] - inside
+                row["client task CPU"] = row.get("client task CPU", 0.0) + result.cpu_seconds.get(task, 0.0)
         outcome = json.loads((folder / "result.json").read_text())
         evaluation = outcome.get("evaluation_seconds", 0.0)
         row["aggregate strategy"] = outcome["aggregation_seconds"]
@@ -121,6 +151,7 @@ def breakdown(workdir: Path, result: RunResult) -> dict[str, float]:
         task = last_attempt(durations, f"r{number:04d}-aggregate-a")
         if task is not None:
             row["aggregate process"] = durations[task] - outcome["seconds"]
+            row["aggregate task CPU"] = result.cpu_seconds.get(task, 0.0)
         rows.append(row)
     keys = list(dict.fromkeys(k for row in rows for k in row))
     return {k: statistics.median(row.get(k, 0.0) for row in rows) for k in keys}
@@ -224,23 +255,27 @@ class InProcessFederation:
             accuracy_of(model, *self.rows(validation))
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, count
 
-    def run(self, pairs: bool) -> tuple[float, float, list[float]]:
-        """Wall and CPU seconds (decoding included), and test accuracy per round."""
+    def run(self, pairs: bool) -> Timing:
+        """Wall and CPU seconds (decoding included), each round's, and test accuracy per round."""
         torch.set_num_threads(1 if pairs else CORES)
         started, cpu = time.perf_counter(), cpu_seconds()
         self.decode()
         torch.manual_seed(self.seed)
         global_state = build_model(self.model_config).state_dict()
-        accuracies = []
+        timing = Timing(0.0, 0.0, decode=time.perf_counter() - started)
         with ThreadPoolExecutor(2 if pairs else 1) as pool:
             for number in sorted(self.selected):
+                round_started, round_cpu = time.perf_counter(), cpu_seconds()
                 results = list(pool.map(lambda c, n=number, g=global_state: self.client_round(g, n, c),
                                         self.selected[number]))
                 global_state = average(global_state, results)
                 model = build_model(self.model_config)
                 model.load_state_dict(global_state)
-                accuracies.append(accuracy_of(model, self.test_inputs, self.test_labels))
-        return time.perf_counter() - started, cpu_seconds() - cpu, accuracies
+                timing.accuracies.append(accuracy_of(model, self.test_inputs, self.test_labels))
+                timing.round_walls.append(time.perf_counter() - round_started)
+                timing.round_cpu.append(cpu_seconds() - round_cpu)
+        timing.wall, timing.cpu = time.perf_counter() - started, cpu_seconds() - cpu
+        return timing
 
 
 def settings_crop(spec: dict[str, Any]) -> bool:
@@ -271,11 +306,40 @@ def average(current: dict[str, torch.Tensor], results: list[tuple[dict[str, torc
 # --- report ---------------------------------------------------------------------------------------
 
 
+def report_run(label: str, timing: Timing) -> None:
+    """One line: wall and CPU in all and per round (median), final accuracy."""
+    print(f"  {label:40s} {timing.wall:7.1f} s wall {timing.cpu:7.1f} s CPU | rounds {timing.rounds:7.1f} s, "
+          f"median round {statistics.median(timing.round_walls):6.2f} s wall "
+          f"{statistics.median(timing.round_cpu):6.2f} s CPU | final accuracy {timing.accuracies[-1]:.4f}")
+
+
+def repetition(manifest: dict[str, Any], workdir: Path, variants: list[bool]) -> tuple[Timing, RunResult,
+                                                                                     dict[bool, Timing]]:
+    """`fedtrain run`, then the in-process baselines over the partition it recorded, one after the other."""
+    fed, result = run_fedtrain(manifest, workdir)
+    baseline = InProcessFederation(manifest, workdir)
+    return fed, result, {pairs: baseline.run(pairs) for pairs in variants}
+
+
+def print_breakdown(workdir: Path, result: RunResult) -> None:
+    """Where a round of `fedtrain run` goes, and its init and finalize tasks."""
+    for kind in ("init", "finalize"):
+        task = last_attempt(result.durations, f"{kind}-a")
+        print(f"fedtrain {kind} task: {result.durations.get(task or '', 0.0):6.1f} s wall, "
+              f"{result.cpu_seconds.get(task or '', 0.0):6.1f} s CPU")
+    print("fedtrain per round (median; client parts summed over the round's clients):")
+    for name, seconds in breakdown(workdir, result).items():
+        print(f"  {name:24s} {seconds:7.3f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (fedtrain, then baselines)")
+    parser.add_argument("--baseline", choices=("both", "pairs", "sequential"), default="both",
+                        help="which in-process variants to run (both: the faster counts)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     manifest = federation(args.preset, args.rounds, args.epochs)
@@ -284,33 +348,38 @@ def main() -> None:
     spec = manifest["spec"]
     print(f"preset {args.preset}: {spec['clients']['count']} clients, {spec['rounds']} rounds, "
           f"{spec['training']['localEpochs']} epochs, {spec['model']['architecture']} {spec['model']['imageSize']} px, "
-          f"parallelism {spec['worker']['parallelism']}, {CORES} cores")
-    fed_wall, fed_cpu, result = run_fedtrain(manifest, scratch / "run")
-    rounds_wall = sum(result.round_walls.values())
-    baseline = InProcessFederation(manifest, scratch / "run")
-    sequential = baseline.run(pairs=False)
-    pairs = baseline.run(pairs=True)
-    limit_wall, limit_cpu, limit_acc = min(sequential, pairs)
-    ours = fedtrain_accuracies(scratch / "run", spec["rounds"])
-    for name, (wall, cpu, accuracies) in (("in-process, clients one after another", sequential),
-                                          ("in-process, two clients at a time", pairs)):
-        print(f"{name:38s} {wall:7.1f} s wall, {cpu:7.1f} s CPU, final accuracy {accuracies[-1]:.4f}")
-    print(f"{'fedtrain run (whole, MLflow included)':38s} {fed_wall:7.1f} s wall, {fed_cpu:7.1f} s CPU, "
-          f"final accuracy {ours[-1]:.4f}")
-    print(f"{'fedtrain run (rounds only)':38s} {rounds_wall:7.1f} s wall")
-    for kind in ("init", "finalize"):
-        task = last_attempt(result.durations, f"{kind}-a")
-        print(f"fedtrain {kind} task: {result.durations.get(task or '', 0.0):6.1f} s")
-    print("fedtrain per round (median; client parts summed over the round's clients):")
-    for name, seconds in breakdown(scratch / "run", result).items():
-        print(f"  {name:24s} {seconds:7.3f} s")
-    print(f"accuracy per round, fedtrain:                 {' '.join(f'{a:.4f}' for a in ours)}")
-    print(f"accuracy per round, one after another:        {' '.join(f'{a:.4f}' for a in sequential[2])}")
-    print(f"accuracy per round, two at a time (1 thread): {' '.join(f'{a:.4f}' for a in pairs[2])}")
-    print(f"accuracy difference (final): {100 * (ours[-1] - limit_acc[-1]):+.2f} points (goal: within 1)")
-    print(f"ratio fedtrain (rounds) / in-process: {rounds_wall / limit_wall:.2f} (goal <= 1.10)")
-    print(f"ratio fedtrain (whole) / in-process:  {fed_wall / limit_wall:.2f} (CPU seconds: {fed_cpu / limit_cpu:.2f})")
-    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {CORES} cores (above {CORES}: machine busy)")
+          f"parallelism {spec['worker']['parallelism']}, {CORES} cores; load average {os.getloadavg()[0]:.1f}")
+    variants = {"both": [False, True], "pairs": [True], "sequential": [False]}[args.baseline]
+    names = {False: "in-process, one after another", True: "in-process, two at a time"}
+    ratios: dict[str, list[float]] = {"rounds": [], "whole": [], "round": [], "cpu": []}
+    for attempt in range(args.repeat):
+        workdir = scratch / f"run-{attempt}"
+        fed, result, limits = repetition(manifest, workdir, variants)
+        print(f"repetition {attempt + 1} (load average {os.getloadavg()[0]:.1f} on {CORES} cores):")
+        report_run("fedtrain run (whole, MLflow included)", fed)
+        for pairs, timing in limits.items():
+            report_run(names[pairs] + f" (decode {timing.decode:.1f} s)", timing)
+        limit = min(limits.values(), key=lambda t: t.wall)
+        ratios["rounds"].append(fed.rounds / limit.wall)
+        ratios["whole"].append(fed.wall / limit.wall)
+        ratios["round"].append(statistics.median(fed.round_walls) / statistics.median(limit.round_walls))
+        ratios["cpu"].append(fed.cpu / limit.cpu)
+        if attempt == 0:
+            print_breakdown(workdir, result)
+            print(f"accuracy per round, fedtrain:                 {' '.join(f'{a:.4f}' for a in fed.accuracies)}")
+            for pairs, timing in limits.items():
+                print(f"accuracy per round, {names[pairs]:26s} {' '.join(f'{a:.4f}' for a in timing.accuracies)}")
+            print(f"accuracy difference (final): {100 * (fed.accuracies[-1] - limit.accuracies[-1]):+.2f} points "
+                  "(goal: within 1)")
+        if not args.keep:
+            shutil.rmtree(workdir)
+    median = {k: statistics.median(v) for k, v in ratios.items()}
+    print(f"ratios (median of {args.repeat}; each against the faster in-process variant of its repetition):")
+    print(f"  fedtrain rounds / in-process whole (decoding included): {median['rounds']:.2f} (goal <= 1.10)")
+    print(f"  fedtrain whole (init, finalize, MLflow) / in-process whole: {median['whole']:.2f}")
+    print(f"  median round, fedtrain / in-process: {median['round']:.2f}")
+    print(f"  CPU seconds, fedtrain whole / in-process whole: {median['cpu']:.2f}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {CORES} cores (above {CORES}: machine busy)")
     if args.keep:
         print(f"kept {scratch}")
     else:

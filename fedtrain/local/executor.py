@@ -73,11 +73,16 @@ class ForkedTask:
 class ForkServer:
     """The runner's end of `fedtrain.local.forkserver`: one long-lived process that forks tasks."""
 
-    def __init__(self, preload: Sequence[str], environment: Mapping[str, str] | None = None) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "fedtrain.local.forkserver", *preload],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-                                        preexec_fn=_die_with_parent, env=environment)
+    def __init__(self, preload: Sequence[str], environment: Mapping[str, str] | None = None, spares: int = 1) -> None:
+        """Start the server; ``spares``: how many tasks can start at once without waiting for a fork."""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fedtrain.local.forkserver", "--spares", str(spares), *preload],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_die_with_parent,
+            env=environment)
         self.exit_codes: dict[str, int] = {}
+        self.cpu_seconds: dict[str, float] = {}  # each finished task's user and system seconds
+        self.resident_bytes: dict[str, int] = {}  # its process's resident memory after it (when it reported)
+        self.pids: dict[str, int] = {}  # the process each task ran in
         self.exited = threading.Event()  # set by the reader on every exit, so waiting needs no polling
         assert self.process.stdout is not None
         ready = self.process.stdout.readline()
@@ -90,7 +95,12 @@ class ForkServer:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             message = json.loads(line)
+            if "pid" in message:
+                self.pids[message["id"]] = int(message["pid"])
             if "exit" in message:
+                self.cpu_seconds[message["id"]] = float(message.get("cpu") or 0.0)
+                if "rss" in message:
+                    self.resident_bytes[message["id"]] = int(message["rss"])
                 self.exit_codes[message["id"]] = int(message["exit"])
                 self.exited.set()
 
@@ -140,10 +150,11 @@ class LocalExecutor:
         self.finished: dict[str, Observation] = self._load()
         self.running: dict[str, Handle] = {}
         self.environment = dict(environment if environment is not None else os.environ)
-        self.server = ForkServer(preload, self.environment) if fork_server else None
+        self.server = ForkServer(preload, self.environment, spares=parallelism) if fork_server else None
         self.queued: deque[tuple[str, list[str]]] = deque()
         self.started_at: dict[str, float] = {}
-        self.durations: dict[str, float] = {}
+        self.durations: dict[str, float] = {}  # wall seconds of each finished task, from launch to its exit
+        self.cpu_seconds: dict[str, float] = {}  # CPU seconds of each finished task (fork server only)
 
     def _load(self) -> dict[str, Observation]:
         if not self.record.exists():
@@ -200,6 +211,8 @@ class LocalExecutor:
                 continue
             del self.running[task_id]
             self.durations[task_id] = time.monotonic() - self.started_at.pop(task_id)
+            if self.server is not None and task_id in self.server.cpu_seconds:
+                self.cpu_seconds[task_id] = self.server.cpu_seconds[task_id]
             self.finished[task_id] = self._observe(task_id, code)
             changed = True
         if changed:

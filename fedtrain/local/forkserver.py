@@ -1,54 +1,46 @@
-"""A fork server for local worker tasks: import torch once, fork a child per task.
+"""A fork server for local worker tasks: import torch once, run tasks in processes forked from it.
 
 Starting Python and importing torch (and torchvision) costs 3 to 7 seconds per process, more than a
-small client's whole round. This server imports them once; each task is a forked child that runs
-``fedtrain.worker.cli.main`` with exactly the arguments a Job would get, its stdout and stderr in
-files, its exit code reported back. The server itself never runs a torch operation, so no thread
-pool exists yet when it forks.
+small client's whole round. This server imports them once and warms them up (one intra-op thread,
+so that no thread pool exists yet when it forks). Tasks run in task processes forked from it (see
+`taskprocess`), with exactly the arguments a Job would get, their stdout and stderr in files, their
+exit code reported back.
 
-Protocol, one JSON object per line. In: ``{"id", "argv", "stdout", "stderr", "threads"}`` to run,
-``{"cancel": id}`` to stop. Out: ``{"id", "pid"}`` when started, ``{"id", "exit"}`` when done.
+What a task would otherwise pay besides its work stays off its critical path:
+
+- forking (about 65 ms for a process holding torch): the server keeps ``--spares`` task processes
+  ready, forked while no request waits;
+- the first use of torch in a new process (page faults on a new heap, oneDNN primitives for the
+  model's shapes): a task process that ran a train, aggregate or evaluate task runs the next one
+  of the same environment, each from the same pristine state (see `taskprocess`);
+- tearing a process down and noticing its exit: a task process reports its exit code through a
+  pipe shared with the server as its first act after the task, so the next task starts at once;
+  one that dies without reporting (killed, crashed) is reported when it is reaped, with its
+  signal as a negative exit code, and replaced.
+
+Protocol, one JSON object per line. In: ``{"id", "argv", "stdout", "stderr", "threads", "env"}`` to
+run, ``{"cancel": id}`` to stop (SIGTERM to the task's process group). Out: ``{"ready": true}``
+once, ``{"id", "pid"}`` when started, ``{"id", "exit", "cpu", "rss"}`` when done (``cpu``: the
+task's user and system seconds; ``rss``: its process's resident bytes afterwards, absent when it
+died).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import select
 import signal
 import sys
+import time
+from dataclasses import dataclass
 from typing import Any
 
+from fedtrain.local.taskprocess import REUSABLE, serve_tasks, write_all
 
-def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in a forked child
-    code = 70
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the server
-        os.setpgid(0, 0)
-        signal.set_wakeup_fd(-1)  # the server's wake-up pipe and SIGCHLD handler are not the task's
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(target, fd)
-            os.close(target)
-        sys.stdout = os.fdopen(1, "w", buffering=1)
-        sys.stderr = os.fdopen(2, "w", buffering=1)
-        os.environ.update(request.get("env") or {})  # a task's own settings (a Pod's env, in the test cluster)
-        import torch
-
-        torch.set_num_threads(int(request.get("threads", 1)))
-        from fedtrain.worker.cli import main
-
-        code = main(request["argv"])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 2
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+STOP_GRACE_SECONDS = 5.0  # for the last tasks to end after SIGTERM when the server stops
 
 
 def _send(message: dict[str, Any]) -> None:
@@ -85,63 +77,207 @@ def warm_up() -> None:
         Image.open(Path(folder) / "i.ppm").convert("RGB")
 
 
-def _wake_on_child_exit() -> int:
-    """A pipe that becomes readable when a child exits (SIGCHLD), so exits are reported at once."""
+def _pipe(blocking_write: bool) -> tuple[int, int]:
+    """A pipe whose read end never blocks the server's loop."""
     read_end, write_end = os.pipe()
-    for end in (read_end, write_end):
-        os.set_blocking(end, False)
-    signal.set_wakeup_fd(write_end)
-    signal.signal(signal.SIGCHLD, lambda number, frame: None)
-    return read_end
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, blocking_write)
+    return read_end, write_end
 
 
-def serve(preload: list[str]) -> None:
-    """Import the heavy modules and warm them up, then fork one child per request until stdin closes."""
+def _terminate(pid: int) -> None:
+    """SIGTERM a task process and the processes it started (its process group), as a Pod's containers are stopped."""
+    with contextlib.suppress(ProcessLookupError):  # gone already (its notice crossed the request)
+        os.killpg(pid, signal.SIGTERM)
+
+
+@dataclass
+class Worker:
+    """A task process: idle (``task`` None) or running a task; ``env`` and ``command`` of its last task."""
+
+    pid: int
+    requests: int  # the server's end of the pipe the process reads its requests from
+    task: str | None = None
+    env: str | None = None  # None: fresh, it has run nothing yet
+    command: str | None = None
+
+
+def _command(request: dict[str, Any]) -> str:
+    return str((request.get("argv") or [""])[0])
+
+
+def _env_key(request: dict[str, Any]) -> str:
+    return json.dumps(request.get("env") or {}, sort_keys=True)
+
+
+class Server:
+    """Hands requests to task processes; reports starts and exits on stdout."""
+
+    def __init__(self, spares: int) -> None:
+        self.wanted = max(1, spares)
+        self.workers: dict[int, Worker] = {}
+        self.notices, self.notice_end = _pipe(blocking_write=True)  # task processes report on notice_end
+        self.wake, self.wake_end = _pipe(blocking_write=False)  # readable when a child exits (SIGCHLD)
+        signal.set_wakeup_fd(self.wake_end)
+        signal.signal(signal.SIGCHLD, lambda number, frame: None)
+        self.notice_buffer = b""
+
+    def fork_worker(self) -> Worker:
+        """A fresh task process waiting for requests; it keeps none of the server's other descriptors."""
+        read_end, write_end = os.pipe()
+        inherited = [write_end, self.notices, self.wake, self.wake_end, *(w.requests for w in self.workers.values())]
+        pid = os.fork()
+        if pid == 0:
+            serve_tasks(read_end, self.notice_end, inherited)
+        with contextlib.suppress(ProcessLookupError):  # as the child does: whichever runs first, a cancel finds it
+            os.setpgid(pid, pid)
+        os.close(read_end)
+        worker = self.workers[pid] = Worker(pid, write_end)
+        return worker
+
+    def retire(self, worker: Worker) -> None:
+        """Forget a process: it reads end-of-file and exits (or it is exiting already)."""
+        self.workers.pop(worker.pid, None)
+        os.close(worker.requests)
+
+    def choose(self, request: dict[str, Any]) -> Worker:
+        """A warm idle process for a reusable command with the same environment, else a fresh one."""
+        idle = [w for w in self.workers.values() if w.task is None]
+        if _command(request) in REUSABLE:
+            warm = [w for w in idle if w.env == _env_key(request)]
+            if warm:
+                return min(warm, key=lambda w: w.command != _command(request))
+        fresh = [w for w in idle if w.env is None]
+        return fresh[0] if fresh else self.fork_worker()
+
+    def handle(self, request: dict[str, Any]) -> None:
+        """Cancel a task, or hand a request to a task process."""
+        if "cancel" in request:
+            for worker in self.workers.values():
+                if worker.task == request["cancel"]:
+                    _terminate(worker.pid)
+            return
+        line = json.dumps(request).encode() + b"\n"
+        while True:
+            worker = self.choose(request)
+            try:
+                write_all(worker.requests, line)
+                break
+            except BrokenPipeError:  # it died while idle: reaped later; take another
+                self.retire(worker)
+        worker.task, worker.env, worker.command = request["id"], _env_key(request), _command(request)
+        _send({"id": request["id"], "pid": worker.pid})
+
+    def read_notices(self) -> None:
+        """Exit reports of tasks: passed on now, before a retiring process's teardown ends."""
+        try:
+            self.notice_buffer += os.read(self.notices, 65536)
+        except BlockingIOError:
+            return
+        while b"\n" in self.notice_buffer:
+            line, self.notice_buffer = self.notice_buffer.split(b"\n", 1)
+            notice = json.loads(line)
+            worker = self.workers.get(int(notice["pid"]))
+            if worker is None or worker.task is None:
+                continue
+            _send({"id": worker.task, "exit": int(notice["exit"]), "cpu": float(notice["cpu"]),
+                   "rss": int(notice["rss"])})
+            worker.task = None
+            if not notice["reusable"]:
+                self.retire(worker)
+            elif sum(w.task is None for w in self.workers.values()) > self.wanted:
+                self.retire(worker)  # more idle processes than tasks can run at once
+
+    def reap(self) -> None:
+        """Collect exited children; report the tasks of those that died without a report (killed, crashed)."""
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.read_notices()  # a report written just before the exit is not mistaken for a silent death
+            worker = self.workers.get(pid)
+            if worker is None:
+                continue
+            if worker.task is not None:
+                _send({"id": worker.task, "exit": os.waitstatus_to_exitcode(status),
+                       "cpu": usage.ru_utime + usage.ru_stime})
+            self.retire(worker)
+
+    def serve(self, stdin: int) -> None:
+        """Until stdin closes: run requests, report exits, keep enough processes ready when nothing waits."""
+        buffer = b""
+        while True:
+            missing = len(self.workers) < self.wanted
+            readable, _, _ = select.select([stdin, self.wake, self.notices], [], [], 0 if missing else 1.0)
+            if not readable and missing:
+                self.fork_worker()
+                continue
+            if self.notices in readable:
+                self.read_notices()
+            if self.wake in readable:
+                while True:  # drain; the exits are collected below
+                    try:
+                        os.read(self.wake, 4096)
+                    except BlockingIOError:
+                        break
+            if stdin in readable:
+                chunk = os.read(stdin, 65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    self.handle(json.loads(line))
+            self.reap()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop running tasks (the runner starts them again on resume), release the idle processes, reap them."""
+        for worker in list(self.workers.values()):
+            _terminate(worker.pid)
+            self.retire(worker)
+        self.collect(STOP_GRACE_SECONDS)
+
+    def collect(self, seconds: float) -> None:
+        """Wait (a bounded time) for every child to be gone, so that their CPU time is counted as this server's."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.01)
+
+
+def serve(preload: list[str], spares: int = 1) -> None:
+    """Import the heavy modules and warm them up, then run requests in forked children until stdin closes."""
     import importlib
 
     for module in ["torch", "fedtrain.worker.cli", "fedtrain.worker.jobs", *preload]:
         importlib.import_module(module)
     warm_up()
-    wake = _wake_on_child_exit()
+    server = Server(spares)
+    for _ in range(server.wanted):
+        server.fork_worker()
     _send({"ready": True})
-    children: dict[int, str] = {}
-    buffer = b""
-    stdin = sys.stdin.fileno()
-    while True:
-        readable, _, _ = select.select([stdin, wake], [], [], 1.0)
-        if wake in readable:
-            os.read(wake, 4096)  # drain; the exits are collected below
-        if stdin in readable:
-            chunk = os.read(stdin, 65536)
-            if not chunk:
-                break
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                request = json.loads(line)
-                if "cancel" in request:
-                    for pid, ident in children.items():
-                        if ident == request["cancel"]:
-                            os.kill(pid, signal.SIGTERM)
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    _child(request)
-                children[pid] = request["id"]
-                _send({"id": request["id"], "pid": pid})
-        while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            if pid in children:
-                ident = children.pop(pid)
-                _send({"id": ident, "exit": os.waitstatus_to_exitcode(status)})
-    for pid in children:
-        os.kill(pid, signal.SIGTERM)
+    server.serve(sys.stdin.fileno())
+
+
+def main(argv: list[str]) -> None:
+    """``python -m fedtrain.local.forkserver [--spares N] [module...]``."""
+    parser = argparse.ArgumentParser(prog="fedtrain.local.forkserver")
+    parser.add_argument("--spares", type=int, default=1, help="children forked ahead of time (the tasks run at once)")
+    parser.add_argument("preload", nargs="*", help="modules to import before forking, besides torch and the worker")
+    args = parser.parse_args(argv)
+    serve(args.preload, max(0, args.spares))
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1:])
+    main(sys.argv[1:])
     sys.stdout.flush()
     # Nothing is left to write, and an interpreter holding torch takes about 2 s to tear down: every
     # runner that stops (each `fedtrain run`, each test cluster) would wait for it.

@@ -56,6 +56,7 @@ class RunResult:
     status: TrainingStatus
     workdir: Path
     durations: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     round_walls: dict[int, float] = field(default_factory=dict)
 
 
@@ -192,6 +193,7 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
         executor.shutdown()
     result.status = status
     result.durations = executor.durations
+    result.cpu_seconds = executor.cpu_seconds
     return result
 
 
