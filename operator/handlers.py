@@ -2,7 +2,7 @@
 
 Run with ``kopf run --standalone --all-namespaces -m fedtrain.operator.handlers`` (the Deployment in
 ``deploy/`` does). Each unfinished FederatedTraining gets a daemon, a loop that runs a reconcile
-pass whenever one of its Jobs or its spec changes, and every few seconds anyway (round deadlines
+pass whenever one of its Jobs finishes or goes or its spec changes, and every few seconds anyway (round deadlines
 and Pods stuck pulling an image change no Job); it ends when the training finishes or is deleted.
 kopf restarts the daemons of all existing trainings when the operator starts, and the status holds
 everything they need: that is what makes restarts safe.
@@ -28,6 +28,7 @@ from fedtrain.operator.jobs import (
     LABEL_TRAINING,
     LABEL_TRAINING_NAMESPACE,
     MANAGER,
+    finished,
 )
 from fedtrain.operator.kube import ApiError, Kube
 from fedtrain.operator.profiles import LABEL_PROFILE, PROFILE_GROUP, PROFILE_PLURAL, PROFILE_VERSION
@@ -122,7 +123,17 @@ async def drive(namespace: str | None, name: str, stopped: kopf.DaemonStopped, m
     controller.forget(namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING: kopf.PRESENT})
+def _job_settled(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> bool:
+    """Whether a Job event can change a decision: the Job finished (Complete or Failed) or is gone.
+
+    A Job starting or counting its Pods changes nothing the engine reads; a Pod stuck before it
+    starts is found by the loop's tick. Waking on those too doubled the passes.
+    """
+    return event.get("type") == "DELETED" or finished(dict(body))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING: kopf.PRESENT},
+               when=_job_settled)
 def job_changed(namespace: str | None, labels: kopf.Labels, annotations: kopf.Annotations, memo: Any,
                 **_: Any) -> None:
     """A worker Job changed: its training decides now (the next Jobs follow within a second).
