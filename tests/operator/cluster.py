@@ -315,7 +315,6 @@ class ApiServer(kmock.KubernetesEmulator, _FilterDispatch):
         position in the stream is taken under the same lock as the snapshot, as a real server's
         resourceVersion would.
         """
-        yield b""  # the headers: the stream is open even while nothing changes
         assert request.resource is not None
         bus = self._buses[request.resource]
         selector = request.params.get("labelSelector") or ""
@@ -324,6 +323,7 @@ class ApiServer(kmock.KubernetesEmulator, _FilterDispatch):
             snapshot = [obj.raw for (resource, namespace, name), obj in self.objects.items()
                         if resource == request.resource and not obj.deleted and _watched(request, namespace, name)]
         try:
+            yield b""  # the headers, once the position is taken: a client that has them misses nothing after
             for raw in snapshot:
                 if matches(selector, raw["metadata"].get("labels") or {}):
                     yield {"type": "ADDED", "object": raw}
@@ -750,6 +750,7 @@ class JobRunner:
             "phase": "Succeeded" if code == 0 else "Failed",
             "containerStatuses": [{"name": "worker", "ready": False, "restartCount": 0,
                                    "state": {"terminated": terminated}}]}})
+        finished = now()  # the job controller's stamp: when it writes the Job's end, after the Pod's
         condition = {"type": "Complete" if code == 0 else "Failed", "status": "True", "lastTransitionTime": finished,
                      "reason": None if code == 0 else "BackoffLimitExceeded",
                      "message": None if code == 0 else "Job has reached the specified backoff limit"}

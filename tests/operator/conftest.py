@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import os
 import signal
@@ -68,10 +69,10 @@ class Cluster:
     async def list(self, path: str) -> list[dict[str, Any]]:
         return list((await self.request("GET", path)).get("items", []))
 
-    async def jobs(self) -> list[dict[str, Any]]:
+    async def jobs(self) -> builtins.list[dict[str, Any]]:
         return await self.list(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs")
 
-    async def events(self) -> list[dict[str, Any]]:
+    async def events(self) -> builtins.list[dict[str, Any]]:
         return await self.list(f"/api/v1/namespaces/{NAMESPACE}/events")
 
     async def wait_for(self, name: str, check: Callable[[dict[str, Any]], bool],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +104,7 @@ async def test_labels_and_names_of_any_object_are_checked(api: Api) -> None:
            "spec": {"template": {"metadata": {"labels": {}}, "spec": {"containers": []}}}}
     refused = await api.request("POST", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", job, status=422)
     assert "spec.template.metadata.labels: Invalid value" in refused["message"]  # its Pods' job-name label
-    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "Worker"}}
+    account: dict[str, Any] = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "Worker"}}
     refused = await api.request("POST", f"{CORE}/serviceaccounts", account, status=422)
     assert "a lowercase RFC 1123 subdomain" in refused["message"]
     account["metadata"]["name"] = "worker"
@@ -132,3 +133,60 @@ def test_name_rules() -> None:
     assert [e.detail for e in name_errors("ConfigMap", "a" * 254)] == ["must be no more than 253 characters"]
     assert [e.detail for e in name_errors("Namespace", "a" * 64)] == ["must be no more than 63 characters"]
     assert name_errors("Namespace", "a.b")[0].detail.startswith("a lowercase RFC 1123 label")
+
+
+async def _exists(api: Api, path: str) -> bool:
+    async with api.session.get(path) as response:
+        return response.status == 200
+
+
+@pytest.mark.asyncio
+async def test_the_garbage_collector_removes_dependents_down_the_chain(api: Api) -> None:
+    manifest = tiny_training()
+    manifest["metadata"]["finalizers"] = ["fedtrain.io/finalizer"]
+    training = await api.apply(manifest)
+
+    def owned_by(owner: dict[str, Any]) -> list[dict[str, Any]]:
+        meta = owner["metadata"]
+        return [{"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"], "uid": meta["uid"]}]
+
+    job = await api.request("POST", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "signs-init", "ownerReferences": owned_by(training)},
+        "spec": {"template": {"metadata": {"labels": {}}, "spec": {"containers": []}}}}, status=200)
+    pod: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": []},
+                           "metadata": {"name": "signs-init-x1", "ownerReferences": owned_by(job)}}
+    await api.request("POST", f"{CORE}/pods", pod, status=200)
+    job_path, pod_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/signs-init", f"{CORE}/pods/signs-init-x1"
+
+    await api.request("DELETE", f"{TRAININGS}/signs", status=200)  # held by its finalizer: nothing goes yet
+    assert await _exists(api, f"{TRAININGS}/signs") and await _exists(api, job_path) and await _exists(api, pod_path)
+    await patch(api, f"{TRAININGS}/signs", {"metadata": {"finalizers": []}}, 200)  # released: the chain goes
+    assert not await _exists(api, f"{TRAININGS}/signs")
+    assert not await _exists(api, job_path) and not await _exists(api, pod_path)
+
+    pod["metadata"]["name"] = "signs-init-x2"  # made for the Job a moment after it went: collected at once
+    await api.request("POST", f"{CORE}/pods", pod, status=200)
+    assert not await _exists(api, f"{CORE}/pods/signs-init-x2")
+    assert [p["metadata"]["name"] for p in (await api.request("GET", f"{CORE}/pods"))["items"]] == []
+
+
+@pytest.mark.asyncio
+async def test_a_watch_sends_what_exists_then_each_change_its_selector_matches(api: Api) -> None:
+    def config_map(name: str, app: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"app": app}}}
+
+    await api.request("POST", f"{CORE}/configmaps", config_map("before", "a"), status=200)
+    await api.request("POST", f"{CORE}/configmaps", config_map("other", "b"), status=200)
+    seen: list[tuple[str, str]] = []
+    async with api.session.get(f"{CORE}/configmaps", params={"watch": "true", "labelSelector": "app=a"}) as stream:
+        await api.request("POST", f"{CORE}/configmaps", config_map("skipped", "b"), status=200)
+        await api.request("POST", f"{CORE}/configmaps", config_map("after", "a"), status=200)
+        await api.request("DELETE", f"{CORE}/configmaps/before", status=200)
+        async for line in stream.content:
+            if line.strip():
+                event = json.loads(line)
+                seen.append((event["type"], event["object"]["metadata"]["name"]))
+            if len(seen) == 3:
+                break
+    assert seen == [("ADDED", "before"), ("ADDED", "after"), ("DELETED", "before")]
