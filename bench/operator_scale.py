@@ -10,10 +10,14 @@ have Succeeded. Each variant runs in a fresh process, so CPU time and peak memor
 - baseline: the same operator listing the training's Jobs and Pods on every pass (the earlier design).
 
 Printed per variant: requests the operator made (kopf's own and the controller's), per reconcile
-pass and per round; stage-to-stage reaction (last Job of a stage completed -> first Job of the
-next created) p50 and p99; operator CPU seconds and peak RSS. Then the ratios deployed / baseline.
+pass and per round; stage-to-stage reaction p50 and p99, from the API server's objects: the last Job
+of a stage's completionTime (stamped by the test cluster's job controller as it writes the Job's
+end) to the first Job of the next stage's creationTimestamp (stamped by the API server); operator
+CPU seconds and peak RSS; the test cluster's CPU seconds (API server and Job runner, one process);
+the load average before and after, since other work on the machine stretches every figure here.
+Then the ratios deployed / baseline.
 
-    python bench/operator_scale.py --trainings 50
+    python bench/operator_scale.py --trainings 50 --repeats 2
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: the repo'
 
 ROUNDS = 3
 CLIENTS = 2
+LABELS = {"deployed": "deployed (Jobs from the watch)", "baseline": "baseline (list Jobs and Pods every pass)"}
 
 
 def stamp(value: str) -> float:
@@ -85,7 +90,9 @@ def serve_cluster(connection: Any, root: str) -> None:
     connection.send(thread.url)
     while connection.recv() != "stop":
         requests = list(thread.server._requests)
-        connection.send(Counter(r.headers.get("User-Agent", "").split("/")[0] for r in requests))
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        connection.send((Counter(r.headers.get("User-Agent", "").split("/")[0] for r in requests),
+                         used.ru_utime + used.ru_stime))
     jobs = [dict(o.raw) for (r, _, _), o in list(thread.server.objects.items())
             if getattr(r, "plural", "") == "jobs" and not o.deleted]
     connection.send(jobs)
@@ -109,9 +116,9 @@ async def run_variant(url: str, trainings: int) -> dict[str, Any]:
         passes += 1
         return await reconcile(self, namespace, name)
 
-    Controller.reconcile = counted  # type: ignore[method-assign]
+    Controller.reconcile = counted
     if os.environ.get("BENCH_VARIANT") == "baseline":
-        Controller.follow = lambda self, source: None  # type: ignore[method-assign]
+        Controller.follow = lambda self, source: None
     path = f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings"
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
@@ -150,11 +157,12 @@ def measure(variant: str, trainings: int) -> dict[str, Any]:
         kubeconfig(config, url)
         env = {**os.environ, "KUBECONFIG": str(config), "FEDTRAIN_METRICS_PORT": "0", "BENCH_VARIANT": variant}
         ours.send("count")
-        before = ours.recv()
+        before, cluster_cpu = ours.recv()
+        load = os.getloadavg()[0]
         child = subprocess.run([sys.executable, __file__, "--child", url, "--trainings", str(trainings)], env=env,
                                capture_output=True, text=True, check=True)
         ours.send("count")
-        after = ours.recv()
+        after, cluster_cpu_after = ours.recv()
         ours.send("stop")
         jobs = ours.recv()
         cluster.join(60)
@@ -163,7 +171,7 @@ def measure(variant: str, trainings: int) -> dict[str, Any]:
     reaction = gaps([j for j in jobs if j.get("status", {}).get("completionTime")])
     return {**result, "kopf_requests": made["kopf"], "controller_requests": made["OpenAPI-Generator"],
             "reaction_p50": statistics.median(reaction), "reaction_p99": percentile(reaction, 0.99),
-            "gaps": len(reaction)}
+            "gaps": len(reaction), "cluster_cpu": cluster_cpu_after - cluster_cpu, "load": (load, os.getloadavg()[0])}
 
 
 def report(name: str, figures: dict[str, Any], trainings: int) -> None:
@@ -174,12 +182,15 @@ def report(name: str, figures: dict[str, Any], trainings: int) -> None:
           f"controller per pass {figures['controller_requests'] / figures['passes']:.2f}, "
           f"all per round {total / rounds:.1f}")
     print(f"  reaction (n={figures['gaps']}): p50 {figures['reaction_p50']:.3f} s, p99 {figures['reaction_p99']:.3f} s")
-    print(f"  operator CPU {figures['cpu']:.1f} s, peak RSS {figures['rss_mib']:.0f} MiB")
+    print(f"  operator CPU {figures['cpu']:.1f} s, peak RSS {figures['rss_mib']:.0f} MiB; test cluster CPU "
+          f"{figures['cluster_cpu']:.1f} s")
+    print(f"  load average {figures['load'][0]:.1f} before, {figures['load'][1]:.1f} after")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trainings", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -188,13 +199,15 @@ def main() -> None:
         logging.basicConfig(level=logging.ERROR)
         print(json.dumps(asyncio.run(run_variant(args.child, args.trainings)), default=dict))
         return
-    deployed = measure("deployed", args.trainings)
-    baseline = measure("baseline", args.trainings)
-    report("deployed (Jobs from the watch)", deployed, args.trainings)
-    report("baseline (list Jobs and Pods every pass)", baseline, args.trainings)
+    runs: dict[str, list[dict[str, Any]]] = {"deployed": [], "baseline": []}
+    for _ in range(args.repeats):  # interleaved, so that the machine's load falls on both alike
+        for variant, found in runs.items():
+            found.append(measure(variant, args.trainings))
+            report(LABELS[variant], found[-1], args.trainings)
     for key, label in (("controller_requests", "controller requests"), ("reaction_p99", "reaction p99"),
                        ("cpu", "operator CPU")):
-        print(f"ratio deployed/baseline, {label}: {deployed[key] / baseline[key]:.2f}")
+        deployed, baseline = (statistics.median(r[key] for r in runs[v]) for v in ("deployed", "baseline"))
+        print(f"ratio deployed/baseline (medians of {args.repeats}), {label}: {deployed / baseline:.2f}")
 
 
 if __name__ == "__main__":
