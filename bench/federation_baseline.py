@@ -1,7 +1,7 @@
 """`fedtrain run` against the same federation as one plain PyTorch process: the physical limit.
 
 Usage: python bench/federation_baseline.py [--preset tiny|demo|mobilenet] [--rounds N] [--epochs N]
-                                           [--repeat N] [--baseline both|pairs|sequential]
+                                           [--repeat N] [--baseline sequential,pairs,exact]
 Goal: local federation / in-process FedAvg <= 1.10, final accuracy within one point.
 
 The baseline reads the partition and the selected clients that `fedtrain run` recorded, so both
@@ -9,7 +9,9 @@ train the very same shards. It decodes every image once and keeps it in memory, 
 selected client from the previous global model (same seeds, same train/validation split, same
 augmentation, Adam, validation on the held-out tracks), averages in memory, and evaluates on the
 test split every round. It runs clients one after another (torch with every core) and two at a
-time (two threads, one torch thread each); the faster counts as the limit.
+time (two threads, one torch thread each); the faster counts as the limit. A third variant,
+``exact`` (one after another, one torch thread), is the accuracy reference for models with
+dropout: it trains to the bit as `fedtrain run`'s one-thread tasks do (see `VARIANTS`).
 
 `fedtrain run` is timed as a whole (fork server start, init, rounds, finalize with MLflow) and by
 rounds (first client launched to the aggregation recorded). Its per-round breakdown comes from
@@ -48,6 +50,11 @@ from fedtrain.worker.models import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, bui
 from fedtrain.worker.training import augment_batch
 
 CORES = os.cpu_count() or 1
+# In-process variants: clients trained at once (threads of one process), torch threads. `pairs` draws
+# dropout masks from torch's one global generator in two threads at once, and `sequential` sums in
+# another order with more threads, so for a model with dropout (MobileNet) only `exact` trains to
+# the bit as `fedtrain run`'s one-thread tasks do.
+VARIANTS: dict[str, tuple[int, int]] = {"sequential": (1, CORES), "pairs": (2, 1), "exact": (1, 1)}
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "gtsrb-fedavg-local.yaml"
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 6, "synthetic": {"imagesPerClass": 20, "testImagesPerClass": 6, "framesPerTrack": 4,
@@ -255,15 +262,16 @@ class InProcessFederation:
             accuracy_of(model, *self.rows(validation))
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, count
 
-    def run(self, pairs: bool) -> Timing:
+    def run(self, variant: str) -> Timing:
         """Wall and CPU seconds (decoding included), each round's, and test accuracy per round."""
-        torch.set_num_threads(1 if pairs else CORES)
+        clients_at_once, threads = VARIANTS[variant]
+        torch.set_num_threads(threads)
         started, cpu = time.perf_counter(), cpu_seconds()
         self.decode()
         torch.manual_seed(self.seed)
         global_state = build_model(self.model_config).state_dict()
         timing = Timing(0.0, 0.0, decode=time.perf_counter() - started)
-        with ThreadPoolExecutor(2 if pairs else 1) as pool:
+        with ThreadPoolExecutor(clients_at_once) as pool:
             for number in sorted(self.selected):
                 round_started, round_cpu = time.perf_counter(), cpu_seconds()
                 results = list(pool.map(lambda c, n=number, g=global_state: self.client_round(g, n, c),
@@ -313,12 +321,12 @@ def report_run(label: str, timing: Timing) -> None:
           f"{statistics.median(timing.round_cpu):6.2f} s CPU | final accuracy {timing.accuracies[-1]:.4f}")
 
 
-def repetition(manifest: dict[str, Any], workdir: Path, variants: list[bool]) -> tuple[Timing, RunResult,
-                                                                                     dict[bool, Timing]]:
+def repetition(manifest: dict[str, Any], workdir: Path, variants: list[str]) -> tuple[Timing, RunResult,
+                                                                                    dict[str, Timing]]:
     """`fedtrain run`, then the in-process baselines over the partition it recorded, one after the other."""
     fed, result = run_fedtrain(manifest, workdir)
     baseline = InProcessFederation(manifest, workdir)
-    return fed, result, {pairs: baseline.run(pairs) for pairs in variants}
+    return fed, result, {variant: baseline.run(variant) for variant in variants}
 
 
 def print_breakdown(workdir: Path, result: RunResult) -> None:
@@ -338,8 +346,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (fedtrain, then baselines)")
-    parser.add_argument("--baseline", choices=("both", "pairs", "sequential"), default="both",
-                        help="which in-process variants to run (both: the faster counts)")
+    parser.add_argument("--baseline", default="sequential,pairs",
+                        help=f"in-process variants to run, comma-separated, of {', '.join(VARIANTS)} (the fastest "
+                        "counts)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     manifest = federation(args.preset, args.rounds, args.epochs)
@@ -349,16 +358,20 @@ def main() -> None:
     print(f"preset {args.preset}: {spec['clients']['count']} clients, {spec['rounds']} rounds, "
           f"{spec['training']['localEpochs']} epochs, {spec['model']['architecture']} {spec['model']['imageSize']} px, "
           f"parallelism {spec['worker']['parallelism']}, {CORES} cores; load average {os.getloadavg()[0]:.1f}")
-    variants = {"both": [False, True], "pairs": [True], "sequential": [False]}[args.baseline]
-    names = {False: "in-process, one after another", True: "in-process, two at a time"}
+    variants = [v for v in args.baseline.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"--baseline {args.baseline!r}: use a comma-separated list of {', '.join(VARIANTS)}")
+    names = {"sequential": f"in-process, one after another ({CORES} threads)",
+             "pairs": "in-process, two at a time (1 thread each)", "exact": "in-process, one after another (1 thread)"}
     ratios: dict[str, list[float]] = {"rounds": [], "whole": [], "round": [], "cpu": []}
     for attempt in range(args.repeat):
         workdir = scratch / f"run-{attempt}"
         fed, result, limits = repetition(manifest, workdir, variants)
         print(f"repetition {attempt + 1} (load average {os.getloadavg()[0]:.1f} on {CORES} cores):")
         report_run("fedtrain run (whole, MLflow included)", fed)
-        for pairs, timing in limits.items():
-            report_run(names[pairs] + f" (decode {timing.decode:.1f} s)", timing)
+        for variant, timing in limits.items():
+            report_run(names[variant] + f" (decode {timing.decode:.1f} s)", timing)
         limit = min(limits.values(), key=lambda t: t.wall)
         ratios["rounds"].append(fed.rounds / limit.wall)
         ratios["whole"].append(fed.wall / limit.wall)
@@ -366,9 +379,9 @@ def main() -> None:
         ratios["cpu"].append(fed.cpu / limit.cpu)
         if attempt == 0:
             print_breakdown(workdir, result)
-            print(f"accuracy per round, fedtrain:                 {' '.join(f'{a:.4f}' for a in fed.accuracies)}")
-            for pairs, timing in limits.items():
-                print(f"accuracy per round, {names[pairs]:26s} {' '.join(f'{a:.4f}' for a in timing.accuracies)}")
+            print(f"accuracy per round, fedtrain   {' '.join(f'{a:.4f}' for a in fed.accuracies)}")
+            for variant, timing in limits.items():
+                print(f"accuracy per round, {variant:10s} {' '.join(f'{a:.4f}' for a in timing.accuracies)}")
             print(f"accuracy difference (final): {100 * (fed.accuracies[-1] - limit.accuracies[-1]):+.2f} points "
                   "(goal: within 1)")
         if not args.keep:
