@@ -260,19 +260,27 @@ def _run(job: tuple[Federation | None, int]) -> tuple[Curve, float]:
     return curve, time.perf_counter() - started
 
 
-def run_all(configurations: list[Federation | None], seeds: list[int], processes: int,
-            done: Path | None) -> dict[str, list[Curve]]:
+Curves = dict[str, dict[int, Curve]]  # label -> seed -> curve
+
+
+def finished(done: Path | None) -> Curves:
+    """The runs recorded in ``done`` (JSON lines), by label and seed."""
+    curves: Curves = {}
+    if done is not None and done.exists():
+        for line in done.read_text().splitlines():
+            record = json.loads(line)
+            curves.setdefault(record["label"], {})[record["seed"]] = record["curve"]
+    return curves
+
+
+def run_all(configurations: list[Federation | None], seeds: list[int], processes: int, done: Path | None) -> Curves:
     """Every configuration's curve for every seed, keyed by label (None: "central"), in the given order.
 
     Each finished run is appended to ``done`` (JSON lines) and one found there is not run again: a long
     table survives an interruption, and a second invocation with more rows reuses the first one's runs.
     Only ``done`` files of the same settings may be reused (the caller names one per setting).
     """
-    curves: dict[str, dict[int, Curve]] = {}
-    if done is not None and done.exists():
-        for line in done.read_text().splitlines():
-            record = json.loads(line)
-            curves.setdefault(record["label"], {})[record["seed"]] = record["curve"]
+    curves = finished(done)
     jobs = [(configuration, seed) for configuration in configurations for seed in seeds
             if seed not in curves.get("central" if configuration is None else configuration.label, {})]
     context = multiprocessing.get_context("fork")
@@ -284,7 +292,7 @@ def run_all(configurations: list[Federation | None], seeds: list[int], processes
             if done is not None:
                 with done.open("a") as file:
                     file.write(json.dumps({"label": label, "seed": seed, "curve": curve}) + "\n")
-    return {label: [by_seed[seed] for seed in seeds] for label, by_seed in curves.items()}
+    return curves
 
 
 def ratio_curve(curves: list[Curve], baselines: list[Curve]) -> list[list[float]]:
@@ -309,6 +317,36 @@ def load_data(args: argparse.Namespace) -> Data:
 
 
 GOALS = {"iid": 0.98, "dirichlet": 0.95, "poisoned": 0.97}
+TAIL = 3  # rounds averaged for the smoothed figure: a constant learning rate leaves the last round noisy
+
+
+def report(table: dict[str, list[tuple[Federation, Federation | None]]], curves: Curves) -> list[dict[str, Any]]:
+    """Print each row's ratios over the seeds both sides have (a table cut short reports what ran)."""
+    results: list[dict[str, Any]] = []
+    for row, pairs in table.items():
+        print(f"{row}:")
+        for federation, reference in pairs:
+            base_label = "central" if reference is None else reference.label
+            seeds = sorted(set(curves.get(federation.label, {})) & set(curves.get(base_label, {})))
+            if not seeds:
+                print(f"  => {federation.label}: not run")
+                continue
+            runs = [curves[federation.label][seed] for seed in seeds]
+            bases = [curves[base_label][seed] for seed in seeds]
+            ratios = ratio_curve(runs, bases)
+            tails = [statistics.mean(r[-TAIL:]) / statistics.mean(b[-TAIL:]) for r, b in zip(runs, bases, strict=True)]
+            level = first_level(ratios, GOALS[row])
+            rounds = len(runs[0])
+            print(f"  => {federation.label} / {base_label}, seeds {seeds}: ratio {spread(ratios[-1])}, last "
+                  f"{TAIL} rounds {spread(tails)} (accuracy {spread([r[-1] for r in runs])} / "
+                  f"{spread([b[-1] for b in bases])}); mean ratio >= {GOALS[row]} from round "
+                  f"{level if level else 'never'}; mean ratio by quarter: "
+                  + ", ".join(f"r{q}: {statistics.mean(ratios[q - 1]):.2f}"
+                              for q in sorted({max(1, rounds * k // 4) for k in (1, 2, 3, 4)})), flush=True)
+            results.append({"row": row, "label": federation.label, "baseline": base_label, "seeds": seeds,
+                            "curves": runs, "baseline_curves": bases, "final_ratios": ratios[-1],
+                            "tail_ratios": tails, "level_round": level})
+    return results
 
 
 def main() -> None:
@@ -332,7 +370,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write every curve as JSON here")
     parser.add_argument("--done", type=Path, default=None,
                         help="JSON lines of finished runs, appended to and reused (one file per setting)")
+    parser.add_argument("--report", action="store_true", help="only report the runs in --done, run nothing")
     args = parser.parse_args()
+    table = rows(args.rows.split(","), args.clients)
+    if args.report:
+        report(table, finished(args.done))
+        return
     torch.set_num_threads(1)  # tiny batches: a second thread costs more than it gives on a shared machine
     data = load_data(args)
     workdir = Path(tempfile.mkdtemp(prefix="fedtrain-lq-"))
@@ -342,7 +385,6 @@ def main() -> None:
     seeds = list(range(1, args.seeds + 1))
     print(f"tiny_cnn {args.image_size}px, {len(data.train_y)} train / {len(data.test_y)} test images, "
           f"{args.rounds} rounds x {args.local_epochs} local epochs, Adam lr {args.lr}, seeds {seeds}", flush=True)
-    table = rows(args.rows.split(","), args.clients)
     configurations: list[Federation | None] = [None]
     for pairs in table.values():
         for federation, reference in pairs:
@@ -351,26 +393,11 @@ def main() -> None:
     _SHARED = (data, setup)
     started = time.perf_counter()
     curves = run_all(configurations, seeds, args.processes, args.done)
-    results: list[dict[str, Any]] = []
-    for row, pairs in table.items():
-        print(f"{row}:")
-        for federation, reference in pairs:
-            base_label = "central" if reference is None else reference.label
-            ratios = ratio_curve(curves[federation.label], curves[base_label])
-            level = first_level(ratios, GOALS[row])
-            finals = [c[-1] for c in curves[federation.label]]
-            print(f"  => {federation.label} / {base_label}: ratio {spread(ratios[-1])} (accuracy {spread(finals)} / "
-                  f"{spread([c[-1] for c in curves[base_label]])}); mean ratio >= {GOALS[row]} from round "
-                  f"{level if level else 'never'}; mean ratio by quarter: "
-                  + ", ".join(f"r{q}: {statistics.mean(ratios[q - 1]):.2f}"
-                              for q in sorted({max(1, args.rounds * k // 4) for k in (1, 2, 3, 4)})), flush=True)
-            results.append({"row": row, "label": federation.label, "baseline": base_label,
-                            "curves": curves[federation.label], "baseline_curves": curves[base_label],
-                            "final_ratios": ratios[-1], "level_round": level})
+    results = report(table, curves)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.out is not None:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                        "central": curves["central"], "results": results}, indent=1))
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                       indent=1))
 
 
 if __name__ == "__main__":
