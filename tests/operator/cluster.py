@@ -11,10 +11,11 @@ schema; CEL rules, transition rules against the stored object), and every object
 and annotations are validated, with the real server's 400/422 answers. These are fixture-side
 workarounds: product code speaks plain Kubernetes.
 
-`JobRunner` plays the job controller and the kubelet: for every Job it creates the Pod, runs the
-container's command as a local process (through the same fork server as `fedtrain run`) with
-``/store`` mapped to a directory, and reports Pod and Job status, termination message included,
-back through the API as the real ones would. ``sabotage`` makes chosen Jobs fail or hang.
+`JobRunner` plays the job controller and the kubelet: for every Job its watch reports it creates the
+Pod, runs the container's command as a local process (through the same fork server as `fedtrain
+run`) with ``/store`` mapped to a directory, and reports Pod and Job status, termination message
+included, back through the API as the real ones would, as soon as the process exits. ``sabotage``
+makes chosen Jobs fail or hang.
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ class _FilterDispatch(apps.RawHandler):
 
     kmock 0.8 asks whether a reaction sees a request by running every request the server has recorded
     through the reaction's filters until it meets this one, for each reaction: a request costs time in
-    proportion to all before it, and a cluster that had served a few thousand took a fifth of a second
-    for each. For a chain of plain filters (all this server registers) the answer is the filters'
-    criteria on this one request; anything else (slices, groups of views) keeps kmock's own check.
+    proportion to all before it (under a profiler, 0.18 s each on average over a run's first 500). For a
+    chain of plain filters (all this server registers) the answer is the filters' criteria on this one
+    request; anything else (slices, groups of views) keeps kmock's own check.
     """
 
     __slots__ = ()
