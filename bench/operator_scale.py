@@ -118,7 +118,7 @@ async def run_variant(url: str, trainings: int) -> dict[str, Any]:
 
     Controller.reconcile = counted
     if os.environ.get("BENCH_VARIANT") == "baseline":
-        Controller.follow = lambda self, source: None
+        Controller.follow = lambda self, *sources: None
     path = f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings"
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()

@@ -235,12 +235,17 @@ class Controller:
         self.kube = kube
         self.clock = clock
         self.known_jobs: JobSource | None = None
+        self.known_accounts: Callable[[str], bool] | None = None
         self._pods_checked: dict[tuple[str, str], float] = {}
         self._relays: dict[str, SiteRelay] = {}  # by training uid: what each has posted, checksums read
 
-    def follow(self, known_jobs: JobSource) -> None:
-        """Read each training's Jobs from the operator's watch (a kopf index) instead of listing them."""
+    def follow(self, known_jobs: JobSource, known_accounts: Callable[[str], bool] | None = None) -> None:
+        """Read Jobs and worker accounts from the operator's watches (kopf indexes), not from the API each pass.
+
+        ``known_accounts(namespace)``: whether the watch has seen the namespace's worker account.
+        """
         self.known_jobs = known_jobs
+        self.known_accounts = known_accounts
 
     def forget(self, namespace: str, name: str) -> None:
         """The training's loop ended: drop what this process remembered of it."""
@@ -541,7 +546,12 @@ class Controller:
         await self.provision_profile(profile)
 
     async def ensure_worker_account(self, namespace: str) -> None:
-        """The worker ServiceAccount of a namespace: no role bindings and no token, so Pods get no API rights."""
+        """The worker ServiceAccount of a namespace: no role bindings and no token, so Pods get no API rights.
+
+        Not read again where the watch has seen it; one deleted meanwhile is made again at the next launch.
+        """
+        if self.known_accounts is not None and self.known_accounts(namespace):
+            return
         await self.kube.get_or_create(Paths.core(namespace, "serviceaccounts"), worker_account_manifest(namespace))
 
     async def _ensure_claim(self, spec: FederatedTrainingSpec, owner: Owner) -> None:

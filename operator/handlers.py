@@ -28,6 +28,7 @@ from fedtrain.operator.jobs import (
     LABEL_TRAINING,
     LABEL_TRAINING_NAMESPACE,
     MANAGER,
+    WORKER_SERVICE_ACCOUNT,
     finished,
 )
 from fedtrain.operator.kube import ApiError, Kube
@@ -90,6 +91,12 @@ def worker_jobs(namespace: str | None, body: kopf.Body, labels: kopf.Labels, ann
     return {_training_of(namespace, labels, annotations): dict(body)}
 
 
+@kopf.index("v1", "serviceaccounts", field="metadata.name", value=WORKER_SERVICE_ACCOUNT)
+def worker_accounts(namespace: str | None, **_: Any) -> dict[str, bool]:
+    """The namespaces whose worker account the watch has seen: a launch there need not read it first."""
+    return {namespace or "": True}
+
+
 # On deletion or shutdown kopf sets `stopped` and, after cancellation_backoff, cancels the loop; the
 # loop wakes on `stopped` and ends well within that (after the pass in flight, if any).
 @kopf.daemon(GROUP, VERSION, PLURAL, id="rounds", cancellation_backoff=10.0, cancellation_timeout=2.0)
@@ -105,7 +112,8 @@ async def drive(namespace: str | None, name: str, stopped: kopf.DaemonStopped, m
     controller: Controller = memo.controller
     wakeups: Wakeups = memo.wakeups
     jobs: kopf.Index[tuple[str, str], dict[str, Any]] = indexes["worker_jobs"]  # kopf passes indexes by name
-    controller.follow(lambda space, training: list(jobs.get((space, training), [])))
+    accounts: kopf.Index[str, bool] = indexes["worker_accounts"]
+    controller.follow(lambda space, training: list(jobs.get((space, training), [])), accounts.__contains__)
     backoff = Backoff()
     while not stopped:
         try:
