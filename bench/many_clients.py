@@ -8,8 +8,9 @@ busy machine does not inflate) and the largest status seen, against
 two baselines measured in the same run: a 10-client training (decision time) and the same training
 with every round's per-client records kept (status size, the design before rounds were compacted).
 
-With ``--local``, also `fedtrain run` of a 1,000-client, perRound-100, 2-round federation (tiny CNN,
-16 px): wall time per round and the size of status.json.
+With ``--local``, also `fedtrain run` of a 1,000-client, 2-round federation, perRound 100 and then
+1,000 (tiny CNN, 16 px, one image track per client or so: this measures orchestration): wall time
+per round and the size of status.json.
 
     python bench/many_clients.py [--local]
 """
@@ -90,15 +91,15 @@ def summary(times: list[float]) -> str:
             f"max {max(times) * 1e3:.2f} ms")
 
 
-def local_run() -> None:
-    """`fedtrain run` with 1,000 clients, 100 per round: seconds per round and the size of status.json."""
+def local_run(per_round: int) -> None:
+    """`fedtrain run` with 1,000 clients, ``per_round`` per round: seconds per round and the size of status.json."""
     with tempfile.TemporaryDirectory() as folder:
         manifest = {"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining",
                     "metadata": {"name": "thousand"},
                     "spec": {"rounds": 2, "model": {"architecture": "tiny_cnn", "numClasses": 43, "imageSize": 16},
                              "dataset": {"synthetic": {"imagesPerClass": 30, "testImagesPerClass": 2,
-                                                       "framesPerTrack": 3, "seed": 3}},
-                             "clients": {"count": 1000, "perRound": 100, "minSuccessful": 50},
+                                                       "framesPerTrack": 1, "seed": 3}},  # 1,290 tracks
+                             "clients": {"count": 1000, "perRound": per_round, "minSuccessful": per_round // 2},
                              "training": {"localEpochs": 1, "batchSize": 32},
                              "worker": {"parallelism": 2, "device": "cpu"}, "mlflow": {"logClients": False}}}
         path = Path(folder) / "thousand.yaml"
@@ -112,7 +113,7 @@ def local_run() -> None:
             return
         status = json.loads((Path(folder) / "w" / "status.json").read_text())
         seconds = [r["finishedAt"] - r["startedAt"] for r in status["rounds"]]
-        print(f"fedtrain run, 1000 clients, 100 per round, 2 rounds: {wall:.0f} s in all, rounds "
+        print(f"fedtrain run, 1000 clients, {per_round} per round, 2 rounds: {wall:.0f} s in all, rounds "
               f"{', '.join(f'{s:.0f} s' for s in seconds)}, status.json {len(json.dumps(status)) / 1024:.1f} KiB, "
               f"phase {status['phase']}")
 
@@ -138,7 +139,8 @@ def main() -> None:
         print(f"  largest status {largest / 1024:.1f} KiB (limit 256 KiB); every round kept whole: "
               f"{uncompacted / 1024:.1f} KiB; ratio {largest / uncompacted:.2f}")
     if args.local:
-        local_run()
+        for per_round in (100, 1000):
+            local_run(per_round)
 
 
 if __name__ == "__main__":
