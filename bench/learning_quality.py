@@ -232,8 +232,9 @@ def rows(selected: list[str], clients: int) -> dict[str, list[tuple[Federation, 
         "poisoned": [],
     }
     for name, parameters in [*robust, ("fedavg", {})]:  # FedAvg last: the reference that shows the attack bites
-        clean = Federation(f"{name} {parameters or ''} no attack", clients, name, parameters) if parameters or \
-            name != "fedavg" else Federation(f"fedavg iid {clients} clients", clients)  # the iid row's run
+        clean = Federation(f"{name} {parameters or ''} no attack", clients, name, parameters)
+        if name == "fedavg":
+            clean = Federation(f"fedavg iid {clients} clients", clients)  # the iid row's run: not run twice
         for attack in ("signflip", "labelflip"):
             table["poisoned"].append((Federation(f"{name} {parameters or ''} {attack} {attackers}/{clients}",
                                                  clients, name, parameters, attack=attack, poisoned=attackers),
@@ -263,6 +264,11 @@ def _run(job: tuple[Federation | None, int]) -> tuple[Curve, float]:
 Curves = dict[str, dict[int, Curve]]  # label -> seed -> curve
 
 
+def label_of(configuration: Federation | None) -> str:
+    """A run's name in the table and in the ``--done`` file (None: central training)."""
+    return "central" if configuration is None else configuration.label
+
+
 def finished(done: Path | None) -> Curves:
     """The runs recorded in ``done`` (JSON lines), by label and seed."""
     curves: Curves = {}
@@ -282,11 +288,11 @@ def run_all(configurations: list[Federation | None], seeds: list[int], processes
     """
     curves = finished(done)
     jobs = [(configuration, seed) for configuration in configurations for seed in seeds
-            if seed not in curves.get("central" if configuration is None else configuration.label, {})]
+            if seed not in curves.get(label_of(configuration), {})]
     context = multiprocessing.get_context("fork")
     with context.Pool(processes, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for (configuration, seed), (curve, seconds) in zip(jobs, pool.imap(_run, jobs), strict=True):
-            label = "central" if configuration is None else configuration.label
+            label = label_of(configuration)
             curves.setdefault(label, {})[seed] = curve
             print(f"  {label}, seed {seed}: final {curve[-1]:.3f}, best {max(curve):.3f} ({seconds:.0f} s)", flush=True)
             if done is not None:
@@ -326,7 +332,7 @@ def report(table: dict[str, list[tuple[Federation, Federation | None]]], curves:
     for row, pairs in table.items():
         print(f"{row}:")
         for federation, reference in pairs:
-            base_label = "central" if reference is None else reference.label
+            base_label = label_of(reference)
             seeds = sorted(set(curves.get(federation.label, {})) & set(curves.get(base_label, {})))
             if not seeds:
                 print(f"  => {federation.label}: not run")

@@ -3,10 +3,10 @@
 The engine decides a 1,000-client training (perRound 100, then 1,000) to the end, every task
 answered at once (one client in seven failing, a third of the rest rejected: the status must carry
 failures too); the aggregation's output goes through the worker's 4 KiB termination message, as on
-Kubernetes. Printed: decision time per pass (median, p99, max; wall and this process's CPU time, which a
-busy machine does not inflate) and the largest status seen, against
-two baselines measured in the same run: a 10-client training (decision time) and the same training
-with every round's per-client records kept (status size, the design before rounds were compacted).
+Kubernetes. Printed: decision time per pass (median, p99, max; wall and this process's CPU time,
+which a busy machine does not inflate) and the largest status seen, against two baselines measured
+in the same run: a 10-client training (decision time) and the same training with every round's
+per-client records kept (status size, the design before rounds were compacted).
 
 With ``--local``, also `fedtrain run` of a 1,000-client, 2-round federation, perRound 100 and then
 1,000 (tiny CNN, 16 px, one image track per client or so: this measures orchestration): wall time
