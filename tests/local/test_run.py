@@ -101,11 +101,12 @@ def test_killed_runner_resumes_with_exactly_the_configured_rounds(tmp_path: Path
             if status.get("currentRound", 0) >= 2:
                 break
         assert runner.poll() is None, "the runner ended before it could be killed"
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(runner.pid, signal.SIGKILL)  # the runner, its fork server, and (by parent-death signal) the tasks
     runner.wait()
     killed_at = json.loads((workdir / "status.json").read_text())
-    assert killed_at["phase"] == "Running" and killed_at["currentRound"] == 2
+    # A round of this tiny federation can end between two polls, so the runner may already be in round 3.
+    assert killed_at["phase"] == "Running" and killed_at["currentRound"] in (2, 3), killed_at
 
     done = fedtrain("run", spec_file, "--workdir", workdir)
     assert done.returncode == 0, done.stderr[-3000:]
