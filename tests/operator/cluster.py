@@ -25,6 +25,7 @@ import base64
 import itertools
 import json
 import logging
+import re
 import shutil
 import threading
 import uuid
@@ -93,6 +94,40 @@ def matches(selector: str, labels: dict[str, str]) -> bool:
     return True
 
 
+# The field labels every resource can be selected by (apimachinery's DefaultMetaV1FieldSelectorConversion);
+# some kinds add their own (a Pod's spec.nodeName, status.phase), which nothing here asks for.
+FIELD_LABELS = ("metadata.name", "metadata.namespace")
+FIELD_TERM = re.compile(r"^([^=!]+)(==|=|!=)(.*)$")
+
+
+def field_selector_problem(selector: str) -> str | None:
+    """The API server's 400 message for a field selector it cannot serve, or None."""
+    for term in filter(None, selector.split(",")):
+        parsed = FIELD_TERM.match(term)
+        if parsed is None:
+            return f"invalid selector: '{selector}'; can't understand '{term}'"
+        if parsed.group(1) not in FIELD_LABELS:
+            return f"field label not supported: {parsed.group(1)}"
+    return None
+
+
+def fields_match(selector: str, metadata: dict[str, Any]) -> bool:
+    """Field selectors over ``metadata.name`` and ``metadata.namespace`` (``=``, ``==``, ``!=``)."""
+    for term in filter(None, selector.split(",")):
+        parsed = FIELD_TERM.match(term)
+        assert parsed is not None  # refused before (field_selector_problem)
+        key, operator, value = parsed.groups()
+        if (str(metadata.get(key.split(".", 1)[1]) or "") == value) == (operator == "!="):
+            return False
+    return True
+
+
+def selected(request: rendering.Request, metadata: dict[str, Any]) -> bool:
+    """Whether an object's metadata meets the request's label and field selectors."""
+    return matches(request.params.get("labelSelector") or "", metadata.get("labels") or {}) and \
+        fields_match(request.params.get("fieldSelector") or "", metadata)
+
+
 class _FilterDispatch(apps.RawHandler):
     """kmock's choice of the reaction that serves a request, in time that does not grow with the requests served.
 
@@ -144,6 +179,9 @@ class ApiServer(kmock.KubernetesEmulator, _FilterDispatch):
         namespace_answer = self._namespaces(request)
         if namespace_answer is not None:
             return aiohttp.web.json_response(namespace_answer)
+        problem = field_selector_problem(request.params.get("fieldSelector") or "")
+        if problem is not None:
+            raise kmock.KubernetesError(400, "BadRequest", problem)
         if request.resource is None or request.action not in WRITES:
             return await self._serve(request)
         # One write at a time, as etcd's compare-and-swap would: each is admitted against the object it replaces
@@ -309,7 +347,7 @@ class ApiServer(kmock.KubernetesEmulator, _FilterDispatch):
         request.data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": str(next(self.versions))})
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[Any]:
-        """Every object as ADDED, then every change, with nothing lost in between, filtered by labelSelector.
+        """Every object as ADDED, then every change, with nothing lost in between, filtered by the selectors.
 
         kmock 0.8 joins the change stream only after sending the snapshot, so a change made while the
         snapshot was being sent never reached the watcher (a Job created then was never run). Here the
@@ -318,7 +356,6 @@ class ApiServer(kmock.KubernetesEmulator, _FilterDispatch):
         """
         assert request.resource is not None
         bus = self._buses[request.resource]
-        selector = request.params.get("labelSelector") or ""
         async with self._lock:
             marker = await bus.mark()
             snapshot = [obj.raw for (resource, namespace, name), obj in self.objects.items()
@@ -326,12 +363,11 @@ class ApiServer(kmock.KubernetesEmulator, _FilterDispatch):
         try:
             yield b""  # the headers, once the position is taken: a client that has them misses nothing after
             for raw in snapshot:
-                if matches(selector, raw["metadata"].get("labels") or {}):
+                if selected(request, raw["metadata"]):
                     yield {"type": "ADDED", "object": raw}
             async for event in bus.stream(since=marker):
                 meta = event.get("object", {}).get("metadata", {})
-                if _watched(request, meta.get("namespace"), meta.get("name")) and \
-                        matches(selector, meta.get("labels") or {}):
+                if _watched(request, meta.get("namespace"), meta.get("name")) and selected(request, meta):
                     yield event
         finally:
             await bus.unmark(marker)
@@ -376,12 +412,11 @@ class ApiServer(kmock.KubernetesEmulator, _FilterDispatch):
     async def _serve_list(self, request: rendering.Request) -> Any:
         if request.resource not in self._get_resources():
             raise kmock.KubernetesError(404, "NotFound", "the server could not find the requested resource")
-        selector = request.params.get("labelSelector") or ""
         items = []
         for namespace, name in self._by_resource.get(request.resource, {}):
             if request.namespace is None or namespace == request.namespace:
                 obj = self._stored(request.resource, namespace, name)
-                if not obj.deleted and matches(selector, obj.raw["metadata"].get("labels") or {}):
+                if not obj.deleted and selected(request, obj.raw["metadata"]):
                     items.append(obj.raw)
         return {"metadata": {"resourceVersion": str(next(self.versions))}, "items": items}
 

@@ -190,3 +190,29 @@ async def test_a_watch_sends_what_exists_then_each_change_its_selector_matches(a
             if len(seen) == 3:
                 break
     assert seen == [("ADDED", "before"), ("ADDED", "after"), ("DELETED", "before")]
+
+
+@pytest.mark.asyncio
+async def test_lists_and_watches_select_by_name_and_refuse_other_fields(api: Api) -> None:
+    for name in ("fedtrain-worker", "default"):
+        await api.request("POST", f"{CORE}/serviceaccounts",
+                          {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}, status=200)
+    listed = await api.request("GET", "/api/v1/serviceaccounts?fieldSelector=metadata.name%3Dfedtrain-worker")
+    assert [a["metadata"]["name"] for a in listed["items"]] == ["fedtrain-worker"]
+    others = await api.request("GET", f"{CORE}/serviceaccounts?fieldSelector=metadata.name!%3Dfedtrain-worker")
+    assert [a["metadata"]["name"] for a in others["items"]] == ["default"]
+    refused = await api.request("GET", f"{CORE}/serviceaccounts?fieldSelector=secrets.name%3Dx", status=400)
+    assert refused["reason"] == "BadRequest" and refused["message"] == "field label not supported: secrets.name"
+    await api.request("GET", f"{CORE}/serviceaccounts?fieldSelector=metadata.name", status=400)
+    seen: list[tuple[str, str]] = []
+    async with api.session.get(f"{CORE}/serviceaccounts",
+                               params={"watch": "true", "fieldSelector": "metadata.name=fedtrain-worker"}) as stream:
+        await api.request("DELETE", f"{CORE}/serviceaccounts/default", status=200)
+        await api.request("DELETE", f"{CORE}/serviceaccounts/fedtrain-worker", status=200)
+        async for line in stream.content:
+            if line.strip():
+                event = json.loads(line)
+                seen.append((event["type"], event["object"]["metadata"]["name"]))
+            if len(seen) == 2:
+                break
+    assert seen == [("ADDED", "fedtrain-worker"), ("DELETED", "fedtrain-worker")]
