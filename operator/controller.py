@@ -44,9 +44,11 @@ from fedtrain.operator.jobs import (
     claim_name,
     cleanup_job_manifest,
     finished,
+    has_ended,
     job_manifest,
     job_name,
     job_namespace,
+    job_of,
     kubernetes_problems,
     observe,
     placement,
@@ -68,8 +70,8 @@ MAX_CONFLICT_RETRIES = 5
 PLURALS = {"ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps",
            "PersistentVolumeClaim": "persistentvolumeclaims"}
 KEEP_ROUNDS = 2  # Jobs of the last finished rounds stay for `kubectl logs`; older ones are deleted
-POD_CHECK_SECONDS = 5.0  # how often running Jobs' Pods are looked at when Jobs come from the watch
 JobSource = Callable[[str, str], list[dict[str, Any]]]  # (namespace, name) -> the training's Jobs, as last seen
+PodSource = Callable[[str], list[dict[str, Any]]]  # training uid -> its worker Pods (`pod_view`), as last seen
 
 
 class Refusal(Exception):
@@ -179,15 +181,20 @@ def _timestamp(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
 
 
+def pods_by_job(pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each Job's Pods, oldest first."""
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+        owner = job_of(pod)
+        if owner:
+            by_job.setdefault(owner, []).append(pod)
+    return by_job
+
+
 def observations_from(jobs: list[dict[str, Any]], pods: list[dict[str, Any]]
                       ) -> tuple[dict[str, Observation], list[dict[str, Any]]]:
     """Observations by task id, and the Jobs whose Pods are stuck (failed for the engine, still alive)."""
-    by_job: dict[str, list[dict[str, Any]]] = {}
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
-        pod_labels = pod["metadata"].get("labels") or {}
-        owner = pod_labels.get("batch.kubernetes.io/job-name") or pod_labels.get("job-name")
-        if owner:
-            by_job.setdefault(owner, []).append(pod)
+    by_job = pods_by_job(pods)
     observations: dict[str, Observation] = {}
     stuck: list[dict[str, Any]] = []
     for job in jobs:
@@ -235,21 +242,22 @@ class Controller:
         self.kube = kube
         self.clock = clock
         self.known_jobs: JobSource | None = None
+        self.known_pods: PodSource | None = None
         self.known_accounts: Callable[[str], bool] | None = None
-        self._pods_checked: dict[tuple[str, str], float] = {}
         self._relays: dict[str, SiteRelay] = {}  # by training uid: what each has posted, checksums read
 
-    def follow(self, known_jobs: JobSource, known_accounts: Callable[[str], bool] | None = None) -> None:
-        """Read Jobs and worker accounts from the operator's watches (kopf indexes), not from the API each pass.
+    def follow(self, known_jobs: JobSource, known_pods: PodSource,
+               known_accounts: Callable[[str], bool] | None = None) -> None:
+        """Read Jobs, Pods and worker accounts from the operator's watches (kopf indexes), not from the API each pass.
 
         ``known_accounts(namespace)``: whether the watch has seen the namespace's worker account.
         """
         self.known_jobs = known_jobs
+        self.known_pods = known_pods
         self.known_accounts = known_accounts
 
     def forget(self, namespace: str, name: str) -> None:
         """The training's loop ended: drop what this process remembered of it."""
-        self._pods_checked.pop((namespace, name), None)
         for uid, relay in list(self._relays.items()):
             if relay.training == f"{namespace}/{name}":
                 del self._relays[uid]
@@ -279,7 +287,7 @@ class Controller:
         owner = Owner(name, namespace, meta["uid"])
         spec: FederatedTrainingSpec | None = None
         try:
-            spec = parse_spec(await self.effective_spec(namespace, name, resource.get("spec") or {}),
+            spec = parse_spec(await self.effective_spec(namespace, name, resource.get("spec") or {}, status),
                               f"{namespace}/{name}")
             return await self._run(resource, status, spec, owner)
         except SpecError as error:
@@ -442,23 +450,24 @@ class Controller:
 
     async def observed_objects(self, spec: FederatedTrainingSpec, owner: Owner, status: TrainingStatus
                                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The training's Jobs, and the Pods the engine needs to read this pass.
+        """The training's Jobs and Pods, as the watches last saw them (`follow`), or listed.
 
-        Following the watch (`follow`), Jobs come from memory, and Pods are listed only when a Job of a
-        task the engine waits for has finished (its exit code and message are on the Pod), and every
-        `POD_CHECK_SECONDS` while such Jobs run (a Pod may be stuck pulling its image). So a pass costs
-        no list at all most of the time, and nothing grows with the number of other trainings.
+        A Job's end and its Pod's end come on two watch streams, in either order. When a Job the engine
+        waits for has finished but the watch has not yet shown its Pod's end (the exit code and the
+        task's output are there), the Pods are listed once: a decision never reads a finished task
+        without its output. Otherwise a pass lists nothing, whatever the number of other trainings.
         """
-        if self.known_jobs is None:
+        if self.known_jobs is None or self.known_pods is None:
             return await self.worker_objects(spec, owner)
         jobs = [j for j in self.known_jobs(owner.namespace, owner.name) if owned_by(j, owner.uid)]
+        pods = self.known_pods(owner.uid)
         waiting = set(running_task_ids(status))
-        tracked = [j for j in jobs if (j["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID) in waiting]
-        key, now = (owner.namespace, owner.name), self.clock()
-        if any(finished(j) for j in tracked) or (tracked and now - self._pods_checked.get(key, 0) >= POD_CHECK_SECONDS):
-            self._pods_checked[key] = now
-            return jobs, await self.worker_pods(spec, owner)
-        return jobs, []
+        by_job = pods_by_job(pods)
+        for job in jobs:
+            ident = (job["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID)
+            if ident in waiting and finished(job) and not has_ended(by_job.get(job["metadata"]["name"], [])):
+                return jobs, await self.worker_pods(spec, owner)
+        return jobs, pods
 
     async def worker_objects(self, spec: FederatedTrainingSpec, owner: Owner
                              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -484,19 +493,32 @@ class Controller:
             found.append((namespace, {**training_selector(owner), LABEL_TRAINING_NAMESPACE: owner.namespace}))
         return found
 
-    async def effective_spec(self, namespace: str, name: str, raw_spec: dict[str, Any]) -> dict[str, Any]:
-        """The spec with the namespace's ``fedtrain-defaults`` filled in where it is silent (profiles)."""
+    async def effective_spec(self, namespace: str, name: str, raw_spec: dict[str, Any],
+                             status: TrainingStatus) -> dict[str, Any]:
+        """The spec with the namespace's ``fedtrain-defaults`` filled in where it is silent (profiles).
+
+        The ConfigMap is read once, at the first pass that needs it, and its data kept in ``status``
+        (stored with the pass's decision): later passes fill in the same values without reading it, so
+        an edit to the defaults never moves a running training's storage or experiment. A training
+        applied right after its defaults still finds them: that first read goes to the API server.
+        """
         silent = not any(k in (raw_spec.get("storage") or {}) for k in STORAGE_KINDS)
         mlflow = raw_spec.get("mlflow") or {}
         if not (silent or "experiment" not in mlflow or "trackingUri" not in mlflow):
             return raw_spec
+        if status.namespace_defaults is None:
+            status.namespace_defaults = await self._namespace_defaults(namespace)
+        return apply_defaults(raw_spec, status.namespace_defaults, name)
+
+    async def _namespace_defaults(self, namespace: str) -> dict[str, str]:
+        """The data of the namespace's ``fedtrain-defaults`` ({} when there is none)."""
         try:
             defaults = await self.kube.get(Paths.core(namespace, "configmaps", DEFAULTS_CONFIGMAP))
         except ApiError as error:
             if error.status != 404:
                 raise
-            return raw_spec
-        return apply_defaults(raw_spec, defaults.get("data") or {}, name)
+            return {}
+        return {str(k): str(v) for k, v in (defaults.get("data") or {}).items()}
 
     async def provision_profile(self, profile: dict[str, Any]) -> None:
         """Create what the profile's namespace lacks; keep the defaults ConfigMap equal to the annotations.
@@ -576,14 +598,17 @@ class Controller:
             if number < status.current_round - KEEP_ROUNDS and settled and not job["metadata"].get("deletionTimestamp"):
                 await self.kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
 
-    async def release_storage(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any]) -> bool:
+    async def release_storage(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any],
+                              raw_status: dict[str, Any]) -> bool:
         """On deletion: remove Jobs in client namespaces; with ``reclaimPolicy: Delete`` also the weights.
 
         True when done. Jobs in the training's namespace go with it (owner references); those in
-        client namespaces have none, so they are deleted here by label.
+        client namespaces have none, so they are deleted here by label. The weights are where the
+        training kept them: its spec with the defaults its status holds.
         """
         try:
-            spec = parse_spec(await self.effective_spec(namespace, name, raw_spec), f"{namespace}/{name}")
+            status = read_status({"status": raw_status})
+            spec = parse_spec(await self.effective_spec(namespace, name, raw_spec, status), f"{namespace}/{name}")
         except SpecError:
             return True  # it never ran, so there is nothing to remove
         owner = Owner(name, namespace, uid)

@@ -27,9 +27,11 @@ from fedtrain.operator.jobs import (
     LABEL_MANAGED_BY,
     LABEL_TRAINING,
     LABEL_TRAINING_NAMESPACE,
+    LABEL_TRAINING_UID,
     MANAGER,
     WORKER_SERVICE_ACCOUNT,
     finished,
+    pod_view,
 )
 from fedtrain.operator.kube import ApiError, Kube
 from fedtrain.operator.profiles import LABEL_PROFILE, PROFILE_GROUP, PROFILE_PLURAL, PROFILE_VERSION
@@ -61,6 +63,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING  # the controller posts the Events people read
     settings.watching.server_timeout = 300
+    watch_only_ours(settings)
     memo.controller = Controller(Kube.from_environment())
     memo.wakeups = Wakeups()
     memo.sites = SiteController(memo.controller.kube)
@@ -70,6 +73,21 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         from prometheus_client import start_http_server
 
         start_http_server(port)
+
+
+def watch_only_ours(settings: kopf.OperatorSettings) -> None:
+    """Ask the API server for the objects the handlers below look at, not for every one in the cluster.
+
+    kopf filters handlers by label on its side; without these selectors it would stream every Job,
+    Pod, ConfigMap, claim and ServiceAccount of the cluster to the operator. Each selector is what
+    all handlers of that resource have in common.
+    """
+    managed = f"{LABEL_MANAGED_BY}={MANAGER}"
+    settings.watching.label_selectors["batch", "v1", "jobs"] = managed
+    settings.watching.label_selectors["v1", "pods"] = managed
+    settings.watching.label_selectors["v1", "configmaps"] = LABEL_PROFILE
+    settings.watching.label_selectors["v1", "persistentvolumeclaims"] = LABEL_PROFILE
+    settings.watching.field_selectors["v1", "serviceaccounts"] = f"metadata.name={WORKER_SERVICE_ACCOUNT}"
 
 
 @kopf.on.cleanup()
@@ -89,6 +107,15 @@ def worker_jobs(namespace: str | None, body: kopf.Body, labels: kopf.Labels, ann
                 **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Every worker Job as the watch last saw it, by training: passes read Jobs here instead of listing them."""
     return {_training_of(namespace, labels, annotations): dict(body)}
+
+
+@kopf.index("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING_UID: kopf.PRESENT})
+def worker_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]]:
+    """Every worker Pod as the watch last saw it (only what decisions read), by its training's uid.
+
+    By uid, not by name: a Pod carries its training's name only as a label, cut to 63 characters.
+    """
+    return {labels[LABEL_TRAINING_UID]: pod_view(dict(body))}
 
 
 @kopf.index("v1", "serviceaccounts", field="metadata.name", value=WORKER_SERVICE_ACCOUNT)
@@ -112,8 +139,10 @@ async def drive(namespace: str | None, name: str, stopped: kopf.DaemonStopped, m
     controller: Controller = memo.controller
     wakeups: Wakeups = memo.wakeups
     jobs: kopf.Index[tuple[str, str], dict[str, Any]] = indexes["worker_jobs"]  # kopf passes indexes by name
+    pods: kopf.Index[str, dict[str, Any]] = indexes["worker_pods"]
     accounts: kopf.Index[str, bool] = indexes["worker_accounts"]
-    controller.follow(lambda space, training: list(jobs.get((space, training), [])), accounts.__contains__)
+    controller.follow(lambda space, training: list(jobs.get((space, training), [])),
+                      lambda uid: list(pods.get(uid, [])), accounts.__contains__)
     backoff = Backoff()
     while not stopped:
         try:
@@ -164,11 +193,12 @@ def training_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> N
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="storage")
-async def release(namespace: str | None, name: str, uid: str, spec: kopf.Spec, memo: Any, **_: Any) -> None:
+async def release(namespace: str | None, name: str, uid: str, spec: kopf.Spec, status: kopf.Status, memo: Any,
+                  **_: Any) -> None:
     """Finalizer: delete Jobs in client namespaces and, with ``reclaimPolicy: Delete``, the training's weights."""
     assert namespace is not None
     memo.wakeups.forget(namespace, name)
-    if not await memo.controller.release_storage(namespace, name, uid, dict(spec)):
+    if not await memo.controller.release_storage(namespace, name, uid, dict(spec), dict(status)):
         raise kopf.TemporaryError("waiting for the training's Jobs to stop and its directory to be removed", delay=2)
 
 

@@ -357,6 +357,28 @@ def _unschedulable(pod: dict[str, Any]) -> str | None:
     return None
 
 
+def pod_view(pod: dict[str, Any]) -> dict[str, Any]:
+    """What `observe` reads of a Pod (its names, labels, container states and conditions), for an index to keep.
+
+    A Pod's spec (containers, environment, volumes) is most of its size and nothing a decision reads.
+    """
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    return {"metadata": {k: meta[k] for k in ("name", "namespace", "labels", "creationTimestamp") if k in meta},
+            "status": {k: status[k] for k in ("containerStatuses", "conditions") if k in status}}
+
+
+def job_of(pod: dict[str, Any]) -> str | None:
+    """The name of the Job that made the Pod (the label the Job controller sets, or its pre-1.27 spelling)."""
+    pod_labels = pod["metadata"].get("labels") or {}
+    return pod_labels.get("batch.kubernetes.io/job-name") or pod_labels.get("job-name")
+
+
+def has_ended(pods: list[dict[str, Any]]) -> bool:
+    """Whether the last of a Job's Pods (oldest first) shows its worker's end: the exit code and message are there."""
+    return bool(pods) and "terminated" in _container_state(pods[-1])
+
+
 def observe(job: dict[str, Any], pods: list[dict[str, Any]]) -> Observation:
     """What the engine should know of a task from its Job and the Job's Pod(s)."""
     pod = pods[-1] if pods else {}

@@ -192,6 +192,9 @@ class TrainingStatus(StatusModel):
     privacy_delta: float | None = None
     # "<namespace>/<name>-<uid8>": the training's folder under the object store's prefix, which sites join.
     training_id: str | None = None
+    # The namespace's `fedtrain-defaults` data as the operator read it at the training's first pass ({}: none):
+    # kept, so that editing the ConfigMap never moves a running training's storage or MLflow experiment.
+    namespace_defaults: dict[str, str] | None = None
     model_uri: str | None = None
     model_version: str | None = None
     tracking_error: str | None = None

@@ -134,6 +134,8 @@ async def test_a_failure_outside_the_rounds_cancels_the_running_jobs(
     while (await controller.reconcile(NAMESPACE, "signs")).phase != "Running":
         await asyncio.sleep(0.1)  # init runs as a local process; the pass that sees it done starts round 1
     assert [j for j in await cluster.jobs() if "r0001" in j["metadata"]["name"]]
+    # As a training started by an operator that kept no defaults in the status: its next pass reads them.
+    await cluster.request("PATCH", f"{TRAININGS}/signs/status", {"status": {"namespaceDefaults": None}}, status=200)
     refuse(cluster, monkeypatch, "GET", "/configmaps/fedtrain-defaults", 403, 'configmaps "fedtrain-defaults" is '
            'forbidden: User "system:serviceaccount:fedtrain-system:fedtrain-operator" cannot get resource')
     outcome = await controller.reconcile(NAMESPACE, "signs")

@@ -147,6 +147,30 @@ async def test_training_that_leaves_storage_and_experiment_out_uses_the_profile_
     assert args[args.index("--experiment") + 1] == f"{NAMESPACE}/signs"
 
 
+async def test_a_training_keeps_the_defaults_it_started_with(cluster: Cluster) -> None:
+    """Defaults written just before a training reach it; an edit while it runs moves nothing (read once, kept)."""
+    defaults = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fedtrain-defaults"},
+                "data": {"mlflowExperiment": "team/{training}"}}
+    await cluster.request("POST", f"{CORE}/configmaps", defaults, status=200)
+    await cluster.start_operator()
+    manifest = tiny_training(rounds=1)
+    del manifest["spec"]["mlflow"]
+    cluster.runner.paused = True  # the training waits in its first stage while the defaults change
+    try:
+        await cluster.apply(manifest)
+        started = await cluster.wait_for("signs", lambda r: r.get("status", {}).get("namespaceDefaults"))
+        assert started["status"]["namespaceDefaults"] == {"mlflowExperiment": "team/{training}"}
+        await cluster.request("PATCH", f"{CORE}/configmaps/fedtrain-defaults",
+                              {"data": {"mlflowExperiment": "moved/{training}"}}, status=200)
+    finally:
+        cluster.runner.paused = False
+    done = await cluster.wait_for("signs", lambda r: r.get("status", {}).get("phase") in ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    finalize = next(j for j in await cluster.jobs() if j["metadata"]["labels"]["fedtrain.io/task"] == "finalize")
+    args = finalize["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--experiment") + 1] == "team/signs"
+
+
 async def test_secret_from_another_namespace_is_refused(cluster: Cluster) -> None:
     await cluster.start_operator()
     await cluster.apply(tiny_training(worker={"env": [{"name": "MLFLOW_TRACKING_TOKEN", "valueFrom": {

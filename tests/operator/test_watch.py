@@ -1,4 +1,4 @@
-"""Passes that follow Jobs from the watch: no Job lists, and Pods listed only when the engine needs them."""
+"""Passes that follow Jobs and Pods from the watches: no lists, unless a Job's end comes before its Pod's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from fedtrain.operator.controller import POD_CHECK_SECONDS, Controller
+from fedtrain.operator.controller import Controller
+from fedtrain.operator.jobs import pod_view
 from fedtrain.operator.kube import Kube
 from tests.operator.conftest import NAMESPACE, Cluster, tiny_training
 
@@ -24,35 +25,41 @@ class CountingKube(Kube):
         return await super().list(path, selector)
 
 
-async def test_jobs_come_from_the_watch_and_pods_are_read_when_a_job_finishes(cluster: Cluster) -> None:
+async def test_jobs_and_pods_come_from_the_watch_and_pods_are_listed_only_when_the_watch_lags(
+        cluster: Cluster) -> None:
     kube = CountingKube.from_environment()
     kube.lists = []
-    now = [1000.0]
-    controller = Controller(kube, clock=lambda: now[0])
-    seen: list[dict[str, Any]] = []  # what the operator's kopf index would hold
-    controller.follow(lambda namespace, name: list(seen) if (namespace, name) == (NAMESPACE, "signs") else [])
+    controller = Controller(kube)
+    jobs_seen: list[dict[str, Any]] = []  # what the operator's kopf indexes would hold
+    pods_seen: list[dict[str, Any]] = []
+    training: dict[str, Any] = {}
+    controller.follow(lambda namespace, name: list(jobs_seen) if (namespace, name) == (NAMESPACE, "signs") else [],
+                      lambda uid: list(pods_seen) if uid == training["metadata"]["uid"] else [])
     cluster.runner.paused = True  # Jobs stay as created until the test lets them run
     try:
-        await cluster.apply(tiny_training(rounds=1))
+        training.update(await cluster.apply(tiny_training(rounds=1)))
         assert (await controller.reconcile(NAMESPACE, "signs")).phase == "Initializing"
-        assert kube.lists == []  # nothing to observe yet: the init Job was just created
-
-        seen[:] = await cluster.jobs()  # the watch reports the init Job, not started yet
-        now[0] += 1
+        jobs_seen[:] = await cluster.jobs()  # the watch reports the init Job, not started yet
         await controller.reconcile(NAMESPACE, "signs")
-        assert kube.lists == ["pods"]  # a running Job the engine waits for: its Pod is looked at once...
-        now[0] += POD_CHECK_SECONDS / 2
-        await controller.reconcile(NAMESPACE, "signs")
-        assert kube.lists == ["pods"]  # ...and not again before POD_CHECK_SECONDS
+        assert kube.lists == []  # a running Job and no Pod yet: nothing to list
 
         cluster.runner.paused = False
-        while not any(j.get("status", {}).get("completionTime") for j in seen):
+        while not any(j.get("status", {}).get("completionTime") for j in jobs_seen):
             await asyncio.sleep(0.1)
-            seen[:] = await cluster.jobs()
-        outcome = await controller.reconcile(NAMESPACE, "signs")
-        assert kube.lists == ["pods", "pods"]  # it finished: its Pod has the exit code and the message
-        assert outcome.phase == "Running"  # so round 1 started from what the watch had reported
-        assert [j["metadata"]["name"] for j in await cluster.jobs() if "r0001" in j["metadata"]["name"]]
+            jobs_seen[:] = await cluster.jobs()
+        assert (await controller.reconcile(NAMESPACE, "signs")).phase == "Running"
+        assert kube.lists == ["pods"]  # the Job's end came before its Pod's: the Pods were listed, once
+        round_one = [j for j in await cluster.jobs() if "r0001" in j["metadata"]["name"]]
+        assert round_one, "round 1 started from the init task's output, read from the listed Pod"
+
+        while not all(j.get("status", {}).get("completionTime") for j in round_one):
+            await asyncio.sleep(0.1)
+            round_one = [j for j in await cluster.jobs() if "r0001" in j["metadata"]["name"]]
+        jobs_seen[:] = await cluster.jobs()
+        pods_seen[:] = [pod_view(p) for p in await cluster.list(f"/api/v1/namespaces/{NAMESPACE}/pods")]
+        await controller.reconcile(NAMESPACE, "signs")
+        assert kube.lists == ["pods"]  # the watch had every Pod's end: nothing listed
+        assert any("aggregate" in j["metadata"]["name"] for j in await cluster.jobs()), "the round moved on"
         assert "jobs" not in kube.lists
     finally:
         kube.close()
