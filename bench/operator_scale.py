@@ -78,6 +78,20 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
+def request_kind(request: Any) -> str:
+    """``who verb resource[/subresource]``, e.g. ``operator fetch federatedtrainings``, for the per-round breakdown.
+
+    Who: ``kopf``, ``operator`` (the controller's client) or ``other`` (this benchmark, the test cluster's
+    job controller: not counted in the operator's requests).
+    """
+    agent = request.headers.get("User-Agent", "")
+    who = "kopf" if agent.startswith("kopf") else "operator" if agent.startswith("OpenAPI-Generator") else "other"
+    plural = getattr(request.resource, "plural", None) or request.url.path.rstrip("/").rsplit("/", 1)[-1]
+    watch = request.params.get("watch") in ("true", "1")
+    verb = "watch" if watch else str(request.action).rsplit(".", 1)[-1].lower()
+    return f"{who} {verb} {plural}" + (f"/{request.subresource}" if request.subresource else "")
+
+
 def serve_cluster(connection: Any, root: str) -> None:
     """The child process: the test cluster, Jobs succeeding at once, until told to stop."""
     from tests.operator.cluster import Sabotage
@@ -92,7 +106,7 @@ def serve_cluster(connection: Any, root: str) -> None:
         requests = list(thread.server._requests)
         used = resource.getrusage(resource.RUSAGE_SELF)
         connection.send((Counter(r.headers.get("User-Agent", "").split("/")[0] for r in requests),
-                         used.ru_utime + used.ru_stime))
+                         Counter(request_kind(r) for r in requests), used.ru_utime + used.ru_stime))
     jobs = [dict(o.raw) for (r, _, _), o in list(thread.server.objects.items())
             if getattr(r, "plural", "") == "jobs" and not o.deleted]
     connection.send(jobs)
@@ -157,12 +171,12 @@ def measure(variant: str, trainings: int) -> dict[str, Any]:
         kubeconfig(config, url)
         env = {**os.environ, "KUBECONFIG": str(config), "FEDTRAIN_METRICS_PORT": "0", "BENCH_VARIANT": variant}
         ours.send("count")
-        before, cluster_cpu = ours.recv()
+        before, kinds_before, cluster_cpu = ours.recv()
         load = os.getloadavg()[0]
         child = subprocess.run([sys.executable, __file__, "--child", url, "--trainings", str(trainings)], env=env,
                                capture_output=True, text=True, check=True)
         ours.send("count")
-        after, cluster_cpu_after = ours.recv()
+        after, kinds_after, cluster_cpu_after = ours.recv()
         ours.send("stop")
         jobs = ours.recv()
         cluster.join(60)
@@ -170,6 +184,7 @@ def measure(variant: str, trainings: int) -> dict[str, Any]:
     made = {agent: after[agent] - before.get(agent, 0) for agent in ("kopf", "OpenAPI-Generator")}
     reaction = gaps([j for j in jobs if j.get("status", {}).get("completionTime")])
     return {**result, "kopf_requests": made["kopf"], "controller_requests": made["OpenAPI-Generator"],
+            "kinds": {kind: kinds_after[kind] - kinds_before.get(kind, 0) for kind in kinds_after},
             "reaction_p50": statistics.median(reaction), "reaction_p99": percentile(reaction, 0.99),
             "gaps": len(reaction), "cluster_cpu": cluster_cpu_after - cluster_cpu, "load": (load, os.getloadavg()[0])}
 
@@ -181,6 +196,9 @@ def report(name: str, figures: dict[str, Any], trainings: int) -> None:
     print(f"  requests: {total} ({figures['kopf_requests']} kopf, {figures['controller_requests']} controller); "
           f"controller per pass {figures['controller_requests'] / figures['passes']:.2f}, "
           f"all per round {total / rounds:.1f}")
+    print("  operator's requests per round: " + ", ".join(
+        f"{kind} {count / rounds:.2f}" for kind, count in sorted(figures["kinds"].items(), key=lambda item: -item[1])
+        if count and not kind.startswith("other")))
     print(f"  reaction (n={figures['gaps']}): p50 {figures['reaction_p50']:.3f} s, p99 {figures['reaction_p99']:.3f} s")
     print(f"  operator CPU {figures['cpu']:.1f} s, peak RSS {figures['rss_mib']:.0f} MiB; test cluster CPU "
           f"{figures['cluster_cpu']:.1f} s")
