@@ -12,12 +12,19 @@ With ``--local``, also `fedtrain run` of a 1,000-client, 2-round federation, per
 1,000 (tiny CNN, 16 px, one image track per client or so: this measures orchestration): wall time
 per round and the size of status.json.
 
-    python bench/many_clients.py [--local]
+With ``--cluster``, also the operator (kopf, as deployed) running a 1,000-client, 2-round training
+on the test cluster of tests/operator, perRound 100 and then 1,000, with Jobs that end at once (one
+client in seven failing with a message; no worker runs: this measures the operator): wall time per
+round, the engine's decision time inside the operator (CPU time of its thread), the largest status
+it wrote, its CPU and peak memory, and its requests per round.
+
+    python bench/many_clients.py [--local] [--cluster]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -41,7 +48,6 @@ from fedtrain.engine import (
 )
 from fedtrain.engine.status import Launch
 from fedtrain.spec import parse_spec
-from fedtrain.worker.jobs import termination_message
 
 ROUNDS = 10
 
@@ -73,6 +79,8 @@ def simulate(clients: int, per_round: int) -> tuple[list[float], list[float], in
 
 
 def answer(task: Any, status: TrainingStatus, failing: set[str]) -> Observation:
+    from fedtrain.worker.jobs import termination_message  # torch comes with it: never in the operator's process
+
     if task.kind == "aggregate":
         trained = [c for c in status.rounds[-1].selected if c not in failing]
         rejected = trained[:len(trained) // 3]
@@ -118,12 +126,133 @@ def local_run(per_round: int) -> None:
               f"phase {status['phase']}")
 
 
+def cluster_plan(job: dict[str, Any]) -> Any:
+    """How the test cluster ends each Job at once: one client in seven fails; aggregations report a round."""
+    from tests.operator.cluster import Sabotage
+
+    labels = job["metadata"]["labels"]
+    client = labels.get("fedtrain.io/client", "")
+    if client and int(client.rsplit("-", 1)[-1]) % 7 == 0:
+        return Sabotage(exit_code=1, message="Traceback (most recent call last): RuntimeError: CUDA out of memory")
+    if labels.get("fedtrain.io/task") == "aggregate":
+        return Sabotage(exit_code=0, message=json.dumps({"round": int(labels["fedtrain.io/round"]),
+                                                         "accuracy": 0.5, "loss": 1.0}))
+    return Sabotage(exit_code=0, message="")
+
+
+def serve_cluster(connection: Any, root: str) -> None:
+    """The child process: the test cluster until told to stop, then the operator's request count."""
+    from tests.operator.conftest import ClusterThread
+
+    thread = ClusterThread(Path(root), cluster_plan)
+    thread.start()
+    thread.started.wait(60)
+    assert thread.server is not None
+    connection.send(thread.url)
+    connection.recv()
+    connection.send(sum(r.headers.get("User-Agent", "").startswith(("kopf", "OpenAPI-Generator"))
+                        for r in list(thread.server._requests)))
+    thread.stop()
+
+
+async def operate(url: str, per_round: int) -> dict[str, Any]:
+    """In a fresh process: the operator runs one 1,000-client training at ``url`` to its end."""
+    import resource
+
+    import aiohttp
+    import kopf
+
+    import fedtrain.operator.controller as controller
+    import fedtrain.operator.handlers  # noqa: F401  (registers the handlers)
+    from tests.operator.conftest import TRAININGS, tiny_training
+
+    decisions: list[float] = []
+    largest = [0]
+    engine_decide, store = controller.decide, controller.write_status
+
+    def timed_decide(*args: Any, **kwargs: Any) -> Any:
+        started = time.thread_time()  # this thread's CPU only: kopf's and the API client's threads are apart
+        decision = engine_decide(*args, **kwargs)
+        decisions.append(time.thread_time() - started)
+        return decision
+
+    async def measured_store(kube: Any, resource_: dict[str, Any], status: Any) -> Any:
+        largest[0] = max(largest[0], len(json.dumps(status.to_json())))
+        return await store(kube, resource_, status)
+
+    controller.decide, controller.write_status = timed_decide, measured_store
+    manifest = tiny_training("thousand", rounds=2, clients={"count": 1000, "perRound": per_round,
+                                                            "minSuccessful": per_round // 2, "maxRetries": 0})
+    stop = asyncio.Event()
+    operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+    started = time.monotonic()
+    async with aiohttp.ClientSession(base_url=url) as session:
+        async with session.post(TRAININGS, json=manifest) as answer:
+            assert answer.status in (200, 201), await answer.text()
+        while True:
+            async with session.get(f"{TRAININGS}/thousand") as answer:
+                status = (await answer.json()).get("status", {})
+            if status.get("phase") in ("Succeeded", "Failed"):
+                break
+            await asyncio.sleep(0.5)
+    elapsed = time.monotonic() - started
+    stop.set()
+    await asyncio.wait_for(operator, 60)
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": elapsed, "phase": status["phase"], "message": status.get("message", ""),
+            "rounds": [r["finishedAt"] - r["startedAt"] for r in status.get("rounds", []) if r.get("finishedAt")],
+            "decisions": decisions, "largest": largest[0], "cpu": used.ru_utime + used.ru_stime,
+            "rss_mib": used.ru_maxrss / 1024}
+
+
+def cluster_run(per_round: int) -> None:
+    """The operator against a fresh test cluster (both in fresh processes): print what `operate` measured."""
+    import multiprocessing
+
+    from tests.operator.conftest import kubeconfig
+
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    with tempfile.TemporaryDirectory() as folder:
+        cluster = context.Process(target=serve_cluster, args=(theirs, folder))
+        cluster.start()
+        url = ours.recv()
+        kubeconfig(Path(folder) / "kubeconfig", url)
+        env = {**os.environ, "KUBECONFIG": f"{folder}/kubeconfig", "FEDTRAIN_METRICS_PORT": "0"}
+        child = subprocess.run([sys.executable, __file__, "--operate", url, "--per-round", str(per_round)], env=env,
+                               capture_output=True, text=True)
+        ours.send("stop")
+        requests = ours.recv()
+        cluster.join(60)
+    if child.returncode != 0:
+        print(child.stdout[-2000:], child.stderr[-3000:])
+        return
+    found = json.loads(child.stdout.strip().splitlines()[-1])
+    rounds = len(found["rounds"])
+    print(f"operator on the test cluster, 1000 clients, {per_round} per round: {found['phase']} in "
+          f"{found['seconds']:.0f} s, rounds {', '.join(f'{s:.1f} s' for s in found['rounds'])}; "
+          f"decision CPU {summary(found['decisions'])}; largest status {found['largest'] / 1024:.1f} KiB; "
+          f"operator CPU {found['cpu']:.0f} s, peak RSS {found['rss_mib']:.0f} MiB; "
+          f"{requests / max(rounds, 1):.0f} operator requests per round ({requests / max(rounds, 1) / per_round:.1f} "
+          f"per client)" + (f"; {found['message']}" if found["phase"] != "Succeeded" else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--local", action="store_true", help="also run a 1,000-client federation with fedtrain run")
+    parser.add_argument("--cluster", action="store_true", help="also run a 1,000-client training on the test cluster")
+    parser.add_argument("--operate", help=argparse.SUPPRESS)
+    parser.add_argument("--per-round", type=int, default=100, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.operate:
+        import logging
+
+        logging.basicConfig(level=logging.ERROR)
+        print(json.dumps(asyncio.run(operate(args.operate, args.per_round))))
+        return
     # The worker's termination message comes with torch, whose millions of objects the operator's process
     # never has; leave them out of the garbage collector's scans so that it does not time those.
+    import fedtrain.worker.jobs  # noqa: F401
     gc.freeze()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     small, small_cpu, _ = simulate(10, 10)
@@ -141,6 +270,9 @@ def main() -> None:
     if args.local:
         for per_round in (100, 1000):
             local_run(per_round)
+    if args.cluster:
+        for per_round in (100, 1000):
+            cluster_run(per_round)
 
 
 if __name__ == "__main__":
