@@ -377,8 +377,12 @@ def main() -> None:
     parser.add_argument("--done", type=Path, default=None,
                         help="JSON lines of finished runs, appended to and reused (one file per setting)")
     parser.add_argument("--report", action="store_true", help="only report the runs in --done, run nothing")
+    parser.add_argument("--strategies", default="", help="only these strategies' configurations (comma-separated)")
     args = parser.parse_args()
     table = rows(args.rows.split(","), args.clients)
+    if args.strategies:
+        chosen = set(args.strategies.split(","))
+        table = {row: [(f, r) for f, r in pairs if f.strategy in chosen] for row, pairs in table.items()}
     if args.report:
         report(table, finished(args.done))
         return
