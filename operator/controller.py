@@ -1,9 +1,10 @@
 """The Kubernetes executor around the engine: one reconcile pass reads, decides, stores, then acts.
 
-A pass reads the FederatedTraining fresh from the API (its status is the engine's durable state),
-lists the training's Jobs and Pods, turns them into observations, and asks the pure engine what
-next. The new status is stored first, conditionally on the resourceVersion it was read at; only
-then are Jobs created or deleted and Events posted. So:
+A pass takes the FederatedTraining (its status is the engine's durable state) and the training's
+Jobs and Pods as the operator's watches last delivered them (or reads them from the API), turns
+them into observations, and asks the pure engine what next. The new status is stored first,
+conditionally on the resourceVersion it was read at; only then are Jobs created or deleted and
+Events posted. So:
 
 - a pass that raced with another writer stores nothing and acts on nothing (409: read again);
 - an operator killed after storing but before creating Jobs finds tasks the status calls running
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -72,6 +73,7 @@ PLURALS = {"ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps",
 KEEP_ROUNDS = 2  # Jobs of the last finished rounds stay for `kubectl logs`; older ones are deleted
 JobSource = Callable[[str, str], list[dict[str, Any]]]  # (namespace, name) -> the training's Jobs, as last seen
 PodSource = Callable[[str], list[dict[str, Any]]]  # training uid -> its worker Pods (`pod_view`), as last seen
+Seen = Callable[[], Mapping[str, Any]]  # the training as the watch last delivered it
 
 
 class Refusal(Exception):
@@ -245,6 +247,8 @@ class Controller:
         self.known_pods: PodSource | None = None
         self.known_accounts: Callable[[str], bool] | None = None
         self._relays: dict[str, SiteRelay] = {}  # by training uid: what each has posted, checksums read
+        # (namespace, name) -> (the resourceVersion a status write replaced, the resource it returned)
+        self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
     def follow(self, known_jobs: JobSource, known_pods: PodSource,
                known_accounts: Callable[[str], bool] | None = None) -> None:
@@ -258,26 +262,44 @@ class Controller:
 
     def forget(self, namespace: str, name: str) -> None:
         """The training's loop ended: drop what this process remembered of it."""
+        self._written.pop((namespace, name), None)
         for uid, relay in list(self._relays.items()):
             if relay.training == f"{namespace}/{name}":
                 del self._relays[uid]
 
-    async def reconcile(self, namespace: str, name: str) -> Outcome:
-        """One pass, repeated while another writer changed the resource under it."""
-        for _ in range(MAX_CONFLICT_RETRIES):
+    async def reconcile(self, namespace: str, name: str, seen: Seen | None = None) -> Outcome:
+        """One pass, repeated while another writer changed the resource under it.
+
+        ``seen`` gives the training as the operator's watch last delivered it (kopf's live body): the
+        first attempt decides from that, or from what this process last wrote when the watch has not
+        delivered the write yet, without a read. A stale copy costs nothing but a retry: the status is
+        written on the condition of the resourceVersion it was read at, and a retry reads the API.
+        """
+        for attempt in range(MAX_CONFLICT_RETRIES):
             try:
-                return await self._pass(namespace, name)
+                return await self._pass(namespace, name, seen if attempt == 0 else None)
             except Conflict:
                 log.debug("%s/%s changed while deciding; deciding again", namespace, name)
         return Outcome(active=True)
 
-    async def _pass(self, namespace: str, name: str) -> Outcome:
-        try:
-            resource = await self.kube.get(Paths.training(namespace, name))
-        except ApiError as error:
-            if error.status == 404:
-                return Outcome(active=False)
-            raise
+    def _latest(self, namespace: str, name: str, seen: Seen) -> dict[str, Any]:
+        """The watch's copy of the training, or this process's own last write if the watch still has the one before."""
+        watched = dict(seen())
+        written = self._written.get((namespace, name))
+        if written is not None and watched.get("metadata", {}).get("resourceVersion") == written[0]:
+            return written[1]
+        return watched
+
+    async def _pass(self, namespace: str, name: str, seen: Seen | None = None) -> Outcome:
+        if seen is not None:
+            resource = self._latest(namespace, name, seen)
+        else:
+            try:
+                resource = await self.kube.get(Paths.training(namespace, name))
+            except ApiError as error:
+                if error.status == 404:
+                    return Outcome(active=False)
+                raise
         meta = resource["metadata"]
         if meta.get("deletionTimestamp"):
             return Outcome(active=False, phase="Deleting")
@@ -367,7 +389,9 @@ class Controller:
     async def _store(self, resource: dict[str, Any], owner: Owner, before: TrainingStatus, decision: Decision,
                      jobs: list[dict[str, Any]]) -> None:
         """The one way a decision is recorded: the status (conditionally), its metrics, then its Events."""
-        if await write_status(self.kube, resource, decision.status) is not None:
+        written = await write_status(self.kube, resource, decision.status)
+        if written is not None:
+            self._written[(owner.namespace, owner.name)] = (resource["metadata"]["resourceVersion"], written)
             record_metrics(owner, before, decision.status, jobs)
         for event in decision.events:
             await self._post(resource, event)

@@ -127,7 +127,7 @@ def worker_accounts(namespace: str | None, **_: Any) -> dict[str, bool]:
 # On deletion or shutdown kopf sets `stopped` and, after cancellation_backoff, cancels the loop; the
 # loop wakes on `stopped` and ends well within that (after the pass in flight, if any).
 @kopf.daemon(GROUP, VERSION, PLURAL, id="rounds", cancellation_backoff=10.0, cancellation_timeout=2.0)
-async def drive(namespace: str | None, name: str, stopped: kopf.DaemonStopped, memo: Any,
+async def drive(namespace: str | None, name: str, body: kopf.Body, stopped: kopf.DaemonStopped, memo: Any,
                 logger: logging.Logger | logging.LoggerAdapter[Any], **indexes: Any) -> None:
     """The training's loop: a pass, then wait for a Job or spec event (or the tick), until it is finished.
 
@@ -146,7 +146,7 @@ async def drive(namespace: str | None, name: str, stopped: kopf.DaemonStopped, m
     backoff = Backoff()
     while not stopped:
         try:
-            outcome = await controller.reconcile(namespace, name)
+            outcome = await controller.reconcile(namespace, name, lambda: body)  # kopf keeps `body` current
             delay = min(active_tick(), site_tick()) if outcome.sites_pending else active_tick()
             backoff.reset()
         except ApiError as error:
