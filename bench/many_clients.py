@@ -126,6 +126,14 @@ def local_run(per_round: int) -> None:
               f"phase {status['phase']}")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since it started (VmHWM; ``ru_maxrss`` keeps the forking parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def cluster_plan(job: dict[str, Any]) -> Any:
     """How the test cluster ends each Job at once: one client in seven fails; aggregations report a round."""
     from tests.operator.cluster import Sabotage
@@ -202,7 +210,7 @@ async def operate(url: str, per_round: int) -> dict[str, Any]:
     return {"seconds": elapsed, "phase": status["phase"], "message": status.get("message", ""),
             "rounds": [r["finishedAt"] - r["startedAt"] for r in status.get("rounds", []) if r.get("finishedAt")],
             "decisions": decisions, "largest": largest[0], "cpu": used.ru_utime + used.ru_stime,
-            "rss_mib": used.ru_maxrss / 1024}
+            "rss_mib": peak_rss_mib()}
 
 
 def cluster_run(per_round: int) -> None:
