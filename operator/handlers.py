@@ -15,6 +15,7 @@ at once when one of its Jobs changes (`fedtrain.operator.sites`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from typing import Any
@@ -64,6 +65,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.level = logging.WARNING  # the controller posts the Events people read
     settings.watching.server_timeout = 300
     watch_only_ours(settings)
+    # What is loaded by now (kopf, the API client, pydantic's schemas) lives as long as the process: kept out
+    # of the collector's scans, a full collection no longer stalls whichever pass happens to trigger it.
+    gc.freeze()
     memo.controller = Controller(Kube.from_environment())
     memo.wakeups = Wakeups()
     memo.sites = SiteController(memo.controller.kube)
