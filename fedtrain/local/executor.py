@@ -3,10 +3,10 @@
 What Jobs are to the operator, processes are here: each task runs ``fedtrain.worker.cli.main`` with
 the same arguments a Job's container gets, either forked from a fork server that has imported torch
 once (the default: see `forkserver`) or as a fresh ``python -m fedtrain.worker.cli`` process.
-Finished tasks are recorded in ``tasks.json`` so that a runner started again after a crash knows
-them; tasks that were running when it died have no record and the engine starts them again
-(every worker command is idempotent). Children get
-SIGTERM when the runner dies, so no orphan keeps writing.
+Finished tasks are recorded in ``tasks.jsonl``, one line appended per task as it ends, so that a
+runner started again after a crash knows them; tasks that were running when it died have no record
+and the engine starts them again (every worker command is idempotent). Children get SIGTERM when
+the runner dies, so no orphan keeps writing.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class LocalExecutor:
                  environment: Mapping[str, str] | None = None) -> None:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.record = workdir / "tasks.json"
+        self.record = workdir / "tasks.jsonl"
         self.parallelism = parallelism
         self.threads = threads_per_task or max(1, (os.cpu_count() or 1) // parallelism)
         self.finished: dict[str, Observation] = self._load()
@@ -157,14 +157,27 @@ class LocalExecutor:
         self.cpu_seconds: dict[str, float] = {}  # CPU seconds of each finished task (fork server only)
 
     def _load(self) -> dict[str, Observation]:
-        if not self.record.exists():
-            return {}
-        return {k: Observation(**v) for k, v in json.loads(self.record.read_text()).items()}
+        """The recorded tasks (a later line wins); a last line cut short by a crash is a task to run again."""
+        finished: dict[str, Observation] = {}
+        legacy = self.record.with_suffix(".json")  # written whole after every task by earlier versions
+        if legacy.exists():
+            finished.update({k: Observation(**v) for k, v in json.loads(legacy.read_text()).items()})
+        if self.record.exists():
+            text = self.record.read_text()
+            if text and not text.endswith("\n"):  # end the cut line, or the next record would join it
+                with self.record.open("a") as file:
+                    file.write("\n")
+            for line in text.splitlines():
+                with contextlib.suppress(ValueError, TypeError):
+                    record = json.loads(line)
+                    task_id = record.pop("task")
+                    finished[task_id] = Observation(**record)
+        return finished
 
-    def _save(self) -> None:
-        temporary = self.record.with_suffix(".tmp")
-        temporary.write_text(json.dumps({k: asdict(v) for k, v in self.finished.items()}, indent=1))
-        os.replace(temporary, self.record)
+    def _record(self, task_id: str) -> None:
+        """Append the task's end: rewriting every finished task at each end cost a 1,000-task round minutes."""
+        with self.record.open("a") as file:
+            file.write(json.dumps({"task": task_id, **asdict(self.finished[task_id])}) + "\n")
 
     def knows(self, task_id: str) -> bool:
         """True when the task is finished, running or waiting for a slot."""
@@ -185,7 +198,7 @@ class LocalExecutor:
             process.wait()
         if task_id not in self.finished:
             self.finished[task_id] = Observation("failed", None, None, "cancelled")
-            self._save()
+            self._record(task_id)
 
     def _fill(self) -> None:
         while self.queued and len(self.running) < self.parallelism:
@@ -214,9 +227,9 @@ class LocalExecutor:
             if self.server is not None and task_id in self.server.cpu_seconds:
                 self.cpu_seconds[task_id] = self.server.cpu_seconds[task_id]
             self.finished[task_id] = self._observe(task_id, code)
+            self._record(task_id)
             changed = True
         if changed:
-            self._save()
             self._fill()
         observations = dict(self.finished)
         for task_id in list(self.running) + [t for t, _ in self.queued]:

@@ -1,7 +1,7 @@
 """``fedtrain run``: a FederatedTraining on one machine, through the same engine and worker commands.
 
 The runner is a loop: observe the processes, ask the engine, launch what it says, save the status.
-Everything durable is in the work directory (``status.json``, ``tasks.json``, the storage layout),
+Everything durable is in the work directory (``status.json``, ``tasks.jsonl``, the storage layout),
 so the same command continues an interrupted or crashed training from where it stopped.
 """
 
