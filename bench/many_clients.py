@@ -126,14 +126,6 @@ def local_run(per_round: int) -> None:
               f"phase {status['phase']}")
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory since it started (VmHWM; ``ru_maxrss`` keeps the forking parent's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def cluster_plan(job: dict[str, Any]) -> Any:
     """How the test cluster ends each Job at once: one client in seven fails; aggregations report a round."""
     from tests.operator.cluster import Sabotage
@@ -169,6 +161,7 @@ async def operate(url: str, per_round: int) -> dict[str, Any]:
 
     import aiohttp
     import kopf
+    from operator_scale import peak_rss_mib  # a sibling script: bench/ is the script's own folder on sys.path
 
     import fedtrain.operator.controller as controller
     import fedtrain.operator.handlers  # noqa: F401  (registers the handlers)

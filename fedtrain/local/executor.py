@@ -168,7 +168,7 @@ class LocalExecutor:
                 with self.record.open("a") as file:
                     file.write("\n")
             for line in text.splitlines():
-                with contextlib.suppress(ValueError, TypeError):
+                with contextlib.suppress(ValueError, TypeError, KeyError):
                     record = json.loads(line)
                     task_id = record.pop("task")
                     finished[task_id] = Observation(**record)
