@@ -159,13 +159,10 @@ async def operate(url: str, per_round: int) -> dict[str, Any]:
     """In a fresh process: the operator runs one 1,000-client training at ``url`` to its end."""
     import resource
 
-    import aiohttp
-    import kopf
-    from operator_scale import peak_rss_mib  # a sibling script: bench/ is the script's own folder on sys.path
+    from operator_scale import peak_rss_mib, run_operator  # a sibling script: bench/ is this script's folder
 
     import fedtrain.operator.controller as controller
-    import fedtrain.operator.handlers  # noqa: F401  (registers the handlers)
-    from tests.operator.conftest import TRAININGS, tiny_training
+    from tests.operator.conftest import tiny_training
 
     decisions: list[float] = []
     largest = [0]
@@ -184,21 +181,8 @@ async def operate(url: str, per_round: int) -> dict[str, Any]:
     controller.decide, controller.write_status = timed_decide, measured_store
     manifest = tiny_training("thousand", rounds=2, clients={"count": 1000, "perRound": per_round,
                                                             "minSuccessful": per_round // 2, "maxRetries": 0})
-    stop = asyncio.Event()
-    operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
-    started = time.monotonic()
-    async with aiohttp.ClientSession(base_url=url) as session:
-        async with session.post(TRAININGS, json=manifest) as answer:
-            assert answer.status in (200, 201), await answer.text()
-        while True:
-            async with session.get(f"{TRAININGS}/thousand") as answer:
-                status = (await answer.json()).get("status", {})
-            if status.get("phase") in ("Succeeded", "Failed"):
-                break
-            await asyncio.sleep(0.5)
-    elapsed = time.monotonic() - started
-    stop.set()
-    await asyncio.wait_for(operator, 60)
+    items, elapsed = await run_operator(url, [manifest])
+    status = items[0]["status"]
     used = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": elapsed, "phase": status["phase"], "message": status.get("message", ""),
             "rounds": [r["finishedAt"] - r["startedAt"] for r in status.get("rounds", []) if r.get("finishedAt")],
@@ -208,23 +192,13 @@ async def operate(url: str, per_round: int) -> dict[str, Any]:
 
 def cluster_run(per_round: int) -> None:
     """The operator against a fresh test cluster (both in fresh processes): print what `operate` measured."""
-    import multiprocessing
+    from operator_scale import cluster_process
 
-    from tests.operator.conftest import kubeconfig
-
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe()
-    with tempfile.TemporaryDirectory() as folder:
-        cluster = context.Process(target=serve_cluster, args=(theirs, folder))
-        cluster.start()
-        url = ours.recv()
-        kubeconfig(Path(folder) / "kubeconfig", url)
-        env = {**os.environ, "KUBECONFIG": f"{folder}/kubeconfig", "FEDTRAIN_METRICS_PORT": "0"}
+    with cluster_process(serve_cluster) as (url, env, connection):
         child = subprocess.run([sys.executable, __file__, "--operate", url, "--per-round", str(per_round)], env=env,
                                capture_output=True, text=True)
-        ours.send("stop")
-        requests = ours.recv()
-        cluster.join(60)
+        connection.send("stop")
+        requests = connection.recv()
     if child.returncode != 0:
         print(child.stdout[-2000:], child.stderr[-3000:])
         return

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -123,14 +125,39 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-async def run_variant(url: str, trainings: int) -> dict[str, Any]:
-    """In this (fresh) process: the operator against the cluster at ``url`` until every training is done."""
+async def run_operator(url: str, manifests: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
+    """The operator (kopf, as deployed) in this process: create ``manifests`` and run until all have finished.
+
+    Returns the trainings as they ended and the seconds from the operator's start to the last one's end.
+    """
     import aiohttp
     import kopf
 
     import fedtrain.operator.handlers  # noqa: F401  (registers the handlers)
+    from tests.operator.conftest import TRAININGS
+
+    started = time.monotonic()
+    stop = asyncio.Event()
+    operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+    async with aiohttp.ClientSession(base_url=url) as session:
+        for answer in await asyncio.gather(*(session.post(TRAININGS, json=m) for m in manifests)):
+            assert answer.status in (200, 201), await answer.text()
+        while True:
+            async with session.get(TRAININGS) as answer:
+                items = (await answer.json())["items"]
+            if sum(i.get("status", {}).get("phase") in ("Succeeded", "Failed") for i in items) == len(manifests):
+                break
+            await asyncio.sleep(0.5)
+    elapsed = time.monotonic() - started
+    stop.set()
+    await asyncio.wait_for(operator, 60)
+    return items, elapsed
+
+
+async def run_variant(url: str, trainings: int) -> dict[str, Any]:
+    """In this (fresh) process: the operator against the cluster at ``url`` until every training is done."""
     from fedtrain.operator.controller import Controller
-    from tests.operator.conftest import NAMESPACE, tiny_training
+    from tests.operator.conftest import tiny_training
 
     passes = 0
     reconcile = Controller.reconcile
@@ -145,53 +172,46 @@ async def run_variant(url: str, trainings: int) -> dict[str, Any]:
     Controller.reconcile = counted
     if baseline:
         Controller.follow = lambda self, *sources: None
-    path = f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings"
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-    started = time.monotonic()
-    stop = asyncio.Event()
-    operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
-    async with aiohttp.ClientSession(base_url=url) as session:
-        await asyncio.gather(*(session.post(path, json=tiny_training(f"t{i:03d}", rounds=ROUNDS,
-                                                                     clients={"count": CLIENTS}))
-                               for i in range(trainings)))
-        while True:
-            async with session.get(path) as answer:
-                items = (await answer.json())["items"]
-            if sum(i.get("status", {}).get("phase") in ("Succeeded", "Failed") for i in items) == trainings:
-                break
-            await asyncio.sleep(0.5)
-    elapsed = time.monotonic() - started
-    stop.set()
-    await asyncio.wait_for(operator, 60)
+    items, elapsed = await run_operator(url, [tiny_training(f"t{i:03d}", rounds=ROUNDS, clients={"count": CLIENTS})
+                                              for i in range(trainings)])
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     return {"passes": passes, "seconds": elapsed,
             "cpu": cpu.ru_utime + cpu.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime,
             "rss_mib": peak_rss_mib(), "phases": Counter(i["status"]["phase"] for i in items)}
 
 
-def measure(variant: str, trainings: int) -> dict[str, Any]:
-    """One variant: a fresh cluster process, a fresh operator process."""
+@contextlib.contextmanager
+def cluster_process(serve: Callable[[Any, str], None]) -> Iterator[tuple[str, dict[str, str], Any]]:
+    """A test cluster that ``serve(connection, folder)`` runs in a fresh process (it sends its URL first).
+
+    Yields the URL, the environment an operator process needs to reach it, and this end of the pipe.
+    """
+    from tests.operator.conftest import kubeconfig
+
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     with tempfile.TemporaryDirectory() as folder:
-        cluster = context.Process(target=serve_cluster, args=(theirs, folder))
+        cluster = context.Process(target=serve, args=(theirs, folder))
         cluster.start()
         url = ours.recv()
-        config = Path(folder) / "kubeconfig"
-        from tests.operator.conftest import kubeconfig
+        kubeconfig(Path(folder) / "kubeconfig", url)
+        yield url, {**os.environ, "KUBECONFIG": f"{folder}/kubeconfig", "FEDTRAIN_METRICS_PORT": "0"}, ours
+        cluster.join(60)
 
-        kubeconfig(config, url)
-        env = {**os.environ, "KUBECONFIG": str(config), "FEDTRAIN_METRICS_PORT": "0", "BENCH_VARIANT": variant}
+
+def measure(variant: str, trainings: int) -> dict[str, Any]:
+    """One variant: a fresh cluster process, a fresh operator process."""
+    with cluster_process(serve_cluster) as (url, env, ours):
         ours.send("count")
         before, kinds_before, cluster_cpu = ours.recv()
         load = os.getloadavg()[0]
-        child = subprocess.run([sys.executable, __file__, "--child", url, "--trainings", str(trainings)], env=env,
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run([sys.executable, __file__, "--child", url, "--trainings", str(trainings)],
+                               env={**env, "BENCH_VARIANT": variant}, capture_output=True, text=True, check=True)
         ours.send("count")
         after, kinds_after, cluster_cpu_after = ours.recv()
         ours.send("stop")
         jobs = ours.recv()
-        cluster.join(60)
     result = json.loads(child.stdout.strip().splitlines()[-1])
     made = {agent: after[agent] - before.get(agent, 0) for agent in ("kopf", "OpenAPI-Generator")}
     reaction = gaps([j for j in jobs if j.get("status", {}).get("completionTime")])

@@ -41,6 +41,18 @@ async def api() -> AsyncIterator[Api]:
         yield Api(server, session)
 
 
+async def first_events(stream: aiohttp.ClientResponse, count: int) -> list[tuple[str, str]]:
+    """The first ``count`` events of a watch stream, as (type, object name)."""
+    seen: list[tuple[str, str]] = []
+    async for line in stream.content:
+        if line.strip():
+            event = json.loads(line)
+            seen.append((event["type"], event["object"]["metadata"]["name"]))
+        if len(seen) == count:
+            break
+    return seen
+
+
 async def patch(api: Api, path: str, body: Any, status: int) -> dict[str, Any]:
     return await api.request("PATCH", path, body, status=status)
 
@@ -178,17 +190,11 @@ async def test_a_watch_sends_what_exists_then_each_change_its_selector_matches(a
 
     await api.request("POST", f"{CORE}/configmaps", config_map("before", "a"), status=200)
     await api.request("POST", f"{CORE}/configmaps", config_map("other", "b"), status=200)
-    seen: list[tuple[str, str]] = []
     async with api.session.get(f"{CORE}/configmaps", params={"watch": "true", "labelSelector": "app=a"}) as stream:
         await api.request("POST", f"{CORE}/configmaps", config_map("skipped", "b"), status=200)
         await api.request("POST", f"{CORE}/configmaps", config_map("after", "a"), status=200)
         await api.request("DELETE", f"{CORE}/configmaps/before", status=200)
-        async for line in stream.content:
-            if line.strip():
-                event = json.loads(line)
-                seen.append((event["type"], event["object"]["metadata"]["name"]))
-            if len(seen) == 3:
-                break
+        seen = await first_events(stream, 3)
     assert seen == [("ADDED", "before"), ("ADDED", "after"), ("DELETED", "before")]
 
 
@@ -204,15 +210,9 @@ async def test_lists_and_watches_select_by_name_and_refuse_other_fields(api: Api
     refused = await api.request("GET", f"{CORE}/serviceaccounts?fieldSelector=secrets.name%3Dx", status=400)
     assert refused["reason"] == "BadRequest" and refused["message"] == "field label not supported: secrets.name"
     await api.request("GET", f"{CORE}/serviceaccounts?fieldSelector=metadata.name", status=400)
-    seen: list[tuple[str, str]] = []
     async with api.session.get(f"{CORE}/serviceaccounts",
                                params={"watch": "true", "fieldSelector": "metadata.name=fedtrain-worker"}) as stream:
         await api.request("DELETE", f"{CORE}/serviceaccounts/default", status=200)
         await api.request("DELETE", f"{CORE}/serviceaccounts/fedtrain-worker", status=200)
-        async for line in stream.content:
-            if line.strip():
-                event = json.loads(line)
-                seen.append((event["type"], event["object"]["metadata"]["name"]))
-            if len(seen) == 2:
-                break
+        seen = await first_events(stream, 2)
     assert seen == [("ADDED", "fedtrain-worker"), ("DELETED", "fedtrain-worker")]
