@@ -5,9 +5,10 @@ Reddi et al., 2021, "Adaptive Federated Optimization". The shared step lives in 
 
 from __future__ import annotations
 
-from fedtrain.worker.strategies.fedopt import ServerOptimizer
+from fedtrain.worker.strategies.fedopt import DEFAULT_ETA, ServerOptimizer
 
 
-def make_fedadagrad(eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> ServerOptimizer:
+def make_fedadagrad(eta: float = DEFAULT_ETA, beta1: float = 0.9, beta2: float = 0.99,
+                    tau: float = 1e-3) -> ServerOptimizer:
     """FedAdagrad with the given server learning rate, moment decays and adaptivity."""
     return ServerOptimizer("adagrad", "fedadagrad", eta, beta1, beta2, tau)
