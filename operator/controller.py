@@ -193,10 +193,9 @@ def pods_by_job(pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return by_job
 
 
-def observations_from(jobs: list[dict[str, Any]], pods: list[dict[str, Any]]
+def observations_from(jobs: list[dict[str, Any]], by_job: dict[str, list[dict[str, Any]]]
                       ) -> tuple[dict[str, Observation], list[dict[str, Any]]]:
-    """Observations by task id, and the Jobs whose Pods are stuck (failed for the engine, still alive)."""
-    by_job = pods_by_job(pods)
+    """Observations by task id, and the Jobs whose Pods (`pods_by_job`) are stuck (failed, still alive)."""
     observations: dict[str, Observation] = {}
     stuck: list[dict[str, Any]] = []
     for job in jobs:
@@ -330,8 +329,8 @@ class Controller:
         refusal = await self.client_namespaces_refusal(spec, owner)
         if refusal:
             raise Refusal(Reason.CLIENT_NAMESPACE_NOT_ALLOWED, refusal)
-        jobs, pods = await self.observed_objects(spec, owner, status)
-        observations, stuck = observations_from(jobs, pods)
+        jobs, by_job = await self.observed_objects(spec, owner, status)
+        observations, stuck = observations_from(jobs, by_job)
         relay = await self.site_relay(spec, owner) if spec.clients.sites() else None
         if relay is not None:
             observations.update(await self._sites(relay.observe, status))
@@ -473,8 +472,8 @@ class Controller:
         return ""
 
     async def observed_objects(self, spec: FederatedTrainingSpec, owner: Owner, status: TrainingStatus
-                               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The training's Jobs and Pods, as the watches last saw them (`follow`), or listed.
+                               ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+        """The training's Jobs and its Pods by Job (`pods_by_job`), as the watches last saw them (`follow`), or listed.
 
         A Job's end and its Pod's end come on two watch streams, in either order. When a Job the engine
         waits for has finished but the watch has not yet shown its Pod's end (the exit code and the
@@ -482,16 +481,16 @@ class Controller:
         without its output. Otherwise a pass lists nothing, whatever the number of other trainings.
         """
         if self.known_jobs is None or self.known_pods is None:
-            return await self.worker_objects(spec, owner)
+            jobs, pods = await self.worker_objects(spec, owner)
+            return jobs, pods_by_job(pods)
         jobs = [j for j in self.known_jobs(owner.namespace, owner.name) if owned_by(j, owner.uid)]
-        pods = self.known_pods(owner.uid)
+        by_job = pods_by_job(self.known_pods(owner.uid))
         waiting = set(running_task_ids(status))
-        by_job = pods_by_job(pods)
         for job in jobs:
             ident = (job["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID)
             if ident in waiting and finished(job) and not has_ended(by_job.get(job["metadata"]["name"], [])):
-                return jobs, await self.worker_pods(spec, owner)
-        return jobs, pods
+                return jobs, pods_by_job(await self.worker_pods(spec, owner))
+        return jobs, by_job
 
     async def worker_objects(self, spec: FederatedTrainingSpec, owner: Owner
                              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
