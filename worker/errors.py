@@ -44,6 +44,10 @@ class BadDataError(WorkerError):
     exit_code = EXIT_BAD_DATA
 
 
+class TooLargeError(BadDataError):
+    """A file someone else wrote is over the size its reader allows (`Store.read_bounded`): refused unread."""
+
+
 class RejectedUpdatesError(WorkerError):
     """Too few client updates survived validation to aggregate a round."""
 

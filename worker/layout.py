@@ -6,6 +6,7 @@
     <workdir>/round-0000/global.safetensors (+ .json)    initial weights
     <workdir>/round-0001/clients/<client>.safetensors (+ .json)
     <workdir>/round-0001/global.safetensors (+ .json), result.json, strategy-state.safetensors
+    <workdir>/round-0001/federated.json                  the site scores the coordinator accepted for the round
     <workdir>/final/model.safetensors, plots/*.png
     <workdir>/sites/<site>/task.json                     the coordinator's current task for a site
     <workdir>/sites/<site>/results/<task id>.json        the site's answer: done, failed or refused
@@ -92,6 +93,10 @@ class Layout:
     def result(self, round_number: int) -> str:
         """The aggregation's JSON result of a round."""
         return f"{self.round_dir(round_number)}/result.json"
+
+    def federated_scores(self, round_number: int) -> str:
+        """The sites' scores of a round's global model that the coordinator accepted (its record, not theirs)."""
+        return f"{self.round_dir(round_number)}/federated.json"
 
     def strategy_state(self, round_number: int) -> str:
         """Server optimiser state after a round."""

@@ -8,6 +8,12 @@ policy judges (strategy, architecture, rounds, epochs, privacy) and everything i
 that was cut short or altered in the store is refused, as is a global model whose bytes differ
 from the digest the coordinator vouched for.
 
+Everything a site writes is untrusted: each object the coordinator (or its workers) reads from a
+site's folder has a size limit here (`RESULT_LIMIT`, `EVALUATION_LIMIT`, `SIDECAR_LIMIT`,
+`UPDATE_HEADER_LIMIT`), is read with that bound (`Store.read_bounded`), and is parsed into a strict
+typed model (types, ranges, finite numbers, names matching their patterns). What does not parse
+is one refused answer with a reason that names the field, never an exception in a pass.
+
 Kept free of torch and numpy: the operator and the local runner build and read these documents.
 """
 
@@ -15,14 +21,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedtrain.worker.errors import BadDataError
 
 PROTOCOL_VERSION = 1
 TaskKind = Literal["train", "evaluate"]
 ResultState = Literal["succeeded", "failed"]
+
+# Size limits, in bytes, of what a site writes and the coordinator's side reads; larger is refused unread.
+RESULT_LIMIT = 64 * 1024  # sites/<site>/results/<task id>.json: a state, a reason, a few figures
+EVALUATION_LIMIT = 256 * 1024  # sites/<site>/round-N/evaluation.json: per-class counts for up to 1000 classes
+SIDECAR_LIMIT = 1024 * 1024  # any weights file's .json sidecar (a site's update's included)
+UPDATE_HEADER_LIMIT = 1024 * 1024  # what an update may hold beyond its model's tensors (its safetensors header)
+REASON_LIMIT = 4096  # characters of the reason a failed answer gives (a termination message's size)
+METRICS_LIMIT = 64  # entries of an update's metrics
+# Example counts: no count a site (or any client) claims is believed past what the coordinator declares
+# (spec.clients.maxExamples, per client clients.list[].maxExamples), and never past EXAMPLES_LIMIT.
+EXAMPLES_LIMIT = 2**31 - 1
+DEFAULT_MAX_EXAMPLES = 1_000_000
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a site's name: a DNS label
+TASK_ID_PATTERN = r"^[a-z0-9][-a-z0-9]{0,127}$"  # the engine's task ids: r0003-munich-a1, e0003-munich-a1
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+METRIC_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 @dataclass(frozen=True)
@@ -156,12 +181,150 @@ def parse_posting(data: bytes, where: str = "task.json") -> Posting:
                    str(value.get("message", "")))
 
 
-def parse_result(data: bytes, where: str = "result") -> SiteResult:
-    """A site's answer; `BadDataError` when it is not one."""
-    value = _object(data, where)
-    if value.get("state") not in ("succeeded", "failed"):
-        raise BadDataError(f"{where}: state must be succeeded or failed, not {value.get('state')!r}")
+@dataclass(frozen=True)
+class ExampleBounds:
+    """The most examples each client may claim in a round: ``default``, or a client's own bound in ``clients``."""
+
+    default: int = DEFAULT_MAX_EXAMPLES
+    clients: tuple[tuple[str, int], ...] = ()
+
+    def of(self, client: str) -> int:
+        """The bound of ``client``."""
+        return dict(self.clients).get(client, self.default)
+
+
+# --- what a site answers, parsed strictly ----------------------------------------------------------
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class WireModel(BaseModel):
+    """A document a site wrote: exact JSON types (no "1" for 1, no true for 1), nothing unknown, immutable."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class ResultDocument(WireModel):
+    """``sites/<site>/results/<task id>.json`` as it must be; its ``output`` is checked by the task's kind."""
+
+    task: Annotated[str, Field(pattern=TASK_ID_PATTERN)]
+    site: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+    state: ResultState
+    exit_code: Annotated[int, Field(ge=0, le=255)] | None = None
+    reason: Annotated[str, Field(max_length=REASON_LIMIT)] | None = None
+    output: dict[str, Any] = {}
+    version: Literal[1] = 1  # PROTOCOL_VERSION
+
+
+def _examples_bound(value: int, info: ValidationInfo) -> int:
+    """Refuse a count past what the coordinator declared for this client (``context={"max_examples": n}``)."""
+    bound = int((info.context or {}).get("max_examples", EXAMPLES_LIMIT))
+    if value > bound:
+        raise ValueError(f"claims {value} examples, more than the {bound} the coordinator allows this client "
+                         "(clients.maxExamples, or clients.list[].maxExamples)")
+    return value
+
+
+class TrainOutput(WireModel):
+    """What a site's training answer says of its update (the aggregator reads the update's own sidecar)."""
+
+    num_examples: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)]
+    metrics: Annotated[dict[Annotated[str, Field(pattern=METRIC_NAME_PATTERN)], FiniteFloat],
+                       Field(max_length=METRICS_LIMIT)] = {}
+    sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
+
+    _bounded = field_validator("num_examples")(_examples_bound)
+
+
+class EvaluationOutput(WireModel):
+    """A site's score of one global model: how many examples, the accuracy and the mean loss over them."""
+
+    examples: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)]
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+    loss: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+    _bounded = field_validator("examples")(_examples_bound)
+
+
+class EvaluationFile(EvaluationOutput):
+    """``sites/<site>/round-N/evaluation.json``: the score, with per-class counts (no more classes than a model has)."""
+
+    per_class_correct: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1000)] = []
+    per_class_total: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1000)] = []
+    round: Annotated[int, Field(ge=1)] | None = None
+    split: Literal["test", "validation"] | None = None
+
+
+class ScoresRecord(WireModel):
+    """``round-NNNN/federated.json``: the site scores the coordinator accepted for one round's model.
+
+    The coordinator writes it (sites may not) once the round's evaluation ended; finalize reads it,
+    so that MLflow and the champion rule use exactly the scores the status shows.
+    """
+
+    round: Annotated[int, Field(ge=1)]
+    sites: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)], EvaluationOutput] = {}
+
+    def encode(self) -> bytes:
+        """Stable bytes to store."""
+        return (json.dumps(self.model_dump(), indent=1, sort_keys=True) + "\n").encode()
+
+
+def parse_scores_record(data: bytes, where: str = "federated.json") -> ScoresRecord:
+    """A round's accepted site scores; `BadDataError` naming the field when the file is not one."""
     try:
-        return SiteResult(**value)
-    except TypeError as error:
-        raise BadDataError(f"{where}: not a site result ({error})") from error
+        return ScoresRecord.model_validate_json(data)
+    except ValidationError as error:
+        raise BadDataError(f"{where}: {problems(error)}") from error
+
+
+def problems(error: ValidationError, limit: int = 3) -> str:
+    """A validation error in one line, each problem naming its field: ``output.accuracy: ... (got 7.0)``."""
+    found = []
+    for item in error.errors(include_url=False)[:limit]:
+        where = ".".join(str(part) for part in item["loc"]) or "the document"
+        got = repr(item.get("input"))
+        shown = f" (got {got[:40]}{'…' if len(got) > 40 else ''})" if item["type"] not in ("missing", "value_error") \
+            else ""
+        found.append(f"{where}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    more = f"; and {error.error_count() - limit} more" if error.error_count() > limit else ""
+    return "; ".join(found) + more
+
+
+def parse_result(data: bytes, where: str = "result") -> SiteResult:
+    """A site's answer, strictly (types, patterns, a bounded reason); `BadDataError` naming the field otherwise."""
+    try:
+        document = ResultDocument.model_validate_json(data)
+    except ValidationError as error:
+        raise BadDataError(f"{where}: not a site result of protocol version {PROTOCOL_VERSION}: "
+                           f"{problems(error)}") from error
+    return SiteResult(document.task, document.site, document.state, document.exit_code, document.reason,
+                      dict(document.output), document.version)
+
+
+def _checked(model: type[WireModel], value: Mapping[str, Any], max_examples: int, where: str) -> Any:
+    try:
+        return model.model_validate(value, context={"max_examples": max_examples})
+    except ValidationError as error:
+        raise BadDataError(f"{where}: {problems(error)}") from error
+
+
+def train_output(output: Mapping[str, Any], max_examples: int = EXAMPLES_LIMIT, where: str = "output"
+                 ) -> TrainOutput:
+    """A training answer's output, its example count at most ``max_examples``; `BadDataError` otherwise."""
+    return _checked(TrainOutput, output, max_examples, where)
+
+
+def evaluation_output(output: Mapping[str, Any], max_examples: int = EXAMPLES_LIMIT, where: str = "output"
+                      ) -> EvaluationOutput:
+    """An evaluation answer's figures: accuracy in [0, 1], a finite loss, 1 to ``max_examples`` examples."""
+    return _checked(EvaluationOutput, output, max_examples, where)
+
+
+def parse_evaluation(data: bytes, max_examples: int = EXAMPLES_LIMIT, where: str = "evaluation.json"
+                     ) -> EvaluationFile:
+    """A site's ``evaluation.json``, strictly; `BadDataError` naming the field otherwise."""
+    try:
+        return EvaluationFile.model_validate_json(data, context={"max_examples": max_examples})
+    except ValidationError as error:
+        raise BadDataError(f"{where}: {problems(error)}") from error

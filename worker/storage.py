@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
+from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError, TooLargeError
 
 # The environment contract between the operator (which fills it) and the worker (which reads it).
 S3_ENV = {
@@ -78,6 +78,14 @@ class Store(Protocol):
         """The whole file; `BadDataError` naming it when it is missing."""
         ...
 
+    def read_bounded(self, key: str, limit: int) -> bytes:
+        """The whole file if it holds at most ``limit`` bytes; past that a `BadDataError`, without reading it whole.
+
+        For what others wrote (a site's answer, an update's sidecar): its size is known before its
+        bytes are, and at most ``limit + 1`` bytes are read, so no file can make its reader's memory grow.
+        """
+        ...
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Replace ``key`` atomically: readers see the old file or the new one."""
         ...
@@ -113,6 +121,11 @@ def s3_location(bucket: str, prefix: str, *parts: str) -> str:
     """``s3://bucket/prefix/part/part`` with empty pieces left out."""
     path = "/".join(p.strip("/") for p in (prefix, *parts) if p.strip("/"))
     return f"s3://{bucket}/{path}" if path else f"s3://{bucket}"
+
+
+def too_large(where: str, size: int | str, limit: int) -> TooLargeError:
+    """The refusal of a file over its limit (`Store.read_bounded`)."""
+    return TooLargeError(f"{where}: {size} bytes, over the {limit} bytes allowed for it; refused without reading it")
 
 
 def _check_key(key: str) -> str:
@@ -151,6 +164,19 @@ class DirectoryStore:
             return self.path(key).read_bytes()
         except FileNotFoundError as error:
             raise BadDataError(f"{self.describe(key)}: missing") from error
+
+    def read_bounded(self, key: str, limit: int) -> bytes:
+        try:
+            with self.path(key).open("rb") as stream:
+                size = os.fstat(stream.fileno()).st_size
+                if size > limit:
+                    raise too_large(self.describe(key), size, limit)
+                data = stream.read(limit + 1)  # at most one byte more: a file that grew since fstat is refused too
+        except (FileNotFoundError, IsADirectoryError) as error:
+            raise BadDataError(f"{self.describe(key)}: missing") from error
+        if len(data) > limit:
+            raise too_large(self.describe(key), f"more than {limit}", limit)
+        return data
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with _atomic_file(self.path(key)) as stream:
@@ -291,6 +317,22 @@ class S3Store:
         with self._errors(key):
             answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             return bytes(answer["Body"].read())
+        raise AssertionError("unreachable")
+
+    def read_bounded(self, key: str, limit: int) -> bytes:
+        with self._errors(key):
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body = answer["Body"]
+            try:  # the size comes with the answer's headers, before any of its bytes
+                size = int(answer.get("ContentLength") or 0)
+                if size > limit:
+                    raise too_large(self.describe(key), size, limit)
+                data = bytes(body.read(limit + 1))
+            finally:
+                body.close()  # unread bytes are dropped with the connection, never buffered
+            if len(data) > limit:
+                raise too_large(self.describe(key), f"more than {limit}", limit)
+            return data
         raise AssertionError("unreachable")
 
     def write_bytes(self, key: str, data: bytes) -> None:

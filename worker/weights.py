@@ -21,8 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 from safetensors.numpy import save as save_safetensors
 
-from fedtrain.worker.errors import BadDataError
+from fedtrain.worker.errors import BadDataError, TooLargeError
 from fedtrain.worker.layout import sidecar_of
+from fedtrain.worker.sitetask import SIDECAR_LIMIT
 from fedtrain.worker.storage import DirectoryStore, Store
 
 Weights = dict[str, NDArray[Any]]
@@ -37,9 +38,9 @@ def write_json(store: Store, key: str, data: dict[str, Any]) -> None:
     store.write_bytes(key, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(store: Store, key: str) -> dict[str, Any]:
-    """Read a JSON object, failing with the file's name."""
-    raw = store.read_bytes(key)
+def read_json(store: Store, key: str, limit: int | None = None) -> dict[str, Any]:
+    """Read a JSON object, failing with the file's name; with ``limit``, refuse a larger file unread."""
+    raw = store.read_bytes(key) if limit is None else store.read_bounded(key, limit)
     try:
         data = json.loads(raw.decode("utf-8"))
     except ValueError as error:
@@ -68,11 +69,17 @@ def read_weights(store: Store, key: str) -> tuple[Weights, dict[str, Any]]:
     return parse_weights(store, key, data), meta
 
 
-def read_unchecked(store: Store, key: str) -> tuple[bytes, dict[str, Any]]:
-    """A weights file's bytes and its sidecar, before any check (see `checksum_problem`, `parse_weights`)."""
-    meta = read_json(store, sidecar_of(key))
+def read_unchecked(store: Store, key: str, limit: int | None = None) -> tuple[bytes, dict[str, Any]]:
+    """A weights file's bytes and its sidecar, before any check (see `checksum_problem`, `parse_weights`).
+
+    The sidecar is read within `SIDECAR_LIMIT` always (a client wrote it); the file within ``limit``
+    when given (an update is no larger than its model and a header).
+    """
+    meta = read_json(store, sidecar_of(key), SIDECAR_LIMIT)
     try:
-        return store.read_bytes(key), meta
+        return (store.read_bytes(key) if limit is None else store.read_bounded(key, limit)), meta
+    except TooLargeError:
+        raise
     except BadDataError as error:
         raise BadDataError(f"{store.describe(key)}: missing (its sidecar exists)") from error
 

@@ -19,9 +19,22 @@ import pytest
 
 from fedtrain.worker.cli import main
 from fedtrain.worker.data.gtsrb import load_tree
-from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_OK
+from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_OK, BadDataError
 from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import SiteTask, TrainSettings, parse_result
+from fedtrain.worker.sitetask import (
+    EVALUATION_LIMIT,
+    RESULT_LIMIT,
+    ScoresRecord,
+    SiteResult,
+    SiteTask,
+    TrainSettings,
+    encode,
+    evaluation_output,
+    parse_evaluation,
+    parse_result,
+    parse_scores_record,
+    train_output,
+)
 from fedtrain.worker.storage import open_store
 from fedtrain.worker.weights import read_json, sidecar_of
 from tests.conftest import S3Server
@@ -94,6 +107,7 @@ def test_the_site_trains_on_its_own_data_and_answers(trained: tuple[Path, dict[s
     result = parse_result((workdir / LAYOUT.site_result(SITE, "t0001-munich-a1")).read_bytes())
     assert result.state == "succeeded" and result.site == SITE and result.output == output
     assert output == {"num_examples": update["num_examples"], "metrics": update["metrics"], "sha256": update["sha256"]}
+    assert train_output(output, update["num_examples"]).model_dump() == output  # what the coordinator accepts
 
 
 def test_a_task_answered_already_is_not_run_again(trained: tuple[Path, dict[str, int], dict[str, int], Any],
@@ -133,6 +147,8 @@ def test_the_site_scores_the_global_model_on_its_test_split_and_held_out_tracks(
     assert output["accuracy"] == pytest.approx(central["accuracy"]) and output["loss"] == pytest.approx(central["loss"])
     result = parse_result((workdir / LAYOUT.site_result(SITE, "e0001-munich-a1")).read_bytes())
     assert result.state == "succeeded" and result.output == output
+    assert evaluation_output(output, test_size).model_dump() == output  # what the coordinator accepts
+    assert parse_evaluation((workdir / LAYOUT.site_evaluation(SITE, 1)).read_bytes(), test_size).split == "test"
 
     code, held = site_task(workdir, posted(workdir, "evaluate", 1, attempt=2), synth_tree,
                            "--evaluation-split", "validation")
@@ -190,3 +206,97 @@ def test_a_site_trains_through_an_object_store(s3_server: S3Server, synth_tree: 
                            LAYOUT.site_result(SITE, "t0001-munich-a1")])
     update = read_json(open_store(location), sidecar_of(LAYOUT.client_update(1, SITE)))
     assert update["sha256"] == output["sha256"] and update["num_examples"] == output["num_examples"] > 0
+
+
+# --- the parsers of what a site writes (pure: no training) ---------------------------------------------------------
+
+GOOD_RESULT = {"task": "e0003-munich-a1", "site": "munich", "state": "succeeded", "exit_code": 0, "reason": None,
+               "output": {"examples": 40, "accuracy": 0.5, "loss": 1.5}, "version": 1}
+
+
+def test_a_result_round_trips_through_its_strict_parser() -> None:
+    result = SiteResult("r0003-munich-a2", "munich", "failed", 77, "refused: spec.policy.strategies")
+    assert parse_result(encode(result)) == result
+    assert parse_result(json.dumps(GOOD_RESULT).encode()).output == GOOD_RESULT["output"]
+    assert len(encode(replace(result, reason="x" * 4096))) < RESULT_LIMIT  # the longest reason fits the bound
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"output": [1, 2]}, "output: Input should be an object"),
+    ({"output": "figures"}, "output: Input should be an object"),
+    ({"state": "maybe"}, "state: Input should be 'succeeded' or 'failed'"),
+    ({"site": "../hamburg"}, "site: String should match pattern"),
+    ({"task": "e0003 munich"}, "task: String should match pattern"),
+    ({"exit_code": 300}, "exit_code: Input should be less than or equal to 255"),
+    ({"exit_code": 1.0}, "exit_code: Input should be a valid integer"),
+    ({"reason": "x" * 5000}, "reason: String should have at most 4096 characters"),
+    ({"reason": ["a"]}, "reason: Input should be a valid string"),
+    ({"version": 2}, "version: Input should be 1"),
+    ({"digest": "abc"}, "digest: Extra inputs are not permitted"),
+])
+def test_a_result_that_is_not_one_is_refused_naming_the_field(change: dict[str, Any], said: str) -> None:
+    with pytest.raises(BadDataError, match="not a site result of protocol version 1") as error:
+        parse_result(json.dumps({**GOOD_RESULT, **change}).encode(), "munich's answer")
+    assert said in str(error.value) and str(error.value).startswith("munich's answer: ")
+
+
+@pytest.mark.parametrize("data", [b"", b"null", b"[]", b"{", b"NaN", b"\x00\x01"])
+def test_bytes_that_are_no_object_are_refused(data: bytes) -> None:
+    with pytest.raises(BadDataError, match="not a site result"):
+        parse_result(data)
+
+
+@pytest.mark.parametrize(("figures", "said"), [
+    ({"examples": 40, "accuracy": 7.0, "loss": 1.0}, "accuracy: Input should be less than or equal to 1"),
+    ({"examples": 40, "accuracy": float("nan"), "loss": 1.0}, "accuracy: Input should be a finite number"),
+    ({"examples": 40, "accuracy": -0.5, "loss": 1.0}, "accuracy: Input should be greater than or equal to 0"),
+    ({"examples": 40, "accuracy": 0.5, "loss": float("-inf")}, "loss: Input should be a finite number"),
+    ({"examples": 10**18, "accuracy": 0.5, "loss": 1.0}, "examples: Input should be less than or equal to"),
+    ({"examples": 101, "accuracy": 0.5, "loss": 1.0}, "examples: claims 101 examples, more than the 100"),
+    ({"examples": True, "accuracy": 0.5, "loss": 1.0}, "examples: Input should be a valid integer"),
+    ({"examples": 40, "accuracy": "high", "loss": 1.0}, "accuracy: Input should be a valid number"),
+    ({"examples": 40, "accuracy": 0.5}, "loss: Field required"),
+    ({"examples": 40, "accuracy": 0.5, "loss": 1.0, "per_class": []}, "per_class: Extra inputs"),
+])
+def test_an_evaluation_outside_its_ranges_is_refused(figures: dict[str, Any], said: str) -> None:
+    with pytest.raises(BadDataError, match=said):
+        evaluation_output(figures, 100)
+    assert evaluation_output({"examples": 100, "accuracy": 1, "loss": 0}, 100).accuracy == 1.0  # ints are numbers
+
+
+@pytest.mark.parametrize(("output", "said"), [
+    ({"num_examples": 10**9, "sha256": "a" * 64}, "claims 1000000000 examples, more than the 1000"),
+    ({"num_examples": 0, "sha256": "a" * 64}, "num_examples: Input should be greater than or equal to 1"),
+    ({"num_examples": 5, "sha256": "A" * 64}, "sha256: String should match pattern"),
+    ({"num_examples": 5, "sha256": "a" * 64, "metrics": {"loss": float("nan")}}, "metrics.loss: Input should be"),
+    ({"num_examples": 5, "sha256": "a" * 64, "metrics": {"a b": 1.0}}, "metrics.a b.[key]: String should match"),
+    ({"num_examples": 5, "sha256": "a" * 64, "metrics": {f"m{i}": 1.0 for i in range(65)}},
+     "metrics: Dictionary should have at most 64 items"),
+])
+def test_a_training_answer_that_claims_too_much_is_refused(output: dict[str, Any], said: str) -> None:
+    with pytest.raises(BadDataError) as error:
+        train_output(output, 1000, "munich")
+    assert said in str(error.value)
+
+
+def test_an_evaluation_file_is_parsed_within_its_bound() -> None:
+    figures = {"examples": 4, "accuracy": 0.5, "loss": 1.0, "per_class_correct": [2, 0], "per_class_total": [2, 2],
+               "round": 3, "split": "validation"}
+    assert parse_evaluation(json.dumps(figures).encode(), 10).per_class_total == [2, 2]
+    with pytest.raises(BadDataError, match="split: Input should be 'test' or 'validation'"):
+        parse_evaluation(json.dumps({**figures, "split": "train"}).encode())
+    assert len(json.dumps({**figures, "per_class_correct": [10**9] * 1000, "per_class_total": [10**9] * 1000})) \
+        < EVALUATION_LIMIT  # the largest valid file fits its bound
+
+
+def test_the_coordinators_record_of_accepted_scores_round_trips() -> None:
+    record = ScoresRecord(round=3, sites={"munich": evaluation_output({"examples": 4, "accuracy": 0.5, "loss": 1.0})})
+    assert parse_scores_record(record.encode()) == record
+    with pytest.raises(BadDataError, match=r"sites\.munich\.accuracy"):
+        parse_scores_record(b'{"round": 3, "sites": {"munich": {"examples": 4, "accuracy": 2, "loss": 1}}}')
+
+
+def test_problems_are_cut_short() -> None:
+    with pytest.raises(BadDataError) as error:
+        parse_result(json.dumps({"task": 1, "site": 2, "state": 3, "exit_code": "x", "output": 4}).encode())
+    assert "; and 2 more" in str(error.value)

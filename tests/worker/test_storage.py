@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +21,14 @@ import numpy as np
 import pytest
 
 from fedtrain.worker.cli import main as worker_main
-from fedtrain.worker.errors import EXIT_BAD_INPUT, EXIT_TEMPORARY, BadDataError, BadInputError, TemporaryStorageError
+from fedtrain.worker.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_TEMPORARY,
+    BadDataError,
+    BadInputError,
+    TemporaryStorageError,
+    TooLargeError,
+)
 from fedtrain.worker.layout import Layout
 from fedtrain.worker.storage import PART_SIZE, DirectoryStore, S3Settings, S3Store, Store, iterate_keys, open_store
 from fedtrain.worker.strategies import UpdateFile, UpdateSet
@@ -59,6 +67,25 @@ def test_files_round_trip_list_and_remove(store: Store, tmp_path: Path) -> None:
         store.write_bytes("../other-training/manifest.json", b"x")
     assert store.remove_all() == 4
     assert store.list("") == []
+
+
+def test_a_bounded_read_refuses_a_file_over_its_limit_without_reading_it(store: Store, tmp_path: Path) -> None:
+    store.write_bytes("sites/munich/results/a.json", b"")
+    assert store.read_bounded("sites/munich/results/a.json", 10) == b""
+    store.write_bytes("sites/munich/results/a.json", b"x" * 10)
+    assert store.read_bounded("sites/munich/results/a.json", 10) == b"x" * 10
+    big = tmp_path / "big.bin"
+    with big.open("wb") as stream:
+        stream.truncate(3 * PART_SIZE)  # a multipart object on S3
+    store.upload("sites/munich/results/b.json", big)
+    tracemalloc.start()
+    with pytest.raises(TooLargeError, match=rf"b\.json: {3 * PART_SIZE} bytes, over the 65536 bytes allowed"):
+        store.read_bounded("sites/munich/results/b.json", 65536)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < PART_SIZE  # not read whole, not even a part of it
+    with pytest.raises(BadDataError, match=r"c\.json: missing"):
+        store.read_bounded("sites/munich/results/c.json", 10)
 
 
 def test_large_files_stream_in_parts_and_come_back_whole(store: Store, tmp_path: Path) -> None:
