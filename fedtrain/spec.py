@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.alias_generators import to_camel
 
 from fedtrain.worker.layout import client_names
+from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, ExampleBounds
 
 GROUP = "fedtrain.io"
 VERSION = "v1alpha1"
@@ -181,6 +182,9 @@ class ClientEntry(Model):
     """The client's own data set, instead of a share of spec.dataset."""
     site: SiteRef | None = None
     """This client is a remote site, reached only through spec.storage (its data and Jobs are its own)."""
+    max_examples: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)] | None = None
+    """The most examples this client's update or evaluation may claim (what it declared it holds), instead of
+    clients.maxExamples."""
     training: TrainingOverride = TrainingOverride()
     """Changes to spec.training for this client."""
     resources: dict[str, Any] | None = None
@@ -202,6 +206,9 @@ class ClientsSpec(Model):
     """Updates a round needs to be aggregated; default: all sampled clients."""
     max_retries: Annotated[int, Field(ge=0, le=10)] = 1
     """How often a failed task is started again before it counts as failed."""
+    max_examples: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)] = DEFAULT_MAX_EXAMPLES
+    """The most examples one client's update (or a site's evaluation) may claim in a round: an update claiming more
+    is refused, an evaluation left out, so that no client weighs more than this in an example-weighted mean."""
     entries: tuple[ClientEntry, ...] | None = Field(None, alias="list")
     """Named clients, with their own settings, data or namespace (instead of, or matching, count)."""
 
@@ -258,6 +265,15 @@ class ClientsSpec(Model):
     def evaluating_sites(self) -> list[str]:
         """Sites that take part in federated evaluation."""
         return [c.name for c in self.entries or () if c.site is not None and c.site.evaluate]
+
+    def example_bounds(self) -> ExampleBounds:
+        """The most examples each client may claim: clients.maxExamples, or its list entry's maxExamples."""
+        own = tuple((c.name, c.max_examples) for c in self.entries or () if c.max_examples is not None)
+        return ExampleBounds(self.max_examples, own)
+
+    def max_examples_of(self, name: str) -> int:
+        """The most examples client ``name`` may claim."""
+        return self.example_bounds().of(name)
 
     def namespaces(self) -> dict[str, str]:
         """Client name -> namespace, for clients that run in a namespace of their own."""

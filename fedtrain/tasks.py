@@ -148,10 +148,19 @@ def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[st
     return args
 
 
+def example_bounds(spec: FederatedTrainingSpec) -> list[str]:
+    """``--max-examples N`` and a ``--client-max-examples NAME=N`` per client with a bound of its own."""
+    bounds = spec.clients.example_bounds()
+    args = ["--max-examples", str(bounds.default)]
+    for client, bound in bounds.clients:
+        args += ["--client-max-examples", f"{client}={bound}"]
+    return args
+
+
 def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, clients: list[str]) -> list[str]:
     args = ["aggregate", "--workdir", where.workdir, "--round", str(task.round), "--strategy", spec.strategy.name,
             "--min-updates", str(spec.clients.quorum), "--max-norm-ratio", repr(spec.strategy.max_norm_ratio),
-            "--clients", ",".join(clients), "--device", spec.worker.device]
+            "--clients", ",".join(clients), "--device", spec.worker.device, *example_bounds(spec)]
     for key, value in sorted(spec.strategy.parameters.items()):
         args += ["--param", f"{key}={value!r}"]
     if spec.clients.sites():
@@ -181,7 +190,7 @@ def _finalize(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list
         if not spec.mlflow.promote_champion:
             args.append("--no-promote")
     if spec.clients.evaluating_sites():
-        args += ["--sites", ",".join(spec.clients.evaluating_sites())]
+        args += ["--sites", ",".join(spec.clients.evaluating_sites()), *example_bounds(spec)]
     if not spec.evaluation.central:
         args.append("--no-central")
     if where.termination_log:

@@ -20,6 +20,7 @@ from typing import Any
 
 from fedtrain.worker.data.synth import SynthConfig
 from fedtrain.worker.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
+from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, ExampleBounds
 
 WORKDIR_HELP = "the training's store: a directory, or s3://bucket/prefix (settings from FEDTRAIN_S3_* and AWS_*)"
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--max-norm-ratio", type=float, default=10.0,
                            help="reject updates whose norm exceeds this many times the median (0: off)")
     aggregate.add_argument("--clients", default="", help="comma-separated clients to use (default: all present)")
+    _example_bound_options(aggregate)
     aggregate.add_argument("--sites", default="", help="comma-separated clients that are remote sites (their "
                            "updates are in sites/<site>/)")
     aggregate.add_argument("--data", default=None)
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "round's model are combined into federated metrics")
     finalize.add_argument("--no-central", action="store_true", help="no central test set: the champion rule uses "
                           "the last round's federated accuracy")
+    _example_bound_options(finalize)
 
     site = commands.add_parser("site-task", help="a remote site: run the coordinator's task on the site's own data")
     site.add_argument("--workdir", required=True, help=WORKDIR_HELP)
@@ -253,7 +256,8 @@ def run(args: argparse.Namespace) -> Any:
                                          args.dp_delta, args.dp_seed)
             privacy.check()
         config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,
-                                       args.max_norm_ratio, clients, not args.no_evaluate, privacy)
+                                       args.max_norm_ratio, clients, not args.no_evaluate, privacy,
+                                       example_bounds_of(args))
         result = jobs.aggregate(replace(workspace, sites=_names(args.sites)), args.round, config_, device)
         if args.termination_log is not None:
             args.termination_log.write_text(jobs.termination_message(result))
@@ -262,6 +266,26 @@ def run(args: argparse.Namespace) -> Any:
         return _finalize(args, workspace, device)
     weights, _ = workspace.load_global(args.round)
     return jobs.evaluate_weights(workspace, weights, device, args.split).to_json()
+
+
+def _example_bound_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-examples", type=int, default=DEFAULT_MAX_EXAMPLES,
+                        help="the most examples an update or a site's score may claim (spec.clients.maxExamples)")
+    parser.add_argument("--client-max-examples", action="append", default=[], metavar="CLIENT=N",
+                        help="a client's own bound (spec.clients.list[].maxExamples); repeatable")
+
+
+def example_bounds_of(args: argparse.Namespace) -> ExampleBounds:
+    """The bounds from ``--max-examples`` and ``--client-max-examples``, each checked."""
+    own = []
+    for item in args.client_max_examples:
+        client, _, bound = item.partition("=")
+        if not client or not bound.isdigit() or not 1 <= int(bound) <= EXAMPLES_LIMIT:
+            raise BadInputError(f"--client-max-examples {item!r}: use CLIENT=N with 1 <= N <= {EXAMPLES_LIMIT}")
+        own.append((client, int(bound)))
+    if not 1 <= args.max_examples <= EXAMPLES_LIMIT:
+        raise BadInputError(f"--max-examples must be in [1, {EXAMPLES_LIMIT}], got {args.max_examples}")
+    return ExampleBounds(args.max_examples, tuple(own))
 
 
 def _names(text: str) -> frozenset[str]:
@@ -289,7 +313,8 @@ def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:
     identity = TrainingIdentity(args.training, args.namespace, args.uid, args.strategy, spec)
     tracking = TrackingConfig(args.tracking_uri, args.experiment, args.registered_model_name, args.log_clients,
                               promote=not args.no_promote)
-    evaluation = EvaluationConfig(tuple(sorted(_names(args.sites))), central=not args.no_central)
+    evaluation = EvaluationConfig(tuple(sorted(_names(args.sites))), central=not args.no_central,
+                                  examples=example_bounds_of(args))
     summary = finalize(workspace, args.round, identity, tracking, device, evaluation)
     if args.termination_log is not None:
         short = {k: summary.get(k) for k in ("model_uri", "model_version", "champion", "accuracy",

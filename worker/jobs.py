@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from fedtrain.worker.data.synth import SynthConfig, generate
 from fedtrain.worker.errors import BadDataError, BadInputError
 from fedtrain.worker.layout import Layout, client_names
 from fedtrain.worker.models import ModelConfig, build_model
+from fedtrain.worker.sitetask import ExampleBounds
 from fedtrain.worker.storage import Store, iterate_keys, open_store
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.strategies.privacy import clip, epsilon, private_mean
@@ -359,6 +360,7 @@ class AggregateConfig:
     clients: tuple[str, ...] = ()  # empty: every update file present
     evaluate: bool = True
     privacy: PrivacyConfig | None = None
+    examples: ExampleBounds = field(default_factory=ExampleBounds)  # what each update may claim (clients.maxExamples)
 
 
 def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, device: torch.device
@@ -376,7 +378,7 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     clients = config.clients or _updates_present(workspace, round_number)
     files = [UpdateFile(c, store, layout.client_update(round_number, c)) for c in clients]
     updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates,
-                        base_sha256=current_meta.get("sha256"))
+                        base_sha256=current_meta.get("sha256"), bounds=config.examples)
     if config.privacy is not None:
         outcome = _private_round(current, updates, config.privacy, round_number)
     else:

@@ -7,7 +7,8 @@ import pytest
 from fedtrain.engine.status import Task
 from fedtrain.spec import parse_spec
 from fedtrain.tasks import Placement, worker_arguments
-from fedtrain.worker.cli import build_parser
+from fedtrain.worker.cli import build_parser, example_bounds_of
+from fedtrain.worker.sitetask import ExampleBounds
 
 SPEC = parse_spec({
     "rounds": 3, "seed": 4,
@@ -44,6 +45,16 @@ def test_aggregate_names_clients_quorum_and_parameters() -> None:
     args = parsed(Task("r0002-aggregate-a1", "aggregate", 2), ["munich"])
     assert args.clients == "munich" and args.min_updates == 2 and args.max_norm_ratio == 7
     assert args.param == ["mu=0.05"] and str(args.termination_log) == "/dev/termination-log"
+
+
+def test_aggregate_and_finalize_carry_the_example_bounds_the_spec_declares() -> None:
+    spec = parse_spec({"rounds": 2, "clients": {"maxExamples": 5000, "list": [
+        {"name": "hq"}, {"name": "munich", "site": {}, "maxExamples": 1200}]}})
+    for task in (Task("r0002-aggregate-a1", "aggregate", 2), Task("finalize-a1", "finalize", 2)):
+        args = build_parser().parse_args(worker_arguments(task, spec, WHERE, ["hq", "munich"]))
+        assert example_bounds_of(args) == ExampleBounds(5000, (("munich", 1200),))
+    assert spec.clients.max_examples_of("hq") == 5000 and spec.clients.max_examples_of("munich") == 1200
+    assert parse_spec({"rounds": 1, "clients": {"count": 2}}).clients.max_examples_of("client-00") == 1_000_000
 
 
 def test_finalize_tracks_with_lineage() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedtrain.worker.errors import BadInputError, RejectedUpdatesError, TemporaryStorageError
+from fedtrain.worker.sitetask import UPDATE_HEADER_LIMIT, ExampleBounds
 from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.strategies import Aggregate, UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.strategies.arrays import FlatModel
@@ -143,6 +144,29 @@ def test_robust_strategies_neutralise_a_poisoned_update(tmp_path: Path, name: st
     poisoned, _ = run(name, tmp_path, POISONED, params)
     honest_mean = np.mean([v for v, _ in HONEST.values()], axis=0)
     assert np.abs(poisoned.weights["w"] - honest_mean).max() < 0.3
+
+
+@pytest.mark.parametrize(("name", "expected"), [("fedavg", [0.25, 0.75]), ("fedmedian", [0.5, 0.5])])
+def test_no_client_weighs_more_than_the_examples_the_coordinator_allows_it(tmp_path: Path, name: str,
+                                                                           expected: list[float]) -> None:
+    """A site claiming 10^9 examples would be the whole mean: its update is refused, the others' mean is kept."""
+    updates: Updates = {"a": ([1, 0], 10), "b": ([0, 1], 30), "c": ([1, 1], 10), "evil": ([-50, -50], 10**9)}
+    update_set = UpdateSet(CURRENT, write_updates(tmp_path, updates), bounds=ExampleBounds(1000, (("c", 5),)))
+    result = make_strategy(name).aggregate(CURRENT, update_set, {})
+    assert "claims 1000000000 examples, more than the 1000" in update_set.rejected["evil"]
+    assert "claims 10 examples, more than the 5" in update_set.rejected["c"]  # its own, smaller bound
+    assert sorted(update_set.accepted) == ["a", "b"]
+    np.testing.assert_allclose(result.weights["w"], expected)  # fedavg: (10 * [1, 0] + 30 * [0, 1]) / 40
+
+
+def test_an_update_larger_than_its_model_is_refused_unread(tmp_path: Path) -> None:
+    files = write_updates(tmp_path, {"a": ([1, 0], 10), "big": ([0, 1], 10)})
+    with (tmp_path / "big.safetensors").open("r+b") as stream:  # the sidecar's sha256 no longer matters
+        stream.truncate(UPDATE_HEADER_LIMIT + 1024)
+    update_set = UpdateSet(CURRENT, files)
+    make_strategy("fedavg").aggregate(CURRENT, update_set, {})
+    assert "over the" in update_set.rejected["big"] and "refused without reading it" in update_set.rejected["big"]
+    assert update_set.accepted == ["a"]
 
 
 def test_fedavg_is_moved_by_the_same_poisoned_update(tmp_path: Path) -> None:
@@ -336,7 +360,12 @@ class RewritingStore(DirectoryStore):  # type: ignore[misc]  # (mypy does not ma
         self.key, self.replacement = key, replacement
 
     def read_bytes(self, key: str) -> bytes:
-        data = super().read_bytes(key)
+        return self._replaced_after(key, super().read_bytes(key))
+
+    def read_bounded(self, key: str, limit: int) -> bytes:
+        return self._replaced_after(key, super().read_bounded(key, limit))
+
+    def _replaced_after(self, key: str, data: bytes) -> bytes:
         if key == self.key and self.replacement:
             save_weights(DirectoryStore(self.root), key, self.replacement, {"num_examples": 10})
             self.replacement = {}

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedtrain.worker.errors import BadDataError, RejectedUpdatesError, TemporaryStorageError
+from fedtrain.worker.sitetask import UPDATE_HEADER_LIMIT, ExampleBounds
 from fedtrain.worker.storage import Store
 from fedtrain.worker.strategies.arrays import CHUNK, FlatModel, cast_like, tiled_runs
 from fedtrain.worker.strategies.protocol import Update
@@ -60,6 +61,12 @@ class UpdateSet:
     # The sha256 of the model the round started from; an update whose sidecar names another base was
     # trained from a stale or foreign model (a site that replayed an old round, or was sent a wrong one).
     base_sha256: str | None = None
+    bounds: ExampleBounds = field(default_factory=ExampleBounds)  # the most examples each client may claim
+
+    @property
+    def size_limit(self) -> int:
+        """The most bytes an update file may hold: the model's tensors and a header; larger is refused unread."""
+        return sum(int(array.nbytes) for array in self.current.values()) + UPDATE_HEADER_LIMIT
 
     def _read(self, source: UpdateFile, hasher: Executor) -> tuple[Update, Future[str], dict[str, Any]] | None:
         """The update, parsed and checked while its sha256 is computed on ``hasher``; None after noting why not.
@@ -75,14 +82,15 @@ class UpdateSet:
         the client: those propagate, and the aggregation task fails (and is retried) instead.
         """
         try:
-            data, meta = read_unchecked(source.store, source.key)
+            data, meta = read_unchecked(source.store, source.key, self.size_limit)
         except BadDataError as error:
             self.rejected[source.client] = str(error)
             return None
         digest = hasher.submit(sha256_of, data)
         try:
             weights = parse_weights(source.store, source.key, data)
-            problem = structural_problem(weights, self.current, meta.get("num_examples"))
+            problem = structural_problem(weights, self.current, meta.get("num_examples"),
+                                         self.bounds.of(source.client))
         except BadDataError as error:
             problem = str(error)
         if problem is None and self.base_sha256 is not None and meta.get("base_sha256") != self.base_sha256:

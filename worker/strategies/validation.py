@@ -13,14 +13,23 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedtrain.worker.sitetask import EXAMPLES_LIMIT
 from fedtrain.worker.strategies.arrays import CHUNK, FlatModel, tiled_runs
 from fedtrain.worker.weights import Weights
 
 
-def structural_problem(update: Weights, current: Weights, num_examples: object) -> str | None:
-    """Names, shapes, dtypes and a positive example count; the first problem found, if any."""
+def structural_problem(update: Weights, current: Weights, num_examples: object,
+                       max_examples: int = EXAMPLES_LIMIT) -> str | None:
+    """Names, shapes, dtypes and an example count in [1, ``max_examples``]; the first problem found, if any.
+
+    The bound is what the coordinator declared for the client: a client that claims more would
+    take more than its share of an example-weighted mean, so its update is refused.
+    """
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
-        return f"num_examples must be a positive integer, got {num_examples!r}"
+        return f"num_examples must be a positive integer, got {repr(num_examples)[:40]}"
+    if num_examples > max_examples:
+        return (f"claims {num_examples} examples, more than the {max_examples} the coordinator allows this client "
+                "(spec.clients.maxExamples, or clients.list[].maxExamples)")
     missing = sorted(set(current) - set(update))
     if missing:
         return f"missing tensors: {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
