@@ -4,13 +4,17 @@ Each site scores the model on its own held-out split and sends only counts and m
 federation's accuracy and loss are their means weighted by the number of examples (what one
 evaluation over the union of the sites' splits would give), and the worst and best site show how
 evenly the model serves them. The engine (status) and finalize (MLflow) both use `combine`, so
-the two always agree. Pure Python: the control plane imports it.
+the two always agree, over the same scores: those the engine accepted, which the coordinator
+records per round (``round-NNNN/federated.json``). Pure Python: the control plane imports it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from fedtrain.worker.sitetask import EXAMPLES_LIMIT, evaluation_output
 
 
 @dataclass(frozen=True)
@@ -22,13 +26,15 @@ class SiteScore:
     loss: float
 
     @classmethod
-    def from_output(cls, output: dict[str, Any]) -> SiteScore | None:
-        """Read a site's evaluation output; None when it holds no usable figures (no examples, no numbers)."""
-        examples, accuracy, loss = output.get("examples"), output.get("accuracy"), output.get("loss")
-        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (examples, accuracy, loss))
-        if not numbers or int(examples or 0) <= 0:
-            return None
-        return cls(int(examples), float(accuracy), float(loss))  # type: ignore[arg-type]
+    def from_output(cls, output: Mapping[str, Any], max_examples: int = EXAMPLES_LIMIT, where: str = "output"
+                    ) -> SiteScore:
+        """A site's evaluation figures, valid or refused: `BadDataError` naming the field otherwise.
+
+        Valid means an accuracy in [0, 1], a finite loss >= 0 and 1 to ``max_examples`` examples, so
+        that no score outside them reaches a status, a mean, MLflow or the champion rule.
+        """
+        figures = evaluation_output(output, max_examples, where)
+        return cls(figures.examples, figures.accuracy, figures.loss)
 
 
 @dataclass(frozen=True)

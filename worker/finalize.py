@@ -3,14 +3,18 @@
 Tracking failures never fail the task: the model and plots are already safe in storage, and the
 report says what could not be logged (the engine turns that into a Degraded condition).
 
-Rounds scored by sites (federated evaluation) are read from each site's ``evaluation.json`` and
-combined with `federated.combine`, the same arithmetic as the coordinator's status; a site's file
-that cannot be read is left out rather than failing the training's last step.
+Rounds scored by sites (federated evaluation) take the scores the coordinator's engine accepted,
+as the coordinator recorded them (``round-NNNN/federated.json``), combined with
+`federated.combine`: the same scores and the same arithmetic as the status. A round without a
+record (a training started before records, or a record a store outage kept back) falls back to
+the sites' ``evaluation.json``, read within `EVALUATION_LIMIT` and checked as strictly as an answer;
+a file that is not a valid score is left out rather than failing the training's last step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +31,13 @@ from fedtrain.worker.jobs import Workspace
 from fedtrain.worker.layout import Layout
 from fedtrain.worker.models import build_model
 from fedtrain.worker.plots import plot_confusion, plot_per_round
+from fedtrain.worker.sitetask import (
+    EVALUATION_LIMIT,
+    SIDECAR_LIMIT,
+    ExampleBounds,
+    parse_evaluation,
+    parse_scores_record,
+)
 from fedtrain.worker.storage import Store, iterate_keys
 from fedtrain.worker.tracking import Tracker, TrackingReport, TrainingIdentity
 from fedtrain.worker.training import evaluate, load_numpy_state
@@ -52,6 +63,7 @@ class EvaluationConfig:
 
     sites: tuple[str, ...] = ()  # the evaluating sites
     central: bool = True  # false: the coordinator has no test set; the champion rule uses the sites' scores
+    examples: ExampleBounds = field(default_factory=ExampleBounds)  # the most examples a site's score may claim
 
 
 @dataclass(frozen=True)
@@ -72,31 +84,55 @@ class RoundScores:
         return figures
 
 
-def federated_rounds(store: Store, sites: tuple[str, ...], last_round: int) -> dict[int, RoundScores]:
-    """Each round's site evaluations that are present, combined (rounds no site scored are absent)."""
-    layout = Layout()
-    found: dict[int, dict[str, SiteScore]] = {}
-    for site in sites:
-        keys = set(store.list(layout.site_dir(site)))  # one listing per site, not a request per round
-        for round_number in range(1, last_round + 1):
-            key = layout.site_evaluation(site, round_number)
-            score = _site_score(store, key) if key in keys else None
-            if score is not None:
-                found.setdefault(round_number, {})[site] = score
+def federated_rounds(store: Store, sites: tuple[str, ...], last_round: int,
+                     bounds: ExampleBounds | None = None) -> dict[int, RoundScores]:
+    """Each round's accepted site scores, combined (rounds no site scored are absent)."""
+    layout, bounds = Layout(), bounds or ExampleBounds()
+    answered = _evaluated_rounds(store, sites, last_round)
     rounds = {}
-    for round_number, scores in sorted(found.items()):
+    for round_number in sorted(answered):
+        scores = _recorded(store, round_number)
+        if scores is None:
+            scores = {site: score for site in sorted(answered[round_number])
+                      if (score := _site_score(store, layout.site_evaluation(site, round_number), bounds.of(site)))}
         combined = combine(scores)
         if combined is not None:
             rounds[round_number] = RoundScores(round_number, combined, scores)
     return rounds
 
 
-def _site_score(store: Store, key: str) -> SiteScore | None:
-    """A site's figures, or None when its file is not a usable evaluation."""
+def _evaluated_rounds(store: Store, sites: tuple[str, ...], last_round: int) -> dict[int, set[str]]:
+    """Round -> the sites that answered an evaluation of its model or wrote its scores (one listing per site)."""
+    layout = Layout()
+    found: dict[int, set[str]] = {}
+    for site in sites:
+        keys = set(store.list(layout.site_dir(site)))
+        answers = f"{layout.site_dir(site)}/results/e"  # an evaluation's task id: e0003-munich-a1
+        answered = {int(key[len(answers):][:4]) for key in keys
+                    if key.startswith(answers) and key[len(answers):][:4].isdigit()}
+        for round_number in range(1, last_round + 1):
+            if round_number in answered or layout.site_evaluation(site, round_number) in keys:
+                found.setdefault(round_number, set()).add(site)
+    return found
+
+
+def _recorded(store: Store, round_number: int) -> dict[str, SiteScore] | None:
+    """The scores the coordinator accepted for a round, or None when it recorded none (see the module's doc)."""
+    key = Layout().federated_scores(round_number)
     try:
-        return SiteScore.from_output(read_json(store, key))
+        record = parse_scores_record(store.read_bounded(key, EVALUATION_LIMIT), store.describe(key))
     except BadDataError:
         return None
+    return {site: SiteScore(s.examples, s.accuracy, s.loss) for site, s in record.sites.items()}
+
+
+def _site_score(store: Store, key: str, max_examples: int) -> SiteScore | None:
+    """A site's own figures, or None when its file is not a valid score."""
+    try:
+        figures = parse_evaluation(store.read_bounded(key, EVALUATION_LIMIT), max_examples, store.describe(key))
+    except BadDataError:
+        return None
+    return SiteScore(figures.examples, figures.accuracy, figures.loss)
 
 
 def sites_fingerprint(sites: list[str]) -> str:
@@ -125,7 +161,8 @@ def finalize(workspace: Workspace, last_round: int, identity: TrainingIdentity, 
     store.write_bytes(f"{final}/model.json", store.read_bytes(sidecar_of(source)))  # sidecar first: its sha256
     store.write_bytes(f"{final}/model.safetensors", store.read_bytes(source))  # is checked against this copy
     results = [read_json(store, layout.result(r)) for r in range(1, last_round + 1) if store.exists(layout.result(r))]
-    scored = Scored(results, federated_rounds(store, evaluation.sites, last_round), evaluation.central)
+    scored = Scored(results, federated_rounds(store, evaluation.sites, last_round, evaluation.examples),
+                    evaluation.central)
     with tempfile.TemporaryDirectory(prefix="fedtrain-final-") as scratch:
         plots = _plots(Path(scratch), results, scored.federated)
         for plot in plots:
@@ -194,9 +231,13 @@ def _client_history(workspace: Workspace, last_round: int) -> dict[str, list[tup
         sidecars.update({site: sidecar_of(layout.client_update(round_number, site)) for site in sorted(layout.sites)
                          if sidecar_of(layout.client_update(round_number, site)) in site_keys})
         for client, key in sidecars.items():
-            meta = read_json(store, key)
-            metrics = {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, int | float)}
-            metrics["num_examples"] = float(meta.get("num_examples", 0))
+            meta = read_json(store, key, SIDECAR_LIMIT)  # a site wrote its own
+            found = meta.get("metrics")
+            metrics = {str(k): float(v) for k, v in (found.items() if isinstance(found, dict) else ())
+                       if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+            examples = meta.get("num_examples")
+            metrics["num_examples"] = float(examples) if isinstance(examples, int) and not isinstance(examples, bool) \
+                else 0.0
             history.setdefault(client, []).append((round_number, metrics))
     return history
 

@@ -15,6 +15,7 @@ clients miss the round's quorum, which fails the training or retries the round
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime
 from enum import Enum
@@ -48,6 +49,7 @@ from fedtrain.worker.errors import (
     EXIT_REFUSED,
     EXIT_REJECTED_UPDATES,
     EXIT_TEMPORARY,
+    BadDataError,
 )
 from fedtrain.worker.federated import SiteScore, combine
 
@@ -356,9 +358,11 @@ class _Step:
                                  site, task.attempt))
             elif progress is Progress.SUCCEEDED and before != "succeeded":
                 seen = self.observations.get(ident)
-                score = SiteScore.from_output(seen.output or {}) if seen is not None else None
-                if score is None:
-                    task.state, task.reason = "failed", "the site's answer holds no evaluation figures"
+                try:
+                    score = SiteScore.from_output(seen.output if seen and seen.output else {},
+                                                  self.spec.clients.max_examples_of(site), f"{site}'s evaluation")
+                except BadDataError as error:  # executors check answers too; the engine never trusts one unchecked
+                    task.state, task.exit_code, task.reason = "failed", EXIT_BAD_DATA, f"score refused: {error}"
                 else:
                     current.site_scores[site] = SiteEvaluation(examples=score.examples, accuracy=score.accuracy,
                                                                loss=score.loss)
@@ -387,10 +391,8 @@ class _Step:
     def record_result(self, current: RoundStatus, output: dict[str, object]) -> None:
         """What the aggregation reported: central scores (if any), accepted and rejected updates, privacy spent."""
         status = self.status
-        accuracy = output.get("accuracy")
-        loss = output.get("loss")
-        current.accuracy = float(accuracy) if isinstance(accuracy, int | float) else None
-        current.loss = float(loss) if isinstance(loss, int | float) else None
+        current.accuracy = _finite(output.get("accuracy"))
+        current.loss = _finite(output.get("loss"))
         accepted = output.get("accepted")
         current.accepted = [str(c) for c in accepted] if isinstance(accepted, list) else []
         rejected = output.get("rejected")
@@ -398,9 +400,9 @@ class _Step:
         current.rejected = {str(k): str(v)[:200] for k, v in sorted(rejected.items())[:DETAILED_CLIENTS]}
         current.summarize(_counted(output, "accepted_count", len(current.accepted)),
                           _counted(output, "rejected_count", len(rejected)))
-        spent, delta = output.get("epsilon"), output.get("dp_delta")
-        if isinstance(spent, int | float) and isinstance(delta, int | float):
-            status.privacy_epsilon, status.privacy_delta = significant(float(spent)), float(delta)
+        spent, delta = _finite(output.get("epsilon")), _finite(output.get("dp_delta"))
+        if spent is not None and delta is not None:
+            status.privacy_epsilon, status.privacy_delta = significant(spent), delta
         if current.rejected:
             self.event(Reason.UPDATES_REJECTED, f"round {current.round}: " + some(
                 [f"{c}: {r}" for c, r in current.rejected.items()], "; "), warning=True)
@@ -455,6 +457,17 @@ def some(items: list[str], separator: str = ", ") -> str:
     """The first `LISTED` items joined, and how many more: messages stay short with a thousand clients."""
     more = f"{separator}and {len(items) - LISTED} more" if len(items) > LISTED else ""
     return separator.join(items[:LISTED]) + more
+
+
+def _finite(value: object) -> float | None:
+    """A number for the status, or None: NaN or infinity would make the API server refuse the whole status."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _counted(output: dict[str, object], key: str, listed: int) -> int:

@@ -166,9 +166,14 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
             decision = decide(spec, status, observations, time.time())
             for event in decision.events:
                 on_event(event)
-            for action in decision.actions:
+            if decision.status != status:
+                save_status(workdir, decision.status)
+                on_status(decision.status)
+            if relay is not None:  # after the status is saved: a posting never runs ahead of it
+                publish_sites(relay, decision.status, on_event)
+            for action in decision.actions:  # last, as the operator acts: finalize finds the rounds' records
                 if isinstance(action, Launch) and remote(action.task, spec):
-                    continue  # posted to its site by the relay below
+                    continue  # posted to its site by the relay above
                 if isinstance(action, Launch):
                     clients = aggregation_clients(decision.status, action.task.round)
                     executor.launch(action.task.id, worker_arguments(action.task, spec, where, clients))
@@ -176,15 +181,10 @@ def run_training(manifest: FederatedTraining, options: RunOptions,
                         round_started.setdefault(action.task.round, time.monotonic())
                 elif isinstance(action, Cancel):
                     executor.cancel(action.task_id)
-            if decision.status != status:
-                save_status(workdir, decision.status)
-                on_status(decision.status)
-                for number in list(round_started):
-                    record = decision.status.round(number)
-                    if record is not None and record.finished_at is not None and number not in result.round_walls:
-                        result.round_walls[number] = time.monotonic() - round_started[number]
-            if relay is not None:  # after the status is saved: a posting never runs ahead of it
-                publish_sites(relay, decision.status, on_event)
+            for number in list(round_started):
+                record = decision.status.round(number)
+                if record is not None and record.finished_at is not None and number not in result.round_walls:
+                    result.round_walls[number] = time.monotonic() - round_started[number]
             status = decision.status
             if status.phase in ("Succeeded", "Failed", "Suspended") and executor.idle:
                 break

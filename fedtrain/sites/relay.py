@@ -12,6 +12,15 @@ Observations come from ``sites/<site>/results/<task id>.json``: one GET per site
 waits for, and nothing for tasks already settled. A task the relay has posted and that has no
 answer yet is "running"; one it has not posted (a new coordinator process) is not observed, so the
 engine asks for it again and the next publish posts it.
+
+An answer is the site's data, never trusted: it is read within `RESULT_LIMIT` bytes and parsed
+strictly (`parse_result`, then the output of its task's kind, its example count within what the
+spec allows that site). Whatever fails is that one task failing with bad data (exit code 3) and a
+reason naming the field; the pass, and the round under its quorum, go on.
+
+After each stored status the relay also records, per finished round with federated evaluation, the
+site scores the engine accepted (``round-NNNN/federated.json``): finalize reads those, so that
+MLflow and the champion rule see exactly the figures the status shows.
 """
 
 from __future__ import annotations
@@ -23,10 +32,26 @@ from fedtrain.engine.engine import task_id
 from fedtrain.engine.status import FINISHED, Observation, RoundStatus, TrainingStatus
 from fedtrain.spec import FederatedTrainingSpec
 from fedtrain.tasks import client_training
-from fedtrain.worker.errors import BadDataError
+from fedtrain.worker.errors import EXIT_BAD_DATA, BadDataError
 from fedtrain.worker.layout import Layout, sidecar_of
-from fedtrain.worker.sitetask import Posting, PrivacySettings, SiteTask, TrainSettings, encode, parse_result
+from fedtrain.worker.sitetask import (
+    RESULT_LIMIT,
+    Posting,
+    PrivacySettings,
+    ScoresRecord,
+    SiteTask,
+    TrainSettings,
+    encode,
+    evaluation_output,
+    parse_result,
+    train_output,
+)
 from fedtrain.worker.storage import Store
+
+
+def refused(site: str, why: str) -> Observation:
+    """A site's answer that is not what its task asks for: the task failed with bad data (not retried)."""
+    return Observation("failed", EXIT_BAD_DATA, None, f"{site}'s answer was refused: {why}")
 
 
 @dataclass(frozen=True)
@@ -98,27 +123,48 @@ class SiteRelay:
     layout: Layout = field(default_factory=Layout)
     posted: dict[str, bytes] = field(default_factory=dict)  # site -> the task.json this process wrote last
     checksums: dict[int, str] = field(default_factory=dict)  # round -> sha256 of its global model
+    recorded: set[int] = field(default_factory=set)  # rounds whose accepted site scores this process recorded
 
     def observe(self, status: TrainingStatus) -> dict[str, Observation]:
-        """Observations of the site tasks the engine waits for."""
+        """Observations of the site tasks the engine waits for.
+
+        A site's key that the store refuses to read as data (an object the site encrypted with a key
+        of its own, say) is that site's refused answer; refused credentials (`BadInputError`) and a
+        store that is down (`TemporaryStorageError`) are the coordinator's problem and propagate.
+        """
         observations: dict[str, Observation] = {}
         for site, wanted in assignments(self.spec, status).items():
             ident = wanted.task_id
             key = self.layout.site_result(site, ident)
-            if self.store.exists(key):
-                observations[ident] = self._answer(site, key)
+            try:
+                seen = self._answer(wanted, key) if self.store.exists(key) else None
+            except BadDataError as error:
+                seen = refused(site, str(error))
+            if seen is not None:
+                observations[ident] = seen
             elif self._posted_id(site) == ident:
                 observations[ident] = Observation("running", reason=None)
         return observations
 
-    def _answer(self, site: str, key: str) -> Observation:
+    def _answer(self, wanted: Assignment, key: str) -> Observation:
+        """The site's answer read within `RESULT_LIMIT` and parsed strictly; a refusal says which field was wrong."""
+        where = self.store.describe(key)
         try:
-            result = parse_result(self.store.read_bytes(key), self.store.describe(key))
+            result = parse_result(self.store.read_bounded(key, RESULT_LIMIT), where)
+            if (result.task, result.site) != (wanted.task_id, wanted.site):
+                raise BadDataError(f"{where}: answers task {result.task!r} of site {result.site!r}, not "
+                                   f"{wanted.task_id!r} of {wanted.site!r}")
+            if result.state == "failed":
+                return Observation("failed", result.exit_code, None, result.reason or "the site reported a failure")
+            return Observation("succeeded", 0, self._output(wanted, result.output, where))
         except BadDataError as error:
-            return Observation("failed", None, None, f"{site} answered with an unreadable result: {error}")
-        if result.state == "succeeded":
-            return Observation("succeeded", 0, dict(result.output))
-        return Observation("failed", result.exit_code, None, result.reason or "the site reported a failure")
+            return refused(wanted.site, str(error))
+
+    def _output(self, wanted: Assignment, output: dict[str, object], where: str) -> dict[str, object]:
+        """The output checked for its task's kind: an update's claim, or an evaluation's figures."""
+        bound = self.spec.clients.max_examples_of(wanted.site)
+        check = train_output if wanted.kind == "train" else evaluation_output
+        return check(output, bound, f"{where}: output").model_dump()
 
     def _posted_id(self, site: str) -> str | None:
         data = self.posted.get(site)
@@ -128,7 +174,10 @@ class SiteRelay:
         return str(task["id"]) if isinstance(task, dict) else None
 
     def publish(self, status: TrainingStatus) -> None:
-        """Make every site's ``task.json`` say what the status wants of it (writing only what changed)."""
+        """Make every site's ``task.json`` say what the status wants of it (writing only what changed).
+
+        Then record the accepted site scores of rounds that finished their evaluation (`record_scores`).
+        """
         wanted = assignments(self.spec, status)
         for site in self.spec.clients.sites():
             assignment = wanted.get(site)
@@ -137,6 +186,23 @@ class SiteRelay:
             if self.posted.get(site) != data:
                 self.store.write_bytes(self.layout.site_task(site), data)
                 self.posted[site] = data
+        self.record_scores(status)
+
+    def record_scores(self, status: TrainingStatus) -> None:
+        """Write ``round-NNNN/federated.json`` once for each finished round the sites evaluated.
+
+        It holds the scores the engine accepted (none, when every site failed or was refused), which
+        finalize reads instead of the sites' own files. A new process checks each round once: a
+        record lost to a crash between the status and this write is written now.
+        """
+        for record in status.rounds:
+            if record.finished_at is None or record.evaluations is None or record.round in self.recorded:
+                continue
+            key = self.layout.federated_scores(record.round)
+            if not self.store.exists(key):
+                scores = {site: score.model_dump() for site, score in record.site_scores.items()}
+                self.store.write_bytes(key, ScoresRecord(round=record.round, sites=scores).encode())
+            self.recorded.add(record.round)
 
     def task(self, wanted: Assignment) -> SiteTask:
         """The document for one assignment."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -128,6 +129,50 @@ def test_an_answer_without_figures_is_a_failed_evaluation() -> None:
     assert record.evaluations["munich"].state == "failed"
     assert record.federated is not None and record.federated.sites == 1
     assert any(e.startswith(Reason.SITE_EVALUATION_FAILED) for e in sim.events)
+
+
+@pytest.mark.parametrize(("figures", "said"), [
+    ({"examples": 10**18, "accuracy": 7.0, "loss": 0.1}, "accuracy: Input should be less than or equal to 1"),
+    ({"examples": 10, "accuracy": float("nan"), "loss": 0.1}, "accuracy: Input should be a finite number"),
+    ({"examples": 10, "accuracy": 0.9, "loss": -1.0}, "loss: Input should be greater than or equal to 0"),
+    ({"examples": 50, "accuracy": 0.9, "loss": 0.1}, "claims 50 examples, more than the 40"),
+    ({"examples": 10.0, "accuracy": 0.9, "loss": 0.1}, "examples: Input should be a valid integer"),
+])
+def test_an_invalid_score_never_reaches_the_figures(figures: dict[str, Any], said: str) -> None:
+    """The engine checks every score itself, whatever its executor checked: 7.0 or NaN never becomes the best."""
+    def hostile(task: Task, now: float) -> Observation:
+        if task.kind == "evaluate" and task.client == "munich":
+            return Observation("succeeded", 0, figures)
+        return answer(task, now)
+
+    entries = [{"name": "hq"}, {"name": "munich", "site": {}, "maxExamples": 40}, {"name": "hamburg", "site": {}}]
+    sim = Simulation(sites_spec(rounds=1, clients={"list": entries}), hostile)
+    status = sim.run()
+    assert status.phase == "Succeeded"
+    record = status.round(1)
+    assert record is not None and record.evaluations is not None and record.federated is not None
+    munich = record.evaluations["munich"]
+    assert munich.state == "failed" and said in (munich.reason or "") and "munich's evaluation" in (munich.reason or "")
+    assert "munich" not in record.site_scores and record.federated.sites == 1
+    assert status.best_accuracy == status.accuracy == pytest.approx(0.4)  # hamburg's alone
+    json.dumps(status.to_json(), allow_nan=False)
+    assert any(e.startswith(Reason.SITE_EVALUATION_FAILED) and "munich" in e for e in sim.events)
+
+
+def test_non_finite_aggregation_figures_are_left_out_of_the_status() -> None:
+    """A NaN in a status makes the API server refuse the whole patch: figures that are not finite stay out."""
+    def diverged(task: Task, now: float) -> Observation:
+        if task.kind == "aggregate":
+            return Observation("succeeded", 0, {"accepted": ["hq"], "accuracy": 0.1, "loss": float("nan"),
+                                                "epsilon": float("inf"), "dp_delta": 1e-5})
+        return answer(task, now)
+
+    status = Simulation(sites_spec(rounds=1, evaluation={"central": True}), diverged).run()
+    assert status.phase == "Succeeded"
+    record = status.round(1)
+    assert record is not None and record.accuracy == 0.1 and record.loss is None
+    assert status.privacy_epsilon is None
+    json.dumps(status.to_json(), allow_nan=False)
 
 
 def test_combine_breaks_ties_by_name() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +13,17 @@ from fedtrain.engine import decide
 from fedtrain.engine.status import Observation, TrainingStatus
 from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import FederatedTrainingSpec, parse_spec
-from fedtrain.worker.errors import EXIT_REFUSED
+from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_REFUSED
 from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import SiteResult, encode, parse_posting
+from fedtrain.worker.sitetask import SiteResult, encode, parse_posting, parse_scores_record
 from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.weights import save_weights
 
 
-def spec() -> FederatedTrainingSpec:
+def spec(**clients: object) -> FederatedTrainingSpec:
     return parse_spec({"rounds": 2, "seed": 4, "roundDeadlineSeconds": 60,
                        "clients": {"list": [{"name": "hq"}, {"name": "munich", "site": {},
-                                                               "training": {"localEpochs": 3}}]},
+                                                               "training": {"localEpochs": 3}}], **clients},
                        "strategy": {"name": "fedprox", "parameters": {"mu": 0.1}},
                        "privacy": {"clipNorm": 2.0, "noiseMultiplier": 0.5}})
 
@@ -67,11 +68,12 @@ def test_answers_become_observations(store: DirectoryStore) -> None:
     key = Layout().site_result("munich", "r0001-munich-a1")
     store.write_bytes(key, encode(SiteResult("r0001-munich-a1", "munich", "failed", EXIT_REFUSED, "no fedprox")))
     assert relay.observe(status)["r0001-munich-a1"] == Observation("failed", EXIT_REFUSED, None, "no fedprox")
-    store.write_bytes(key, encode(SiteResult("r0001-munich-a1", "munich", "succeeded", 0, None, {"n": 5})))
-    assert relay.observe(status)["r0001-munich-a1"] == Observation("succeeded", 0, {"n": 5})
+    output = {"num_examples": 5, "metrics": {"train_loss": 0.5}, "sha256": "a" * 64}
+    store.write_bytes(key, encode(SiteResult("r0001-munich-a1", "munich", "succeeded", 0, None, output)))
+    assert relay.observe(status)["r0001-munich-a1"] == Observation("succeeded", 0, output)
     store.write_bytes(key, b"{not json")
     seen = relay.observe(status)["r0001-munich-a1"]
-    assert seen.state == "failed" and "unreadable result" in (seen.reason or "")
+    assert seen.state == "failed" and seen.exit_code == EXIT_BAD_DATA and "answer was refused" in (seen.reason or "")
 
 
 def test_a_new_relay_posts_the_same_task_again_and_withdraws_it_when_the_round_moves_on(
@@ -90,3 +92,146 @@ def test_a_new_relay_posts_the_same_task_again_and_withdraws_it_when_the_round_m
     status.phase = "Succeeded"
     again.publish(status)
     assert parse_posting(store.read_bytes("sites/munich/task.json")).phase == "Succeeded"
+
+
+# --- a hostile site: whatever it writes under its own keys is one refused answer, never a failed pass -------------
+
+TRAIN_OUTPUT = {"num_examples": 5, "metrics": {"train_loss": 0.5}, "sha256": "a" * 64}
+SCORE = {"examples": 40, "accuracy": 0.5, "loss": 1.2}
+
+
+def answer_bytes(task: str, output: object, **fields: object) -> bytes:
+    document = {"task": task, "site": "munich", "state": "succeeded", "exit_code": 0, "reason": None,
+                "output": output, "version": 1, **fields}
+    return json.dumps(document).encode()
+
+
+HOSTILE_TRAINING = [
+    pytest.param(answer_bytes("r0001-munich-a1", [1, 2]), "output: Input should be an object", id="output-list"),
+    pytest.param(answer_bytes("r0001-munich-a1", {**TRAIN_OUTPUT, "num_examples": 10**9}),
+                 "claims 1000000000 examples, more than the 1000000", id="billion-examples"),
+    pytest.param(answer_bytes("r0001-munich-a1", {**TRAIN_OUTPUT, "num_examples": "5"}),
+                 "num_examples: Input should be a valid integer", id="examples-string"),
+    pytest.param(answer_bytes("r0001-munich-a1", {**TRAIN_OUTPUT, "num_examples": True}),
+                 "num_examples: Input should be a valid integer", id="examples-bool"),
+    pytest.param(answer_bytes("r0001-munich-a1", {**TRAIN_OUTPUT, "metrics": {"loss": float("nan")}}),
+                 "metrics.loss: Input should be a finite number", id="metric-nan"),
+    pytest.param(answer_bytes("r0001-munich-a1", {**TRAIN_OUTPUT, "sha256": "../../etc"}),
+                 "sha256: String should match pattern", id="sha256-pattern"),
+    pytest.param(answer_bytes("r0001-munich-a1", TRAIN_OUTPUT, state="done"), "state: Input should be",
+                 id="unknown-state"),
+    pytest.param(answer_bytes("r0001-munich-a1", TRAIN_OUTPUT, exit_code="0"), "exit_code: Input should be a valid "
+                 "integer", id="exit-code-string"),
+    pytest.param(answer_bytes("r0001-munich-a1", TRAIN_OUTPUT, surprise=1), "surprise: Extra inputs",
+                 id="unknown-field"),
+    pytest.param(answer_bytes("r0001-hamburg-a1", TRAIN_OUTPUT), "answers task 'r0001-hamburg-a1'",
+                 id="another-task"),
+    pytest.param(answer_bytes("r0001-munich-a1", TRAIN_OUTPUT, reason="x" * 100_000), "bytes allowed for it",
+                 id="oversized"),
+    pytest.param(b"[]", "Input should be an object", id="a-list"),
+    pytest.param(b"\xff\xfe", "not a site result", id="not-utf8"),
+]
+
+
+@pytest.mark.parametrize(("data", "said"), HOSTILE_TRAINING)
+def test_a_hostile_training_answer_is_refused_with_its_reason(store: DirectoryStore, data: bytes, said: str) -> None:
+    the_spec = spec(minSuccessful=1)
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    status = round_one(the_spec)
+    relay.publish(status)
+    store.write_bytes(Layout().site_result("munich", "r0001-munich-a1"), data)
+    seen = relay.observe(status)["r0001-munich-a1"]
+    assert (seen.state, seen.exit_code, seen.output) == ("failed", EXIT_BAD_DATA, None)
+    assert said in (seen.reason or ""), seen.reason
+    assert (seen.reason or "").startswith("munich's answer was refused: ")
+    following = decide(the_spec, status, {"r0001-munich-a1": seen}, 102.0)  # the engine: one failed client
+    munich = following.status.round(1).clients["munich"]  # type: ignore[union-attr]
+    assert munich.state == "failed" and said in (munich.reason or "")
+    assert following.status.phase == "Running"
+
+
+def test_an_oversized_answer_is_refused_without_being_read(store: DirectoryStore,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    the_spec = spec()
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    status = round_one(the_spec)
+    relay.publish(status)
+    path = store.path(Layout().site_result("munich", "r0001-munich-a1"))
+    path.parent.mkdir(parents=True)
+    with path.open("wb") as stream:  # 200 MB, sparse: it costs the test machine no disk
+        stream.truncate(200 * 1024 * 1024)
+    monkeypatch.setattr(DirectoryStore, "read_bytes", lambda self, key: pytest.fail(f"{key} read whole"))
+    tracemalloc.start()
+    seen = relay.observe(status)["r0001-munich-a1"]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seen.state == "failed" and "209715200 bytes, over the 65536 bytes allowed" in (seen.reason or "")
+    assert peak < 1024 * 1024
+
+
+def evaluating(the_spec: FederatedTrainingSpec, store: DirectoryStore) -> TrainingStatus:
+    """The status once round 1 was aggregated and munich is asked to score its model."""
+    save_weights(store, Layout().global_weights(1), {"w": np.ones(3, np.float32)}, {"round": 1})
+    status = round_one(the_spec)
+    trained = {"r0001-hq-a1": Observation("succeeded", 0), "r0001-munich-a1": Observation("succeeded", 0)}
+    status = decide(the_spec, status, trained, 102.0).status
+    aggregated = {**trained, "r0001-aggregate-a1": Observation("succeeded", 0, {"accepted": ["hq", "munich"],
+                                                                                "accuracy": 0.3, "loss": 2.0})}
+    status = decide(the_spec, status, aggregated, 103.0).status
+    assert status.round(1).evaluations is not None  # type: ignore[union-attr]
+    return status
+
+
+HOSTILE_SCORES = [
+    pytest.param({**SCORE, "accuracy": 7.0}, "accuracy: Input should be less than or equal to 1", id="accuracy-7"),
+    pytest.param({**SCORE, "accuracy": float("nan")}, "accuracy: Input should be a finite number", id="accuracy-nan"),
+    pytest.param({**SCORE, "accuracy": -0.1}, "accuracy: Input should be greater than or equal to 0",
+                 id="accuracy-negative"),
+    pytest.param({**SCORE, "loss": float("inf")}, "loss: Input should be a finite number", id="loss-inf"),
+    pytest.param({**SCORE, "examples": 10**18}, "examples: Input should be less than or equal to 2147483647",
+                 id="examples-1e18"),
+    pytest.param({**SCORE, "examples": 2_000_000}, "claims 2000000 examples", id="examples-over-the-spec"),
+    pytest.param({**SCORE, "examples": 0}, "examples: Input should be greater than or equal to 1", id="no-examples"),
+    pytest.param({**SCORE, "accuracy": "0.5"}, "accuracy: Input should be a valid number", id="accuracy-string"),
+    pytest.param({"examples": 40, "accuracy": 0.5}, "loss: Field required", id="no-loss"),
+]
+
+
+@pytest.mark.parametrize(("output", "said"), HOSTILE_SCORES)
+def test_a_hostile_score_is_refused_and_the_round_completes_without_it(store: DirectoryStore, output: object,
+                                                                        said: str) -> None:
+    the_spec = spec()
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    status = evaluating(the_spec, store)
+    relay.publish(status)
+    store.write_bytes(Layout().site_result("munich", "e0001-munich-a1"), answer_bytes("e0001-munich-a1", output))
+    seen = relay.observe(status)["e0001-munich-a1"]
+    assert seen.state == "failed" and said in (seen.reason or ""), seen.reason
+    done = decide(the_spec, status, {"e0001-munich-a1": seen}, 104.0).status
+    record = done.round(1)
+    assert record is not None and record.finished_at is not None and record.site_scores == {}
+    assert record.federated is None and done.federated_accuracy is None
+    assert done.best_accuracy == 0.3  # the central score: no site's figure reached it
+    json.dumps(done.to_json(), allow_nan=False)  # nothing an API server would refuse
+    relay.publish(done)
+    recorded = parse_scores_record(store.read_bytes(Layout().federated_scores(1)))
+    assert recorded.sites == {}  # finalize finds no score of munich's to use
+
+
+def test_the_accepted_scores_are_recorded_once_for_finalize(store: DirectoryStore) -> None:
+    the_spec = spec()
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    status = evaluating(the_spec, store)
+    relay.publish(status)
+    store.write_bytes(Layout().site_result("munich", "e0001-munich-a1"), answer_bytes("e0001-munich-a1", SCORE))
+    seen = relay.observe(status)
+    assert seen["e0001-munich-a1"] == Observation("succeeded", 0, SCORE)
+    done = decide(the_spec, status, seen, 104.0).status
+    relay.publish(done)
+    key = Layout().federated_scores(1)
+    assert parse_scores_record(store.read_bytes(key)).sites["munich"].accuracy == 0.5
+    store.write_bytes(key, b"changed")
+    relay.publish(done)
+    assert store.read_bytes(key) == b"changed"  # written once by this process
+    SiteRelay(store, the_spec, "team-signs/signs").publish(done)
+    assert store.read_bytes(key) == b"changed"  # a new process writes only what is missing

@@ -15,7 +15,10 @@ import pytest
 from fedtrain.worker.data.synth import SynthConfig, generate
 from fedtrain.worker.errors import EXIT_OK
 from fedtrain.worker.federated import SiteScore, combine
+from fedtrain.worker.finalize import federated_rounds
 from fedtrain.worker.layout import Layout
+from fedtrain.worker.sitetask import EVALUATION_LIMIT, ExampleBounds, ScoresRecord, evaluation_output
+from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.tracking import Tracker, TrainingIdentity
 from tests.worker.test_site_task import MODEL, posted, site_task, worker
 
@@ -106,3 +109,23 @@ def test_a_champion_from_another_test_set_is_kept_without_one_to_score_it(
     promoted, reason = tracker.decide_champion("signs", better, accuracy + 0.01, "sites:a,b", None)
     assert promoted and "beats the champion" in reason
     assert str(tracker.client.get_model_version_by_alias("signs", "champion").version) == better
+
+
+def test_finalize_takes_the_scores_the_coordinator_accepted_not_the_sites_own_files(tmp_path: Path) -> None:
+    """MLflow and the champion rule see the status's figures: a site's file never adds a score the engine refused."""
+    store, layout = DirectoryStore(tmp_path), Layout()
+    honest = {"examples": 10, "accuracy": 0.4, "loss": 1.0, "round": 1, "split": "test"}
+    store.write_bytes(layout.site_evaluation("a", 1), json.dumps(honest).encode())
+    store.write_bytes(layout.site_evaluation("b", 1), json.dumps({**honest, "accuracy": 7.0}).encode())
+    store.write_bytes(layout.site_evaluation("c", 1), b"x" * (EVALUATION_LIMIT + 1))
+    found = federated_rounds(store, ("a", "b", "c"), 2)  # no record (an older training): the files, checked
+    assert found[1].sites == {"a": SiteScore(10, 0.4, 1.0)} and 2 not in found
+    assert federated_rounds(store, ("a", "b"), 2, ExampleBounds(5)) == {}  # a claims more than it may
+
+    accepted = {"b": evaluation_output({"examples": 30, "accuracy": 0.6, "loss": 0.5})}
+    store.write_bytes(layout.federated_scores(1), ScoresRecord(round=1, sites=accepted).encode())
+    store.write_bytes(layout.site_result("a", "e0002-a-a1"), b"{}")  # round 2: an answer, no evaluation.json
+    store.write_bytes(layout.federated_scores(2), ScoresRecord(round=2, sites={}).encode())  # none accepted
+    found = federated_rounds(store, ("a", "b", "c"), 2)
+    assert found[1].sites == {"b": SiteScore(30, 0.6, 0.5)} and found[1].combined.accuracy == 0.6
+    assert 2 not in found  # recorded without scores: no figures, whatever the files say
