@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ import pytest
 from fedtrain.local.executor import ForkServer
 from fedtrain.sites.bucket_policy import site_policy
 from fedtrain.worker.data.synth import SynthConfig, generate
-from fedtrain.worker.sitetask import Posting, SiteTask, TrainSettings, encode, parse_result
-from fedtrain.worker.storage import open_store
+from fedtrain.worker.errors import BadDataError
+from fedtrain.worker.sitetask import Posting, SiteTask, TrainSettings, encode, parse_posting, parse_result
+from fedtrain.worker.storage import Store, open_store
 from tests.conftest import S3Server
 from tests.operator.cluster import ApiServer, Sabotage
 from tests.operator.conftest import NAMESPACE, Cluster, SiteCluster, tiny_training
@@ -219,6 +221,66 @@ async def test_a_silent_site_is_dropped_at_the_round_deadline(cluster: Cluster, 
     for record in status["rounds"]:
         assert record["clients"]["hamburg"]["state"] == "dropped", record
         assert record["clients"]["hq"]["state"] == "succeeded"
+
+
+HOSTILE_ANSWERS = {  # task id prefix -> (what the hostile site writes as its answer's output, the reason expected)
+    "r0001": ([1, 2, 3], "output: Input should be an object"),
+    "e0001": ({"examples": 40, "accuracy": float("nan"), "loss": 0.1}, "accuracy: Input should be a finite number"),
+    "r0002": ({"num_examples": 10**9, "metrics": {}, "sha256": "a" * 64}, "claims 1000000000 examples"),
+    "e0002": ({"examples": 10**18, "accuracy": 7.0, "loss": 0.0}, "accuracy: Input should be less than or equal to 1"),
+}
+
+
+def play_hostile_site(store: Store, stop: threading.Event) -> None:
+    """Answer each task posted to site ``evil`` once, with the lie of its kind and round, under its own key."""
+    answered: set[str] = set()
+    while not stop.wait(0.3):
+        try:
+            task = parse_posting(store.read_bytes("sites/evil/task.json")).task
+        except BadDataError:  # not posted yet
+            continue
+        if task is None or task.id in answered:
+            continue
+        output, _ = HOSTILE_ANSWERS[task.id[:5]]
+        document = {"task": task.id, "site": "evil", "state": "succeeded", "exit_code": 0, "output": output}
+        store.write_bytes(f"sites/evil/results/{task.id}.json", json.dumps(document).encode())
+        answered.add(task.id)
+
+
+async def test_a_hostile_site_is_refused_answer_by_answer_and_the_training_succeeds(
+        cluster: Cluster, s3_server: S3Server, mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing but its own key: a list for an output, NaN, 10^9 examples, 7.0 over 10^18 examples."""
+    monkeypatch.setenv("FEDTRAIN_SITE_POLL_SECONDS", "1")
+    manifest = coordinated("signs-hostile", s3_server, mlflow_server, [])
+    manifest["spec"]["clients"] = {"count": 2, "minSuccessful": 1, "list": [{"name": "hq"}, {"name": "evil",
+                                                                                            "site": {}}]}
+    if cluster.runner.forks is None:
+        cluster.runner.forks = await asyncio.to_thread(ForkServer, [])
+    training_id = await start_training(cluster, manifest, s3_server)
+    keys = s3_server.user("evil-hostile", site_policy(s3_server.bucket, PREFIX, training_id, "evil"))
+    environment = {**s3_server.environment("evil's key"), "AWS_ACCESS_KEY_ID": keys[0],
+                   "AWS_SECRET_ACCESS_KEY": keys[1]}
+    evil = open_store(f"s3://{s3_server.bucket}/{PREFIX}/{training_id}", environment)
+    stop = threading.Event()
+    site = threading.Thread(target=play_hostile_site, args=(evil, stop), daemon=True)
+    site.start()
+    try:
+        done = await cluster.wait_for("signs-hostile", finished, timeout=180)
+    finally:
+        stop.set()
+    status = done["status"]
+    assert status["phase"] == "Succeeded", (status.get("reason"), status.get("message"))
+    for record in status["rounds"]:
+        number = record["round"]
+        training, evaluation = record["clients"]["evil"], record["evaluations"]["evil"]
+        assert training["state"] == evaluation["state"] == "failed" and training["exitCode"] == 3
+        assert HOSTILE_ANSWERS[f"r{number:04d}"][1] in training["reason"], training
+        assert HOSTILE_ANSWERS[f"e{number:04d}"][1] in evaluation["reason"], evaluation
+        assert record["clients"]["hq"]["state"] == "succeeded" and "federated" not in record
+    assert 0 <= status["bestAccuracy"] <= 1 and "federatedAccuracy" not in status
+    events: Any = await cluster.events()
+    assert any(e["reason"] == "SiteEvaluationFailed" and "finite number" in e["message"] for e in events), \
+        [(e["reason"], e["message"]) for e in events]
 
 
 async def test_a_site_key_cannot_touch_another_sites_keys(s3_server: S3Server) -> None:
