@@ -111,9 +111,10 @@ def select_clients(spec: FederatedTrainingSpec, round_number: int) -> list[str]:
 def describe_failure(observation: Observation) -> str:
     """A short reason from an exit code and whatever the executor knew."""
     code = observation.exit_code
-    name = EXIT_CODE_NAMES.get(code, "failed") if code is not None else "failed"
+    if code is None:  # no process ended (an image that cannot be pulled...): the executor's reason is the whole story
+        return observation.reason or "failed"
     detail = f": {observation.reason}" if observation.reason else ""
-    return f"exit code {code} ({name}){detail}" if code is not None else f"failed{detail}"
+    return f"exit code {code} ({EXIT_CODE_NAMES.get(code, 'failed')}){detail}"
 
 
 def cause(task: ClientTask) -> str | None:

@@ -255,13 +255,22 @@ def test_task_ids_are_deterministic() -> None:
     assert task_id("init", 1) == "init-a1"
 
 
+def test_a_failure_without_an_exit_code_is_described_by_the_executors_reason_alone() -> None:
+    from fedtrain.engine.engine import describe_failure
+
+    pull = Observation("failed", None, None, "ImagePullBackOff: Back-off pulling image fedtrain/wrokre")
+    assert describe_failure(pull) == "ImagePullBackOff: Back-off pulling image fedtrain/wrokre"
+    assert describe_failure(Observation("failed")) == "failed"
+    assert describe_failure(Observation("failed", 1, None, "Traceback")) == "exit code 1 (failed): Traceback"
+
+
 def test_image_pull_errors_are_not_retried_and_name_the_failed_reason() -> None:
     from fedtrain.engine.engine import cause
     from fedtrain.engine.status import ClientTask
 
     assert cause(ClientTask(exit_code=2)) == "BadInput"
     assert cause(ClientTask(exit_code=137, reason="exit code 137 (failed): OOMKilled")) == "OOMKilled"
-    assert cause(ClientTask(reason="failed: ImagePullBackOff: Back-off pulling image")) == "ImagePullBackOff"
+    assert cause(ClientTask(reason="ImagePullBackOff: Back-off pulling image")) == "ImagePullBackOff"
     assert cause(ClientTask(exit_code=1, reason="exit code 1 (failed): Traceback")) is None
     def pull_error(task: Task, now: float) -> Observation:
         if task.kind == "train" and task.client != "client-00":

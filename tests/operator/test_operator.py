@@ -92,6 +92,7 @@ async def test_clients_failing_below_quorum_fail_the_training_with_the_cause(
     failed = condition(done, "Failed")
     assert failed["status"] == "True" and failed["reason"] == "ImagePullBackOff", failed
     assert "client-01" in failed["message"] and "client-02" in failed["message"]
+    assert "failed: failed" not in failed["message"], failed  # the executor's reason, not a second "failed"
     async def none_stuck() -> bool:  # the status is written first, then the stuck Jobs are deleted
         return not [j for j in await cluster.jobs() if "client-01" in j["metadata"]["name"]]
 
