@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from fedtrain import __version__
 from fedtrain.worker.layout import client_names
 from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, ExampleBounds
 
@@ -28,6 +29,12 @@ KIND = "FederatedTraining"
 PLURAL = "federatedtrainings"
 SINGULAR = "federatedtraining"
 SHORT_NAME = "ft"
+# The images a release publishes (deploy/images/build tags them with the version). Trainings that name no
+# worker image run the operator's default, WORKER_IMAGE_ENV in its Deployment (deploy/kustomization.yaml
+# sets it in one place), else this one.
+IMAGE_REGISTRY = "ghcr.io/fedtrain"
+DEFAULT_WORKER_IMAGE = f"{IMAGE_REGISTRY}/worker:{__version__}"
+WORKER_IMAGE_ENV = "FEDTRAIN_WORKER_IMAGE"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A training's name prefixes the names of its Jobs and claim and is a label value on each of them;
 # 40 leaves room for the task id in a Job name. The CRD refuses longer names at admission.
@@ -432,8 +439,8 @@ class StorageSpec(Model):
 class WorkerSpec(Model):
     """How worker tasks run: image and scheduling on Kubernetes, device and parallelism everywhere."""
 
-    image: Annotated[str, Field(max_length=512)] = "ghcr.io/fedtrain/worker:0.1.0"
-    """The worker image every Job runs."""
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    """The worker image every Job runs; unset: the namespace's ``workerImage`` default, else the operator's."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """The worker container's image pull policy."""
     resources: dict[str, Any] | None = None

@@ -52,12 +52,19 @@ from fedtrain.operator.jobs import (
     job_of,
     kubernetes_problems,
     observe,
+    operator_worker_image,
     placement,
     training_selector,
     worker_account_manifest,
 )
 from fedtrain.operator.kube import ApiError, Kube, Paths
-from fedtrain.operator.profiles import DEFAULTS_CONFIGMAP, LABEL_PROFILE, apply_defaults, provision
+from fedtrain.operator.profiles import (
+    DEFAULTS_CONFIGMAP,
+    LABEL_PROFILE,
+    WORKER_IMAGE_DEFAULT,
+    apply_defaults,
+    provision,
+)
 from fedtrain.operator.status import Conflict, read_status, write_status
 from fedtrain.operator.storeaccess import secret_environment
 from fedtrain.sites.relay import SiteRelay, assignments
@@ -520,17 +527,20 @@ class Controller:
                              status: TrainingStatus) -> dict[str, Any]:
         """The spec with the namespace's ``fedtrain-defaults`` filled in where it is silent (profiles).
 
-        The ConfigMap is read once, at the first pass that needs it, and its data kept in ``status``
+        The operator's own worker image (`operator_worker_image`) counts as a default beneath the
+        namespace's. The ConfigMap is read once, at the first pass that needs it, and its data kept in ``status``
         (stored with the pass's decision): later passes fill in the same values without reading it, so
         an edit to the defaults never moves a running training's storage or experiment. A training
         applied right after its defaults still finds them: that first read goes to the API server.
         """
         silent = not any(k in (raw_spec.get("storage") or {}) for k in STORAGE_KINDS)
         mlflow = raw_spec.get("mlflow") or {}
-        if not (silent or "experiment" not in mlflow or "trackingUri" not in mlflow):
+        image_silent = "image" not in (raw_spec.get("worker") or {})
+        if not (silent or image_silent or "experiment" not in mlflow or "trackingUri" not in mlflow):
             return raw_spec
         if status.namespace_defaults is None:
-            status.namespace_defaults = await self._namespace_defaults(namespace)
+            status.namespace_defaults = {WORKER_IMAGE_DEFAULT: operator_worker_image(),
+                                         **await self._namespace_defaults(namespace)}
         return apply_defaults(raw_spec, status.namespace_defaults, name)
 
     async def _namespace_defaults(self, namespace: str) -> dict[str, str]:

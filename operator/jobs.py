@@ -22,11 +22,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from fedtrain.engine.status import Observation, Task
-from fedtrain.spec import API_VERSION, KIND, FederatedTrainingSpec, S3Spec
+from fedtrain.spec import API_VERSION, DEFAULT_WORKER_IMAGE, KIND, WORKER_IMAGE_ENV, FederatedTrainingSpec, S3Spec
 from fedtrain.tasks import Placement, s3_environment, storage_location, training_dir, training_id
 from fedtrain.worker.storage import S3_ENV
 
@@ -63,6 +64,16 @@ class Owner:
     uid: str
     api_version: str = API_VERSION
     kind: str = KIND
+
+
+def operator_worker_image() -> str:
+    """The image of Jobs whose spec names none: the Deployment's ``FEDTRAIN_WORKER_IMAGE``, else the release's.
+
+    Set in one place (deploy/kustomization.yaml) so that pointing every training at another registry
+    edits no sample; a training records the image it started with (see `namespace defaults`), so a
+    rollout that changes it does not move a running training to another image.
+    """
+    return os.environ.get(WORKER_IMAGE_ENV, "").strip() or DEFAULT_WORKER_IMAGE
 
 
 def workdir(owner: Owner) -> str:
@@ -268,7 +279,7 @@ def _worker_job(name: str, namespace: str, job_labels: dict[str, str], spec: Fed
         volumes += worker.volumes or []
         mounts += worker.volume_mounts or []
     container: dict[str, Any] = {
-        "name": "worker", "image": worker.image, "imagePullPolicy": worker.image_pull_policy,
+        "name": "worker", "image": worker.image or operator_worker_image(), "imagePullPolicy": worker.image_pull_policy,
         "command": ["fedtrain-worker"], "args": arguments, "workingDir": "/tmp",
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
                 {"name": "PYTHONUNBUFFERED", "value": "1"}, *s3_env, *([] if foreign else worker.env or [])],

@@ -34,6 +34,7 @@ ANNOTATION_STORAGE_CLASS = "fedtrain.io/storage-class"
 ANNOTATION_STORAGE_ACCESS = "fedtrain.io/storage-access-mode"
 ANNOTATION_EXPERIMENTS = "fedtrain.io/mlflow-experiments"
 ANNOTATION_TRACKING_URI = "fedtrain.io/mlflow-tracking-uri"
+WORKER_IMAGE_DEFAULT = "workerImage"  # a defaults key: the image of trainings that name none
 SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")
 
@@ -123,4 +124,7 @@ def apply_defaults(raw_spec: dict[str, Any], defaults: dict[str, str], training:
         mlflow["trackingUri"] = defaults["mlflowTrackingUri"]
     if mlflow:
         spec["mlflow"] = mlflow
+    worker = spec.get("worker") or {}
+    if defaults.get(WORKER_IMAGE_DEFAULT) and "image" not in worker:
+        spec["worker"] = {**worker, "image": defaults[WORKER_IMAGE_DEFAULT]}
     return spec

@@ -37,6 +37,7 @@ from fedtrain.operator.jobs import (
     fit,
     object_store_access,
     observe,
+    operator_worker_image,
     worker_account_manifest,
 )
 from fedtrain.operator.kube import ApiError, Kube
@@ -135,7 +136,7 @@ def site_job_manifest(task: SiteTask, spec: ParticipationSpec, participation: di
     env, volumes, mounts = object_store_access(s3, meta["namespace"])
     worker = spec.worker
     container: dict[str, Any] = {
-        "name": "worker", "image": worker.image, "imagePullPolicy": worker.image_pull_policy,
+        "name": "worker", "image": worker.image or operator_worker_image(), "imagePullPolicy": worker.image_pull_policy,
         "command": [agent.WORKER_COMMAND], "args": arguments, "workingDir": "/tmp",
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
                 {"name": "PYTHONUNBUFFERED", "value": "1"}, *env, *(worker.env or [])],

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Metrics, Output
 
-WORKER_IMAGE = "ghcr.io/fedtrain/worker:0.1.0"
+from fedtrain.spec import DEFAULT_WORKER_IMAGE as WORKER_IMAGE
 
 
 @dsl.component(base_image=WORKER_IMAGE, install_kfp_package=False)

@@ -116,8 +116,8 @@ class SiteEvaluationSpec(Model):
 class SiteWorkerSpec(Model):
     """How the site's tasks run: image and scheduling on Kubernetes, device everywhere."""
 
-    image: Annotated[str, Field(max_length=512)] = "ghcr.io/fedtrain/worker:0.1.0"
-    """The worker image the site's Jobs run (the site chooses it, not the coordinator)."""
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    """The worker image the site's Jobs run (the site chooses it, not the coordinator); unset: its operator's."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """The worker container's image pull policy."""
     resources: dict[str, Any] | None = None

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from fedtrain.spec import DEFAULT_WORKER_IMAGE, WORKER_IMAGE_ENV
 from tests.operator.conftest import NAMESPACE, Cluster, tiny_training
 
 PROFILES = "/apis/kubeflow.org/v1/profiles"
@@ -159,7 +160,8 @@ async def test_a_training_keeps_the_defaults_it_started_with(cluster: Cluster) -
     try:
         await cluster.apply(manifest)
         started = await cluster.wait_for("signs", lambda r: r.get("status", {}).get("namespaceDefaults"))
-        assert started["status"]["namespaceDefaults"] == {"mlflowExperiment": "team/{training}"}
+        assert started["status"]["namespaceDefaults"] == {"mlflowExperiment": "team/{training}",
+                                                          "workerImage": DEFAULT_WORKER_IMAGE}
         await cluster.request("PATCH", f"{CORE}/configmaps/fedtrain-defaults",
                               {"data": {"mlflowExperiment": "moved/{training}"}}, status=200)
     finally:
@@ -169,6 +171,49 @@ async def test_a_training_keeps_the_defaults_it_started_with(cluster: Cluster) -
     finalize = next(j for j in await cluster.jobs() if j["metadata"]["labels"]["fedtrain.io/task"] == "finalize")
     args = finalize["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--experiment") + 1] == "team/signs"
+
+
+def images(jobs: list[dict[str, Any]]) -> set[str]:
+    return {j["spec"]["template"]["spec"]["containers"][0]["image"] for j in jobs}
+
+
+async def test_a_training_naming_no_image_runs_the_operators_and_keeps_it_through_a_rollout(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WORKER_IMAGE_ENV, "registry.example/fedtrain/worker:1")
+    await cluster.start_operator()
+    manifest = tiny_training(rounds=1)
+    del manifest["spec"]["worker"]["image"]
+    cluster.runner.paused = True
+    try:
+        await cluster.apply(manifest)
+        started = await cluster.wait_for("signs", lambda r: r.get("status", {}).get("namespaceDefaults"))
+        assert started["status"]["namespaceDefaults"] == {"workerImage": "registry.example/fedtrain/worker:1"}
+        monkeypatch.setenv(WORKER_IMAGE_ENV, "registry.example/fedtrain/worker:2")  # the setting changes
+    finally:
+        cluster.runner.paused = False
+    done = await cluster.wait_for("signs", lambda r: r.get("status", {}).get("phase") in ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert "image" not in done["spec"]["worker"]  # applied, not written into the user's spec
+    assert images(await cluster.jobs()) == {"registry.example/fedtrain/worker:1"}
+
+
+async def test_a_namespaces_image_beats_the_operators_and_a_specs_beats_both(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WORKER_IMAGE_ENV, "registry.example/fedtrain/worker:1")
+    defaults = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fedtrain-defaults"},
+                "data": {"workerImage": "team.example/worker:7"}}
+    await cluster.request("POST", f"{CORE}/configmaps", defaults, status=200)
+    await cluster.start_operator()
+    silent = tiny_training("silent", rounds=1)
+    del silent["spec"]["worker"]["image"]
+    await cluster.apply(silent)
+    await cluster.apply(tiny_training("named", rounds=1))
+    for name in ("silent", "named"):
+        done = await cluster.wait_for(name, lambda r: r.get("status", {}).get("phase") in ("Succeeded", "Failed"))
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+    jobs = await cluster.jobs()
+    assert images([j for j in jobs if j["metadata"]["name"].startswith("silent-")]) == {"team.example/worker:7"}
+    assert images([j for j in jobs if j["metadata"]["name"].startswith("named-")]) == {"fedtrain/worker:test"}
 
 
 async def test_secret_from_another_namespace_is_refused(cluster: Cluster) -> None:
