@@ -71,6 +71,7 @@ from fedtrain.sites.relay import SiteRelay, assignments
 from fedtrain.spec import API_VERSION, KIND, STORAGE_KINDS, FederatedTrainingSpec, SpecError, parse_spec
 from fedtrain.tasks import aggregation_clients, remote, training_id, worker_arguments
 from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
+from fedtrain.worker.sitetask import DELETED
 from fedtrain.worker.storage import open_store
 
 log = logging.getLogger("fedtrain.operator")
@@ -253,6 +254,7 @@ class Controller:
         self.known_pods: PodSource | None = None
         self.known_accounts: Callable[[str], bool] | None = None
         self._relays: dict[str, SiteRelay] = {}  # by training uid: what each has posted, checksums read
+        self._ended: set[tuple[str, str]] = set()  # (uid, phase or Deleted) this process posted to the sites
         # (namespace, name) -> (the resourceVersion a status write replaced, the resource it returned)
         self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
@@ -310,9 +312,10 @@ class Controller:
         if meta.get("deletionTimestamp"):
             return Outcome(active=False, phase="Deleting")
         status = read_status(resource)
-        if status.phase in FINISHED:
-            return Outcome(active=False, phase=status.phase)  # final: nothing re-judges a finished training
         owner = Owner(name, namespace, meta["uid"])
+        if status.phase in FINISHED:  # final: nothing re-judges a finished training; its sites hear it once more
+            await self._repost_end(resource, owner, status)
+            return Outcome(active=False, phase=status.phase)
         spec: FederatedTrainingSpec | None = None
         try:
             spec = parse_spec(await self.effective_spec(namespace, name, resource.get("spec") or {}, status),
@@ -415,7 +418,42 @@ class Controller:
             jobs = (await self.worker_objects(spec, owner))[0] if spec is not None else await self._own_jobs(owner)
         await self._store(resource, owner, status, decision, jobs)
         await self._cancel(decision.actions, jobs)
+        if spec is not None:
+            await self.tell_sites(resource, spec, owner, lambda relay: relay.publish(decision.status))
         return Outcome(active=False, phase=decision.status.phase)
+
+    async def _repost_end(self, resource: dict[str, Any], owner: Owner, status: TrainingStatus) -> None:
+        """Post a finished training's end to its sites once per process: a crash between status and posting lost it."""
+        if (owner.uid, status.phase) in self._ended or not (resource.get("spec") or {}).get("clients", {}).get("list"):
+            return
+        self._ended.add((owner.uid, status.phase))
+        try:
+            spec = parse_spec(await self.effective_spec(owner.namespace, owner.name, resource.get("spec") or {},
+                                                        status), f"{owner.namespace}/{owner.name}")
+        except SpecError:
+            return  # it never ran, so no site was told anything
+        if spec.clients.sites():
+            await self.tell_sites(resource, spec, owner, lambda relay: relay.publish(status))
+
+    async def tell_sites(self, resource: dict[str, Any], spec: FederatedTrainingSpec, owner: Owner,
+                         call: Callable[[SiteRelay], None]) -> bool:
+        """Post the training's end to its sites (`SiteRelay.publish` or `SiteRelay.end`); True when done or none.
+
+        Best effort: a training that failed or is being deleted must not wait on its store, so a
+        store or Secret that cannot be reached is a Warning Event (the sites then stop at their
+        tasks' deadlines), not an error.
+        """
+        if not spec.clients.sites() or spec.storage.s3 is None:
+            return True
+        try:
+            relay = await self.site_relay(spec, owner)
+            await asyncio.to_thread(call, relay)
+            return True
+        except (Refusal, TemporaryStorageError, BadInputError, BadDataError) as error:
+            message = error.message if isinstance(error, Refusal) else str(error)
+            await self._post(resource, Event(Reason.SITES_NOT_TOLD, f"the sites were not told that the training "
+                                                                    f"ended: {message}", warning=True))
+            return False
 
     async def _own_jobs(self, owner: Owner) -> list[dict[str, Any]]:
         listed = await self.kube.list(Paths.jobs(owner.namespace), training_selector(owner))
@@ -645,6 +683,11 @@ class Controller:
         except SpecError:
             return True  # it never ran, so there is nothing to remove
         owner = Owner(name, namespace, uid)
+        resource = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": namespace,
+                                                                          "uid": uid}}
+        if (owner.uid, DELETED) not in self._ended:  # once: a finalizer that waits for its Jobs comes back every 2 s
+            self._ended.add((owner.uid, DELETED))
+            await self.tell_sites(resource, spec, owner, lambda relay: relay.end())
         remove_weights = spec.storage.reclaim_policy == "Delete" and (spec.storage.persistent_volume_claim is not None
                                                                       or spec.storage.s3 is not None)
         if not remove_weights and not spec.clients.namespaces():
@@ -677,8 +720,6 @@ class Controller:
         if seen.state == "running":
             return False
         if seen.state == "failed":
-            resource = {"apiVersion": API_VERSION, "kind": KIND,
-                        "metadata": {"name": name, "namespace": namespace, "uid": uid}}
             await self._post(resource, Event(Reason.STORAGE_NOT_RELEASED, f"the training's directory was not removed: "
                                                                    f"{seen.reason}", warning=True))
         await self.kube.delete(Paths.jobs(namespace, cleanup))

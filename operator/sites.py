@@ -67,7 +67,7 @@ ANNOTATION_PARTICIPATION = "fedtrain.io/participation"  # the whole name, where 
 ANNOTATION_SITE_TASK = "fedtrain.io/site-task"  # the task's JSON: what a failure is answered with
 ANNOTATION_COUNTED = "fedtrain.io/counted"  # the Job's end is in the participation's status
 # Phases after which the participation needs no loop: the coordinator said the training is over.
-OVER = ("Completed", "Failed")
+OVER = ("Completed", "Failed", "Deleted")
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                       "capabilities": {"drop": ["ALL"]}}
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
@@ -243,7 +243,7 @@ class SiteController:
         layout = Layout()
         jobs = await self._jobs(meta["namespace"], meta["name"], meta["uid"])
         ended = await self._settle(jobs, spec, store, layout)
-        posting = await asyncio.to_thread(self._posting, store, layout, spec.site)
+        posting = agent.vanished(await asyncio.to_thread(self._posting, store, layout, spec.site), status)
         answered = posting is not None and posting.task is not None and await asyncio.to_thread(
             store.exists, layout.site_result(spec.site, posting.task.id))
         action = agent.plan(posting, spec.site, spec.policy, self.clock(), answered, running_task(jobs),

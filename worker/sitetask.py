@@ -103,11 +103,22 @@ class SiteTask:
         return {**body, "digest": digest(body)}
 
 
+# The coordinator's phases after which a site has nothing more to do; "Deleted" is posted only by a
+# coordinator whose training resource is being deleted (it has no status phase of that name).
+DELETED = "Deleted"
+ENDED_PHASES = ("Succeeded", "Failed", DELETED)
+
+
 @dataclass(frozen=True)
 class Posting:
-    """What ``task.json`` holds: the current task, or none, and where the training stands."""
+    """What ``task.json`` holds: the current task, or none, and where the training stands.
 
-    phase: str  # the coordinator's phase: Running, Succeeded, Failed...
+    Every site reads its own posting, so it says nothing of the other clients: ``message`` is the
+    coordinator's word on the training as a whole (it ended, and in one word why), never the
+    status's message, which names clients and their failures.
+    """
+
+    phase: str  # the coordinator's phase: Running, Succeeded, Failed..., or DELETED
     task: SiteTask | None = None
     message: str = ""
 

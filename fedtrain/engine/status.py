@@ -55,6 +55,7 @@ class Reason:
     API_REJECTED = "ApiRejected"
     # Reported on deletion, when the training's resource is going away.
     STORAGE_NOT_RELEASED = "StorageNotReleased"
+    SITES_NOT_TOLD = "SitesNotTold"  # a failed or deleted training's end could not be posted to its sites
     # Remote sites (clients.list[].site).
     SITE_REFUSED = "SiteRefused"
     SITE_EVALUATION_FAILED = "SiteEvaluationFailed"

@@ -16,13 +16,15 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from fedtrain.engine.status import Condition
-from fedtrain.sites.participation import ParticipationSpec, ParticipationStatus, SitePolicy
+from fedtrain.sites.participation import ParticipationPhase, ParticipationSpec, ParticipationStatus, SitePolicy
 from fedtrain.sites.policy import refusal, total_epsilon
 from fedtrain.tasks import s3_environment
 from fedtrain.worker.errors import EXIT_REFUSED
-from fedtrain.worker.sitetask import Posting, SiteResult, SiteTask
+from fedtrain.worker.sitetask import DELETED, ENDED_PHASES, Posting, SiteResult, SiteTask
 
-FINISHED_PHASES = ("Succeeded", "Failed")  # the coordinator's phases after which a site stops polling
+FINISHED_PHASES = ENDED_PHASES  # the coordinator's phases after which a site stops polling
+# The participation's phase once the training is over, by the coordinator's phase.
+END_PHASES: dict[str, ParticipationPhase] = {"Succeeded": "Completed", "Failed": "Failed", DELETED: "Deleted"}
 REDACTED = "<site data>"
 MAX_REASON = 500
 WORKER_COMMAND = "fedtrain-worker"
@@ -100,6 +102,17 @@ def plan(posting: Posting | None, site: str, policy: SitePolicy | None, now: flo
     if suspended:
         return Idle("suspended (spec.suspend)")
     return Run(task)
+
+
+def vanished(posting: Posting | None, status: ParticipationStatus) -> Posting | None:
+    """The posting to act on: a ``task.json`` that is gone after the site had read one means the training is gone.
+
+    A coordinator that deletes its training with its store folder (``reclaimPolicy: Delete``)
+    removes the posting that said so; the site must not wait for it forever.
+    """
+    if posting is None and status.training_phase is not None:
+        return Posting(DELETED, None, "the training's folder is gone from the store")
+    return posting
 
 
 def redact(text: str, data_paths: Iterable[str]) -> str:
@@ -185,28 +198,38 @@ def _apply(status: ParticipationStatus, posting: Posting | None, action: SiteAct
         status.phase, status.last_task, status.last_refusal = "Refused", action.task.id, action.reason
         status.message = f"refused task {action.task.id}: {action.reason}"
     elif isinstance(action, Cancel):
-        status.phase, status.message = "Waiting", f"cancelled task {action.task_id}: {action.why}"
+        over = posting is not None and posting.phase in FINISHED_PHASES
+        status.phase = END_PHASES[posting.phase] if over and posting is not None else "Withdrawn"
+        status.message = f"cancelled task {action.task_id}: {action.why}"
     elif isinstance(action, Idle) and action.finished and posting is not None:
-        status.phase = "Completed" if posting.phase == "Succeeded" else "Failed"
+        status.phase = END_PHASES[posting.phase]
         status.message = f"the training is {posting.phase}" + (f": {posting.message}" if posting.message else "")
     elif isinstance(action, Idle) and status.phase in ("Training", "Evaluating"):
         status.phase, status.message = "Waiting", action.why
 
 
-CONDITIONS = ("Participating", "Refused", "Completed")
+CONDITIONS = ("Participating", "Refused", "Completed", "Ended")
 
 
 def _conditions(status: ParticipationStatus, now: float) -> None:
-    """Kubernetes-style conditions from the phase; a condition's time changes only when its status does."""
+    """Kubernetes-style conditions from the phase; a condition's time changes only when its status does.
+
+    Their reason is the phase (``Withdrawn``: the coordinator took back the task that ran), except
+    Ended's: ``TrainingSucceeded``, ``TrainingFailed`` or ``TrainingDeleted`` once the training is over.
+    """
     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    wanted = {"Participating": status.phase in ("Waiting", "Training", "Evaluating"),
-              "Refused": status.phase == "Refused", "Completed": status.phase == "Completed"}
+    over = status.training_phase in FINISHED_PHASES
+    wanted = {"Participating": (status.phase in ("Waiting", "Training", "Evaluating", "Withdrawn"), status.phase),
+              "Refused": (status.phase == "Refused", status.phase),
+              "Completed": (status.phase == "Completed", status.phase),
+              "Ended": (over, f"Training{status.training_phase}" if over else "TrainingRunning")}
     old = {c.type: c for c in status.conditions}
     conditions = []
     for kind in CONDITIONS:
-        value: Literal["True", "False"] = "True" if wanted[kind] else "False"
+        true, reason = wanted[kind]
+        value: Literal["True", "False"] = "True" if true else "False"
         previous = old.get(kind)
         since = previous.last_transition_time if previous is not None and previous.status == value else stamp
-        conditions.append(Condition(type=kind, status=value, reason=status.phase, message=status.message[:MAX_REASON],
+        conditions.append(Condition(type=kind, status=value, reason=reason, message=status.message[:MAX_REASON],
                                     last_transition_time=since))
     status.conditions = conditions

@@ -149,10 +149,13 @@ class SiteLoop:
             time.sleep(self.spec.poll_seconds)
 
     def _posting(self) -> Posting | None:
-        """The posted task, None when nothing is posted; a corrupt one is answered as bad data."""
+        """The posted task, None when nothing is posted; a corrupt one is answered as bad data.
+
+        A posting that is gone after the site had read one is the training's end (`agent.vanished`).
+        """
         key = self.layout.site_task(self.site)
         if not self.store.exists(key):
-            return None
+            return agent.vanished(None, self.status)
         data = self.store.read_bytes(key)
         try:
             return parse_posting(data, f"{self.site}'s task.json")

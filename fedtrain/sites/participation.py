@@ -41,7 +41,9 @@ Architecture = Literal["mobilenet_v3_small", "mobilenet_v3_large", "tiny_cnn"]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 assert get_args(ModelSpec.model_fields["architecture"].annotation) == ARCHITECTURES, "the spec's architectures"
 
-ParticipationPhase = Literal["Waiting", "Training", "Evaluating", "Refused", "Completed", "Failed"]
+# Withdrawn: the coordinator took back the task the site ran (its Job deleted); Deleted: the training is gone.
+ParticipationPhase = Literal["Waiting", "Training", "Evaluating", "Withdrawn", "Refused", "Completed", "Failed",
+                             "Deleted"]
 EvaluationSplit = Literal["test", "validation"]
 # A training's folder under the store's prefix: "<namespace>/<name>-<uid8>" as the coordinator's
 # status.trainingId shows it, or "" when the store location is the training's folder itself.

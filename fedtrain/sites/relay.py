@@ -35,6 +35,7 @@ from fedtrain.tasks import client_training
 from fedtrain.worker.errors import EXIT_BAD_DATA, BadDataError
 from fedtrain.worker.layout import Layout, sidecar_of
 from fedtrain.worker.sitetask import (
+    DELETED,
     RESULT_LIMIT,
     Posting,
     PrivacySettings,
@@ -92,6 +93,18 @@ def assignments(spec: FederatedTrainingSpec, status: TrainingStatus) -> dict[str
 
 def _started(record: RoundStatus) -> float:
     return record.started_at or 0.0
+
+
+def posting_message(status: TrainingStatus) -> str:
+    """What every site may read of the training's state: that it ended, and in one word why it failed.
+
+    Never the status's message: it names other clients and their reasons, which no site may learn.
+    """
+    if status.phase == "Succeeded":
+        return "the training succeeded"
+    if status.phase == "Failed":
+        return f"the training failed ({status.reason or 'Failed'})"
+    return ""
 
 
 def train_settings(spec: FederatedTrainingSpec, client: str) -> TrainSettings:
@@ -182,11 +195,24 @@ class SiteRelay:
         for site in self.spec.clients.sites():
             assignment = wanted.get(site)
             task = self.task(assignment) if assignment is not None else None
-            data = encode(Posting(status.phase, task, status.message))
-            if self.posted.get(site) != data:
-                self.store.write_bytes(self.layout.site_task(site), data)
-                self.posted[site] = data
+            self._post(site, Posting(status.phase, task, posting_message(status)))
         self.record_scores(status)
+
+    def end(self, message: str = "the coordinator deleted the training") -> None:
+        """Tell every site that the training is gone (its resource is being deleted): no task, phase `DELETED`.
+
+        A site cancels what it runs and stops polling; written even where this process posted
+        nothing yet, since the sites may have read a posting of an earlier process.
+        """
+        for site in self.spec.clients.sites():
+            self._post(site, Posting(DELETED, None, message))
+
+    def _post(self, site: str, posting: Posting) -> None:
+        """Write a site's ``task.json`` unless this process wrote the same bytes last."""
+        data = encode(posting)
+        if self.posted.get(site) != data:
+            self.store.write_bytes(self.layout.site_task(site), data)
+            self.posted[site] = data
 
     def record_scores(self, status: TrainingStatus) -> None:
         """Write ``round-NNNN/federated.json`` once for each finished round the sites evaluated.

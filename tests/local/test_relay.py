@@ -94,6 +94,27 @@ def test_a_new_relay_posts_the_same_task_again_and_withdraws_it_when_the_round_m
     assert parse_posting(store.read_bytes("sites/munich/task.json")).phase == "Succeeded"
 
 
+def test_a_failed_training_tells_the_sites_without_naming_other_clients(store: DirectoryStore) -> None:
+    the_spec = spec()
+    status = round_one(the_spec)
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    relay.publish(status)
+    status.phase, status.reason = "Failed", "QuorumMissed"
+    status.message = "round 1 failed: hq failed: cannot read /data/hq/secret-file.csv"
+    relay.publish(status)
+    posting = parse_posting(store.read_bytes("sites/munich/task.json"))
+    assert (posting.phase, posting.task, posting.message) == ("Failed", None, "the training failed (QuorumMissed)")
+    assert b"hq" not in store.read_bytes("sites/munich/task.json")
+
+
+def test_a_deleted_training_tells_every_site_even_from_a_new_process(store: DirectoryStore) -> None:
+    the_spec = spec()
+    SiteRelay(store, the_spec, "team-signs/signs").publish(round_one(the_spec))
+    SiteRelay(store, the_spec, "team-signs/signs").end()  # the operator's finalizer, after a restart
+    posting = parse_posting(store.read_bytes("sites/munich/task.json"))
+    assert (posting.phase, posting.task) == ("Deleted", None)
+
+
 # --- a hostile site: whatever it writes under its own keys is one refused answer, never a failed pass -------------
 
 TRAIN_OUTPUT = {"num_examples": 5, "metrics": {"train_loss": 0.5}, "sha256": "a" * 64}

@@ -362,7 +362,8 @@ async def test_a_withdrawn_task_is_cancelled_and_a_task_outside_the_policy_refus
     await poll(lambda: site_cluster.list(jobs), lambda found: not found)
     fp = await site_cluster.wait_for("site-munich", "signs", lambda r: "cancelled task r0001-munich-a1" in
                                      r.get("status", {}).get("message", ""))
-    assert fp["status"]["phase"] == "Waiting"
+    assert fp["status"]["phase"] == "Withdrawn"
+    assert {c["type"]: c["reason"] for c in fp["status"]["conditions"]}["Participating"] == "Withdrawn"
     assert not coordinator.exists("sites/munich/results/r0001-munich-a1.json")  # withdrawn: nobody waits for it
 
     coordinator.write_bytes("sites/munich/task.json", encode(Posting("Running", task("r0001-munich-a2", 3))))
@@ -374,6 +375,33 @@ async def test_a_withdrawn_task_is_cancelled_and_a_task_outside_the_policy_refus
     fp = await site_cluster.wait_for("site-munich", "signs", lambda r: r.get("status", {}).get("phase") == "Refused")
     assert "spec.policy.maxLocalEpochs" in fp["status"]["lastRefusal"]
     assert await site_cluster.list(jobs) == [] and len(site_cluster.runner.ran) == 0
+
+
+async def test_a_deleted_training_tells_its_site_which_cancels_its_job(
+        cluster: Cluster, site_cluster: SiteCluster, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted while the site's Job runs: its posting says so, the Job goes, the participation shows it."""
+    monkeypatch.setenv("FEDTRAIN_SITE_POLL_SECONDS", "1")
+    site_cluster.sabotage["r0001-munich"] = Sabotage(unschedulable=True)  # runs until deleted
+    manifest = coordinated("signs-deleted", s3_server, "http://127.0.0.1:9", ["munich"])  # finalize never runs
+    training_id = await start_training(cluster, manifest, s3_server)
+    await site_cluster.start_operator()
+    await join(site_cluster, "munich", training_id, s3_server, 61)
+    jobs = "/apis/batch/v1/namespaces/site-munich/jobs"
+    await poll(lambda: site_cluster.list(jobs), lambda found: len(found) == 1)
+
+    await cluster.request("DELETE", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings/"
+                                    "signs-deleted")
+    coordinator = open_store(f"s3://{s3_server.bucket}/{PREFIX}/{training_id}", s3_server.environment())
+    posting = await poll(lambda: asyncio.to_thread(lambda: parse_posting(coordinator.read_bytes(
+        "sites/munich/task.json"))), lambda found: found.phase == "Deleted", timeout=30)
+    assert posting.task is None
+    await poll(lambda: site_cluster.list(jobs), lambda found: not found)
+    fp = await site_cluster.wait_for("site-munich", "signs", lambda r: r.get("status", {}).get("phase") == "Deleted")
+    ended = {c["type"]: c for c in fp["status"]["conditions"]}["Ended"]
+    assert (ended["status"], ended["reason"]) == ("True", "TrainingDeleted")
+    assert fp["status"]["trainingPhase"] == "Deleted"
+    assert "cancelled task r0001-munich-a1" in fp["status"]["message"] or "Deleted" in fp["status"]["message"]
+    assert not coordinator.exists("sites/munich/results/r0001-munich-a1.json")
 
 
 @pytest.mark.slow  # about 2 min on two busy cores

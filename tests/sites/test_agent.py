@@ -74,6 +74,45 @@ def test_a_finished_training_stops_the_site() -> None:
     assert isinstance(decide(Posting("Failed", site_task()), running="r0003-munich-a1"), agent.Cancel)
 
 
+def test_a_deleted_training_cancels_the_running_task_and_shows_why() -> None:
+    task = site_task()
+    running = agent.next_status(ParticipationStatus(), Posting("Running", task), agent.Run(task), now=100.0)
+    deleted = Posting("Deleted", None, "the coordinator deleted the training")
+    action = decide(deleted, running=task.id)
+    assert action == agent.Cancel(task.id, "the training is Deleted")
+    status = agent.next_status(running, deleted, action, now=200.0)
+    conditions = {c.type: c for c in status.conditions}
+    assert (status.phase, conditions["Ended"].status, conditions["Ended"].reason) == (
+        "Deleted", "True", "TrainingDeleted")
+    assert conditions["Participating"].status == "False"
+    idle = decide(deleted)
+    assert isinstance(idle, agent.Idle) and idle.finished
+    assert agent.next_status(status, deleted, idle, now=300.0).phase == "Deleted"
+
+
+def test_a_withdrawn_task_shows_in_the_status_until_the_next_one_runs() -> None:
+    task = site_task()
+    running = agent.next_status(ParticipationStatus(), Posting("Running", task), agent.Run(task), now=100.0)
+    withdrawn = agent.next_status(running, Posting("Running", None), decide(Posting("Running", None), running=task.id),
+                                  now=200.0)
+    conditions = {c.type: c for c in withdrawn.conditions}
+    assert (withdrawn.phase, conditions["Participating"].reason) == ("Withdrawn", "Withdrawn")
+    assert conditions["Ended"].status == "False"
+    assert "cancelled task r0003-munich-a1" in withdrawn.message
+    later = agent.next_status(withdrawn, Posting("Running", None), decide(Posting("Running", None)), now=300.0)
+    assert later.phase == "Withdrawn"
+
+
+def test_a_posting_that_vanished_after_the_site_read_one_is_the_end() -> None:
+    assert agent.vanished(None, ParticipationStatus()) is None  # nothing posted yet: wait
+    seen = ParticipationStatus(training_phase="Running")
+    posting = agent.vanished(None, seen)
+    assert posting is not None and posting.phase == "Deleted"
+    assert isinstance(decide(posting, running="r0003-munich-a1"), agent.Cancel)
+    kept = Posting("Running", None)
+    assert agent.vanished(kept, seen) is kept
+
+
 def test_a_suspended_site_takes_no_new_task() -> None:
     assert isinstance(decide(Posting("Running", site_task()), suspended=True), agent.Idle)
 
