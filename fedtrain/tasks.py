@@ -6,6 +6,7 @@ subprocess. Keeping one builder is what makes the local runner exercise the exac
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedtrain.engine.status import Task, TrainingStatus
@@ -62,12 +63,15 @@ def storage_location(spec: FederatedTrainingSpec, namespace: str, training_dir: 
     return s3_location(s3.bucket, s3.prefix, namespace, training_dir) if s3 is not None else None
 
 
-def aggregation_clients(status: TrainingStatus, round_number: int) -> list[str]:
-    """The clients whose updates a round's aggregation uses: those whose training task succeeded."""
+def aggregation_clients(status: TrainingStatus, round_number: int) -> dict[str, int]:
+    """The clients whose updates a round's aggregation uses (their training succeeded), by that attempt.
+
+    A site's update is read under the key of the attempt that succeeded, never a stale attempt's.
+    """
     record = status.round(round_number)
     if record is None:
-        return []
-    return [c for c in record.selected if record.clients[c].state == "succeeded"]
+        return {}
+    return {c: record.clients[c].attempt for c in record.selected if record.clients[c].state == "succeeded"}
 
 
 def remote(task: Task, spec: FederatedTrainingSpec) -> bool:
@@ -76,8 +80,8 @@ def remote(task: Task, spec: FederatedTrainingSpec) -> bool:
 
 
 def worker_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement,
-                     clients: list[str] | None = None) -> list[str]:
-    """Arguments after ``fedtrain-worker`` for a task; ``clients`` are the updates an aggregation uses."""
+                     clients: Mapping[str, int] | None = None) -> list[str]:
+    """Arguments after ``fedtrain-worker`` for a task; ``clients`` are the updates an aggregation uses, by attempt."""
     if remote(task, spec):
         raise ValueError(f"task {task.id} runs at a site: the relay posts it, no worker runs it here")
     if task.kind == "init":
@@ -86,7 +90,7 @@ def worker_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement,
         assert task.client is not None
         return _train(task, spec, where)
     if task.kind == "aggregate":
-        return _aggregate(task, spec, where, clients or [])
+        return _aggregate(task, spec, where, clients or {})
     return _finalize(task, spec, where)
 
 
@@ -157,7 +161,7 @@ def example_bounds(spec: FederatedTrainingSpec) -> list[str]:
     return args
 
 
-def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, clients: list[str]) -> list[str]:
+def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, clients: Mapping[str, int]) -> list[str]:
     args = ["aggregate", "--workdir", where.workdir, "--round", str(task.round), "--strategy", spec.strategy.name,
             "--min-updates", str(spec.clients.quorum), "--max-norm-ratio", repr(spec.strategy.max_norm_ratio),
             "--clients", ",".join(clients), "--device", spec.worker.device, *example_bounds(spec)]
@@ -165,6 +169,8 @@ def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, client
         args += ["--param", f"{key}={value!r}"]
     if spec.clients.sites():
         args += ["--sites", ",".join(spec.clients.sites())]
+        for site in (s for s in clients if s in spec.clients.sites()):
+            args += ["--site-attempt", f"{site}={clients[site]}"]
     if not spec.evaluation.central:
         args.append("--no-evaluate")
     if spec.privacy is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from fedtrain.worker.data.synth import SynthConfig
 from fedtrain.worker.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
-from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, ExampleBounds
+from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, MAX_ATTEMPT, ExampleBounds
 
 WORKDIR_HELP = "the training's store: a directory, or s3://bucket/prefix (settings from FEDTRAIN_S3_* and AWS_*)"
 
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _example_bound_options(aggregate)
     aggregate.add_argument("--sites", default="", help="comma-separated clients that are remote sites (their "
                            "updates are in sites/<site>/)")
+    aggregate.add_argument("--site-attempt", action="append", default=[], metavar="SITE=N",
+                           help="the attempt of a site's task whose update counts (a late upload of another "
+                           "attempt is ignored); repeatable; default: the site's latest upload")
     aggregate.add_argument("--data", default=None)
     aggregate.add_argument("--device", default="auto")
     aggregate.add_argument("--no-evaluate", action="store_true")
@@ -257,7 +260,7 @@ def run(args: argparse.Namespace) -> Any:
             privacy.check()
         config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,
                                        args.max_norm_ratio, clients, not args.no_evaluate, privacy,
-                                       example_bounds_of(args))
+                                       example_bounds_of(args), site_attempts_of(args))
         result = jobs.aggregate(replace(workspace, sites=_names(args.sites)), args.round, config_, device)
         if args.termination_log is not None:
             args.termination_log.write_text(jobs.termination_message(result))
@@ -273,6 +276,17 @@ def _example_bound_options(parser: argparse.ArgumentParser) -> None:
                         help="the most examples an update or a site's score may claim (spec.clients.maxExamples)")
     parser.add_argument("--client-max-examples", action="append", default=[], metavar="CLIENT=N",
                         help="a client's own bound (spec.clients.list[].maxExamples); repeatable")
+
+
+def site_attempts_of(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
+    """``--site-attempt SITE=N``: which attempt's update of each site the aggregation reads."""
+    found = []
+    for item in args.site_attempt:
+        site, _, attempt = item.partition("=")
+        if not site or not attempt.isdigit() or not 1 <= int(attempt) <= MAX_ATTEMPT:
+            raise BadInputError(f"--site-attempt {item!r}: use SITE=N with 1 <= N <= {MAX_ATTEMPT}")
+        found.append((site, int(attempt)))
+    return tuple(found)
 
 
 def example_bounds_of(args: argparse.Namespace) -> ExampleBounds:

@@ -228,8 +228,11 @@ def _client_history(workspace: Workspace, last_round: int) -> dict[str, list[tup
     for round_number in range(1, last_round + 1):
         sidecars = {key.rsplit("/", 1)[-1].removesuffix(".json"): key
                     for key in iterate_keys(store, layout.client_dir(round_number), ".json")}
-        sidecars.update({site: sidecar_of(layout.client_update(round_number, site)) for site in sorted(layout.sites)
-                         if sidecar_of(layout.client_update(round_number, site)) in site_keys})
+        for site in sorted(layout.sites):  # its highest attempt: a retry's number is higher than the stale one's
+            attempts = layout.site_update_attempts(site_keys, site, round_number)
+            key = sidecar_of(layout.client_update(round_number, site, attempts[-1])) if attempts else None
+            if key in site_keys:
+                sidecars[site] = key
         for client, key in sidecars.items():
             meta = read_json(store, key, SIDECAR_LIMIT)  # a site wrote its own
             found = meta.get("metrics")

@@ -283,6 +283,7 @@ class LocalRound:
     shard: DecodedShard
     train: list[Sample]
     validation: list[Sample]
+    attempt: int = 1  # a site's task attempt: its update's key names it (`Layout.client_update`)
 
 
 def train_update(workspace: Workspace, local: LocalRound, base: tuple[Weights, dict[str, Any]],
@@ -319,8 +320,8 @@ def train_update(workspace: Workspace, local: LocalRound, base: tuple[Weights, d
         trained = {k: (weights[k] + delta[k]).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in trained.items()}
         sidecar["metrics"]["update_norm"] = norm
         sidecar["clip_norm"] = clip_norm
-    sidecar["sha256"] = save_weights(workspace.store, workspace.layout.client_update(local.round, local.client),
-                                     trained, sidecar)
+    key = workspace.layout.client_update(local.round, local.client, local.attempt)
+    sidecar["sha256"] = save_weights(workspace.store, key, trained, sidecar)
     return sidecar
 
 
@@ -361,6 +362,7 @@ class AggregateConfig:
     evaluate: bool = True
     privacy: PrivacyConfig | None = None
     examples: ExampleBounds = field(default_factory=ExampleBounds)  # what each update may claim (clients.maxExamples)
+    attempts: tuple[tuple[str, int], ...] = ()  # a site's task attempt whose update counts; else its latest upload
 
 
 def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, device: torch.device
@@ -376,7 +378,10 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     if store.exists(layout.strategy_state(round_number - 1)):
         state, _ = read_weights(store, layout.strategy_state(round_number - 1))
     clients = config.clients or _updates_present(workspace, round_number)
-    files = [UpdateFile(c, store, layout.client_update(round_number, c)) for c in clients]
+    attempts = dict(config.attempts)
+    files = [UpdateFile(c, store, layout.client_update(round_number, c, attempts.get(c) or
+                                                       _latest_attempt(workspace, round_number, c)))
+             for c in clients]
     updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates,
                         base_sha256=current_meta.get("sha256"), bounds=config.examples)
     if config.privacy is not None:
@@ -411,8 +416,18 @@ def _updates_present(workspace: Workspace, round_number: int) -> tuple[str, ...]
     layout, store = workspace.layout, workspace.store
     present = {k.rsplit("/", 1)[-1].removesuffix(".safetensors")
                for k in iterate_keys(store, layout.client_dir(round_number), ".safetensors")}
-    present.update(s for s in workspace.sites if store.exists(layout.client_update(round_number, s)))
+    present.update(s for s in workspace.sites if _latest_attempt(workspace, round_number, s, None) is not None)
     return tuple(sorted(present))
+
+
+def _latest_attempt(workspace: Workspace, round_number: int, client: str, default: int | None = 1) -> int | None:
+    """A site's last uploaded attempt of the round (for tools that name no attempt); other clients have one key."""
+    if client not in workspace.sites:
+        return default
+    layout = workspace.layout
+    keys = workspace.store.list(layout.site_round_dir(client, round_number))
+    found = layout.site_update_attempts(keys, client, round_number)
+    return found[-1] if found else default
 
 
 def _private_round(current: dict[str, NDArray[Any]], updates: UpdateSet, privacy: PrivacyConfig,

@@ -10,7 +10,7 @@
     <workdir>/final/model.safetensors, plots/*.png
     <workdir>/sites/<site>/task.json                     the coordinator's current task for a site
     <workdir>/sites/<site>/results/<task id>.json        the site's answer: done, failed or refused
-    <workdir>/sites/<site>/round-0001/update.safetensors (+ .json)   a site's update
+    <workdir>/sites/<site>/round-0001/update-a2.safetensors (+ .json)   a site's update, by the task's attempt
     <workdir>/sites/<site>/round-0001/evaluation.json    a site's scores of the round's global model
 
 Everything a site may write is under ``sites/<site>/`` (all of it but its task); all it may read besides is the global
@@ -23,6 +23,7 @@ torch and numpy so that the control plane can name the same files and clients.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -64,11 +65,23 @@ class Layout:
         """Where the clients of a round put their updates."""
         return f"{self.round_dir(round_number)}/clients"
 
-    def client_update(self, round_number: int, client: str) -> str:
-        """One client's update in one round (a site's is in its own folder)."""
+    def client_update(self, round_number: int, client: str, attempt: int = 1) -> str:
+        """One client's update in one round (a site's is in its own folder).
+
+        A site's key names the attempt of its task: a site keeps working on its own clock, so an
+        attempt the coordinator gave up on may still upload late, and it must never overwrite the
+        update of the attempt that counts (the aggregator reads that one by its attempt).
+        """
         if client in self.sites:
-            return f"{self.site_round_dir(client, round_number)}/update.safetensors"
+            return f"{self.site_round_dir(client, round_number)}/update-a{attempt}.safetensors"
         return f"{self.client_dir(round_number)}/{client}.safetensors"
+
+    def site_update_attempts(self, keys: Iterable[str], site: str, round_number: int) -> list[int]:
+        """The attempts whose update of ``round_number`` is among ``keys`` (a listing of the site's round), sorted."""
+        folder = self.site_round_dir(site, round_number) + "/update-a"
+        found = {key.removeprefix(folder).removesuffix(".safetensors") for key in keys
+                 if key.startswith(folder) and key.endswith(".safetensors")}
+        return sorted(int(text) for text in found if text.isdigit() and len(text) <= 4)
 
     def site_dir(self, site: str) -> str:
         """Everything a site writes, and its task: ``sites/munich``."""

@@ -155,7 +155,7 @@ def _own_split(workspace: Workspace, task: SiteTask) -> LocalRound:
     shard = workspace.shard(f"own:{task.site}", lambda: client_samples(workspace, task.site, None, own_data=True))
     seed = client_seed(task.seed, HELD_OUT_ROUND, task.site)
     train_part, held_out = split_by_track(shard.samples, workspace.data.validation_fraction, seed)
-    return LocalRound(task.round, task.site, shard, train_part, held_out)
+    return LocalRound(task.round, task.site, shard, train_part, held_out, task.attempt)
 
 
 def _train(workspace: Workspace, task: SiteTask, base: tuple[Weights, dict[str, Any]], device: torch.device,

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from fedtrain.worker.errors import BadDataError
 
@@ -44,57 +44,69 @@ METRICS_LIMIT = 64  # entries of an update's metrics
 # (spec.clients.maxExamples, per client clients.list[].maxExamples), and never past EXAMPLES_LIMIT.
 EXAMPLES_LIMIT = 2**31 - 1
 DEFAULT_MAX_EXAMPLES = 1_000_000
+MAX_ATTEMPT = 9999  # attempts of one task: the engine retries far fewer; an update's key holds at most 4 digits
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a site's name: a DNS label
 TASK_ID_PATTERN = r"^[a-z0-9][-a-z0-9]{0,127}$"  # the engine's task ids: r0003-munich-a1, e0003-munich-a1
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 METRIC_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_ROUND = 10000  # spec.rounds' bound
+GLOBAL_KEY_PATTERN = r"^round-[0-9]{4,5}/global\.safetensors$"  # the only keys a task may name (Layout.global_weights)
+CHOICE_PATTERN = r"^[a-z0-9_]{1,63}$"  # strategy, architecture, optimizer and scheduler names
+
+# What a posted task's fields must be before anything uses them in a key, a Job name or a path.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Choice = Annotated[str, Field(pattern=CHOICE_PATTERN)]
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """How the site trains in a round (the coordinator's spec.training, with the client's overrides)."""
 
-    epochs: int = 1
-    batch_size: int = 32
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    scheduler: str = "none"
-    restart_epochs: int = 1
-    mu: float = 0.0  # FedProx
-    clip_norm: float | None = None  # central DP: the update is clipped before it leaves
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
+    optimizer: Choice = "adam"
+    learning_rate: Positive = 1e-3
+    momentum: NonNegative = 0.9
+    weight_decay: NonNegative = 0.0
+    scheduler: Choice = "none"
+    restart_epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    mu: NonNegative = 0.0  # FedProx
+    clip_norm: Positive | None = None  # central DP: the update is clipped before it leaves
 
 
 @dataclass(frozen=True)
 class PrivacySettings:
     """The coordinator's central DP, so that a site can require it and bound the budget it accepts."""
 
-    clip_norm: float
-    noise_multiplier: float
-    delta: float
-    sampling_rate: float
+    clip_norm: Positive
+    noise_multiplier: NonNegative
+    delta: Annotated[float, Field(gt=0, lt=1)]
+    sampling_rate: Annotated[float, Field(gt=0, le=1)]
 
 
 @dataclass(frozen=True)
 class SiteTask:
     """One task for one site: train on the global model of ``round - 1``, or evaluate that of ``round``."""
 
-    id: str
+    id: Annotated[str, Field(pattern=TASK_ID_PATTERN)]  # checked against kind, round, site and attempt too
     kind: TaskKind
-    round: int
-    site: str
-    training: str  # "<namespace>/<name>" of the coordinator's resource, for people reading the site's status
-    total_rounds: int
-    strategy: str
-    architecture: str
-    global_key: str
-    global_sha256: str
-    deadline: float  # unix seconds after which the coordinator no longer waits for the answer
+    round: Annotated[int, Field(ge=1, le=MAX_ROUND)]
+    site: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+    # "<namespace>/<name>" of the coordinator's resource, for people reading the site's status
+    training: Annotated[str, Field(max_length=253)]
+    total_rounds: Annotated[int, Field(ge=1, le=MAX_ROUND)]
+    strategy: Choice
+    architecture: Choice
+    global_key: Annotated[str, Field(pattern=GLOBAL_KEY_PATTERN)]
+    global_sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
+    deadline: NonNegative  # unix seconds after which the coordinator no longer waits for the answer
     seed: int = 0
     train: TrainSettings | None = None
     privacy: PrivacySettings | None = None
     roi_crop: bool = True
+    attempt: Annotated[int, Field(ge=1, le=MAX_ATTEMPT)] = 1  # the engine's attempt (the id's "-aN")
     version: int = PROTOCOL_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -107,6 +119,13 @@ class SiteTask:
 # coordinator whose training resource is being deleted (it has no status phase of that name).
 DELETED = "Deleted"
 ENDED_PHASES = ("Succeeded", "Failed", DELETED)
+
+
+# A task's fields checked strictly (JSON types exactly, unknown fields refused) against SiteTask's annotations.
+SiteTask.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+TrainSettings.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+PrivacySettings.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+_TASK = TypeAdapter(SiteTask)
 
 
 @dataclass(frozen=True)
@@ -166,7 +185,13 @@ def _object(data: bytes, where: str) -> dict[str, Any]:
 
 
 def parse_task(value: dict[str, Any], where: str = "task") -> SiteTask:
-    """A task from its JSON data; `BadDataError` when the version, the fields or the digest are wrong."""
+    """A task from its JSON data; `BadDataError` when the version, the digest or a field is wrong.
+
+    Every field is checked against its type, range and pattern (`SiteTask`'s annotations) before
+    any of them names a key, a Job or a path: a task id, site or round from the store is never
+    trusted to be what it says, even one whose digest matches (whoever can write the posting can
+    compute a digest).
+    """
     if value.get("version") != PROTOCOL_VERSION:
         raise BadDataError(f"{where}: protocol version {value.get('version')!r}, this site speaks "
                            f"{PROTOCOL_VERSION}; upgrade the site or the coordinator so both match")
@@ -175,13 +200,19 @@ def parse_task(value: dict[str, Any], where: str = "task") -> SiteTask:
                            "store, so it is refused")
     body = {k: v for k, v in value.items() if k != "digest"}
     try:
-        train = TrainSettings(**body.pop("train")) if body.get("train") else None
-        privacy = PrivacySettings(**body.pop("privacy")) if body.get("privacy") else None
-        body.pop("train", None)
-        body.pop("privacy", None)
-        return SiteTask(**body, train=train, privacy=privacy)
-    except TypeError as error:
-        raise BadDataError(f"{where}: not a task of protocol version {PROTOCOL_VERSION} ({error})") from error
+        task = _TASK.validate_json(json.dumps(body))
+    except ValidationError as error:
+        raise BadDataError(f"{where}: not a task of protocol version {PROTOCOL_VERSION}: {problems(error)}") from error
+    expected = expected_task_id(task)
+    if task.id != expected:
+        raise BadDataError(f"{where}: id {task.id!r} is not the id of a {task.kind} task of round {task.round}, "
+                           f"site {task.site}, attempt {task.attempt} ({expected!r}); refusing it")
+    return task
+
+
+def expected_task_id(task: SiteTask) -> str:
+    """The id the coordinator's engine gives such a task: ``r0003-munich-a2``, ``e0003-munich-a1``."""
+    return f"{'r' if task.kind == 'train' else 'e'}{task.round:04d}-{task.site}-a{task.attempt}"
 
 
 def parse_posting(data: bytes, where: str = "task.json") -> Posting:
@@ -205,8 +236,6 @@ class ExampleBounds:
 
 
 # --- what a site answers, parsed strictly ----------------------------------------------------------
-
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class WireModel(BaseModel):

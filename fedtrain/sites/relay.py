@@ -240,7 +240,7 @@ class SiteRelay:
             strategy=self.spec.strategy.name, architecture=self.spec.model.architecture, global_key=key,
             global_sha256=self.checksum(model_round), deadline=wanted.started_at + self.spec.round_deadline_seconds,
             seed=self.spec.seed, train=train_settings(self.spec, wanted.site) if wanted.kind == "train" else None,
-            privacy=privacy_settings(self.spec), roi_crop=self.spec.dataset.roi_crop)
+            privacy=privacy_settings(self.spec), roi_crop=self.spec.dataset.roi_crop, attempt=wanted.attempt)
 
     def checksum(self, round_number: int) -> str:
         """The sha256 the aggregator recorded for a round's global model (read once per round)."""

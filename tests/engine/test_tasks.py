@@ -7,7 +7,8 @@ import pytest
 from fedtrain.engine.status import Task
 from fedtrain.spec import parse_spec
 from fedtrain.tasks import Placement, worker_arguments
-from fedtrain.worker.cli import build_parser, example_bounds_of
+from fedtrain.worker.cli import build_parser, example_bounds_of, site_attempts_of
+from fedtrain.worker.errors import BadInputError
 from fedtrain.worker.sitetask import ExampleBounds
 
 SPEC = parse_spec({
@@ -23,7 +24,7 @@ WHERE = Placement("/store/ns/t-1234", "/store/ns/t-1234/data", "t", "ns", "uid-1
                   "/dev/termination-log")
 
 
-def parsed(task: Task, clients: list[str] | None = None):  # type: ignore[no-untyped-def]
+def parsed(task: Task, clients: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
     return build_parser().parse_args(worker_arguments(task, SPEC, WHERE, clients))
 
 
@@ -42,7 +43,7 @@ def test_train_applies_per_client_overrides_and_fedprox(client: str, epochs: int
 
 
 def test_aggregate_names_clients_quorum_and_parameters() -> None:
-    args = parsed(Task("r0002-aggregate-a1", "aggregate", 2), ["munich"])
+    args = parsed(Task("r0002-aggregate-a1", "aggregate", 2), {"munich": 1})
     assert args.clients == "munich" and args.min_updates == 2 and args.max_norm_ratio == 7
     assert args.param == ["mu=0.05"] and str(args.termination_log) == "/dev/termination-log"
 
@@ -51,10 +52,20 @@ def test_aggregate_and_finalize_carry_the_example_bounds_the_spec_declares() -> 
     spec = parse_spec({"rounds": 2, "clients": {"maxExamples": 5000, "list": [
         {"name": "hq"}, {"name": "munich", "site": {}, "maxExamples": 1200}]}})
     for task in (Task("r0002-aggregate-a1", "aggregate", 2), Task("finalize-a1", "finalize", 2)):
-        args = build_parser().parse_args(worker_arguments(task, spec, WHERE, ["hq", "munich"]))
+        args = build_parser().parse_args(worker_arguments(task, spec, WHERE, {"hq": 1, "munich": 1}))
         assert example_bounds_of(args) == ExampleBounds(5000, (("munich", 1200),))
     assert spec.clients.max_examples_of("hq") == 5000 and spec.clients.max_examples_of("munich") == 1200
     assert parse_spec({"rounds": 1, "clients": {"count": 2}}).clients.max_examples_of("client-00") == 1_000_000
+
+
+def test_aggregate_reads_each_site_update_of_the_attempt_that_succeeded() -> None:
+    spec = parse_spec({"rounds": 2, "clients": {"list": [{"name": "hq"}, {"name": "munich", "site": {}}]}})
+    args = build_parser().parse_args(worker_arguments(Task("r0002-aggregate-a1", "aggregate", 2), spec, WHERE,
+                                                      {"hq": 2, "munich": 3}))
+    assert args.clients == "hq,munich" and site_attempts_of(args) == (("munich", 3),)
+    args.site_attempt = ["munich=0"]
+    with pytest.raises(BadInputError, match="--site-attempt 'munich=0': use SITE=N"):
+        site_attempts_of(args)
 
 
 def test_finalize_tracks_with_lineage() -> None:

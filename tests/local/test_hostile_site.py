@@ -50,7 +50,7 @@ def claimed_update(store: DirectoryStore, task: SiteTask) -> bytes:
     """An update of the right shape, from the right base, that claims to stand for 10^9 examples."""
     weights, meta = read_weights(store, task.global_key)
     moved = {k: (v - 0.5).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
-    digest = save_weights(store, LAYOUT.client_update(task.round, EVIL), moved,
+    digest = save_weights(store, LAYOUT.client_update(task.round, EVIL, task.attempt), moved,
                           {"client": EVIL, "round": task.round, "num_examples": 10**9, "base_sha256": meta["sha256"]})
     return answer(task, {"num_examples": 100, "metrics": {}, "sha256": digest})
 

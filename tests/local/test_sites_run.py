@@ -94,7 +94,7 @@ def test_a_coordinator_and_three_sites_share_only_a_store(tmp_path: Path, capsys
         assert str(tmp_path / site) not in text  # nothing about where a site keeps its data
         site_status = json.loads((tmp_path / site / "site-status.json").read_text())
         assert site_status["phase"] == "Completed" and site_status["roundsDone"] == 2, site_status
-        assert (store / "sites" / site / "round-0002" / "update.safetensors").is_file()
+        assert (store / "sites" / site / "round-0002" / "update-a1.safetensors").is_file()
     assert (store / "final" / "model.safetensors").is_file()
     monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: rich cuts columns to fit 80
     assert main(["status", str(store)]) == 0

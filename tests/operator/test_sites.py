@@ -170,7 +170,7 @@ async def test_a_training_with_a_local_client_and_two_sites_succeeds(
 
     store = open_store(f"s3://{s3_server.bucket}/{PREFIX}/{training_id}", s3_server.environment())
     for site in SITES:
-        update = json.loads(store.read_bytes(f"sites/{site}/round-0002/update.json"))
+        update = json.loads(store.read_bytes(f"sites/{site}/round-0002/update-a1.json"))
         assert update["num_examples"] > 0
         assert json.loads(store.read_bytes(f"sites/{site}/round-0002/evaluation.json"))["examples"] == 43 * 2
 
@@ -292,13 +292,13 @@ async def test_a_site_key_cannot_touch_another_sites_keys(s3_server: S3Server) -
     munich = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
                           aws_access_key_id=keys[0], aws_secret_access_key=keys[1])
     base = f"{PREFIX}/{training_id}"
-    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/sites/hamburg/round-0001/update.json",
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/sites/hamburg/round-0001/update-a1.json",
                                   Body=b"{}")
-    munich.put_object(Bucket=s3_server.bucket, Key=f"{base}/sites/munich/round-0001/update.json", Body=b"{}")
+    munich.put_object(Bucket=s3_server.bucket, Key=f"{base}/sites/munich/round-0001/update-a1.json", Body=b"{}")
     calls: list[Callable[[], Any]] = [
         lambda: munich.put_object(Bucket=s3_server.bucket, Body=b"x",
-                                  Key=f"{base}/sites/hamburg/round-0001/update.safetensors"),
-        lambda: munich.get_object(Bucket=s3_server.bucket, Key=f"{base}/sites/hamburg/round-0001/update.json"),
+                                  Key=f"{base}/sites/hamburg/round-0001/update-a1.safetensors"),
+        lambda: munich.get_object(Bucket=s3_server.bucket, Key=f"{base}/sites/hamburg/round-0001/update-a1.json"),
         lambda: munich.put_object(Bucket=s3_server.bucket, Key=f"{base}/round-0001/global.safetensors", Body=b"x")]
     for call in calls:
         with pytest.raises(ClientError) as refused:
@@ -347,7 +347,8 @@ async def test_a_withdrawn_task_is_cancelled_and_a_task_outside_the_policy_refus
     coordinator = open_store(f"s3://{s3_server.bucket}/{PREFIX}/{training_id}", s3_server.environment())
 
     def task(ident: str, epochs: int) -> SiteTask:
-        return SiteTask(id=ident, kind="train", round=1, site="munich", training="team-signs/policy", total_rounds=2,
+        return SiteTask(id=ident, kind="train", round=1, site="munich", attempt=int(ident.rsplit("-a", 1)[1]),
+                        training="team-signs/policy", total_rounds=2,
                         strategy="fedavg", architecture="tiny_cnn", global_key="round-0000/global.safetensors",
                         global_sha256="0" * 64, deadline=time.time() + 600, train=TrainSettings(epochs=epochs))
 
@@ -430,7 +431,7 @@ async def test_a_site_operator_killed_mid_task_uploads_once(
         assert fp["status"]["roundsDone"] == 2
         assert sorted(site_cluster.runner.ran) == sorted(set(site_cluster.runner.ran))  # every task's Job ran once
         for round_number in (1, 2):
-            key = f"{PREFIX}/{training_id}/sites/munich/round-{round_number:04d}/update.safetensors"
+            key = f"{PREFIX}/{training_id}/sites/munich/round-{round_number:04d}/update-a1.safetensors"
             versions = admin.list_object_versions(Bucket=s3_server.bucket, Prefix=key).get("Versions", [])
             assert len([v for v in versions if v["Key"] == key]) == 1, versions
     finally:

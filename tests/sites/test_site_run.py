@@ -133,7 +133,7 @@ def test_a_site_never_reruns_an_answered_task_and_answers_a_failed_one(tmp_path:
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for((workdir / STATUS_FILE).exists, "the site's first look", process)
-        forged = site_task(id="r0001-munich-a2", round=1, deadline=time.time() + 600,
+        forged = site_task(id="r0001-munich-a2", round=1, attempt=2, deadline=time.time() + 600,
                            global_key=LAYOUT.global_weights(0), global_sha256="00" * 32)
         post(coordinator, Posting("Running", forged))
         wait_for((coordinator / LAYOUT.site_result("munich", forged.id)).exists, "the answer to a bad task", process)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -140,6 +141,26 @@ def test_an_update_trained_from_another_model_is_rejected(federation: Path, tmp_
     done = worker("aggregate", "--workdir", federation, "--round", 3, "--device", "cpu", check=False)
     assert done.returncode == EXIT_REJECTED_UPDATES
     assert "client-00: trained from another model" in done.stderr
+
+
+def test_a_late_upload_of_a_stale_attempt_never_counts(federation: Path, tmp_path: Path) -> None:
+    """A site's attempt 1 the coordinator gave up on uploads after attempt 2: each has its own key, attempt 2 counts."""
+    from fedtrain.worker.weights import read_weights_file
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(federation, workdir)
+    keys = Layout(sites=frozenset({"munich"}))
+    weights, meta = read_weights_file(workdir / keys.global_weights(2))
+    for attempt, step in ((2, 0.01), (1, 5.0)):  # attempt 1 writes last
+        moved = {k: (v + step).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
+        save_weights_file(workdir / keys.client_update(3, "munich", attempt), moved,
+                          {"num_examples": 5, "base_sha256": meta["sha256"]})
+    assert keys.client_update(3, "munich", 1) != keys.client_update(3, "munich", 2)
+    worker("aggregate", "--workdir", workdir, "--round", 3, "--clients", "munich", "--sites", "munich",
+           "--site-attempt", "munich=2", "--no-evaluate", "--device", "cpu")
+    model, _ = read_weights_file(workdir / keys.global_weights(3))
+    name = next(k for k, v in weights.items() if v.dtype.kind == "f")
+    np.testing.assert_allclose(model[name], weights[name] + 0.01, atol=1e-6)
 
 
 def test_remove_deletes_only_a_training_directory(tmp_path: Path) -> None:

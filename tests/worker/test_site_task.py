@@ -28,11 +28,13 @@ from fedtrain.worker.sitetask import (
     SiteResult,
     SiteTask,
     TrainSettings,
+    digest,
     encode,
     evaluation_output,
     parse_evaluation,
     parse_result,
     parse_scores_record,
+    parse_task,
     train_output,
 )
 from fedtrain.worker.storage import open_store
@@ -57,7 +59,8 @@ def posted(workdir: Path | str, kind: str, round_number: int, site: str = SITE, 
     model_round = round_number - 1 if kind == "train" else round_number
     key = Layout().global_weights(model_round)
     sidecar = read_json(open_store(str(workdir)), sidecar_of(key))
-    return SiteTask(id=f"{kind[0]}{round_number:04d}-{site}-a{attempt}", kind=kind, round=round_number, site=site,
+    return SiteTask(id=f"{'r' if kind == 'train' else 'e'}{round_number:04d}-{site}-a{attempt}", kind=kind,
+                    round=round_number, site=site, attempt=attempt,
                     training="tests/t", total_rounds=2, strategy="fedavg", architecture="tiny_cnn", global_key=key,
                     global_sha256=sidecar["sha256"], deadline=time.time() + 600, seed=1,
                     train=TrainSettings(epochs=1, batch_size=32, learning_rate=0.01) if kind == "train" else None)
@@ -104,7 +107,7 @@ def test_the_site_trains_on_its_own_data_and_answers(trained: tuple[Path, dict[s
     assert update["client"] == SITE and update["round"] == 1 and update["base_sha256"] == global_0["sha256"]
     held_out = update["metrics"]["val_examples"]  # the whole training split: trained on or held out
     assert held_out > 0 and update["num_examples"] + held_out == len(load_tree(synth_tree, need_test=False).train)
-    result = parse_result((workdir / LAYOUT.site_result(SITE, "t0001-munich-a1")).read_bytes())
+    result = parse_result((workdir / LAYOUT.site_result(SITE, "r0001-munich-a1")).read_bytes())
     assert result.state == "succeeded" and result.site == SITE and result.output == output
     assert output == {"num_examples": update["num_examples"], "metrics": update["metrics"], "sha256": update["sha256"]}
     assert train_output(output, update["num_examples"]).model_dump() == output  # what the coordinator accepts
@@ -169,6 +172,9 @@ def test_a_task_or_model_that_is_not_what_the_coordinator_posted_is_refused(
     assert site_task(training, replace(task, architecture="mobilenet_v3_small"), synth_tree)[0] == EXIT_BAD_DATA
     assert "architecture is 'tiny_cnn'" in capsys.readouterr().err
     assert site_task(training, replace(task, global_key="round-0000/manifest.json"), synth_tree)[0] == EXIT_BAD_DATA
+    assert "global_key: String should match pattern" in capsys.readouterr().err
+    assert site_task(training, replace(task, global_key="round-0001/global.safetensors"), synth_tree)[0] == \
+        EXIT_BAD_DATA
     assert "is not the global model this task needs" in capsys.readouterr().err
     assert site_task(training, task, synth_tree, "--validation-fraction", 1.5)[0] == EXIT_BAD_INPUT
     assert not (training / LAYOUT.site_result(SITE, task.id)).exists()
@@ -203,7 +209,7 @@ def test_a_site_trains_through_an_object_store(s3_server: S3Server, synth_tree: 
     keys = sorted(item["Key"].removeprefix(f"{prefix}/") for item in listed)
     assert keys == sorted(["manifest.json", "round-0000/global.json", "round-0000/global.safetensors",
                            LAYOUT.client_update(1, SITE), sidecar_of(LAYOUT.client_update(1, SITE)),
-                           LAYOUT.site_result(SITE, "t0001-munich-a1")])
+                           LAYOUT.site_result(SITE, "r0001-munich-a1")])
     update = read_json(open_store(location), sidecar_of(LAYOUT.client_update(1, SITE)))
     assert update["sha256"] == output["sha256"] and update["num_examples"] == output["num_examples"] > 0
 
@@ -300,3 +306,45 @@ def test_problems_are_cut_short() -> None:
     with pytest.raises(BadDataError) as error:
         parse_result(json.dumps({"task": 1, "site": 2, "state": 3, "exit_code": "x", "output": 4}).encode())
     assert "; and 2 more" in str(error.value)
+
+
+def posted_task(**changes: Any) -> dict[str, Any]:
+    """A valid task's JSON with ``changes`` (None removes a field), its digest made to match (the writer can)."""
+    body = SiteTask(id="r0003-munich-a2", kind="train", round=3, site="munich", training="team/signs", total_rounds=5,
+                    strategy="fedavg", architecture="tiny_cnn", global_key="round-0002/global.safetensors",
+                    global_sha256="ab" * 32, deadline=1e9, attempt=2, train=TrainSettings()).to_json()
+    body.pop("digest")
+    body.update(changes)
+    body = {k: v for k, v in body.items() if v is not None}
+    return {**body, "digest": digest(body)}
+
+
+def test_a_posted_task_round_trips_with_its_attempt() -> None:
+    task = parse_task(posted_task())
+    assert (task.id, task.attempt, task.train) == ("r0003-munich-a2", 2, TrainSettings())
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"id": "../../etc/passwd"}, "id: String should match pattern"),
+    ({"id": "r0003-hamburg-a2"}, "id 'r0003-hamburg-a2' is not the id of a train task of round 3, site munich"),
+    ({"id": "r0003-munich-a1"}, "attempt 2 ('r0003-munich-a2')"),
+    ({"site": "../hamburg", "id": "r0003-../hamburg-a2"}, "site: String should match pattern"),
+    ({"round": -1}, "round: Input should be greater than or equal to 1"),
+    ({"round": 10**6}, "round: Input should be less than or equal to 10000"),
+    ({"round": "3"}, "round: Input should be a valid integer"),
+    ({"attempt": 0, "id": "r0003-munich-a0"}, "attempt: Input should be greater than or equal to 1"),
+    ({"deadline": "soon"}, "deadline: Input should be a valid number"),
+    ({"deadline": -5.0}, "deadline: Input should be greater than or equal to 0"),
+    ({"global_key": "../hamburg/round-0002/update-a1.safetensors"}, "global_key: String should match pattern"),
+    ({"global_sha256": "x"}, "global_sha256: String should match pattern"),
+    ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
+    ({"train": {"learning_rate": 1e400}}, "train.learning_rate: Input should be a finite number"),
+    ({"strategy": "fed avg"}, "strategy: String should match pattern"),
+    ({"extra": 1}, "extra: Unexpected keyword argument"),
+    ({"kind": None}, "kind: Field required"),
+])
+def test_a_task_whose_fields_are_not_what_they_must_be_is_refused_naming_the_field(change: dict[str, Any],
+                                                                                   said: str) -> None:
+    with pytest.raises(BadDataError, match=r"^task\.json: ") as refused:
+        parse_task(posted_task(**change), "task.json")
+    assert said in str(refused.value)
