@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedtrain.engine.status import TrainingStatus
+from fedtrain.local.lock import WorkdirBusy
 from fedtrain.local.progress import LiveProgress, PlainProgress
 from fedtrain.sites.command import add_site_commands, site_command
 from fedtrain.spec import SpecError, SyntheticSpec, load_manifest
@@ -177,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handlers[args.command](args))
     except SpecError as error:
         console.print(f"[red]{error}[/red]")
+        return EXIT_BAD_SPEC
+    except WorkdirBusy as error:
+        console.print(str(error), style="red", markup=False)  # paths may hold [brackets]
         return EXIT_BAD_SPEC
     except KeyboardInterrupt:
         console.print("interrupted: run the same command again to continue from the last finished round")

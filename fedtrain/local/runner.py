@@ -18,6 +18,7 @@ from pathlib import Path
 from fedtrain.engine import decide
 from fedtrain.engine.status import Cancel, Event, Launch, Observation, TrainingStatus
 from fedtrain.local.executor import LocalExecutor
+from fedtrain.local.lock import workdir_lock
 from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import FederatedTraining, SpecError
 from fedtrain.tasks import (
@@ -131,11 +132,21 @@ def observe_sites(relay: SiteRelay | None, status: TrainingStatus, on_event: Cal
 def run_training(manifest: FederatedTraining, options: RunOptions,
                  on_event: Callable[[Event], None] = lambda e: None,
                  on_status: Callable[[TrainingStatus], None] = lambda s: None) -> RunResult:
-    """Run (or continue) a training until it succeeds, fails or is suspended."""
-    spec = manifest.spec
+    """Run (or continue) a training until it succeeds, fails or is suspended.
+
+    The work directory is locked while it runs: a second run of it fails at once (`WorkdirBusy`).
+    """
     workdir = (options.workdir or default_workdir(manifest)).resolve()
     check_before_creating(manifest, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir):
+        return _run_locked(manifest, options, workdir, on_event, on_status)
+
+
+def _run_locked(manifest: FederatedTraining, options: RunOptions, workdir: Path, on_event: Callable[[Event], None],
+                on_status: Callable[[TrainingStatus], None]) -> RunResult:
+    """`run_training`'s loop, in a work directory this process holds."""
+    spec = manifest.spec
     (workdir / SPEC_FILE).write_text(json.dumps(manifest.model_dump(mode="json", by_alias=True), indent=2))
     tracking_uri = options.tracking_uri or spec.mlflow.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     data_path = spec.dataset.path or str(workdir / "data")
