@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fedtrain.engine.status import Task, TrainingStatus
 from fedtrain.spec import FederatedTrainingSpec, S3Spec, SyntheticSpec
+from fedtrain.worker.sitetask import client_mu
 from fedtrain.worker.storage import S3_ENV, s3_location
 
 WORKER_COMMAND = "fedtrain-worker"
@@ -144,7 +145,7 @@ def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[st
     if spec.privacy is not None:
         args += ["--clip-norm", repr(spec.privacy.clip_norm)]
     if spec.strategy.name == "fedprox":
-        args += ["--mu", repr(spec.strategy.parameters.get("mu", 0.01))]
+        args += ["--mu", repr(client_mu(spec.strategy.name, spec.strategy.parameters))]
     if entry is not None and entry.data is not None:
         args += ["--own-data", "--data", "/".join(p for p in (where.client_data_root, entry.data.path.strip("/")) if p)]
     elif spec.dataset.path is not None and where.data_path != spec.dataset.path:

@@ -60,6 +60,14 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Choice = Annotated[str, Field(pattern=CHOICE_PATTERN)]
 
 
+FEDPROX_MU = 0.01  # FedProx's proximal strength when spec.strategy.parameters names no mu: the one default
+
+
+def client_mu(strategy: str, parameters: Mapping[str, Any]) -> float:
+    """The proximal strength a client trains with: the spec's ``mu`` (default `FEDPROX_MU`) under FedProx, else 0."""
+    return float(parameters.get("mu", FEDPROX_MU)) if strategy == "fedprox" else 0.0
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How the site trains in a round (the coordinator's spec.training, with the client's overrides)."""

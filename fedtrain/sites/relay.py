@@ -42,6 +42,7 @@ from fedtrain.worker.sitetask import (
     ScoresRecord,
     SiteTask,
     TrainSettings,
+    client_mu,
     encode,
     evaluation_output,
     parse_result,
@@ -111,7 +112,7 @@ def train_settings(spec: FederatedTrainingSpec, client: str) -> TrainSettings:
     """spec.training with the client's overrides, as a site trains with them (the same as a local client)."""
     training = spec.training
     epochs, batch, rate = client_training(spec, client)
-    mu = float(spec.strategy.parameters.get("mu", 0.01)) if spec.strategy.name == "fedprox" else 0.0
+    mu = client_mu(spec.strategy.name, spec.strategy.parameters)
     return TrainSettings(epochs=epochs, batch_size=batch, optimizer=training.optimizer, learning_rate=rate,
                          momentum=training.momentum, weight_decay=training.weight_decay,
                          scheduler=training.scheduler, restart_epochs=training.restart_epochs, mu=mu,

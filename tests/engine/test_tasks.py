@@ -68,6 +68,18 @@ def test_aggregate_reads_each_site_update_of_the_attempt_that_succeeded() -> Non
         site_attempts_of(args)
 
 
+def test_fedprox_without_mu_trains_every_client_and_site_with_the_one_default() -> None:
+    from fedtrain.sites.relay import train_settings
+    from fedtrain.worker.sitetask import FEDPROX_MU
+    from fedtrain.worker.strategies import make_strategy
+
+    spec = parse_spec({"rounds": 2, "strategy": {"name": "fedprox"},
+                       "clients": {"list": [{"name": "hq"}, {"name": "munich", "site": {}}]}})
+    args = build_parser().parse_args(worker_arguments(Task("r0001-hq-a1", "train", 1, "hq"), spec, WHERE))
+    assert args.mu == train_settings(spec, "munich").mu == make_strategy("fedprox", {}).client_options()["mu"] \
+        == FEDPROX_MU
+
+
 def test_finalize_tracks_with_lineage() -> None:
     args = parsed(Task("finalize-a1", "finalize", 3))
     assert args.tracking_uri == "http://mlflow:5000" and args.registered_model_name == "signs"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtrain.worker.errors import BadInputError
+from fedtrain.worker.sitetask import FEDPROX_MU
 from fedtrain.worker.strategies.protocol import Aggregate
 from fedtrain.worker.strategies.updates import UpdateSet
 from fedtrain.worker.weights import Weights
@@ -19,7 +20,7 @@ from fedtrain.worker.weights import Weights
 class FedProx:
     """Weighted averaging with a proximal term of strength ``mu`` for the clients."""
 
-    mu: float = 0.01
+    mu: float = FEDPROX_MU
     name: str = "fedprox"
 
     def __post_init__(self) -> None:
