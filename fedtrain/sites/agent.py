@@ -10,6 +10,7 @@ writes the result of a task that succeeded; the runner writes the others. Kept f
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -115,11 +116,24 @@ def vanished(posting: Posting | None, status: ParticipationStatus) -> Posting | 
     return posting
 
 
+# What is left of a path once its root is replaced: the rest of it up to a space, quote or bracket.
+_PATH_TAIL = r"[^\s'\"()\[\]{},;]*"
+# Any other path (absolute, or relative with a folder) and any file name of the kinds a data set holds.
+_OTHER_PATHS = re.compile(r"(?<![\w.])(?:/|[\w.-]+/)" + _PATH_TAIL)
+_FILE_NAMES = re.compile(r"(?<![\w.])[\w.-]+\.(?:ppm|png|jpe?g|bmp|gif|tiff?|csv|txt|npz|npy|json|pkl)\b", re.I)
+
+
 def redact(text: str, data_paths: Iterable[str]) -> str:
-    """``text`` without any of the site's data paths (longest first), cut to `MAX_REASON` characters."""
+    """``text`` without the site's paths or file names, cut to `MAX_REASON` characters.
+
+    The data paths go with whatever follows them (``<data>/Final_Training/Images/00007/x.ppm`` is
+    only `REDACTED`): a relative file name tells the coordinator what the site holds (its classes,
+    its tracks). Then any other path and any file name of a data set's kinds go the same way.
+    """
     for path in sorted((p.rstrip("/") for p in data_paths if p and p.rstrip("/")), key=len, reverse=True):
-        text = text.replace(path, REDACTED)
-    return text[:MAX_REASON]
+        text = re.sub(re.escape(path) + _PATH_TAIL, REDACTED, text)
+    text = _OTHER_PATHS.sub(lambda m: m.group(0) if m.group(0) == REDACTED else REDACTED, text)
+    return _FILE_NAMES.sub(REDACTED, text)[:MAX_REASON]
 
 
 def failure_result(task: SiteTask, site: str, exit_code: int | None, reason: str | None,

@@ -18,9 +18,14 @@ give each federation its own bucket. ``list_bucket=False`` leaves it out, for st
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from fedtrain.worker.errors import BadInputError
 from fedtrain.worker.layout import Layout, site_grants
+from fedtrain.worker.sitetask import NAME_PATTERN
+
+MAX_SITE_NAME = 63  # a DNS label, as the wire format's site names
 
 POLICY_VERSION = "2012-10-17"
 READ_ACTIONS = ["s3:GetObject"]
@@ -34,8 +39,17 @@ def training_arn(bucket: str, prefix: str, training_id: str, pattern: str = "") 
     return f"arn:aws:s3:::{bucket}/{path}" if path else f"arn:aws:s3:::{bucket}"
 
 
+def check_site_name(site: str) -> None:
+    """Refuse what is not exactly one site's name: ``*`` or ``munich/..`` in an ARN would grant every site's folder."""
+    if not re.fullmatch(NAME_PATTERN, site) or len(site) > MAX_SITE_NAME:
+        raise BadInputError(f"--site {site!r} is not one site's name: use the name of its clients.list entry (lower "
+                            f"case letters, digits and '-', at most {MAX_SITE_NAME} characters); a policy covers "
+                            "exactly one site")
+
+
 def site_policy(bucket: str, prefix: str, training_id: str, site: str, list_bucket: bool = True) -> dict[str, Any]:
     """The IAM policy of one site's key: read the global models and its own folder, write only its own folder."""
+    check_site_name(site)
     grants = site_grants(site)
     statements: list[dict[str, Any]] = [
         {"Sid": "ReadGlobalModelsAndOwnFolder", "Effect": "Allow", "Action": READ_ACTIONS,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedtrain.sites import agent
 from fedtrain.sites.participation import ParticipationStatus
 from fedtrain.worker.errors import EXIT_REFUSED
@@ -124,7 +126,17 @@ def test_failure_reasons_never_show_the_site_paths() -> None:
     assert result.exit_code == 3
     assert result.reason is not None
     assert "/srv" not in result.reason
-    assert result.reason == ("cannot read <site data>/Final_Training/Images/00001/GT-00001.csv (in <site data>)")
+    assert result.reason == "cannot read <site data> (in <site data>)"  # no file name tells what the site holds
+
+
+@pytest.mark.parametrize(("reason", "redacted"), [
+    ("cannot decode 00000_00001.ppm in Images/00007", "cannot decode <site data> in <site data>"),
+    ("cache /tmp/fedtrain/decoded/own-munich.npz is corrupt", "cache <site data> is corrupt"),
+    ("no labels: GT-final_test.csv", "no labels: <site data>"),
+    ("torch.cuda.OutOfMemoryError: 2.5 GiB; exit 3", "torch.cuda.OutOfMemoryError: 2.5 GiB; exit 3"),
+])
+def test_redaction_leaves_no_path_or_file_name(reason: str, redacted: str) -> None:
+    assert agent.redact(reason, []) == redacted
 
 
 def test_a_refusal_is_a_failure_with_exit_77() -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from fedtrain.cli import main
 from fedtrain.sites.bucket_policy import coordinator_policy, site_policy
 from fedtrain.worker.errors import BadInputError
 from fedtrain.worker.layout import Layout
@@ -91,3 +92,11 @@ def test_the_policies_come_from_the_layouts_grants() -> None:
     assert listing["Action"] == ["s3:ListBucket"]
     assert coordinator_policy(BUCKET, PREFIX, TRAINING_ID)["Statement"][0]["Resource"] == [
         f"arn:aws:s3:::{BUCKET}/{PREFIX}/{TRAINING_ID}/*"]
+
+
+@pytest.mark.parametrize("site", ["*", "munich/*", "../hamburg", "sites/munich", "Munich", "", "a" * 64, "munich?"])
+def test_a_policy_is_for_exactly_one_site(site: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(BadInputError, match="is not one site's name"):
+        site_policy(BUCKET, PREFIX, TRAINING_ID, site)
+    code = main(["site", "policy", "--bucket", BUCKET, "--training-id", TRAINING_ID, "--site", site])
+    assert code == 2 and "a policy covers exactly one site" in " ".join(capsys.readouterr().err.split())
