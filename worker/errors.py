@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_BAD_DATA = 3
 EXIT_REJECTED_UPDATES = 4
+EXIT_NON_FINITE_MODEL = 5
 EXIT_INTERNAL = 70
 EXIT_TEMPORARY = 75  # EX_TEMPFAIL of sysexits.h: the same command may succeed if run again later
 EXIT_REFUSED = 77  # EX_NOPERM: a site's policy refused the task before it touched the site's data
@@ -20,6 +21,7 @@ EXIT_CODE_NAMES: dict[int, str] = {
     EXIT_BAD_INPUT: "bad input",
     EXIT_BAD_DATA: "bad data",
     EXIT_REJECTED_UPDATES: "rejected updates",
+    EXIT_NON_FINITE_MODEL: "non-finite model",
     EXIT_INTERNAL: "internal error",
     EXIT_TEMPORARY: "temporary storage failure",
     EXIT_REFUSED: "refused by the site",
@@ -52,6 +54,16 @@ class RejectedUpdatesError(WorkerError):
     """Too few client updates survived validation to aggregate a round."""
 
     exit_code = EXIT_REJECTED_UPDATES
+
+
+class NonFiniteModelError(WorkerError):
+    """The aggregation produced a global model (or server state) with NaN or Inf: it is never written.
+
+    Every update was finite, yet a server optimiser's step or a sum can overflow; the round fails
+    like one that missed its quorum, so the engine's straggler rules decide whether it runs again.
+    """
+
+    exit_code = EXIT_NON_FINITE_MODEL
 
 
 class TemporaryStorageError(WorkerError):

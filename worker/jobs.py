@@ -26,7 +26,7 @@ from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree, sign_names,
 from fedtrain.worker.data.images import load_image, load_samples
 from fedtrain.worker.data.partition import Partition, PartitionConfig, partition_samples
 from fedtrain.worker.data.synth import SynthConfig, generate
-from fedtrain.worker.errors import BadDataError, BadInputError
+from fedtrain.worker.errors import BadDataError, BadInputError, NonFiniteModelError
 from fedtrain.worker.layout import Layout, client_names
 from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.sitetask import ExampleBounds
@@ -34,6 +34,7 @@ from fedtrain.worker.storage import Store, iterate_keys, open_store
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.strategies.privacy import clip, epsilon, private_mean
 from fedtrain.worker.strategies.protocol import Aggregate
+from fedtrain.worker.strategies.validation import non_finite_tensor
 from fedtrain.worker.training import (
     Evaluation,
     TrainConfig,
@@ -388,6 +389,7 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
         outcome = _private_round(current, updates, config.privacy, round_number)
     else:
         outcome = strategy.aggregate(current, updates, state)
+    refuse_non_finite(outcome, round_number, strategy.name)
     aggregated_at = time.perf_counter()
     result: dict[str, Any] = {
         "round": round_number, "strategy": strategy.name, "accepted": updates.accepted,
@@ -409,6 +411,20 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     result["seconds"] = time.perf_counter() - started
     write_json(store, layout.result(round_number), result)
     return result
+
+
+def refuse_non_finite(outcome: Aggregate, round_number: int, strategy: str) -> None:
+    """Raise before anything is written if the new global model or the server state holds NaN or Inf.
+
+    A written model with one Inf would be every client's next starting point and the champion's
+    candidate; refusing it fails only this round, which the engine then treats like a missed quorum.
+    """
+    for what, weights in (("global model", outcome.weights), ("server state", outcome.state)):
+        name = non_finite_tensor(weights)
+        if name is not None:
+            raise NonFiniteModelError(
+                f"round {round_number}: the {strategy} aggregate's {what} has NaN or Inf in tensor {name}; "
+                "it was not written (a server optimiser's strategy.eta too large can overflow float32)")
 
 
 def _updates_present(workspace: Workspace, round_number: int) -> tuple[str, ...]:

@@ -46,6 +46,7 @@ from fedtrain.worker.errors import (
     EXIT_BAD_DATA,
     EXIT_BAD_INPUT,
     EXIT_CODE_NAMES,
+    EXIT_NON_FINITE_MODEL,
     EXIT_REFUSED,
     EXIT_REJECTED_UPDATES,
     EXIT_TEMPORARY,
@@ -63,6 +64,11 @@ TEMPORARY_RETRIES = 3
 KNOWN_CAUSES = ("OOMKilled", "DeadlineExceeded", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                 "CreateContainerConfigError", "CreateContainerError", "Unschedulable")
 PERMANENT_CAUSES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
+# An aggregation that exits with one of these is not run again by itself: its round missed its
+# quorum (too few updates survived, or their aggregate was not finite) and stragglers.onMissedQuorum
+# decides between retrying the round and failing the training.
+ROUND_FAILURES = {EXIT_REJECTED_UPDATES: (Reason.UPDATES_REJECTED, "aggregation rejected the updates"),
+                  EXIT_NON_FINITE_MODEL: (Reason.NON_FINITE_MODEL, "aggregation refused a non-finite global model")}
 MAX_STEPS_PER_DECISION = 10_000
 REASON_LENGTH = 80  # of a client failure in a round over DETAILED_CLIENTS (the status must stay small)
 SHOWN_DIGITS = 4
@@ -147,7 +153,7 @@ def _advance(task: ClientTask, ident: str, observations: dict[str, Observation],
     else:
         permanent = seen.exit_code in PERMANENT_EXIT_CODES or cause(task) in PERMANENT_CAUSES
         counted = task.attempt - task.temporary_failures  # attempts that maxRetries pays for
-        if permanent or seen.exit_code == EXIT_REJECTED_UPDATES or counted > max_retries:
+        if permanent or seen.exit_code in ROUND_FAILURES or counted > max_retries:
             task.state = "failed"
             return Progress.FAILED
     task.attempt += 1
@@ -310,7 +316,7 @@ class _Step:
             waiting = []
         if waiting:
             return False
-        current.aggregation = ClientTask()
+        current.aggregation = ClientTask(attempt=current.aggregation_attempts + 1)
         return True
 
     def advance_aggregation(self, current: RoundStatus) -> bool:
@@ -325,9 +331,9 @@ class _Step:
         if progress is Progress.WAIT:
             return False
         if progress is Progress.FAILED:
-            if task.exit_code == EXIT_REJECTED_UPDATES:
-                return self.missed_quorum(current, f"aggregation rejected the updates: {task.reason}",
-                                          Reason.UPDATES_REJECTED)
+            if task.exit_code in ROUND_FAILURES:
+                reason, what = ROUND_FAILURES[task.exit_code or 0]
+                return self.missed_quorum(current, f"{what}: {task.reason}", reason)
             reason = PERMANENT_EXIT_CODES.get(task.exit_code or 0, Reason.TASK_FAILED)
             return self.fail(reason, f"round {current.round}: aggregation failed: {task.reason}")
         seen = self.observations.get(ident)
@@ -444,6 +450,8 @@ class _Step:
         if retries.on_missed_quorum == "retry" and current.attempt <= retries.max_round_retries:
             current.attempt += 1
             current.started_at = self.now
+            if current.aggregation is not None:
+                current.aggregation_attempts = current.aggregation.attempt
             current.aggregation = None
             for client in current.selected:
                 task = current.clients[client]

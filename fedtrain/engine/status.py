@@ -41,6 +41,7 @@ class Reason:
     QUORUM_MISSED = "QuorumMissed"
     ROUND_RETRIED = "RoundRetried"
     UPDATES_REJECTED = "UpdatesRejected"
+    NON_FINITE_MODEL = "NonFiniteModel"  # the aggregate had NaN or Inf: not written, the round missed its quorum
     BAD_INPUT = "BadInput"
     BAD_DATA = "BadData"
     TASK_FAILED = "TaskFailed"
@@ -141,6 +142,9 @@ class RoundStatus(StatusModel):
     selected: list[str] = []
     clients: dict[str, ClientTask] = {}
     aggregation: ClientTask | None = None
+    # Aggregation attempts spent by earlier attempts of the round: a retried round's aggregation takes
+    # a new task id, never the failed one whose observation is still there.
+    aggregation_attempts: int = 0
     started_at: float | None = None
     finished_at: float | None = None
     accuracy: float | None = None

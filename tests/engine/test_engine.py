@@ -12,6 +12,7 @@ from fedtrain.engine import Observation, Task, TrainingStatus, decide, select_cl
 from fedtrain.engine.engine import TEMPORARY_RETRIES
 from fedtrain.engine.status import Cancel, Decision
 from fedtrain.spec import FederatedTrainingSpec, parse_spec
+from fedtrain.worker.errors import EXIT_NON_FINITE_MODEL
 
 Outcome = Callable[[Task, float], Observation | None]  # None: still running
 
@@ -192,6 +193,24 @@ def test_rejected_updates_miss_the_quorum() -> None:
     status = sim.run()
     assert status.phase == "Failed" and "aggregation rejected the updates" in status.message
     assert "r0001-aggregate-a2" not in sim.launched
+
+
+def test_a_non_finite_aggregate_fails_the_round_with_its_reason() -> None:
+    sim = Simulation(spec(), failing({"aggregate": EXIT_NON_FINITE_MODEL}, kinds=("aggregate",)))
+    status = sim.run()
+    assert status.phase == "Failed" and "aggregation refused a non-finite global model" in status.message
+    assert next(c.reason for c in status.conditions if c.type == "Failed") == "NonFiniteModel"
+    assert "r0001-aggregate-a2" not in sim.launched  # the same updates would give the same aggregate
+
+
+def test_a_non_finite_aggregate_retries_the_round_under_the_straggler_rules() -> None:
+    the_spec = spec(stragglers={"onMissedQuorum": "retry", "maxRoundRetries": 1})
+    sim = Simulation(the_spec, failing({"aggregate": EXIT_NON_FINITE_MODEL}, kinds=("aggregate",), attempts=1))
+    status = sim.run()
+    assert status.phase == "Succeeded" and status.rounds[0].attempt == 2
+    assert "r0001-aggregate-a2" in sim.launched  # the retried round's aggregation under a new id
+    assert any(e.startswith("RoundRetried: round 1 retried (attempt 2): aggregation refused a non-finite")
+               for e in sim.events)
 
 
 @pytest.mark.parametrize(("kind", "code", "phase_reason"), [

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_REJECTED_UPDATES
+from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_NON_FINITE_MODEL, EXIT_REJECTED_UPDATES
 from fedtrain.worker.layout import Layout
 from fedtrain.worker.weights import save_weights_file
 
@@ -161,6 +161,24 @@ def test_a_late_upload_of_a_stale_attempt_never_counts(federation: Path, tmp_pat
     model, _ = read_weights_file(workdir / keys.global_weights(3))
     name = next(k for k, v in weights.items() if v.dtype.kind == "f")
     np.testing.assert_allclose(model[name], weights[name] + 0.01, atol=1e-6)
+
+
+def test_a_non_finite_aggregate_is_never_written(federation: Path, tmp_path: Path) -> None:
+    """Finite updates, but FedAdam's step of eta 1e39 overflows float32: the round fails and writes nothing."""
+    from fedtrain.worker.weights import read_weights_file
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(federation, workdir)
+    layout = at(workdir)
+    weights, meta = read_weights_file(layout.global_weights(2))
+    moved = {k: (v + 0.01).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
+    save_weights_file(layout.client_update(3, "client-00"), moved, {"num_examples": 5, "base_sha256": meta["sha256"]})
+    done = worker("aggregate", "--workdir", workdir, "--round", 3, "--strategy", "fedadam", "--param", "eta=1e39",
+                  "--device", "cpu", check=False)
+    assert done.returncode == EXIT_NON_FINITE_MODEL
+    assert "fedadam aggregate's global model has NaN or Inf in tensor" in done.stderr
+    assert not layout.global_weights(3).exists() and not layout.strategy_state(3).exists()
+    assert not layout.result(3).exists()
 
 
 def test_remove_deletes_only_a_training_directory(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from fedtrain.worker.strategies import Aggregate, UpdateFile, UpdateSet, make_st
 from fedtrain.worker.strategies.arrays import FlatModel
 from fedtrain.worker.strategies.fedopt import server_step
 from fedtrain.worker.strategies.krum import pairwise_squared_distances
+from fedtrain.worker.strategies.validation import non_finite_tensor
 from fedtrain.worker.weights import (
     Weights,
     read_weights,
@@ -74,6 +75,22 @@ def test_fedadam_first_step_by_hand(tmp_path: Path) -> None:
     np.testing.assert_allclose(result.state["m/w"], m)
     np.testing.assert_allclose(result.state["v/w"], v)
     assert "m/bn.num_batches_tracked" not in result.state  # statistics are averaged, never stepped
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_server_step_that_overflows_float32_is_named_before_it_is_written(tmp_path: Path) -> None:
+    result, _ = run("fedadam", tmp_path, {"a": ([1, -2], 5)}, {"eta": 1e39})
+    assert non_finite_tensor(result.weights) == "w"  # finite updates, an infinite step
+    assert non_finite_tensor(result.state) is None
+
+
+@pytest.mark.parametrize(("weights", "found"), [
+    ({"w": np.array([1.0, np.nan], dtype=np.float32)}, "w"),
+    ({"a": np.zeros(2, dtype=np.float16), "b": np.array([-np.inf])}, "b"),
+    ({"w": np.array([3e38], dtype=np.float32), "n": np.array(7, dtype=np.int64)}, None),
+])
+def test_non_finite_tensor_names_the_first_tensor_with_nan_or_inf(weights: Weights, found: str | None) -> None:
+    assert non_finite_tensor(weights) == found
 
 
 def test_fedadam_uses_the_saved_state(tmp_path: Path) -> None:

@@ -50,6 +50,18 @@ def non_finite_problem(name: str) -> str:
     return f"tensor {name} contains NaN or Inf (or values too large to square)"
 
 
+def non_finite_tensor(weights: Mapping[str, NDArray[Any]]) -> str | None:
+    """The first floating tensor with NaN or Inf, if any: an aggregate is checked before it is written.
+
+    Updates are checked one by one, but their mean, a server optimiser's step or the cast back to
+    float32 can still overflow; a model with one Inf poisons every client of the next round.
+    """
+    for name, array in weights.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            return name
+    return None
+
+
 def first_non_finite(values: NDArray[Any]) -> int:
     """Index of the first value that is not finite or whose square is not (0 if the fault is only in a sum)."""
     bad = np.flatnonzero(~np.isfinite(np.square(values)))
