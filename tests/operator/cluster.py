@@ -43,6 +43,7 @@ from kmock._internal import apps, dicts, dsl, enums, rendering
 
 from fedtrain.local.executor import ForkServer
 from tests.apiserver_rules import Refused, admit, load_crd, refuse_object
+from tests.containers.kubelet import Kubelet, own_volume
 
 RESOURCES = {
     "fedtrain.io/v1alpha1/federatedtrainings": kmock.ResourceInfo(
@@ -556,6 +557,7 @@ class JobRunner:
     ran: list[str] = field(default_factory=list)  # job names, in start order
     paused: bool = False  # set from another thread: new Jobs wait, running ones are not reported
     errors: list[str] = field(default_factory=list)
+    kubelet: Kubelet | None = None  # given: each Pod runs as a container of its image (tests/containers)
 
     def __post_init__(self) -> None:
         self.store = self.root / "store"
@@ -762,6 +764,9 @@ class JobRunner:
         if plan is not None and plan.exit_code is not None:
             process: Any = _Exited(plan.exit_code)
             stderr.write_text(plan.message + "\n")
+        elif self.kubelet is not None:
+            process = self._container(namespace, pod_name, template["spec"], container, environment,
+                                      termination_log, stderr)
         else:
             forks = await self._fork_server()
             process = forks.start(pod_name, argv, self.logs / f"{pod_name}.out", stderr, threads=1,
@@ -771,6 +776,31 @@ class JobRunner:
         await self._json("PATCH", pod_path, {"status": {"phase": "Running", "containerStatuses": [
             {"name": "worker", "ready": True, "restartCount": 0, "state": {"running": {"startedAt": started}}}]}})
         return running
+
+    def _container(self, namespace: str, pod_name: str, pod_spec: dict[str, Any], container: dict[str, Any],
+                   environment: dict[str, str], termination_log: Path, stderr: Path) -> Any:
+        """Start the Pod as a container (`kubelet`): its claims and emptyDirs as host folders, owned by fsGroup."""
+        assert self.kubelet is not None
+        fs_group = (pod_spec.get("securityContext") or {}).get("fsGroup")
+        volumes: dict[str, Path] = {}
+        for volume in pod_spec.get("volumes") or []:
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                folder = self.store if volume["name"] == "store" else self.claim_dir(namespace, claim)
+            elif "emptyDir" in volume:
+                folder = self.root / "scratch" / pod_name / volume["name"]
+            else:
+                raise ValueError(f"{pod_name}: the container runner has no volume of kind {sorted(volume)}")
+            own_volume(folder, fs_group)
+            volumes[volume["name"]] = folder
+        termination_log.touch()
+        termination_log.chmod(0o666)
+        argv = self.kubelet.run_args(pod_name, pod_spec, container, volumes, environment, termination_log)
+        process = self.kubelet.start(pod_name, argv, self.logs / f"{pod_name}.out", stderr)
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=lambda: (process.wait(), loop.call_soon_threadsafe(self._reap)),
+                         name=f"container {pod_name}", daemon=True).start()
+        return process
 
     async def _finish(self, running: Running, code: int) -> None:
         meta = running.job["metadata"]
