@@ -20,7 +20,13 @@ from pydantic.alias_generators import to_camel
 
 from fedtrain import __version__
 from fedtrain.worker.layout import client_names
-from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, ExampleBounds
+from fedtrain.worker.sitetask import (
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_OUTLIER_DISTANCE,
+    EXAMPLES_LIMIT,
+    Combination,
+    ExampleBounds,
+)
 
 GROUP = "fedtrain.io"
 VERSION = "v1alpha1"
@@ -544,6 +550,17 @@ class EvaluationSpec(Model):
     """Score each global model on spec.dataset's test split (false: the coordinator holds no test data)."""
     every_rounds: Annotated[int, Field(ge=1, le=10000)] = 1
     """Sites evaluate the global model every this many rounds, and always after the last."""
+    combine: Combination = "weighted"
+    """How the sites' scores are combined: weighted (by examples, as one evaluation over all their data), median
+    (the median site's accuracy and loss), or trimmed (without the highest and lowest site, weighted; three sites
+    or more). median and trimmed keep one site's score from moving the figure and the champion."""
+    outlier_distance: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = DEFAULT_OUTLIER_DISTANCE
+    """A site whose accuracy is further than this from the median site's (of three or more) is named an outlier in
+    the round's status and a Warning Event."""
+    min_sites: Annotated[int, Field(ge=1, le=10000)] | None = None
+    """With central false: the champion alias moves only on scores from at least this many sites in the last round
+    (fewer: the model is registered, not promoted, and the status says why). Default: clients.minSuccessful, at most
+    the number of evaluating sites (every evaluating site without minSuccessful)."""
 
 
 class MlflowSpec(Model):
@@ -620,10 +637,20 @@ class FederatedTrainingSpec(Model):
             if entry.site is not None and (entry.namespace is not None or entry.data is not None):
                 raise ValueError(f"clients.list[{index}].site cannot have namespace or data: a site runs in its own "
                                  "cluster on its own data, which its FederatedParticipation names")
+        evaluating = len(self.clients.evaluating_sites())
+        if self.evaluation.min_sites is not None and self.evaluation.min_sites > max(evaluating, 1):
+            raise ValueError(f"evaluation.minSites ({self.evaluation.min_sites}) is more than the {evaluating} sites "
+                             "that evaluate (clients.list[].site): lower it, or add evaluating sites")
         if not self.evaluation.central and not self.clients.evaluating_sites():
             raise ValueError("evaluation.central is false and no site evaluates: set evaluation.central to true, or "
                              "add sites (clients.list[].site) that evaluate")
         return self
+
+    def champion_sites(self) -> int:
+        """How many sites must score the last model for it to be promoted on federated scores (evaluation.minSites)."""
+        if self.evaluation.min_sites is not None:
+            return self.evaluation.min_sites
+        return max(1, min(self.clients.quorum, len(self.clients.evaluating_sites())))
 
     def evaluates_round(self, round_number: int) -> bool:
         """Whether the sites evaluate the global model after ``round_number``."""

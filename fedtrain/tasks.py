@@ -197,7 +197,8 @@ def _finalize(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list
         if not spec.mlflow.promote_champion:
             args.append("--no-promote")
     if spec.clients.evaluating_sites():
-        args += ["--sites", ",".join(spec.clients.evaluating_sites()), *example_bounds(spec)]
+        args += ["--sites", ",".join(spec.clients.evaluating_sites()), *example_bounds(spec),
+                 "--combine", spec.evaluation.combine, "--min-site-scores", str(spec.champion_sites())]
     if not spec.evaluation.central:
         args.append("--no-central")
     if where.termination_log:

@@ -16,11 +16,11 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from fedtrain.worker.data.synth import SynthConfig
 from fedtrain.worker.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
-from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, MAX_ATTEMPT, ExampleBounds
+from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, MAX_ATTEMPT, Combination, ExampleBounds
 
 WORKDIR_HELP = "the training's store: a directory, or s3://bucket/prefix (settings from FEDTRAIN_S3_* and AWS_*)"
 
@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "round's model are combined into federated metrics")
     finalize.add_argument("--no-central", action="store_true", help="no central test set: the champion rule uses "
                           "the last round's federated accuracy")
+    finalize.add_argument("--combine", default="weighted", choices=get_args(Combination),
+                          help="how to combine a round's site scores the coordinator recorded none for")
+    finalize.add_argument("--min-site-scores", type=int, default=1, metavar="N",
+                          help="with --no-central: promote the champion only on scores from at least N sites")
     _example_bound_options(finalize)
 
     site = commands.add_parser("site-task", help="a remote site: run the coordinator's task on the site's own data")
@@ -327,12 +331,16 @@ def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:
     identity = TrainingIdentity(args.training, args.namespace, args.uid, args.strategy, spec)
     tracking = TrackingConfig(args.tracking_uri, args.experiment, args.registered_model_name, args.log_clients,
                               promote=not args.no_promote)
+    if args.min_site_scores < 1:
+        raise BadInputError(f"--min-site-scores must be >= 1, got {args.min_site_scores}")
     evaluation = EvaluationConfig(tuple(sorted(_names(args.sites))), central=not args.no_central,
-                                  examples=example_bounds_of(args))
+                                  examples=example_bounds_of(args), combine=args.combine,
+                                  min_sites=args.min_site_scores)
     summary = finalize(workspace, args.round, identity, tracking, device, evaluation)
     if args.termination_log is not None:
         short = {k: summary.get(k) for k in ("model_uri", "model_version", "champion", "accuracy",
                                              "federated_accuracy")}
+        short["champion_reason"] = (summary.get("champion_reason") or "")[:500] or None
         short["tracking_error"] = (summary.get("tracking_error") or "")[:2000] or None
         args.termination_log.write_text(json.dumps(short))
     return summary

@@ -34,7 +34,9 @@ from fedtrain.worker.plots import plot_confusion, plot_per_round
 from fedtrain.worker.sitetask import (
     EVALUATION_LIMIT,
     SIDECAR_LIMIT,
+    Combination,
     ExampleBounds,
+    ScoresRecord,
     parse_evaluation,
     parse_scores_record,
 )
@@ -64,6 +66,8 @@ class EvaluationConfig:
     sites: tuple[str, ...] = ()  # the evaluating sites
     central: bool = True  # false: the coordinator has no test set; the champion rule uses the sites' scores
     examples: ExampleBounds = field(default_factory=ExampleBounds)  # the most examples a site's score may claim
+    combine: Combination = "weighted"  # for a round without the coordinator's record (which says how it combined)
+    min_sites: int = 1  # without a central test set: the champion moves only on scores from this many sites
 
 
 @dataclass(frozen=True)
@@ -85,17 +89,23 @@ class RoundScores:
 
 
 def federated_rounds(store: Store, sites: tuple[str, ...], last_round: int,
-                     bounds: ExampleBounds | None = None) -> dict[int, RoundScores]:
-    """Each round's accepted site scores, combined (rounds no site scored are absent)."""
+                     bounds: ExampleBounds | None = None, how: Combination = "weighted") -> dict[int, RoundScores]:
+    """Each round's accepted site scores, combined as the coordinator's record says (rounds no site scored are absent).
+
+    ``how`` combines a round without a record, as the spec's evaluation.combine does.
+    """
     layout, bounds = Layout(), bounds or ExampleBounds()
     answered = _evaluated_rounds(store, sites, last_round)
     rounds = {}
     for round_number in sorted(answered):
-        scores = _recorded(store, round_number)
-        if scores is None:
+        record = _recorded(store, round_number)
+        if record is None:
             scores = {site: score for site in sorted(answered[round_number])
                       if (score := _site_score(store, layout.site_evaluation(site, round_number), bounds.of(site)))}
-        combined = combine(scores)
+            combined = combine(scores, how)
+        else:
+            scores = {site: SiteScore(s.examples, s.accuracy, s.loss) for site, s in record.sites.items()}
+            combined = combine(scores, record.combine, record.outlier_distance)
         if combined is not None:
             rounds[round_number] = RoundScores(round_number, combined, scores)
     return rounds
@@ -116,14 +126,13 @@ def _evaluated_rounds(store: Store, sites: tuple[str, ...], last_round: int) -> 
     return found
 
 
-def _recorded(store: Store, round_number: int) -> dict[str, SiteScore] | None:
-    """The scores the coordinator accepted for a round, or None when it recorded none (see the module's doc)."""
+def _recorded(store: Store, round_number: int) -> ScoresRecord | None:
+    """The scores the coordinator accepted for a round and how it combined them, or None without a record."""
     key = Layout().federated_scores(round_number)
     try:
-        record = parse_scores_record(store.read_bounded(key, EVALUATION_LIMIT), store.describe(key))
+        return parse_scores_record(store.read_bounded(key, EVALUATION_LIMIT), store.describe(key))
     except BadDataError:
         return None
-    return {site: SiteScore(s.examples, s.accuracy, s.loss) for site, s in record.sites.items()}
 
 
 def _site_score(store: Store, key: str, max_examples: int) -> SiteScore | None:
@@ -161,8 +170,8 @@ def finalize(workspace: Workspace, last_round: int, identity: TrainingIdentity, 
     store.write_bytes(f"{final}/model.json", store.read_bytes(sidecar_of(source)))  # sidecar first: its sha256
     store.write_bytes(f"{final}/model.safetensors", store.read_bytes(source))  # is checked against this copy
     results = [read_json(store, layout.result(r)) for r in range(1, last_round + 1) if store.exists(layout.result(r))]
-    scored = Scored(results, federated_rounds(store, evaluation.sites, last_round, evaluation.examples),
-                    evaluation.central)
+    scored = Scored(results, federated_rounds(store, evaluation.sites, last_round, evaluation.examples,
+                                              evaluation.combine), evaluation.central, evaluation.min_sites)
     with tempfile.TemporaryDirectory(prefix="fedtrain-final-") as scratch:
         plots = _plots(Path(scratch), results, scored.federated)
         for plot in plots:
@@ -192,6 +201,7 @@ class Scored:
     results: list[dict[str, Any]]
     federated: dict[int, RoundScores]
     central: bool = True
+    min_sites: int = 1  # without a central test set: sites whose scores the champion rule needs
 
     def accuracy(self, last_round: int) -> float | None:
         """The final model's accuracy: central when there is a central test set, else the sites' combined."""
@@ -311,6 +321,26 @@ def _judged(workspace: Workspace, last_round: int, scored: Scored, device: torch
     return Judged(scored.accuracy(last_round) or 0.0, test_fingerprint(tree), score_champion)
 
 
+def _below_site_quorum(scored: Scored, last_round: int) -> str | None:
+    """Why the model may not be promoted on federated scores alone, or None when it may (or is scored centrally).
+
+    Without a central test set the champion rule compares the sites' combined accuracy: one or two
+    sites that answered (or a lying one) must not decide which model serves everybody, so the
+    last round needs scores from ``min_sites`` sites (spec.evaluation.minSites).
+    """
+    if scored.central:
+        return None
+    last = scored.federated.get(last_round)
+    have = len(last.sites) if last else 0
+    if have >= scored.min_sites:
+        return None
+    if have == 0:
+        return f"not promoted: no site scored the model of round {last_round}, and there is no central test set"
+    return (f"not promoted: {have} site{'s' if have != 1 else ''} scored the model of round {last_round} "
+            f"({', '.join(sorted(last.sites)) if last else ''}), the champion needs scores from at least "
+            f"{scored.min_sites} (spec.evaluation.minSites)")
+
+
 def _log_model(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
                tracker: Tracker, report: TrackingReport, scored: Scored, device: torch.device) -> None:
     weights, _ = read_weights(workspace.store, workspace.layout.global_weights(last_round))
@@ -330,9 +360,9 @@ def _log_model(workspace: Workspace, last_round: int, identity: TrainingIdentity
                                                            tracking.registered_model_name, tags, PIP_REQUIREMENTS)
     if not (tracking.registered_model_name and report.model_version and tracking.promote):
         return
-    if judged.accuracy is None:
-        report.champion_reason = (f"not promoted: no site scored the model of round {last_round}, and there is no "
-                                  "central test set")
+    held_back = _below_site_quorum(scored, last_round)
+    if held_back is not None or judged.accuracy is None:
+        report.champion_reason = held_back or f"not promoted: nothing scored the model of round {last_round}"
         return
     report.champion, report.champion_reason = tracker.decide_champion(
         tracking.registered_model_name, report.model_version, judged.accuracy, judged.fingerprint,

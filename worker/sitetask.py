@@ -60,6 +60,11 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Choice = Annotated[str, Field(pattern=CHOICE_PATTERN)]
 
 
+# How the coordinator combines the sites' scores of one model (spec.evaluation.combine, `federated.combine`).
+Combination = Literal["weighted", "median", "trimmed"]
+# A site whose accuracy is further than this from the median of the sites' (three or more) is named
+# an outlier (spec.evaluation.outlierDistance).
+DEFAULT_OUTLIER_DISTANCE = 0.2
 FEDPROX_MU = 0.01  # FedProx's proximal strength when spec.strategy.parameters names no mu: the one default
 
 
@@ -312,6 +317,8 @@ class ScoresRecord(WireModel):
 
     round: Annotated[int, Field(ge=1)]
     sites: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)], EvaluationOutput] = {}
+    combine: Combination = "weighted"  # how the engine combined them: finalize combines them the same way
+    outlier_distance: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = DEFAULT_OUTLIER_DISTANCE
 
     def encode(self) -> bytes:
         """Stable bytes to store."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Literal
@@ -52,7 +53,7 @@ from fedtrain.worker.errors import (
     EXIT_TEMPORARY,
     BadDataError,
 )
-from fedtrain.worker.federated import SiteScore, combine
+from fedtrain.worker.federated import FederatedScore, SiteScore, combine
 
 PERMANENT_EXIT_CODES = {EXIT_BAD_INPUT: Reason.BAD_INPUT, EXIT_BAD_DATA: Reason.BAD_DATA,
                         EXIT_REFUSED: Reason.SITE_REFUSED}
@@ -70,6 +71,7 @@ PERMANENT_CAUSES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "Cre
 ROUND_FAILURES = {EXIT_REJECTED_UPDATES: (Reason.UPDATES_REJECTED, "aggregation rejected the updates"),
                   EXIT_NON_FINITE_MODEL: (Reason.NON_FINITE_MODEL, "aggregation refused a non-finite global model")}
 MAX_STEPS_PER_DECISION = 10_000
+REASON_LIMIT = 500  # of the champion decision finalize reports
 REASON_LENGTH = 80  # of a client failure in a round over DETAILED_CLIENTS (the status must stay small)
 SHOWN_DIGITS = 4
 
@@ -253,6 +255,11 @@ class _Step:
         status.phase = "Succeeded"
         status.message = f"{self.spec.rounds} rounds, best accuracy {status.best_accuracy or 0:.4f}"
         status.tracking_error = details.get("tracking_error")
+        champion, why = details.get("champion"), details.get("champion_reason")
+        status.champion = champion if isinstance(champion, bool) else None
+        status.champion_reason = str(why)[:REASON_LIMIT] if why else None
+        if status.champion_reason:
+            self.event(Reason.CHAMPION_DECIDED, f"model version {status.model_version}: {status.champion_reason}")
         if status.tracking_error:
             self.event(Reason.TRACKING_UNAVAILABLE, f"model not tracked: {details['tracking_error']}", warning=True)
         self.event(Reason.TRAINING_COMPLETED, status.message)
@@ -389,11 +396,23 @@ class _Step:
         if waiting:
             return False
         scores = {s: SiteScore(e.examples, e.accuracy, e.loss) for s, e in current.site_scores.items()}
-        combined = combine(scores)
+        evaluation = self.spec.evaluation
+        combined = combine(scores, evaluation.combine, evaluation.outlier_distance)
         if combined is not None:
             current.federated = FederatedMetrics(**vars(combined))
+            self.name_outliers(current.round, combined, scores)
         self.complete_round(current)
         return True
+
+    def name_outliers(self, round_number: int, combined: FederatedScore, scores: dict[str, SiteScore]) -> None:
+        """A Warning Event for the sites whose accuracy is far from the median site's (see `federated.outliers`)."""
+        if not combined.outliers:
+            return
+        median = statistics.median(s.accuracy for s in scores.values())
+        far = [f"{site} {significant(scores[site].accuracy)}" for site in combined.outliers]
+        self.event(Reason.SITE_SCORE_OUTLIER, f"round {round_number}: accuracy further than "
+                                              f"{self.spec.evaluation.outlier_distance:g} from the sites' median "
+                                              f"{significant(median)}: {some(far)}", warning=True)
 
     def record_result(self, current: RoundStatus, output: dict[str, object]) -> None:
         """What the aggregation reported: central scores (if any), accepted and rejected updates, privacy spent."""

@@ -47,6 +47,7 @@ class Reason:
     TASK_FAILED = "TaskFailed"
     TASK_RETRIED = "TaskRetried"
     TRACKING_UNAVAILABLE = "TrackingUnavailable"
+    CHAMPION_DECIDED = "ChampionDecided"  # finalize promoted the model, or kept the champion, and why
     TASKS_WAITING = "TasksWaiting"
     # Failures the executor finds outside the rounds (the engine records them through `fail`).
     INVALID_SPEC = "InvalidSpec"
@@ -60,6 +61,7 @@ class Reason:
     # Remote sites (clients.list[].site).
     SITE_REFUSED = "SiteRefused"
     SITE_EVALUATION_FAILED = "SiteEvaluationFailed"
+    SITE_SCORE_OUTLIER = "SiteScoreOutlier"  # a site's accuracy far from the others' (spec.evaluation.outlierDistance)
 
 
 class StatusModel(BaseModel):
@@ -127,6 +129,8 @@ class FederatedMetrics(StatusModel):
     worst_accuracy: float
     best_site: str
     best_accuracy: float
+    combination: str = "weighted"  # spec.evaluation.combine when the round was scored
+    outliers: list[str] = []  # sites further than spec.evaluation.outlierDistance from the median site
 
 
 class RoundStatus(StatusModel):
@@ -202,6 +206,8 @@ class TrainingStatus(StatusModel):
     namespace_defaults: dict[str, str] | None = None
     model_uri: str | None = None
     model_version: str | None = None
+    champion: bool | None = None  # whether the model version holds the champion alias now
+    champion_reason: str | None = None  # why it was promoted or not (a quorum of sites, a better champion...)
     tracking_error: str | None = None
     reason: str | None = None  # why it failed, in one word: QuorumMissed, BadInput, OOMKilled, ImagePullBackOff...
     message: str = ""

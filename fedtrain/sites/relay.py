@@ -228,7 +228,9 @@ class SiteRelay:
             key = self.layout.federated_scores(record.round)
             if not self.store.exists(key):
                 scores = {site: score.model_dump() for site, score in record.site_scores.items()}
-                self.store.write_bytes(key, ScoresRecord(round=record.round, sites=scores).encode())
+                evaluation = self.spec.evaluation
+                self.store.write_bytes(key, ScoresRecord(round=record.round, sites=scores, combine=evaluation.combine,
+                                                         outlier_distance=evaluation.outlier_distance).encode())
             self.recorded.add(record.round)
 
     def task(self, wanted: Assignment) -> SiteTask:

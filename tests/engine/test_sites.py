@@ -182,9 +182,98 @@ def test_combine_breaks_ties_by_name() -> None:
     assert combine({}) is None
 
 
+# Four sites, one lying: 0.99 over many examples against honest 0.5, 0.55 and 0.6.
+FOUR = {"a": SiteScore(100, 0.5, 1.0), "b": SiteScore(100, 0.55, 0.9), "c": SiteScore(100, 0.6, 0.8),
+        "liar": SiteScore(10_000, 0.99, 0.01)}
+
+
+@pytest.mark.parametrize(("how", "accuracy", "loss"), [
+    ("weighted", (50 + 55 + 60 + 9900) / 10_300, (100 + 90 + 80 + 100) / 10_300),
+    ("median", (0.55 + 0.6) / 2, (0.9 + 0.8) / 2),  # of four: the mean of the middle two, unweighted
+    ("trimmed", (55 + 60) / 200, (90 + 80) / 200),  # without the lowest (a) and the highest (liar)
+])
+def test_combine_by_each_rule(how: str, accuracy: float, loss: float) -> None:
+    combined = combine(FOUR, how)  # type: ignore[arg-type]
+    assert combined is not None and combined.combination == how
+    assert combined.accuracy == pytest.approx(accuracy) and combined.loss == pytest.approx(loss)
+    assert combined.examples == 10_300 and combined.sites == 4  # every site counts here, whatever the rule
+    assert (combined.worst_site, combined.best_site) == ("a", "liar")
+
+
+def test_trimmed_with_fewer_than_three_sites_is_the_weighted_mean() -> None:
+    two = {"a": SiteScore(10, 0.2, 1.0), "b": SiteScore(30, 0.6, 1.0)}
+    combined = combine(two, "trimmed")
+    assert combined is not None and combined.accuracy == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
+
+
+@pytest.mark.parametrize(("distance", "named"), [(0.2, ("liar",)), (0.5, ()), (0.04, ("a", "liar"))])
+def test_an_outlier_is_a_site_further_than_the_distance_from_the_median(distance: float, named: tuple[str, ...]
+                                                                        ) -> None:
+    combined = combine(FOUR, "weighted", distance)  # median 0.575: a is 0.075 off, liar 0.415
+    assert combined is not None and combined.outliers == named
+
+
+def test_two_sites_have_no_outlier() -> None:
+    combined = combine({"a": SiteScore(1, 0.0, 1.0), "b": SiteScore(1, 1.0, 1.0)}, "weighted", 0.1)
+    assert combined is not None and combined.outliers == ()
+
+
+def test_the_spec_combination_reaches_the_round_and_an_outlier_is_named_in_an_event() -> None:
+    scores = {"munich": (10, 0.8, 0.5), "hamburg": (30, 0.4, 1.0), "berlin": (20, 0.75, 0.6)}
+
+    def three(task: Task, now: float) -> Observation:
+        if task.kind == "evaluate":
+            examples, accuracy, loss = scores[task.client or ""]
+            return Observation("succeeded", 0, {"examples": examples, "accuracy": accuracy, "loss": loss})
+        return answer(task, now)
+
+    the_spec = sites_spec(clients={"list": [{"name": "munich", "site": {}}, {"name": "hamburg", "site": {}},
+                                            {"name": "berlin", "site": {}}]},
+                          evaluation={"central": False, "combine": "median", "outlierDistance": 0.3})
+    sim = Simulation(the_spec, three)
+    status = sim.run()
+    record = status.round(2)
+    assert status.phase == "Succeeded" and record is not None and record.federated is not None
+    assert record.federated.accuracy == pytest.approx(0.75) and record.federated.combination == "median"
+    assert record.federated.outliers == ["hamburg"]  # 0.35 from the median 0.75
+    assert status.federated is not None and status.federated.outliers == ["hamburg"]
+    assert status.to_json()["rounds"][-1]["federated"]["outliers"] == ["hamburg"]
+    assert any(e.startswith("SiteScoreOutlier: round 2: accuracy further than 0.3 from the sites' median 0.75: "
+                            "hamburg 0.4") for e in sim.events)
+
+
+def test_the_champion_decision_reaches_the_status_and_an_event() -> None:
+    def finalized(task: Task, now: float) -> Observation:
+        if task.kind == "finalize":
+            return Observation("succeeded", 0, {"model_uri": "models:/signs/3", "model_version": "3",
+                                                "champion": False, "champion_reason": "not promoted: 1 site"})
+        return answer(task, now)
+
+    sim = Simulation(sites_spec(), finalized)
+    status = sim.run()
+    assert status.champion is False and status.champion_reason == "not promoted: 1 site"
+    assert "ChampionDecided: model version 3: not promoted: 1 site" in sim.events
+
+
+@pytest.mark.parametrize(("evaluation", "clients", "sites"), [
+    ({}, {}, 2),  # no minSuccessful: every evaluating site
+    ({}, {"minSuccessful": 1}, 1),
+    ({"minSites": 1}, {"minSuccessful": 3}, 1),
+])
+def test_the_champion_needs_scores_from_a_quorum_of_sites(evaluation: dict[str, Any], clients: dict[str, Any],
+                                                          sites: int) -> None:
+    the_spec = sites_spec(evaluation={"central": False, **evaluation},
+                          clients={"list": [{"name": "hq"}, {"name": "munich", "site": {}},
+                                            {"name": "hamburg", "site": {}}], **clients})
+    assert the_spec.champion_sites() == sites
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"clients": {"list": [{"name": "m", "site": {}, "data": {"claimName": "d"}}]}}, "clients.list[0].site"),
     ({"clients": {"count": 2}, "evaluation": {"central": False}}, "evaluation.central"),
+    ({"clients": {"list": [{"name": "m", "site": {}}]}, "evaluation": {"minSites": 2}}, "evaluation.minSites"),
+    ({"clients": {"count": 2}, "evaluation": {"combine": "mean"}}, "evaluation.combine"),
+    ({"clients": {"count": 2}, "evaluation": {"outlierDistance": 0}}, "evaluation.outlierDistance"),
 ])
 def test_site_specs_that_cannot_run_name_the_field(change: dict[str, Any], field: str) -> None:
     with pytest.raises(SpecError) as error:

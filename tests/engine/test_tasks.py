@@ -88,6 +88,15 @@ def test_finalize_tracks_with_lineage() -> None:
     assert not args.no_promote  # the champion alias moves by default
 
 
+def test_finalize_combines_and_gates_the_champion_as_the_spec_says() -> None:
+    spec = parse_spec({"rounds": 2, "evaluation": {"central": False, "combine": "trimmed"}, "clients": {
+        "minSuccessful": 2, "list": [{"name": "hq"}, {"name": "munich", "site": {}}, {"name": "hamburg", "site": {}},
+                                     {"name": "berlin", "site": {"evaluate": False}}]}})
+    args = build_parser().parse_args(worker_arguments(Task("finalize-a1", "finalize", 2), spec, WHERE))
+    assert args.no_central and args.sites == "munich,hamburg"
+    assert args.combine == "trimmed" and args.min_site_scores == 2
+
+
 def test_finalize_leaves_the_champion_alias_when_asked() -> None:
     spec = SPEC.model_copy(update={"mlflow": SPEC.mlflow.model_copy(update={"promote_champion": False})})
     args = build_parser().parse_args(worker_arguments(Task("finalize-a1", "finalize", 3), spec, WHERE))

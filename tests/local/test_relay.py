@@ -250,7 +250,9 @@ def test_the_accepted_scores_are_recorded_once_for_finalize(store: DirectoryStor
     done = decide(the_spec, status, seen, 104.0).status
     relay.publish(done)
     key = Layout().federated_scores(1)
-    assert parse_scores_record(store.read_bytes(key)).sites["munich"].accuracy == 0.5
+    record = parse_scores_record(store.read_bytes(key))
+    assert record.sites["munich"].accuracy == 0.5
+    assert (record.combine, record.outlier_distance) == ("weighted", 0.2)  # how finalize must combine them
     store.write_bytes(key, b"changed")
     relay.publish(done)
     assert store.read_bytes(key) == b"changed"  # written once by this process

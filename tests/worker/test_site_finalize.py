@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedtrain.worker.data.synth import SynthConfig, generate
-from fedtrain.worker.errors import EXIT_OK
+from fedtrain.worker.errors import EXIT_BAD_INPUT, EXIT_OK
 from fedtrain.worker.federated import SiteScore, combine
 from fedtrain.worker.finalize import federated_rounds
 from fedtrain.worker.layout import Layout
@@ -109,6 +109,41 @@ def test_a_champion_from_another_test_set_is_kept_without_one_to_score_it(
     promoted, reason = tracker.decide_champion("signs", better, accuracy + 0.01, "sites:a,b", None)
     assert promoted and "beats the champion" in reason
     assert str(tracker.client.get_model_version_by_alias("signs", "champion").version) == better
+
+
+def test_below_the_quorum_of_sites_the_model_is_registered_not_promoted(
+        finalized: tuple[Path, dict[str, object], str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Two sites scored the last model; a training that needs three registers it and says why it is not champion."""
+    workdir, _, _ = finalized
+    uri = f"sqlite:///{workdir / 'quorum.db'}"
+    code, summary = worker("finalize", "--workdir", workdir, "--round", 1, "--sites", "a,b", "--no-central",
+                           "--min-site-scores", 3, "--tracking-uri", uri, "--registered-model-name", "signs",
+                           "--termination-log", workdir / "termination-quorum", "--device", "cpu")
+    assert code == EXIT_OK and summary["model_version"] == "1" and summary["champion"] is False
+    assert summary["champion_reason"] == ("not promoted: 2 sites scored the model of round 1 (a, b), the champion "
+                                          "needs scores from at least 3 (spec.evaluation.minSites)")
+    from mlflow.tracking import MlflowClient
+
+    assert not MlflowClient(uri, uri).get_registered_model("signs").aliases  # registered, no champion alias
+    short = json.loads((workdir / "termination-quorum").read_text())
+    assert short["champion"] is False and short["champion_reason"].startswith("not promoted: 2 sites")
+    code, _ = worker("finalize", "--workdir", workdir, "--round", 1, "--sites", "a,b", "--no-central",
+                     "--min-site-scores", 0, "--device", "cpu")
+    assert code == EXIT_BAD_INPUT and "--min-site-scores must be >= 1" in capsys.readouterr().err
+
+
+def test_finalize_combines_a_round_as_the_coordinators_record_says(tmp_path: Path) -> None:
+    store, layout = DirectoryStore(tmp_path), Layout()
+    figures = {"a": (10, 0.2), "b": (10, 0.5), "c": (1000, 0.9)}
+    scores = {s: evaluation_output({"examples": n, "accuracy": a, "loss": 1.0}) for s, (n, a) in figures.items()}
+    store.write_bytes(layout.federated_scores(1), ScoresRecord(round=1, sites=scores, combine="median").encode())
+    for site, (n, a) in figures.items():  # round 2 has no record: the sites' files, combined as told
+        for round_number in (1, 2):
+            evaluation = {"examples": n, "accuracy": a, "loss": 1.0, "round": round_number, "split": "test"}
+            store.write_bytes(layout.site_evaluation(site, round_number), json.dumps(evaluation).encode())
+    found = federated_rounds(store, ("a", "b", "c"), 2, how="trimmed")
+    assert found[1].combined.combination == "median" and found[1].combined.accuracy == 0.5  # not 0.886, weighted
+    assert found[2].combined.combination == "trimmed" and found[2].combined.accuracy == 0.5  # a and c left out
 
 
 def test_finalize_takes_the_scores_the_coordinator_accepted_not_the_sites_own_files(tmp_path: Path) -> None:
