@@ -29,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from fedtrain.worker.errors import BadDataError
 
-PROTOCOL_VERSION = 1
+# 2: a task carries its attempt, an update is update-a<attempt>.safetensors, a task is parsed strictly.
+# A document of another version is refused before its fields are read, naming the side to upgrade.
+PROTOCOL_VERSION = 2
 TaskKind = Literal["train", "evaluate"]
 ResultState = Literal["succeeded", "failed"]
 
@@ -190,7 +192,7 @@ def encode(document: Posting | SiteResult) -> bytes:
 def _object(data: bytes, where: str) -> dict[str, Any]:
     try:
         value = json.loads(data.decode("utf-8"))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise BadDataError(f"{where}: not valid JSON ({error})") from error
     if not isinstance(value, dict):
         raise BadDataError(f"{where}: expected a JSON object")
@@ -205,9 +207,9 @@ def parse_task(value: dict[str, Any], where: str = "task") -> SiteTask:
     trusted to be what it says, even one whose digest matches (whoever can write the posting can
     compute a digest).
     """
-    if value.get("version") != PROTOCOL_VERSION:
-        raise BadDataError(f"{where}: protocol version {value.get('version')!r}, this site speaks "
-                           f"{PROTOCOL_VERSION}; upgrade the site or the coordinator so both match")
+    mismatch = version_mismatch(value.get("version"), where, reader="site")
+    if mismatch is not None:
+        raise BadDataError(mismatch)
     if value.get("digest") != digest(value):
         raise BadDataError(f"{where}: its sha256 does not match its content; it was altered or cut short in the "
                            "store, so it is refused")
@@ -221,6 +223,25 @@ def parse_task(value: dict[str, Any], where: str = "task") -> SiteTask:
         raise BadDataError(f"{where}: id {task.id!r} is not the id of a {task.kind} task of round {task.round}, "
                            f"site {task.site}, attempt {task.attempt} ({expected!r}); refusing it")
     return task
+
+
+SIDES = {"site": "the site's operator and worker image (fedtrain site run)",
+         "coordinator": "the coordinator's operator and worker image (fedtrain run)"}
+
+
+def version_mismatch(found: object, where: str, reader: Literal["site", "coordinator"]) -> str | None:
+    """Why a document of another protocol version is refused, naming the side to upgrade; None if it matches.
+
+    Checked before any field: a field error ("attempt: extra inputs are not permitted") would hide
+    that the two sides run different releases, and which of them is behind.
+    """
+    if found == PROTOCOL_VERSION and not isinstance(found, bool):
+        return None
+    writer = "coordinator" if reader == "site" else "site"
+    said = f"{where}: protocol version {found!r}, this {reader} speaks {PROTOCOL_VERSION}"
+    if isinstance(found, int) and not isinstance(found, bool) and found > PROTOCOL_VERSION:
+        return f"{said}; this {reader} is older: upgrade {SIDES[reader]} to the {writer}'s release"
+    return f"{said}; the {writer} is older: upgrade {SIDES[writer]} to protocol version {PROTOCOL_VERSION}"
 
 
 def expected_task_id(task: SiteTask) -> str:
@@ -266,7 +287,7 @@ class ResultDocument(WireModel):
     exit_code: Annotated[int, Field(ge=0, le=255)] | None = None
     reason: Annotated[str, Field(max_length=REASON_LIMIT)] | None = None
     output: dict[str, Any] = {}
-    version: Literal[1] = 1  # PROTOCOL_VERSION
+    version: int = PROTOCOL_VERSION  # checked first by `parse_result`, naming the side to upgrade
 
 
 def _examples_bound(value: int, info: ValidationInfo) -> int:
@@ -347,7 +368,18 @@ def problems(error: ValidationError, limit: int = 3) -> str:
 
 
 def parse_result(data: bytes, where: str = "result") -> SiteResult:
-    """A site's answer, strictly (types, patterns, a bounded reason); `BadDataError` naming the field otherwise."""
+    """A site's answer, strictly (types, patterns, a bounded reason); `BadDataError` naming the field otherwise.
+
+    An answer of another protocol version is refused first, naming the side to upgrade.
+    """
+    try:
+        found = json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth: the strict parse says so
+        found = None
+    if isinstance(found, dict) and "version" in found:  # without one, the strict parse names what is wrong
+        mismatch = version_mismatch(found["version"], where, reader="coordinator")
+        if mismatch is not None:
+            raise BadDataError(mismatch)
     try:
         document = ResultDocument.model_validate_json(data)
     except ValidationError as error:

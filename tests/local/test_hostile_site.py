@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import RESULT_LIMIT, SiteTask, parse_posting, parse_scores_record
+from fedtrain.worker.sitetask import PROTOCOL_VERSION, RESULT_LIMIT, SiteTask, parse_posting, parse_scores_record
 from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.weights import read_weights, save_weights
 
@@ -43,7 +43,7 @@ def manifest() -> dict[str, Any]:
 
 def answer(task: SiteTask, output: object, **fields: object) -> bytes:
     return json.dumps({"task": task.id, "site": EVIL, "state": "succeeded", "exit_code": 0, "reason": None,
-                       "output": output, "version": 1, **fields}).encode()
+                       "output": output, "version": PROTOCOL_VERSION, **fields}).encode()
 
 
 def claimed_update(store: DirectoryStore, task: SiteTask) -> bytes:

@@ -15,7 +15,7 @@ from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import FederatedTrainingSpec, parse_spec
 from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_REFUSED
 from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import SiteResult, encode, parse_posting, parse_scores_record
+from fedtrain.worker.sitetask import PROTOCOL_VERSION, SiteResult, encode, parse_posting, parse_scores_record
 from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.weights import save_weights
 
@@ -123,7 +123,7 @@ SCORE = {"examples": 40, "accuracy": 0.5, "loss": 1.2}
 
 def answer_bytes(task: str, output: object, **fields: object) -> bytes:
     document = {"task": task, "site": "munich", "state": "succeeded", "exit_code": 0, "reason": None,
-                "output": output, "version": 1, **fields}
+                "output": output, "version": PROTOCOL_VERSION, **fields}
     return json.dumps(document).encode()
 
 

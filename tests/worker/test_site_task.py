@@ -23,6 +23,7 @@ from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_OK, BadDa
 from fedtrain.worker.layout import Layout
 from fedtrain.worker.sitetask import (
     EVALUATION_LIMIT,
+    PROTOCOL_VERSION,
     RESULT_LIMIT,
     ScoresRecord,
     SiteResult,
@@ -217,7 +218,7 @@ def test_a_site_trains_through_an_object_store(s3_server: S3Server, synth_tree: 
 # --- the parsers of what a site writes (pure: no training) ---------------------------------------------------------
 
 GOOD_RESULT = {"task": "e0003-munich-a1", "site": "munich", "state": "succeeded", "exit_code": 0, "reason": None,
-               "output": {"examples": 40, "accuracy": 0.5, "loss": 1.5}, "version": 1}
+               "output": {"examples": 40, "accuracy": 0.5, "loss": 1.5}, "version": PROTOCOL_VERSION}
 
 
 def test_a_result_round_trips_through_its_strict_parser() -> None:
@@ -237,11 +238,10 @@ def test_a_result_round_trips_through_its_strict_parser() -> None:
     ({"exit_code": 1.0}, "exit_code: Input should be a valid integer"),
     ({"reason": "x" * 5000}, "reason: String should have at most 4096 characters"),
     ({"reason": ["a"]}, "reason: Input should be a valid string"),
-    ({"version": 2}, "version: Input should be 1"),
     ({"digest": "abc"}, "digest: Extra inputs are not permitted"),
 ])
 def test_a_result_that_is_not_one_is_refused_naming_the_field(change: dict[str, Any], said: str) -> None:
-    with pytest.raises(BadDataError, match="not a site result of protocol version 1") as error:
+    with pytest.raises(BadDataError, match="not a site result of protocol version 2") as error:
         parse_result(json.dumps({**GOOD_RESULT, **change}).encode(), "munich's answer")
     assert said in str(error.value) and str(error.value).startswith("munich's answer: ")
 
@@ -317,6 +317,40 @@ def posted_task(**changes: Any) -> dict[str, Any]:
     body.update(changes)
     body = {k: v for k, v in body.items() if v is not None}
     return {**body, "digest": digest(body)}
+
+
+def test_the_protocol_is_version_2_since_tasks_carry_their_attempt() -> None:
+    assert PROTOCOL_VERSION == 2 and SiteTask(**{k: v for k, v in posted_task().items() if k != "digest"}).version == 2
+    assert SiteResult("r0003-munich-a2", "munich", "succeeded").version == 2
+
+
+@pytest.mark.parametrize(("version", "said"), [
+    (1, "protocol version 1, this site speaks 2; the coordinator is older: upgrade the coordinator's operator and "
+        "worker image (fedtrain run) to protocol version 2"),
+    (3, "protocol version 3, this site speaks 2; this site is older: upgrade the site's operator and worker image "
+        "(fedtrain site run) to the coordinator's release"),
+    (None, "protocol version None, this site speaks 2; the coordinator is older"),
+    ("2", "protocol version '2', this site speaks 2; the coordinator is older"),
+])
+def test_a_task_of_another_protocol_version_names_the_side_to_upgrade(version: object, said: str) -> None:
+    """A version-1 task has no attempt: the site says which side is behind, not which field is missing."""
+    old = {k: v for k, v in posted_task().items() if k not in ("digest", "attempt")}
+    old["version"] = version
+    with pytest.raises(BadDataError) as refused:
+        parse_task({**old, "digest": digest(old)}, "munich's task.json")
+    assert str(refused.value).startswith(f"munich's task.json: {said}")
+
+
+@pytest.mark.parametrize(("version", "said"), [
+    (1, "protocol version 1, this coordinator speaks 2; the site is older: upgrade the site's operator and worker "
+        "image (fedtrain site run) to protocol version 2"),
+    (3, "protocol version 3, this coordinator speaks 2; this coordinator is older: upgrade the coordinator's "
+        "operator and worker image (fedtrain run) to the site's release"),
+])
+def test_an_answer_of_another_protocol_version_names_the_side_to_upgrade(version: int, said: str) -> None:
+    with pytest.raises(BadDataError) as refused:
+        parse_result(json.dumps({**GOOD_RESULT, "version": version}).encode(), "munich's answer")
+    assert str(refused.value) == f"munich's answer: {said}"
 
 
 def test_a_posted_task_round_trips_with_its_attempt() -> None:
