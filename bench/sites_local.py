@@ -1,6 +1,6 @@
 """The local sites sample (a coordinator and three sites as four processes) beside the same federation in one.
 
-Usage: python bench/sites_local.py [--rounds 3] [--per-class 30] [--test-per-class 10] [--poll 2]
+Usage: python bench/sites_local.py [--rounds 3] [--per-class 30] [--test-per-class 10] [--poll 2] [--hostile]
 
 Sites: samples/sites/*.yaml, with their store moved into a scratch folder: `fedtrain run` of the
 coordinator (no data) and three `fedtrain site run` processes, each training on a synthetic set
@@ -11,6 +11,12 @@ the same model, rounds, epochs and amounts of data, with no store protocol and n
 the processes. Printed: wall time from start to the coordinator's exit (sites include generating
 their data, timed apart), the median round, the final accuracy (federated for the sites, central
 for the baseline), and the ratios.
+
+``--hostile`` runs the sites twice more, in the same run: all three honest, then with berlin
+replaced by a hostile site that writes only its own keys and answers every task at once with a lie
+the coordinator must refuse (an update claiming 10^9 examples, an evaluation of 7.0 over 10^18
+examples, by turns a NaN accuracy and an answer far over its size limit). Printed: the median
+round of each and their ratio, and the federated accuracy (the honest sites' alone when berlin lies).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +53,42 @@ def round_seconds(status: dict[str, Any]) -> float:
     return statistics.median(r["finishedAt"] - r["startedAt"] for r in status["rounds"])
 
 
-def run_sites(scratch: Path, args: argparse.Namespace) -> dict[str, float]:
+def lie(task: Any, site: str) -> bytes:
+    """An answer to ``task`` the coordinator must refuse, by the task's kind and round."""
+    from fedtrain.worker.sitetask import PROTOCOL_VERSION, RESULT_LIMIT
+
+    if task.kind == "train":
+        output: object = {"num_examples": 10**9, "metrics": {}, "sha256": "0" * 64}
+    elif task.round % 2:
+        output = {"examples": 10**18, "accuracy": 7.0, "loss": 0.0}
+    else:
+        output = {"examples": 40, "accuracy": float("nan"), "loss": 0.1}
+    body = json.dumps({"task": task.id, "site": site, "state": "succeeded", "exit_code": 0, "reason": None,
+                       "output": output, "version": PROTOCOL_VERSION}).encode()
+    return body + b" " * (4 * RESULT_LIMIT) if task.round == 3 else body
+
+
+def play_hostile(store_path: Path, site: str, stop: threading.Event) -> None:
+    """Answer each task posted to ``site`` once, at once, with a lie, writing only under sites/<site>/."""
+    from fedtrain.worker.layout import Layout
+    from fedtrain.worker.sitetask import parse_posting
+    from fedtrain.worker.storage import DirectoryStore
+
+    store, layout, answered = DirectoryStore(store_path), Layout(sites=frozenset({site})), set()
+    while not stop.wait(0.1):
+        try:
+            task = parse_posting(store.read_bytes(layout.site_task(site))).task
+        except Exception:  # not posted yet, or being replaced
+            continue
+        if task is not None and task.id not in answered:
+            store.write_bytes(layout.site_result(site, task.id), lie(task, site))
+            answered.add(task.id)
+
+
+def run_sites(scratch: Path, args: argparse.Namespace, hostile: str | None = None) -> dict[str, float]:
+    """The coordinator and the three sites as processes; ``hostile``: that site is a lying thread instead."""
+    scratch = scratch / ("hostile" if hostile else "honest")
+    scratch.mkdir(parents=True, exist_ok=True)
     store = scratch / "sites-store"
     coordinator = sample("coordinator")
     coordinator["spec"].update(rounds=args.rounds, storage={"local": str(store)})
@@ -67,10 +109,15 @@ def run_sites(scratch: Path, args: argparse.Namespace) -> dict[str, float]:
     processes = [start(["run", str(scratch / "coordinator.yaml")], scratch / "coordinator.log")]
     threads = str(max(1, (os.cpu_count() or 1) // len(SITES)))  # the cores shared out, as the baseline does
     processes += [start(["site", "run", str(scratch / f"{site}.yaml"), "--workdir", str(scratch / site),
-                         "--threads", threads], scratch / f"{site}.log") for site in SITES]
+                         "--threads", threads], scratch / f"{site}.log") for site in SITES if site != hostile]
+    stop = threading.Event()
+    liar = threading.Thread(target=play_hostile, args=(store, hostile, stop), daemon=True) if hostile else None
+    if liar is not None:
+        liar.start()
     for process in processes:
         process.wait()
     wall = time.monotonic() - began
+    stop.set()
     status = json.loads((store / "status.json").read_text())
     assert status["phase"] == "Succeeded", status.get("message")
     return {"wall": wall, "round": round_seconds(status), "accuracy": status["federatedAccuracy"],
@@ -106,8 +153,17 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30, help="training images per class at each site")
     parser.add_argument("--test-per-class", type=int, default=10, help="test images per class at each site")
     parser.add_argument("--poll", type=int, default=2, help="the sites' pollSeconds")
+    parser.add_argument("--hostile", action="store_true", help="only: all honest against berlin lying")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="fedtrain-sites-bench-"))
+    if args.hostile:
+        honest, lying = run_sites(scratch, args), run_sites(scratch, args, hostile="berlin")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        for name, found in (("3 honest sites", honest), ("berlin lying   ", lying)):
+            print(f"{name}: wall {found['wall']:6.1f} s, median round {found['round']:5.1f} s, "
+                  f"federated accuracy {found['accuracy']:.4f}")
+        print(f"ratio lying / honest: median round {lying['round'] / honest['round']:.2f}")
+        return
     single = run_single(scratch, args)
     sites = run_sites(scratch, args)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
