@@ -1,4 +1,4 @@
-"""kopf handlers: thin. They only wake a training's loop or call the controller.
+"""kopf handlers: thin. They only wake a training's loop or call the controller, deletion or profile provisioning.
 
 Run with ``kopf run --standalone --all-namespaces -m fedtrain.operator.handlers`` (the Deployment in
 ``deploy/`` does). Each unfinished FederatedTraining gets a daemon, a loop that runs a reconcile
@@ -22,7 +22,8 @@ from typing import Any
 
 import kopf
 
-from fedtrain.operator.controller import Backoff, Controller, Outcome, Wakeups
+from fedtrain.operator.controller import Controller, Outcome
+from fedtrain.operator.deletion import release_storage
 from fedtrain.operator.jobs import (
     ANNOTATION_TRAINING,
     LABEL_MANAGED_BY,
@@ -35,6 +36,8 @@ from fedtrain.operator.jobs import (
     pod_view,
 )
 from fedtrain.operator.kube import ApiError, Kube
+from fedtrain.operator.loops import Backoff, Wakeups
+from fedtrain.operator.profile_provisioner import ProfileProvisioner
 from fedtrain.operator.profiles import LABEL_PROFILE, PROFILE_GROUP, PROFILE_PLURAL, PROFILE_VERSION
 from fedtrain.operator.sites import ANNOTATION_PARTICIPATION, LABEL_PARTICIPATION, SiteController
 from fedtrain.sites.participation import PARTICIPATION_PLURAL
@@ -58,7 +61,7 @@ def site_tick() -> float:
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Keep kopf's own bookkeeping in annotations (status is ours alone) and build the controller."""
+    """Keep kopf's own bookkeeping in annotations (status is ours alone) and build the controllers."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -70,6 +73,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     gc.freeze()
     memo.controller = Controller(Kube.from_environment())
     memo.wakeups = Wakeups()
+    memo.profiles = ProfileProvisioner(memo.controller.kube)
     memo.sites = SiteController(memo.controller.kube)
     memo.site_wakeups = Wakeups()
     port = int(os.environ.get("FEDTRAIN_METRICS_PORT", "9090"))  # 0: no metrics server
@@ -202,7 +206,8 @@ async def release(namespace: str | None, name: str, uid: str, spec: kopf.Spec, s
     """Finalizer: delete Jobs in client namespaces and, with ``reclaimPolicy: Delete``, the training's weights."""
     assert namespace is not None
     memo.wakeups.forget(namespace, name)
-    if not await memo.controller.release_storage(namespace, name, uid, dict(spec), dict(status)):
+    controller: Controller = memo.controller
+    if not await release_storage(controller.api, controller.relays, namespace, name, uid, dict(spec), dict(status)):
         raise kopf.TemporaryError("waiting for the training's Jobs to stop and its directory to be removed", delay=2)
 
 
@@ -219,7 +224,7 @@ async def profile_changed(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_:
         return
     for _attempt in range(PROFILE_NAMESPACE_WAITS):
         try:
-            await memo.controller.provision_profile(dict(body))
+            await memo.profiles.provision(dict(body))
             return
         except ApiError as error:
             if error.status != 404:  # 404: Kubeflow has not created the profile's namespace yet
@@ -238,7 +243,7 @@ def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
 @kopf.on.event("v1", "persistentvolumeclaims", labels={LABEL_PROFILE: kopf.PRESENT}, when=_deleted)
 async def profile_object_deleted(labels: kopf.Labels, memo: Any, **_: Any) -> None:
     """Someone deleted what a profile needs: put it back (nothing happens once the profile itself is gone)."""
-    await memo.controller.repair_profile(labels[LABEL_PROFILE])
+    await memo.profiles.repair(labels[LABEL_PROFILE])
 
 
 def _participation_of(namespace: str | None, labels: kopf.Labels, annotations: kopf.Annotations) -> tuple[str, str]:

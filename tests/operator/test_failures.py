@@ -14,8 +14,9 @@ import pytest_asyncio
 
 from fedtrain.engine.status import TrainingStatus
 from fedtrain.operator import metrics
-from fedtrain.operator.controller import Backoff, Controller
+from fedtrain.operator.controller import Controller
 from fedtrain.operator.kube import ApiError, Kube
+from fedtrain.operator.loops import Backoff
 from fedtrain.operator.status import write_status
 from tests.operator.conftest import NAMESPACE, TRAININGS, Cluster, condition, tiny_training
 
