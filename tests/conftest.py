@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+ROOT = Path(__file__).parents[1]
 
 @pytest.fixture(scope="session")
 def synth_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -103,14 +104,18 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """``moto`` in server mode: a real HTTP S3 API. Set up unauthenticated, then every request is checked."""
+    """``moto`` in server mode: a real HTTP S3 API. Set up unauthenticated, then every request is checked.
+
+    moto runs behind `tests.strict_s3`, which holds it to AWS S3 where moto is lenient: ``s3:prefix``
+    conditions on listings, and 403 rather than 404 for a missing key to a user who may not list the bucket.
+    """
     import boto3
 
     root = tmp_path_factory.mktemp("moto")
     port = free_port()
     log = (root / "server.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-m", "tests.strict_s3", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -2,7 +2,9 @@
 
 Each user's policy is exactly what ``fedtrain site policy`` prints, so the tests hold the store to
 the policy a federation would deploy. Users are created with the setup credentials before moto
-starts enforcing IAM (``reset-auth``); from then on every request is signed and checked.
+starts enforcing IAM (``reset-auth``); from then on every request is signed and checked, and
+`tests.strict_s3` checks what moto does not: listings against their ``s3:prefix`` condition, and
+a missing key answered 403 to a user who may not list the bucket, as AWS S3 does.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def federation_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Feder
     root = tmp_path_factory.mktemp("federation-moto")
     port = free_port()
     with (root / "server.log").open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "tests.strict_s3", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     endpoint = f"http://127.0.0.1:{port}"
     _wait_for(endpoint, process, root / "server.log")
     setup = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
