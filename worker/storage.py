@@ -270,7 +270,20 @@ class S3Settings:
 
 
 class S3Store:
-    """A training's files as objects under ``s3://bucket/prefix/``."""
+    """A training's files as objects under ``s3://bucket/prefix/``.
+
+    A read of a missing key (`exists`, `read_bytes`, `read_bounded`, `download`) is answered 404 by
+    MinIO, and by AWS S3 to a caller with ``s3:ListBucket`` on the bucket (the coordinator); AWS
+    answers 403 AccessDenied to a caller without it, and a site's key may list only its own folder
+    (a grant narrowed by an ``s3:prefix`` condition, which a GET or HEAD does not satisfy: it carries
+    no prefix). So a 403 on a read is followed by a ListObjectsV2 of exactly that key
+    (``Prefix=<key>``, one result), which the site's grant allows for keys in its folder: the key
+    counts as missing only when that listing is allowed and shows no such key. Any other outcome
+    (the listing refused too, or the key listed: it exists and may not be read) keeps the 403, a
+    refusal of the credentials. This is safe where mapping every 403 to "missing" would not be: the
+    store itself, under the same key, says the key is absent. The coordinator's requests are
+    unchanged (it gets 404s, never reaches the listing).
+    """
 
     def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
         import boto3
@@ -308,19 +321,19 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def exists(self, key: str) -> bool:
-        with self._errors(key, missing_ok=True) as outcome:
+        with self._errors(key, missing_ok=True, read=True) as outcome:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         return not outcome.missing
 
     def read_bytes(self, key: str) -> bytes:
-        with self._errors(key):
+        with self._errors(key, read=True):
             answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             return bytes(answer["Body"].read())
         raise AssertionError("unreachable")
 
     def read_bounded(self, key: str, limit: int) -> bytes:
-        with self._errors(key):
+        with self._errors(key, read=True):
             answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             body = answer["Body"]
             try:  # the size comes with the answer's headers, before any of its bytes
@@ -345,7 +358,7 @@ class S3Store:
 
     def download(self, key: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with self._errors(key), _atomic_file(target) as stream:
+        with self._errors(key, read=True), _atomic_file(target) as stream:
             self.client.download_fileobj(self.bucket, self._key(key), stream, Config=self.transfer)
 
     def list(self, prefix: str) -> list[str]:
@@ -367,15 +380,30 @@ class S3Store:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys)
 
-    def _errors(self, key: str, missing_ok: bool = False) -> _S3Errors:
-        return _S3Errors(self, key, missing_ok)
+    def listed_absent(self, key: str) -> bool:
+        """Whether listing exactly ``key`` is allowed and shows no such object (see the class's docstring).
+
+        Keys come back in byte order and ``key`` is a prefix of every other key the listing can
+        return, so if it exists it is the first: one result is enough.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._key(key)
+        try:
+            answer = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1)
+        except (ClientError, BotoCoreError):
+            return False
+        return all(item["Key"] != full for item in answer.get("Contents", []))
+
+    def _errors(self, key: str, missing_ok: bool = False, read: bool = False) -> _S3Errors:
+        return _S3Errors(self, key, missing_ok, read)
 
 
 class _S3Errors:
     """Turns botocore's errors into worker errors that say what to fix (credentials name their Secret)."""
 
-    def __init__(self, store: S3Store, key: str, missing_ok: bool) -> None:
-        self.store, self.key, self.missing_ok, self.missing = store, key, missing_ok, False
+    def __init__(self, store: S3Store, key: str, missing_ok: bool, read: bool) -> None:
+        self.store, self.key, self.missing_ok, self.read, self.missing = store, key, missing_ok, read, False
 
     def __enter__(self) -> _S3Errors:
         return self
@@ -404,7 +432,8 @@ class _S3Errors:
             return False
         code = str(error.response.get("Error", {}).get("Code", ""))
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        if code in ("NoSuchKey", "404", "NotFound"):
+        denied_read = code in ("AccessDenied", "403") and self.read and bool(self.key)
+        if code in ("NoSuchKey", "404", "NotFound") or (denied_read and self.store.listed_absent(self.key)):
             if self.missing_ok:
                 self.missing = True
                 return True

@@ -7,13 +7,19 @@ patterns come from `fedtrain.worker.layout.site_grants`, the one source of what 
 this module only turns them into AWS/MinIO policy JSON (``fedtrain site policy`` prints it). The
 coordinator's key may do anything under the training.
 
-AWS S3 answers a GET or HEAD of a *missing* key with 403 rather than 404 when the caller may not
-list the bucket, and a site looks for keys that may not exist yet (its task before the coordinator
-posts it, its answer to a task before it wrote one); a 403 reads as refused credentials. So a site's
-policy grants ``s3:ListBucket`` on the bucket by default (an ``s3:prefix`` condition cannot limit
-it: a GET carries no prefix). The site then sees key names, never contents, of the whole bucket:
-give each federation its own bucket. ``list_bucket=False`` leaves it out, for stores that answer
-404 anyway.
+A site may list only its own folder: ``s3:ListBucket`` on the bucket with the condition
+``StringLike s3:prefix <prefix>/<training id>/sites/<site>/*``. AWS S3 and MinIO both evaluate
+``s3:prefix`` on a ListObjects/ListObjectsV2 request against the request's ``prefix`` parameter; a
+listing without a prefix, or with one outside the folder (another site's, the training's root,
+another training's), matches no grant and is refused with 403 AccessDenied. So a site sees no key
+name, size or date beyond what it may read anyway.
+
+That grant does not make AWS S3 answer 404 for a GET or HEAD of a missing key in the site's folder
+(its task before the coordinator posts it, its answer before it wrote one): AWS answers 404 only to
+a caller with ``s3:ListBucket`` on the bucket, and such a request carries no prefix, so the
+conditioned grant does not apply and the answer is 403. MinIO answers 404 to any authenticated
+caller that may read the key. The site's store tells the two apart by listing exactly that key
+(`fedtrain.worker.storage.S3Store`), which the condition allows.
 """
 
 from __future__ import annotations
@@ -33,9 +39,14 @@ READ_ACTIONS = ["s3:GetObject"]
 WRITE_ACTIONS = ["s3:PutObject", "s3:AbortMultipartUpload"]
 
 
+def training_key(prefix: str, training_id: str, pattern: str = "") -> str:
+    """``prefix/training_id/pattern`` with empty pieces left out: a key (or key pattern) in the bucket."""
+    return "/".join(p.strip("/") for p in (prefix, training_id, pattern) if p.strip("/"))
+
+
 def training_arn(bucket: str, prefix: str, training_id: str, pattern: str = "") -> str:
     """``arn:aws:s3:::bucket/prefix/training_id/pattern`` with empty pieces left out."""
-    path = "/".join(p.strip("/") for p in (prefix, training_id, pattern) if p.strip("/"))
+    path = training_key(prefix, training_id, pattern)
     return f"arn:aws:s3:::{bucket}/{path}" if path else f"arn:aws:s3:::{bucket}"
 
 
@@ -47,11 +58,12 @@ def check_site_name(site: str) -> None:
                             "exactly one site")
 
 
-def site_policy(bucket: str, prefix: str, training_id: str, site: str, list_bucket: bool = True) -> dict[str, Any]:
-    """The IAM policy of one site's key: read the global models and its own folder, write only its own folder."""
+def site_policy(bucket: str, prefix: str, training_id: str, site: str) -> dict[str, Any]:
+    """The IAM policy of one site's key: read the global models and its own folder, write and list only its folder."""
     check_site_name(site)
     grants = site_grants(site)
-    statements: list[dict[str, Any]] = [
+    folder = Layout().site_dir(site)
+    return {"Version": POLICY_VERSION, "Statement": [
         {"Sid": "ReadGlobalModelsAndOwnFolder", "Effect": "Allow", "Action": READ_ACTIONS,
          "Resource": [training_arn(bucket, prefix, training_id, p) for p in grants["read"]]},
         {"Sid": "WriteOwnFolder", "Effect": "Allow", "Action": WRITE_ACTIONS,
@@ -59,11 +71,11 @@ def site_policy(bucket: str, prefix: str, training_id: str, site: str, list_buck
         # The task in the site's folder is the coordinator's word: the site reads it, never rewrites it.
         {"Sid": "TaskIsTheCoordinators", "Effect": "Deny", "Action": [*WRITE_ACTIONS, "s3:DeleteObject"],
          "Resource": [training_arn(bucket, prefix, training_id, Layout().site_task(site))]},
-    ]
-    if list_bucket:
-        statements.append({"Sid": "MissingKeysAreNotFound", "Effect": "Allow", "Action": ["s3:ListBucket"],
-                           "Resource": [f"arn:aws:s3:::{bucket}"]})
-    return {"Version": POLICY_VERSION, "Statement": statements}
+        # Only listings of its own folder: "<folder>/" and below, never "<folder>" (that would match munich-2/).
+        {"Sid": "ListOwnFolderOnly", "Effect": "Allow", "Action": ["s3:ListBucket"],
+         "Resource": [f"arn:aws:s3:::{bucket}"],
+         "Condition": {"StringLike": {"s3:prefix": [f"{training_key(prefix, training_id, folder)}/*"]}}},
+    ]}
 
 
 def coordinator_policy(bucket: str, prefix: str, training_id: str) -> dict[str, Any]:

@@ -40,9 +40,6 @@ def add_site_commands(site: argparse.ArgumentParser) -> None:
     who = policy.add_mutually_exclusive_group(required=True)
     who.add_argument("--site", help="the site's name in clients.list")
     who.add_argument("--coordinator", action="store_true", help="the coordinator's key instead")
-    policy.add_argument("--no-list-bucket", dest="list_bucket", action="store_false",
-                        help="do not let the site list the bucket (by default it may, so that AWS S3 answers 404 "
-                        "rather than 403 for a key not written yet; names become visible, never contents)")
 
 
 def site_command(args: argparse.Namespace) -> int:
@@ -89,6 +86,6 @@ def _policy(args: argparse.Namespace) -> int:
     if args.coordinator:
         document = coordinator_policy(args.bucket, args.prefix, args.training_id)
     else:
-        document = site_policy(args.bucket, args.prefix, args.training_id, args.site, args.list_bucket)
+        document = site_policy(args.bucket, args.prefix, args.training_id, args.site)
     print(json.dumps(document, indent=2))
     return 0

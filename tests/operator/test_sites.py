@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import threading
 from collections.abc import Awaitable, Callable
@@ -80,7 +81,7 @@ async def join(site_cluster: SiteCluster, site: str, training_id: str, s3: S3Ser
                **spec: Any) -> tuple[Path, tuple[str, str]]:
     """Give the site its own IAM user (the site policy), Secret and data, and apply its participation."""
     namespace = SITES[site]
-    keys = s3.user(f"{site}-{seed}", site_policy(s3.bucket, PREFIX, training_id, site, list_bucket=True))
+    keys = s3.user(f"{site}-{seed}", site_policy(s3.bucket, PREFIX, training_id, site))
     await site_cluster.request("POST", f"/api/v1/namespaces/{namespace}/secrets", secret(namespace, "site-s3", *keys))
     home = site_cluster.runner.claim_dir(namespace, CLAIM) / "gtsrb"
     generate(home, SynthConfig(per_class=4, test_per_class=2, frames_per_track=2, seed=seed, max_size=32))
@@ -300,10 +301,25 @@ async def test_a_site_key_cannot_touch_another_sites_keys(s3_server: S3Server) -
                                   Key=f"{base}/sites/hamburg/round-0001/update-a1.safetensors"),
         lambda: munich.get_object(Bucket=s3_server.bucket, Key=f"{base}/sites/hamburg/round-0001/update-a1.json"),
         lambda: munich.put_object(Bucket=s3_server.bucket, Key=f"{base}/round-0001/global.safetensors", Body=b"x")]
+    # No listing outside its own folder: other sites', the training's root, other trainings', the bucket.
+    for prefix in (f"{base}/sites/hamburg/", f"{base}/sites/", f"{base}/", f"{base}/sites/munich",
+                   f"{PREFIX}/team-signs/other-0123abcd/sites/munich/", f"{PREFIX}/"):
+        calls.append(functools.partial(munich.list_objects_v2, Bucket=s3_server.bucket, Prefix=prefix))
+    calls.append(lambda: munich.list_objects_v2(Bucket=s3_server.bucket))
     for call in calls:
         with pytest.raises(ClientError) as refused:
             call()
         assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    own = munich.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{base}/sites/munich/")
+    assert [item["Key"] for item in own["Contents"]] == [f"{base}/sites/munich/round-0001/update-a1.json"]
+    # As on AWS, a missing key of its own is a 403 to a HEAD (its listing grant needs a prefix); the store
+    # finds it missing by listing it.
+    with pytest.raises(ClientError) as refused:
+        munich.head_object(Bucket=s3_server.bucket, Key=f"{base}/sites/munich/task.json")
+    assert refused.value.response["Error"]["Code"] == "403"
+    environment = {**s3_server.environment("munich's key"), "AWS_ACCESS_KEY_ID": keys[0],
+                   "AWS_SECRET_ACCESS_KEY": keys[1]}
+    assert open_store(f"s3://{s3_server.bucket}/{base}", environment).exists("sites/munich/task.json") is False
 
 
 async def test_a_failed_site_job_is_answered_with_its_exit_code_and_no_site_path(
