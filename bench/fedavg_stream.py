@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.models import ModelConfig, build_model
-from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.training import state_to_numpy
 from fedtrain.worker.weights import Weights, read_weights, save_weights

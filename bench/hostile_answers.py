@@ -45,7 +45,7 @@ def peak_mib() -> float:
 
 def answer(size: int) -> bytes:
     """A well-formed honest answer, padded with JSON whitespace to ``size`` bytes."""
-    from fedtrain.worker.sitetask import PROTOCOL_VERSION
+    from fedtrain.contract.sitetask import PROTOCOL_VERSION
 
     body = json.dumps({"task": TASK, "site": "munich", "state": "succeeded", "exit_code": 0, "reason": None,
                        "output": {"num_examples": 40, "metrics": {"train_loss": 0.5}, "sha256": "a" * 64},
@@ -55,7 +55,7 @@ def answer(size: int) -> bytes:
 
 def write_answer(path: Path, size: int) -> Path:
     """The answer as a file of ``size`` bytes: valid JSON up to the limit; past it, sparse (it costs no disk here)."""
-    from fedtrain.worker.sitetask import RESULT_LIMIT
+    from fedtrain.contract.sitetask import RESULT_LIMIT
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as stream:
@@ -72,11 +72,11 @@ def observe_once(location: str, environment: dict[str, str], queue: Any, whole: 
     """
     import numpy as np
 
+    from fedtrain.contract.layout import Layout
+    from fedtrain.contract.storage import open_store
     from fedtrain.engine import Observation, TrainingStatus, decide
     from fedtrain.sites.relay import SiteRelay
     from fedtrain.spec import parse_spec
-    from fedtrain.worker.layout import Layout
-    from fedtrain.worker.storage import open_store
     from fedtrain.worker.weights import save_weights
 
     os.environ.update(environment)
@@ -146,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=1.0, help="size of the huge answer in GiB")
     args = parser.parse_args()
-    from fedtrain.worker.sitetask import RESULT_LIMIT
+    from fedtrain.contract.sitetask import RESULT_LIMIT
 
     sizes = {"honest (about 300 B)": 0, f"largest allowed ({RESULT_LIMIT // 1024} KiB)": RESULT_LIMIT,
              f"huge ({args.gib:g} GiB)": int(args.gib * 2**30)}

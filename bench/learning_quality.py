@@ -48,12 +48,12 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.data.gtsrb import NUM_CLASSES, load_tree
 from fedtrain.worker.data.images import load_samples
 from fedtrain.worker.data.partition import PartitionConfig, partition_samples
 from fedtrain.worker.data.synth import SynthConfig, generate
 from fedtrain.worker.models import ModelConfig, build_model
-from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.training import TrainConfig, evaluate, load_numpy_state, state_to_numpy, train_local
 from fedtrain.worker.weights import Weights, save_weights

@@ -55,7 +55,7 @@ def round_seconds(status: dict[str, Any]) -> float:
 
 def lie(task: Any, site: str) -> bytes:
     """An answer to ``task`` the coordinator must refuse, by the task's kind and round."""
-    from fedtrain.worker.sitetask import PROTOCOL_VERSION, RESULT_LIMIT
+    from fedtrain.contract.sitetask import PROTOCOL_VERSION, RESULT_LIMIT
 
     if task.kind == "train":
         output: object = {"num_examples": 10**9, "metrics": {}, "sha256": "0" * 64}
@@ -70,9 +70,9 @@ def lie(task: Any, site: str) -> bytes:
 
 def play_hostile(store_path: Path, site: str, stop: threading.Event) -> None:
     """Answer each task posted to ``site`` once, at once, with a lie, writing only under sites/<site>/."""
-    from fedtrain.worker.layout import Layout
-    from fedtrain.worker.sitetask import parse_posting
-    from fedtrain.worker.storage import DirectoryStore
+    from fedtrain.contract.layout import Layout
+    from fedtrain.contract.sitetask import parse_posting
+    from fedtrain.contract.storage import DirectoryStore
 
     store, layout, answered = DirectoryStore(store_path), Layout(sites=frozenset({site})), set()
     while not stop.wait(0.1):

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.alias_generators import to_camel
 
 from fedtrain import __version__
-from fedtrain.worker.layout import client_names
-from fedtrain.worker.sitetask import (
+from fedtrain.contract.layout import client_names
+from fedtrain.contract.sitetask import (
     DEFAULT_MAX_EXAMPLES,
     DEFAULT_OUTLIER_DISTANCE,
     EXAMPLES_LIMIT,

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fedtrain.contract.sitetask import client_mu
+from fedtrain.contract.storage import S3_ENV, s3_location
 from fedtrain.engine.status import Task, TrainingStatus
 from fedtrain.spec import FederatedTrainingSpec, S3Spec, SyntheticSpec
-from fedtrain.worker.sitetask import client_mu
-from fedtrain.worker.storage import S3_ENV, s3_location
 
 WORKER_COMMAND = "fedtrain-worker"
 
@@ -32,7 +32,7 @@ class Placement:
 
 
 def s3_environment(s3: S3Spec | None) -> dict[str, str]:
-    """A worker's object-store settings (`fedtrain.worker.storage.S3_ENV`) that are not secret.
+    """A worker's object-store settings (`fedtrain.contract.storage.S3_ENV`) that are not secret.
 
     The coordinator's workers take them from spec.storage.s3, a site's from its spec.store.s3.
     """

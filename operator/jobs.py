@@ -26,10 +26,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fedtrain.contract.storage import S3_ENV
 from fedtrain.engine.status import Observation, Task
 from fedtrain.spec import API_VERSION, DEFAULT_WORKER_IMAGE, KIND, WORKER_IMAGE_ENV, FederatedTrainingSpec, S3Spec
 from fedtrain.tasks import Placement, s3_environment, storage_location, training_dir, training_id
-from fedtrain.worker.storage import S3_ENV
 
 MAX_NAME = 63
 STORE_MOUNT = "/store"

@@ -13,15 +13,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from fedtrain.contract.errors import BadDataError, BadInputError, TemporaryStorageError
+from fedtrain.contract.sitetask import DELETED
+from fedtrain.contract.storage import open_store
 from fedtrain.engine.status import Event, Reason, TrainingStatus
 from fedtrain.operator.jobs import Owner, placement
 from fedtrain.operator.storeaccess import secret_environment
 from fedtrain.operator.training_api import Refusal, TrainingApi
 from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import FederatedTrainingSpec, SpecError, parse_spec
-from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
-from fedtrain.worker.sitetask import DELETED
-from fedtrain.worker.storage import open_store
 
 log = logging.getLogger("fedtrain.operator")
 

@@ -26,6 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fedtrain.contract.errors import BadDataError, BadInputError, TemporaryStorageError
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result, parse_task
+from fedtrain.contract.storage import Store, open_store
 from fedtrain.operator.jobs import (
     LABEL_MANAGED_BY,
     LABEL_TASK,
@@ -54,10 +58,6 @@ from fedtrain.sites.participation import (
     training_location,
 )
 from fedtrain.spec import API_VERSION, GROUP, VERSION
-from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result, parse_task
-from fedtrain.worker.storage import Store, open_store
 
 log = logging.getLogger("fedtrain.operator.sites")
 SITE_DATA_MOUNT = "/site-data"

@@ -14,11 +14,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from fedtrain.contract.errors import BadInputError
+from fedtrain.contract.storage import S3_ENV
 from fedtrain.operator.kube import Kube, Paths
 from fedtrain.spec import S3Spec
 from fedtrain.tasks import s3_environment
-from fedtrain.worker.errors import BadInputError
-from fedtrain.worker.storage import S3_ENV
 
 
 async def secret_environment(kube: Kube, namespace: str, s3: S3Spec, field: str) -> tuple[dict[str, str], str]:

@@ -1,7 +1,8 @@
 """Layer contracts: imports only point downwards, and the control plane never loads torch.
 
 kopf handlers (operator/) -> round engine (fedtrain/engine) -> executors (fedtrain/local, Kubernetes) and
-worker (worker/). Checked on the source, so a violation fails here before it ships in an image.
+worker (worker/) -> the contract they share (fedtrain/contract: store layout and access, the site protocol,
+scores, exit codes). Checked on the source, so a violation fails here before it ships in an image.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ ROOT = Path(__file__).parents[1]
 FOLDERS = {"worker": "fedtrain.worker", "operator": "fedtrain.operator", "fedtrain": "fedtrain"}
 # fedtrain.kubeflow (pipeline steps) sits on top of everything and nothing imports it.
 FORBIDDEN = {
+    # The contract is the bottom layer: it imports nothing else of FedTrain's, and neither torch nor numpy.
+    "fedtrain.contract": ("fedtrain.worker", "fedtrain.engine", "fedtrain.local", "fedtrain.operator", "fedtrain.cli",
+                          "fedtrain.spec", "fedtrain.tasks", "fedtrain.kubeflow", "fedtrain.sites", "fedtrain.crd",
+                          "torch", "torchvision", "numpy"),
     "fedtrain.worker": ("fedtrain.engine", "fedtrain.local", "fedtrain.operator", "fedtrain.cli", "fedtrain.spec",
                         "fedtrain.tasks", "fedtrain.kubeflow", "fedtrain.sites"),
     "fedtrain.engine": ("fedtrain.local", "fedtrain.operator", "fedtrain.cli", "fedtrain.kubeflow"),
@@ -74,7 +79,8 @@ def test_nothing_is_importable_as_operator() -> None:
 
 
 def test_control_plane_does_not_load_torch() -> None:
-    code = ("import sys, fedtrain.spec, fedtrain.engine, fedtrain.tasks, fedtrain.crd, fedtrain.operator.handlers;"
+    code = ("import sys, fedtrain.spec, fedtrain.engine, fedtrain.tasks, fedtrain.crd, fedtrain.operator.handlers,"
+            " fedtrain.contract.sitetask, fedtrain.contract.storage, fedtrain.contract.federated;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
+from fedtrain.contract.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
+from fedtrain.contract.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, MAX_ATTEMPT, Combination, ExampleBounds
 from fedtrain.worker.data.synth import SynthConfig
-from fedtrain.worker.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
-from fedtrain.worker.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, MAX_ATTEMPT, Combination, ExampleBounds
 
 WORKDIR_HELP = "the training's store: a directory, or s3://bucket/prefix (settings from FEDTRAIN_S3_* and AWS_*)"
 
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def remove_training_directory(location: str) -> dict[str, Any]:
     """Delete a training's files, only if they are one (manifest.json, or nothing): never a wrong path or prefix."""
-    from fedtrain.worker.storage import DirectoryStore, open_store
+    from fedtrain.contract.storage import DirectoryStore, open_store
 
     store = open_store(location)
     if isinstance(store, DirectoryStore):
@@ -214,11 +214,11 @@ def _parameters(pairs: Sequence[str]) -> tuple[tuple[str, Any], ...]:
 
 def run(args: argparse.Namespace) -> Any:
     """Dispatch one parsed command; returns what is printed as JSON."""
+    from fedtrain.contract.storage import open_store
     from fedtrain.worker import jobs  # torch is imported only once arguments parsed
     from fedtrain.worker.data.partition import PartitionConfig
     from fedtrain.worker.data.synth import generate
     from fedtrain.worker.models import ModelConfig
-    from fedtrain.worker.storage import open_store
     from fedtrain.worker.training import TrainConfig
 
     if args.command == "synth-gtsrb":
@@ -312,8 +312,8 @@ def _names(text: str) -> frozenset[str]:
 
 
 def _site_task(args: argparse.Namespace) -> Any:
+    from fedtrain.contract.storage import open_store
     from fedtrain.worker import jobs, site
-    from fedtrain.worker.storage import open_store
 
     task = site.read_task(args.task_json)
     data = site.SiteData(args.data, args.validation_fraction, args.evaluation_split)

@@ -24,14 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtrain.worker.data.gtsrb import GtsrbTree
-from fedtrain.worker.errors import BadDataError
-from fedtrain.worker.federated import FederatedScore, SiteScore, combine
-from fedtrain.worker.jobs import Workspace
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.models import build_model
-from fedtrain.worker.plots import plot_confusion, plot_per_round
-from fedtrain.worker.sitetask import (
+from fedtrain.contract.errors import BadDataError
+from fedtrain.contract.federated import FederatedScore, SiteScore, combine
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import (
     EVALUATION_LIMIT,
     SIDECAR_LIMIT,
     Combination,
@@ -40,7 +36,11 @@ from fedtrain.worker.sitetask import (
     parse_evaluation,
     parse_scores_record,
 )
-from fedtrain.worker.storage import Store, iterate_keys
+from fedtrain.contract.storage import Store, iterate_keys
+from fedtrain.worker.data.gtsrb import GtsrbTree
+from fedtrain.worker.jobs import Workspace
+from fedtrain.worker.models import build_model
+from fedtrain.worker.plots import plot_confusion, plot_per_round
 from fedtrain.worker.tracking import Tracker, TrackingReport, TrainingIdentity
 from fedtrain.worker.training import evaluate, load_numpy_state
 from fedtrain.worker.weights import read_json, read_weights, sidecar_of, write_json
@@ -240,9 +240,9 @@ def _client_history(workspace: Workspace, last_round: int) -> dict[str, list[tup
                     for key in iterate_keys(store, layout.client_dir(round_number), ".json")}
         for site in sorted(layout.sites):  # its highest attempt: a retry's number is higher than the stale one's
             attempts = layout.site_update_attempts(site_keys, site, round_number)
-            key = sidecar_of(layout.client_update(round_number, site, attempts[-1])) if attempts else None
-            if key in site_keys:
-                sidecars[site] = key
+            latest = sidecar_of(layout.client_update(round_number, site, attempts[-1])) if attempts else None
+            if latest is not None and latest in site_keys:
+                sidecars[site] = latest
         for client, key in sidecars.items():
             meta = read_json(store, key, SIDECAR_LIMIT)  # a site wrote its own
             found = meta.get("metrics")

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from fedtrain.contract.errors import BadDataError, BadInputError, NonFiniteModelError
+from fedtrain.contract.layout import Layout, client_names
+from fedtrain.contract.sitetask import ExampleBounds
+from fedtrain.contract.storage import Store, iterate_keys, open_store
 from fedtrain.worker.data.decoded import DecodedShard, ShardKey, cache_directory, decoded_shard
 from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree, sign_names, split_by_track
 from fedtrain.worker.data.images import load_image, load_samples
 from fedtrain.worker.data.partition import Partition, PartitionConfig, partition_samples
 from fedtrain.worker.data.synth import SynthConfig, generate
-from fedtrain.worker.errors import BadDataError, BadInputError, NonFiniteModelError
-from fedtrain.worker.layout import Layout, client_names
 from fedtrain.worker.models import ModelConfig, build_model
-from fedtrain.worker.sitetask import ExampleBounds
-from fedtrain.worker.storage import Store, iterate_keys, open_store
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.strategies.privacy import clip, epsilon, private_mean
 from fedtrain.worker.strategies.protocol import Aggregate
@@ -381,7 +381,7 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     clients = config.clients or _updates_present(workspace, round_number)
     attempts = dict(config.attempts)
     files = [UpdateFile(c, store, layout.client_update(round_number, c, attempts.get(c) or
-                                                       _latest_attempt(workspace, round_number, c)))
+                                                       _latest_attempt(workspace, round_number, c) or 1))
              for c in clients]
     updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates,
                         base_sha256=current_meta.get("sha256"), bounds=config.examples)

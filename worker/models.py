@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fedtrain.worker.errors import BadDataError, BadInputError
+from fedtrain.contract.errors import BadDataError, BadInputError
 
 ARCHITECTURES = ("mobilenet_v3_small", "mobilenet_v3_large", "tiny_cnn")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -24,9 +24,12 @@ from typing import Any
 
 import torch
 
+from fedtrain.contract.errors import BadDataError, BadInputError
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import SiteResult, SiteTask, TrainSettings, encode, parse_result, parse_task
+from fedtrain.contract.storage import Store
 from fedtrain.worker.data.gtsrb import load_tree, split_by_track
 from fedtrain.worker.data.partition import Partition
-from fedtrain.worker.errors import BadDataError, BadInputError
 from fedtrain.worker.jobs import (
     DataConfig,
     LocalRound,
@@ -36,10 +39,7 @@ from fedtrain.worker.jobs import (
     client_seed,
     train_update,
 )
-from fedtrain.worker.layout import Layout
 from fedtrain.worker.models import ModelConfig, build_model
-from fedtrain.worker.sitetask import SiteResult, SiteTask, TrainSettings, encode, parse_result, parse_task
-from fedtrain.worker.storage import Store
 from fedtrain.worker.training import Evaluation, TrainConfig, evaluate, load_numpy_state
 from fedtrain.worker.weights import Weights, read_weights, write_json
 

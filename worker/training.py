@@ -19,7 +19,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from fedtrain.worker.errors import BadInputError
+from fedtrain.contract.errors import BadInputError
 from fedtrain.worker.models import IMAGENET_MEAN, IMAGENET_STD
 from fedtrain.worker.weights import Weights
 
@@ -29,7 +29,10 @@ SCHEDULERS = ("none", "cosine")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How one client trains in one round."""
+    """How one client trains in one round.
+
+    A site receives these as `fedtrain.contract.sitetask.TrainSettings`, their versioned and bounded wire form.
+    """
 
     local_epochs: int = 1
     batch_size: int = 32

@@ -21,10 +21,10 @@ import numpy as np
 from numpy.typing import NDArray
 from safetensors.numpy import save as save_safetensors
 
-from fedtrain.worker.errors import BadDataError, TooLargeError
-from fedtrain.worker.layout import sidecar_of
-from fedtrain.worker.sitetask import SIDECAR_LIMIT
-from fedtrain.worker.storage import DirectoryStore, Store
+from fedtrain.contract.errors import BadDataError, TooLargeError
+from fedtrain.contract.layout import sidecar_of
+from fedtrain.contract.sitetask import SIDECAR_LIMIT
+from fedtrain.contract.storage import DirectoryStore, Store
 
 Weights = dict[str, NDArray[Any]]
 HEADER_LENGTH_BYTES = 8

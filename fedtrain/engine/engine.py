@@ -22,6 +22,17 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Literal
 
+from fedtrain.contract.errors import (
+    EXIT_BAD_DATA,
+    EXIT_BAD_INPUT,
+    EXIT_CODE_NAMES,
+    EXIT_NON_FINITE_MODEL,
+    EXIT_REFUSED,
+    EXIT_REJECTED_UPDATES,
+    EXIT_TEMPORARY,
+    BadDataError,
+)
+from fedtrain.contract.federated import FederatedScore, SiteScore, combine
 from fedtrain.engine.status import (
     CONDITION_TYPES,
     DETAILED_CLIENTS,
@@ -43,17 +54,6 @@ from fedtrain.engine.status import (
     TrainingStatus,
 )
 from fedtrain.spec import FederatedTrainingSpec
-from fedtrain.worker.errors import (
-    EXIT_BAD_DATA,
-    EXIT_BAD_INPUT,
-    EXIT_CODE_NAMES,
-    EXIT_NON_FINITE_MODEL,
-    EXIT_REFUSED,
-    EXIT_REJECTED_UPDATES,
-    EXIT_TEMPORARY,
-    BadDataError,
-)
-from fedtrain.worker.federated import FederatedScore, SiteScore, combine
 
 PERMANENT_EXIT_CODES = {EXIT_BAD_INPUT: Reason.BAD_INPUT, EXIT_BAD_DATA: Reason.BAD_DATA,
                         EXIT_REFUSED: Reason.SITE_REFUSED}

@@ -119,7 +119,12 @@ class SiteEvaluation(StatusModel):
 
 
 class FederatedMetrics(StatusModel):
-    """The sites' scores of one global model combined: example-weighted means, worst and best site."""
+    """The sites' scores of one global model combined: example-weighted means, worst and best site.
+
+    The status's form of `fedtrain.contract.federated.FederatedScore`, which computes it: the CRD's
+    status schema is generated from this model (camelCase, bounded), while the computation stays in
+    the contract, where finalize uses it too without the engine.
+    """
 
     accuracy: float
     loss: float

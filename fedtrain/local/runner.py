@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtrain.contract.errors import TemporaryStorageError
+from fedtrain.contract.storage import S3_ENV, open_store
 from fedtrain.engine import decide
 from fedtrain.engine.status import Cancel, Event, Launch, Observation, TrainingStatus
 from fedtrain.local.executor import LocalExecutor
@@ -32,8 +34,6 @@ from fedtrain.tasks import (
     worker_arguments,
 )
 from fedtrain.worker.data.decoded import CACHE_ENV
-from fedtrain.worker.errors import TemporaryStorageError
-from fedtrain.worker.storage import S3_ENV, open_store
 
 STATUS_FILE = "status.json"
 SPEC_FILE = "spec.json"

@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-EXIT_INTERNAL = 70  # the worker's code for an internal error (fedtrain.worker.errors)
+EXIT_INTERNAL = 70  # the worker's code for an internal error (fedtrain.contract.errors)
 REUSABLE = ("train", "aggregate", "evaluate")  # commands that leave no global state behind
 MAX_TASKS = 200
 MEMORY_GROWTH = 1.5

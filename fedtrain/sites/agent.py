@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+from fedtrain.contract.errors import EXIT_REFUSED
+from fedtrain.contract.sitetask import DELETED, ENDED_PHASES, Posting, SiteResult, SiteTask
 from fedtrain.engine.status import Condition
 from fedtrain.sites.participation import ParticipationPhase, ParticipationSpec, ParticipationStatus, SitePolicy
 from fedtrain.sites.policy import refusal, total_epsilon
 from fedtrain.tasks import s3_environment
-from fedtrain.worker.errors import EXIT_REFUSED
-from fedtrain.worker.sitetask import DELETED, ENDED_PHASES, Posting, SiteResult, SiteTask
 
 FINISHED_PHASES = ENDED_PHASES  # the coordinator's phases after which a site stops polling
 # The participation's phase once the training is over, by the coordinator's phase.

@@ -3,7 +3,7 @@
 A site's key may read the training's global models and its own folder (``sites/<site>/``: its
 task, its answers, its updates) and write only its own folder, but not its task there, which is
 the coordinator's; it can neither read nor overwrite another site's update or scores. The key
-patterns come from `fedtrain.worker.layout.site_grants`, the one source of what a site touches;
+patterns come from `fedtrain.contract.layout.site_grants`, the one source of what a site touches;
 this module only turns them into AWS/MinIO policy JSON (``fedtrain site policy`` prints it). The
 coordinator's key may do anything under the training.
 
@@ -19,7 +19,7 @@ That grant does not make AWS S3 answer 404 for a GET or HEAD of a missing key in
 a caller with ``s3:ListBucket`` on the bucket, and such a request carries no prefix, so the
 conditioned grant does not apply and the answer is 403. MinIO answers 404 to any authenticated
 caller that may read the key. The site's store tells the two apart by listing exactly that key
-(`fedtrain.worker.storage.S3Store`), which the condition allows.
+(`fedtrain.contract.storage.S3Store`), which the condition allows.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fedtrain.worker.errors import BadInputError
-from fedtrain.worker.layout import Layout, site_grants
-from fedtrain.worker.sitetask import NAME_PATTERN
+from fedtrain.contract.errors import BadInputError
+from fedtrain.contract.layout import Layout, site_grants
+from fedtrain.contract.sitetask import NAME_PATTERN
 
 MAX_SITE_NAME = 63  # a DNS label, as the wire format's site names
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fedtrain.contract.errors import WorkerError
 from fedtrain.sites.bucket_policy import coordinator_policy, site_policy
 from fedtrain.sites.participation import ParticipationError, load_participation
-from fedtrain.worker.errors import WorkerError
 
 EXIT_BAD_INPUT = 2
 

@@ -19,15 +19,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from fedtrain.contract.errors import EXIT_BAD_DATA, BadDataError, BadInputError
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result
+from fedtrain.contract.storage import S3_ENV, Store, open_store
 from fedtrain.engine.status import Observation
 from fedtrain.local.executor import LocalExecutor
 from fedtrain.sites import agent
 from fedtrain.sites.participation import FederatedParticipation, ParticipationStatus, training_location
 from fedtrain.worker.data.decoded import CACHE_ENV
-from fedtrain.worker.errors import EXIT_BAD_DATA, BadDataError, BadInputError
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result
-from fedtrain.worker.storage import S3_ENV, Store, open_store
 
 STATUS_FILE = "site-status.json"
 DATA_DONE = ".complete"

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fedtrain.contract.storage import s3_location
 from fedtrain.engine.status import Condition, StatusModel
 from fedtrain.spec import (
     API_VERSION,
@@ -30,7 +31,6 @@ from fedtrain.spec import (
     describe_error,
     identity,
 )
-from fedtrain.worker.storage import s3_location
 
 PARTICIPATION_KIND = "FederatedParticipation"
 PARTICIPATION_PLURAL = "federatedparticipations"
@@ -116,7 +116,12 @@ class SiteEvaluationSpec(Model):
 
 
 class SiteWorkerSpec(Model):
-    """How the site's tasks run: image and scheduling on Kubernetes, device everywhere."""
+    """How the site's tasks run: image and scheduling on Kubernetes, device everywhere.
+
+    Not the training's `WorkerSpec`: the site chooses these for its own cluster, and a site's Job
+    takes no parallelism, extra volumes or claims of the coordinator's; the fields are the subset
+    its participation may set. (A participation's conditions are the training's `Condition` type.)
+    """
 
     image: Annotated[str, Field(min_length=1, max_length=512)] | None = None
     """The worker image the site's Jobs run (the site chooses it, not the coordinator); unset: its operator's."""

@@ -9,8 +9,8 @@ policy that bounds epsilon.
 
 from __future__ import annotations
 
+from fedtrain.contract.sitetask import PrivacySettings, SiteTask
 from fedtrain.sites.participation import SitePolicy
-from fedtrain.worker.sitetask import PrivacySettings, SiteTask
 
 
 def refusal(task: SiteTask, policy: SitePolicy) -> str | None:

@@ -28,13 +28,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from fedtrain.engine.engine import task_id
-from fedtrain.engine.status import FINISHED, Observation, RoundStatus, TrainingStatus
-from fedtrain.spec import FederatedTrainingSpec
-from fedtrain.tasks import client_training
-from fedtrain.worker.errors import EXIT_BAD_DATA, BadDataError
-from fedtrain.worker.layout import Layout, sidecar_of
-from fedtrain.worker.sitetask import (
+from fedtrain.contract.errors import EXIT_BAD_DATA, BadDataError
+from fedtrain.contract.layout import Layout, sidecar_of
+from fedtrain.contract.sitetask import (
     DELETED,
     RESULT_LIMIT,
     Posting,
@@ -48,7 +44,11 @@ from fedtrain.worker.sitetask import (
     parse_result,
     train_output,
 )
-from fedtrain.worker.storage import Store
+from fedtrain.contract.storage import Store
+from fedtrain.engine.engine import task_id
+from fedtrain.engine.status import FINISHED, Observation, RoundStatus, TrainingStatus
+from fedtrain.spec import FederatedTrainingSpec
+from fedtrain.tasks import client_training
 
 
 def refused(site: str, why: str) -> Observation:
@@ -229,8 +229,9 @@ class SiteRelay:
             if not self.store.exists(key):
                 scores = {site: score.model_dump() for site, score in record.site_scores.items()}
                 evaluation = self.spec.evaluation
-                self.store.write_bytes(key, ScoresRecord(round=record.round, sites=scores, combine=evaluation.combine,
-                                                         outlier_distance=evaluation.outlier_distance).encode())
+                document = {"round": record.round, "sites": scores, "combine": evaluation.combine,
+                            "outlier_distance": evaluation.outlier_distance}
+                self.store.write_bytes(key, ScoresRecord.model_validate(document).encode())
             self.recorded.add(record.round)
 
     def task(self, wanted: Assignment) -> SiteTask:

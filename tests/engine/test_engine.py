@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from fedtrain.contract.errors import EXIT_NON_FINITE_MODEL
 from fedtrain.engine import Observation, Task, TrainingStatus, decide, select_clients, task_id
 from fedtrain.engine.engine import TEMPORARY_RETRIES
 from fedtrain.engine.status import Cancel, Decision
 from fedtrain.spec import FederatedTrainingSpec, parse_spec
-from fedtrain.worker.errors import EXIT_NON_FINITE_MODEL
 
 Outcome = Callable[[Task, float], Observation | None]  # None: still running
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
+from fedtrain.contract.errors import EXIT_REFUSED
+from fedtrain.contract.federated import SiteScore, combine
 from fedtrain.engine import Observation, Task
 from fedtrain.engine.status import Reason
 from fedtrain.operator.jobs import kubernetes_problems
 from fedtrain.spec import FederatedTrainingSpec, SpecError, parse_spec
-from fedtrain.worker.errors import EXIT_REFUSED
-from fedtrain.worker.federated import SiteScore, combine
 from tests.engine.test_engine import Simulation
 
 SITE_SCORES = {"munich": (10, 0.8, 0.5), "hamburg": (30, 0.4, 1.0)}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from fedtrain.contract.errors import BadInputError
+from fedtrain.contract.sitetask import ExampleBounds
 from fedtrain.engine.status import Task
 from fedtrain.spec import parse_spec
 from fedtrain.tasks import Placement, worker_arguments
 from fedtrain.worker.cli import build_parser, example_bounds_of, site_attempts_of
-from fedtrain.worker.errors import BadInputError
-from fedtrain.worker.sitetask import ExampleBounds
 
 SPEC = parse_spec({
     "rounds": 3, "seed": 4,
@@ -69,8 +69,8 @@ def test_aggregate_reads_each_site_update_of_the_attempt_that_succeeded() -> Non
 
 
 def test_fedprox_without_mu_trains_every_client_and_site_with_the_one_default() -> None:
+    from fedtrain.contract.sitetask import FEDPROX_MU
     from fedtrain.sites.relay import train_settings
-    from fedtrain.worker.sitetask import FEDPROX_MU
     from fedtrain.worker.strategies import make_strategy
 
     spec = parse_spec({"rounds": 2, "strategy": {"name": "fedprox"},

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from fedtrain.contract.errors import EXIT_BAD_INPUT
 from fedtrain.local.executor import ForkedTask, ForkServer
-from fedtrain.worker.errors import EXIT_BAD_INPUT
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import yaml
 
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import PROTOCOL_VERSION, RESULT_LIMIT, SiteTask, parse_posting, parse_scores_record
-from fedtrain.worker.storage import DirectoryStore
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import PROTOCOL_VERSION, RESULT_LIMIT, SiteTask, parse_posting, parse_scores_record
+from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.weights import read_weights, save_weights
 
 pytestmark = pytest.mark.timeout(600)  # about 20 s on two busy cores: the cases, kept in the default suite

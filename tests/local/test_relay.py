@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_REFUSED
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import PROTOCOL_VERSION, SiteResult, encode, parse_posting, parse_scores_record
+from fedtrain.contract.storage import DirectoryStore
 from fedtrain.engine import decide
 from fedtrain.engine.status import Observation, TrainingStatus
 from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import FederatedTrainingSpec, parse_spec
-from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_REFUSED
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import PROTOCOL_VERSION, SiteResult, encode, parse_posting, parse_scores_record
-from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.weights import save_weights
 
 

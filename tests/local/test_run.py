@@ -142,7 +142,7 @@ def test_bad_files_give_one_clear_error_and_create_nothing(tmp_path: Path, chang
 
 def test_local_run_with_an_object_store(tmp_path: Path, s3_server: Any) -> None:
     """Weights in a bucket (moto over HTTP), status and the sqlite tracking store in the local work directory."""
-    from fedtrain.worker.storage import open_store
+    from fedtrain.contract.storage import open_store
 
     body = manifest("bucketed", 2, storage={"s3": {"endpoint": s3_server.endpoint, "bucket": s3_server.bucket,
                                                    "prefix": "local-runs", "region": "us-east-1"}})

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from fedtrain.contract.storage import open_store
 from fedtrain.operator.jobs import ANNOTATION_ACCEPT, LABEL_TRAINING_NAMESPACE
 from fedtrain.worker.data.synth import SynthConfig, generate
-from fedtrain.worker.storage import open_store
 from tests.conftest import S3Server
 from tests.operator.conftest import NAMESPACE, Cluster, condition, tiny_training
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
+from fedtrain.contract.errors import BadDataError
+from fedtrain.contract.sitetask import Posting, SiteTask, TrainSettings, encode, parse_posting, parse_result
+from fedtrain.contract.storage import Store, open_store
 from fedtrain.local.executor import ForkServer
 from fedtrain.sites.bucket_policy import site_policy
 from fedtrain.worker.data.synth import SynthConfig, generate
-from fedtrain.worker.errors import BadDataError
-from fedtrain.worker.sitetask import Posting, SiteTask, TrainSettings, encode, parse_posting, parse_result
-from fedtrain.worker.storage import Store, open_store
 from tests.conftest import S3Server
 from tests.operator.cluster import ApiServer, Sabotage
 from tests.operator.conftest import NAMESPACE, Cluster, SiteCluster, tiny_training

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtrain.worker.storage import Store, open_store, s3_location
+from fedtrain.contract.storage import Store, open_store, s3_location
 from tests.conftest import free_port
 
 ROOT = Path(__file__).parents[2]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fedtrain.contract.sitetask import PrivacySettings, SiteTask, TrainSettings, parse_task
 from fedtrain.sites.participation import ParticipationSpec, parse_participation_spec
-from fedtrain.worker.sitetask import PrivacySettings, SiteTask, TrainSettings, parse_task
 
 DEADLINE = 10_000.0
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from fedtrain.contract.errors import EXIT_REFUSED
+from fedtrain.contract.sitetask import Posting, SiteResult, parse_task
 from fedtrain.sites import agent
 from fedtrain.sites.participation import ParticipationStatus
-from fedtrain.worker.errors import EXIT_REFUSED
-from fedtrain.worker.sitetask import Posting, SiteResult, parse_task
 from fedtrain.worker.strategies.privacy import epsilon
 from tests.sites.documents import DEADLINE, participation, private, site_task
 

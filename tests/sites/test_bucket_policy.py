@@ -17,10 +17,10 @@ import pytest
 from botocore.exceptions import ClientError
 
 from fedtrain.cli import main
+from fedtrain.contract.errors import BadDataError, BadInputError
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.storage import Store
 from fedtrain.sites.bucket_policy import coordinator_policy, site_policy
-from fedtrain.worker.errors import BadDataError, BadInputError
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.storage import Store
 from tests.sites.conftest import BUCKET, PREFIX, TRAINING_ID, FederationStore
 
 LAYOUT = Layout(sites=frozenset({"munich", "hamburg"}))

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
+from fedtrain.contract.sitetask import TrainSettings
 from fedtrain.sites.participation import SitePolicy
 from fedtrain.sites.policy import refusal, total_epsilon
-from fedtrain.worker.sitetask import TrainSettings
 from fedtrain.worker.strategies.privacy import epsilon
 from tests.sites.documents import participation, private, site_task
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_REFUSED
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import Posting, SiteResult, TrainSettings, encode, parse_result
 from fedtrain.sites.local import STATUS_FILE
 from fedtrain.worker.cli import main as worker
-from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_REFUSED
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import Posting, SiteResult, TrainSettings, encode, parse_result
 from tests.sites.documents import site_task
 
 ROOT = Path(__file__).parents[2]

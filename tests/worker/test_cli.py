@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_NON_FINITE_MODEL, EXIT_REJECTED_UPDATES
-from fedtrain.worker.layout import Layout
+from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_NON_FINITE_MODEL, EXIT_REJECTED_UPDATES
+from fedtrain.contract.layout import Layout
 from fedtrain.worker.weights import save_weights_file
 
 CLIENTS = ("client-00", "client-01", "client-02")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from fedtrain.contract.storage import Store, open_store
 from fedtrain.worker import jobs
 from fedtrain.worker.data.decoded import CACHE_ENV, DecodedShard, ShardKey, decoded_shard
 from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree
 from fedtrain.worker.data.partition import PartitionConfig
 from fedtrain.worker.models import ModelConfig
-from fedtrain.worker.storage import Store, open_store
 from fedtrain.worker.training import TrainConfig
 from fedtrain.worker.weights import read_weights
 

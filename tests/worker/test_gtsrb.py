@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from fedtrain.contract.errors import BadDataError
 from fedtrain.worker.data.gtsrb import load_tree, sign_names, split_by_track
 from fedtrain.worker.data.images import load_samples
-from fedtrain.worker.errors import BadDataError
 
 
 def test_reads_the_official_layout(synth_tree: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedtrain.worker.errors import BadDataError, BadInputError
+from fedtrain.contract.errors import BadDataError, BadInputError
 from fedtrain.worker.models import ModelConfig, build_model, count_parameters
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedtrain.contract.errors import BadInputError
 from fedtrain.worker.data.gtsrb import Sample
 from fedtrain.worker.data.partition import PartitionConfig, partition_samples, partition_units
-from fedtrain.worker.errors import BadInputError
 
 LABELS = np.repeat(np.arange(10), 40)  # 400 units, 10 classes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtrain.worker.storage import DirectoryStore
+from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.strategies import UpdateFile, UpdateSet
 from fedtrain.worker.strategies.privacy import clip, epsilon, private_mean
 from fedtrain.worker.weights import save_weights

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from fedtrain.contract.errors import EXIT_BAD_INPUT, EXIT_OK
+from fedtrain.contract.federated import SiteScore, combine
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import EVALUATION_LIMIT, ExampleBounds, ScoresRecord, evaluation_output
+from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.data.synth import SynthConfig, generate
-from fedtrain.worker.errors import EXIT_BAD_INPUT, EXIT_OK
-from fedtrain.worker.federated import SiteScore, combine
 from fedtrain.worker.finalize import federated_rounds
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import EVALUATION_LIMIT, ExampleBounds, ScoresRecord, evaluation_output
-from fedtrain.worker.storage import DirectoryStore
 from fedtrain.worker.tracking import Tracker, TrainingIdentity
 from tests.worker.test_site_task import MODEL, posted, site_task, worker
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedtrain.worker.errors import BadInputError, RejectedUpdatesError, TemporaryStorageError
-from fedtrain.worker.sitetask import UPDATE_HEADER_LIMIT, ExampleBounds
-from fedtrain.worker.storage import DirectoryStore
+from fedtrain.contract.errors import BadInputError, RejectedUpdatesError, TemporaryStorageError
+from fedtrain.contract.sitetask import UPDATE_HEADER_LIMIT, ExampleBounds
+from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.strategies import Aggregate, UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.strategies.arrays import FlatModel
 from fedtrain.worker.strategies.fedopt import server_step

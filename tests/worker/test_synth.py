@@ -21,10 +21,10 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
+from fedtrain.contract.errors import BadInputError
 from fedtrain.worker.data import synth
 from fedtrain.worker.data.gtsrb import NUM_CLASSES, load_tree
 from fedtrain.worker.data.synth import SynthConfig, Track, draw_sign, generate, random_track, render_frame
-from fedtrain.worker.errors import BadInputError
 
 LUMA = np.array([0.299, 0.587, 0.114])
 # A symbol must change the luminance of an area as large as itself by at least this many grey

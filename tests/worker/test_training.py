@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedtrain.contract.errors import BadDataError, BadInputError
 from fedtrain.worker.data.gtsrb import load_tree
 from fedtrain.worker.data.images import load_samples
-from fedtrain.worker.errors import BadDataError, BadInputError
 from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.strategies.arrays import is_statistic
 from fedtrain.worker.training import TrainConfig, evaluate, load_numpy_state, state_to_numpy, train_local

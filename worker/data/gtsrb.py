@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtrain.worker.errors import BadDataError
+from fedtrain.contract.errors import BadDataError
 
 NUM_CLASSES = 43
 CSV_DELIMITER = ";"

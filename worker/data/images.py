@@ -14,8 +14,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
+from fedtrain.contract.errors import BadDataError
 from fedtrain.worker.data.gtsrb import GtsrbTree, Sample
-from fedtrain.worker.errors import BadDataError
 
 
 def load_image(path: Path, image_size: int, roi: tuple[int, int, int, int] | None = None) -> NDArray[np.uint8]:

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedtrain.contract.errors import BadInputError
+from fedtrain.contract.layout import client_names
 from fedtrain.worker.data.gtsrb import Sample
-from fedtrain.worker.errors import BadInputError
-from fedtrain.worker.layout import client_names
 
 SCHEMES = ("iid", "dirichlet", "classes", "quantity")
 MAX_DRAWS = 100

@@ -25,9 +25,9 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
+from fedtrain.contract.errors import BadInputError
 from fedtrain.worker.data.glyphs import draw_text
 from fedtrain.worker.data.gtsrb import CSV_DELIMITER, NUM_CLASSES, sign_names
-from fedtrain.worker.errors import BadInputError
 
 CANVAS = 128  # signs are drawn at this size, then warped and scaled to the frame size
 MIN_SIZE, MAX_SIZE = 15, 250

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedtrain.worker.errors import BadInputError
+from fedtrain.contract.errors import BadInputError
 from fedtrain.worker.strategies.fedadagrad import make_fedadagrad
 from fedtrain.worker.strategies.fedadam import make_fedadam
 from fedtrain.worker.strategies.fedavg import FedAvg

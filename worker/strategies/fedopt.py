@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtrain.worker.errors import BadInputError
+from fedtrain.contract.errors import BadInputError
 from fedtrain.worker.strategies.arrays import cast_like, is_statistic
 from fedtrain.worker.strategies.protocol import Aggregate
 from fedtrain.worker.strategies.updates import UpdateSet

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtrain.worker.errors import BadInputError
-from fedtrain.worker.sitetask import FEDPROX_MU
+from fedtrain.contract.errors import BadInputError
+from fedtrain.contract.sitetask import FEDPROX_MU
 from fedtrain.worker.strategies.protocol import Aggregate
 from fedtrain.worker.strategies.updates import UpdateSet
 from fedtrain.worker.weights import Weights

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtrain.worker.errors import BadInputError, RejectedUpdatesError
+from fedtrain.contract.errors import BadInputError, RejectedUpdatesError
 from fedtrain.worker.strategies.arrays import cast_like, coordinate_wise
 from fedtrain.worker.strategies.protocol import Aggregate
 from fedtrain.worker.strategies.updates import UpdateSet

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtrain.worker.errors import BadDataError, RejectedUpdatesError, TemporaryStorageError
-from fedtrain.worker.sitetask import UPDATE_HEADER_LIMIT, ExampleBounds
-from fedtrain.worker.storage import Store
+from fedtrain.contract.errors import BadDataError, RejectedUpdatesError, TemporaryStorageError
+from fedtrain.contract.sitetask import UPDATE_HEADER_LIMIT, ExampleBounds
+from fedtrain.contract.storage import Store
 from fedtrain.worker.strategies.arrays import CHUNK, FlatModel, cast_like, tiled_runs
 from fedtrain.worker.strategies.protocol import Update
 from fedtrain.worker.strategies.validation import (

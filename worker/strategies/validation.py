@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtrain.worker.sitetask import EXAMPLES_LIMIT
+from fedtrain.contract.sitetask import EXAMPLES_LIMIT
 from fedtrain.worker.strategies.arrays import CHUNK, FlatModel, tiled_runs
 from fedtrain.worker.weights import Weights
 

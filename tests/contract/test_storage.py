@@ -20,8 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from fedtrain.worker.cli import main as worker_main
-from fedtrain.worker.errors import (
+from fedtrain.contract.errors import (
     EXIT_BAD_INPUT,
     EXIT_TEMPORARY,
     BadDataError,
@@ -29,8 +28,9 @@ from fedtrain.worker.errors import (
     TemporaryStorageError,
     TooLargeError,
 )
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.storage import PART_SIZE, DirectoryStore, S3Settings, S3Store, Store, iterate_keys, open_store
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.storage import PART_SIZE, DirectoryStore, S3Settings, S3Store, Store, iterate_keys, open_store
+from fedtrain.worker.cli import main as worker_main
 from fedtrain.worker.strategies import UpdateFile, UpdateSet
 from fedtrain.worker.weights import read_weights, save_weights
 from tests.conftest import S3Server, free_port
@@ -115,7 +115,7 @@ def test_weights_with_checksums_on_s3(s3_server: S3Server) -> None:
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from fedtrain.worker.storage import open_store
+    from fedtrain.contract.storage import open_store
 
     store = open_store(sys.argv[1])
     parts = []
@@ -131,7 +131,7 @@ WRITER = textwrap.dedent("""
         store.client.meta.events.register("before-send.s3.UploadPart", hold_third_part)
         store.upload(sys.argv[2], Path(sys.argv[3]))
     else:
-        import fedtrain.worker.storage as storage
+        import fedtrain.contract.storage as storage
         original = storage.shutil.copyfileobj
         def slow_copy(reader, writer, size):
             writer.write(reader.read(2 * size))

@@ -17,11 +17,9 @@ from typing import Any
 
 import pytest
 
-from fedtrain.worker.cli import main
-from fedtrain.worker.data.gtsrb import load_tree
-from fedtrain.worker.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_OK, BadDataError
-from fedtrain.worker.layout import Layout
-from fedtrain.worker.sitetask import (
+from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_OK, BadDataError
+from fedtrain.contract.layout import Layout
+from fedtrain.contract.sitetask import (
     EVALUATION_LIMIT,
     PROTOCOL_VERSION,
     RESULT_LIMIT,
@@ -38,7 +36,9 @@ from fedtrain.worker.sitetask import (
     parse_task,
     train_output,
 )
-from fedtrain.worker.storage import open_store
+from fedtrain.contract.storage import open_store
+from fedtrain.worker.cli import main
+from fedtrain.worker.data.gtsrb import load_tree
 from fedtrain.worker.weights import read_json, sidecar_of
 from tests.conftest import S3Server
 

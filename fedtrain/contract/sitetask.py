@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-from fedtrain.worker.errors import BadDataError
+from fedtrain.contract.errors import BadDataError
 
 # 2: a task carries its attempt, an update is update-a<attempt>.safetensors, a task is parsed strictly.
 # A document of another version is refused before its fields are read, naming the side to upgrade.
@@ -77,7 +77,12 @@ def client_mu(strategy: str, parameters: Mapping[str, Any]) -> float:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How the site trains in a round (the coordinator's spec.training, with the client's overrides)."""
+    """How the site trains in a round (the coordinator's spec.training, with the client's overrides).
+
+    The wire form of the worker's `TrainConfig`, kept apart on purpose: it is versioned with the
+    protocol, bounded field by field (a site's policy judges these values before any of its data is
+    touched), and torch-free; the site's worker maps it onto a `TrainConfig`.
+    """
 
     epochs: Annotated[int, Field(ge=1, le=1000)] = 1
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 32

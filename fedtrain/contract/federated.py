@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedtrain.worker.sitetask import DEFAULT_OUTLIER_DISTANCE, EXAMPLES_LIMIT, Combination, evaluation_output
+from fedtrain.contract.sitetask import DEFAULT_OUTLIER_DISTANCE, EXAMPLES_LIMIT, Combination, evaluation_output
 
 
 @dataclass(frozen=True)

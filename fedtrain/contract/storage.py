@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from fedtrain.worker.errors import BadDataError, BadInputError, TemporaryStorageError, TooLargeError
+from fedtrain.contract.errors import BadDataError, BadInputError, TemporaryStorageError, TooLargeError
 
 # The environment contract between the operator (which fills it) and the worker (which reads it).
 S3_ENV = {
