@@ -43,7 +43,7 @@ def read_json(store: Store, key: str, limit: int | None = None) -> dict[str, Any
     raw = store.read_bytes(key) if limit is None else store.read_bounded(key, limit)
     try:
         data = json.loads(raw.decode("utf-8"))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # nesting past the parser's depth is bad data too
         raise BadDataError(f"{store.describe(key)}: not valid JSON ({error})") from error
     if not isinstance(data, dict):
         raise BadDataError(f"{store.describe(key)}: expected a JSON object")
@@ -170,7 +170,7 @@ def tensors_of(data: bytes) -> FileWeights:
         raise ValueError(f"header length {header_length} runs past the end of the file")
     try:
         header = json.loads(data[HEADER_LENGTH_BYTES:start])
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # nesting past the parser's depth is bad data too
         raise ValueError(f"header is not JSON ({error})") from error
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")

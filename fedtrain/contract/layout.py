@@ -27,6 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
+def is_number(text: str) -> bool:
+    """Whether part of a key others wrote is a plain decimal number (``isdigit`` takes '²', ``int`` refuses it)."""
+    return text.isascii() and text.isdigit()
+
+
 def sidecar_of(key: str) -> str:
     """``round-0001/clients/client-00.safetensors`` -> ``.../client-00.json``."""
     return key.removesuffix(".safetensors") + ".json"
@@ -81,7 +86,7 @@ class Layout:
         folder = self.site_round_dir(site, round_number) + "/update-a"
         found = {key.removeprefix(folder).removesuffix(".safetensors") for key in keys
                  if key.startswith(folder) and key.endswith(".safetensors")}
-        return sorted(int(text) for text in found if text.isdigit() and len(text) <= 4)
+        return sorted(int(text) for text in found if is_number(text) and len(text) <= 4)
 
     def site_dir(self, site: str) -> str:
         """Everything a site writes, and its task: ``sites/munich``."""

@@ -41,7 +41,11 @@ EVALUATION_LIMIT = 256 * 1024  # sites/<site>/round-N/evaluation.json: per-class
 SIDECAR_LIMIT = 1024 * 1024  # any weights file's .json sidecar (a site's update's included)
 UPDATE_HEADER_LIMIT = 1024 * 1024  # what an update may hold beyond its model's tensors (its safetensors header)
 REASON_LIMIT = 4096  # characters of the reason a failed answer gives (a termination message's size)
+REASON_KEPT = 500  # of which the coordinator keeps this many in its status (a site's own reasons are no longer)
 METRICS_LIMIT = 64  # entries of an update's metrics
+# A mean loss past this is no model's (cross-entropy of a diverged one is in the tens); the bound also keeps
+# loss x examples, summed over the sites, finite, so a combined score never becomes Infinity in a status.
+LOSS_LIMIT = 1e6
 # Example counts: no count a site (or any client) claims is believed past what the coordinator declares
 # (spec.clients.maxExamples, per client clients.list[].maxExamples), and never past EXAMPLES_LIMIT.
 EXAMPLES_LIMIT = 2**31 - 1
@@ -320,7 +324,7 @@ class EvaluationOutput(WireModel):
 
     examples: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)]
     accuracy: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-    loss: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    loss: Annotated[float, Field(ge=0.0, le=LOSS_LIMIT, allow_inf_nan=False)]
 
     _bounded = field_validator("examples")(_examples_bound)
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from fedtrain.contract.errors import EXIT_REFUSED
-from fedtrain.contract.sitetask import DELETED, ENDED_PHASES, Posting, SiteResult, SiteTask
+from fedtrain.contract.sitetask import DELETED, ENDED_PHASES, REASON_KEPT, Posting, SiteResult, SiteTask
 from fedtrain.engine.status import Condition
 from fedtrain.sites.participation import ParticipationPhase, ParticipationSpec, ParticipationStatus, SitePolicy
 from fedtrain.sites.policy import refusal, total_epsilon
@@ -27,7 +27,7 @@ FINISHED_PHASES = ENDED_PHASES  # the coordinator's phases after which a site st
 # The participation's phase once the training is over, by the coordinator's phase.
 END_PHASES: dict[str, ParticipationPhase] = {"Succeeded": "Completed", "Failed": "Failed", DELETED: "Deleted"}
 REDACTED = "<site data>"
-MAX_REASON = 500
+MAX_REASON = REASON_KEPT
 WORKER_COMMAND = "fedtrain-worker"
 
 

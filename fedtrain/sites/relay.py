@@ -28,10 +28,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from fedtrain.contract.errors import EXIT_BAD_DATA, BadDataError
+from fedtrain.contract.errors import EXIT_BAD_DATA, BadDataError, BadInputError
 from fedtrain.contract.layout import Layout, sidecar_of
 from fedtrain.contract.sitetask import (
     DELETED,
+    REASON_KEPT,
     RESULT_LIMIT,
     Posting,
     PrivacySettings,
@@ -169,10 +170,13 @@ class SiteRelay:
                 raise BadDataError(f"{where}: answers task {result.task!r} of site {result.site!r}, not "
                                    f"{wanted.task_id!r} of {wanted.site!r}")
             if result.state == "failed":
-                return Observation("failed", result.exit_code, None, result.reason or "the site reported a failure")
+                reason = (result.reason or "the site reported a failure")[:REASON_KEPT]  # rounds keep it: bounded
+                return Observation("failed", result.exit_code, None, reason)
             return Observation("succeeded", 0, self._output(wanted, result.output, where))
         except BadDataError as error:
             return refused(wanted.site, str(error))
+        except BadInputError as error:  # it exists, yet the store refuses to read it (a site's own encryption key)
+            return refused(wanted.site, f"{where}: the store refused to read it: {error}")
 
     def _output(self, wanted: Assignment, output: dict[str, object], where: str) -> dict[str, object]:
         """The output checked for its task's kind: an update's claim, or an evaluation's figures."""

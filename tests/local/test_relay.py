@@ -11,7 +11,15 @@ import pytest
 
 from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_REFUSED
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.sitetask import PROTOCOL_VERSION, SiteResult, encode, parse_posting, parse_scores_record
+from fedtrain.contract.sitetask import (
+    PROTOCOL_VERSION,
+    REASON_KEPT,
+    REASON_LIMIT,
+    SiteResult,
+    encode,
+    parse_posting,
+    parse_scores_record,
+)
 from fedtrain.contract.storage import DirectoryStore
 from fedtrain.engine import decide
 from fedtrain.engine.status import Observation, TrainingStatus
@@ -154,6 +162,18 @@ HOSTILE_TRAINING = [
 ]
 
 
+def test_a_sites_failure_reason_is_kept_short(store: DirectoryStore) -> None:
+    """A reason up to REASON_LIMIT is a valid answer, but the status keeps REASON_KEPT of it (rounds keep reasons)."""
+    the_spec = spec(minSuccessful=1)
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    status = round_one(the_spec)
+    relay.publish(status)
+    long = answer_bytes("r0001-munich-a1", {}, state="failed", exit_code=1, reason="x" * REASON_LIMIT)
+    store.write_bytes(Layout().site_result("munich", "r0001-munich-a1"), long)
+    seen = relay.observe(status)["r0001-munich-a1"]
+    assert seen.state == "failed" and seen.reason == "x" * REASON_KEPT
+
+
 @pytest.mark.parametrize(("data", "said"), HOSTILE_TRAINING)
 def test_a_hostile_training_answer_is_refused_with_its_reason(store: DirectoryStore, data: bytes, said: str) -> None:
     the_spec = spec(minSuccessful=1)
@@ -205,6 +225,7 @@ def evaluating(the_spec: FederatedTrainingSpec, store: DirectoryStore) -> Traini
 
 HOSTILE_SCORES = [
     pytest.param({**SCORE, "accuracy": 7.0}, "accuracy: Input should be less than or equal to 1", id="accuracy-7"),
+    pytest.param({**SCORE, "loss": 1e308}, "loss: Input should be less than or equal to 1000000", id="loss-1e308"),
     pytest.param({**SCORE, "accuracy": float("nan")}, "accuracy: Input should be a finite number", id="accuracy-nan"),
     pytest.param({**SCORE, "accuracy": -0.1}, "accuracy: Input should be greater than or equal to 0",
                  id="accuracy-negative"),

@@ -382,3 +382,10 @@ def test_a_task_whose_fields_are_not_what_they_must_be_is_refused_naming_the_fie
     with pytest.raises(BadDataError, match=r"^task\.json: ") as refused:
         parse_task(posted_task(**change), "task.json")
     assert said in str(refused.value)
+
+
+def test_a_key_with_digits_that_are_not_ascii_is_no_attempt() -> None:
+    """``'²'.isdigit()`` holds and ``int('²')`` raises: a site may name its own files so."""
+    layout = Layout(sites=frozenset({"evil"}))
+    keys = ["sites/evil/round-0001/update-a².safetensors", "sites/evil/round-0001/update-a2.safetensors"]
+    assert layout.site_update_attempts(keys, "evil", 1) == [2]

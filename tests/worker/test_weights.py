@@ -48,6 +48,7 @@ def raw(header: dict[str, Any], body: bytes) -> bytes:
     (raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12), "8 bytes after the last"),
     (raw({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 4), "runs past the end of the file"),
     (raw([1, 2], b""), "not a JSON object"),  # type: ignore[arg-type]
+    (struct.pack("<Q", 100_000) + b"[" * 100_000, "not JSON"),  # nested past the parser's depth
 ])
 def test_a_malformed_file_is_refused_with_the_reason(data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -70,3 +71,15 @@ def test_a_replaced_entry_leaves_no_run_to_read_flat() -> None:
     assert len(weights.runs) == 1 and weights.intact_runs()
     weights["a"] = np.full(3, 5, np.float32)
     assert weights.intact_runs() == frozenset()
+
+
+def test_a_sidecar_nested_past_the_parsers_depth_is_bad_data(tmp_path: Any) -> None:
+    from fedtrain.contract.errors import BadDataError
+    from fedtrain.contract.sitetask import SIDECAR_LIMIT
+    from fedtrain.contract.storage import DirectoryStore
+    from fedtrain.worker.weights import read_json
+
+    store = DirectoryStore(tmp_path)
+    store.write_bytes("sites/evil/round-0001/update-a1.json", b"[" * 100_000)
+    with pytest.raises(BadDataError, match="not valid JSON"):
+        read_json(store, "sites/evil/round-0001/update-a1.json", SIDECAR_LIMIT)
