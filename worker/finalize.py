@@ -6,9 +6,9 @@ report says what could not be logged (the engine turns that into a Degraded cond
 Rounds scored by sites (federated evaluation) take the scores the coordinator's engine accepted,
 as the coordinator recorded them (``round-NNNN/federated.json``), combined with
 `federated.combine`: the same scores and the same arithmetic as the status. A round without a
-record (a training started before records, or a record a store outage kept back) falls back to
-the sites' ``evaluation.json``, read within `EVALUATION_LIMIT` and checked as strictly as an answer;
-a file that is not a valid score is left out rather than failing the training's last step.
+record has no federated figures: the sites' own ``evaluation.json`` files are read only for a
+training started before the coordinator kept records (then within `EVALUATION_LIMIT`, checked as
+strictly as an answer; a file that is not a valid score is left out, not failing the last step).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from fedtrain.contract.errors import BadDataError
 from fedtrain.contract.federated import FederatedScore, SiteScore, combine
-from fedtrain.contract.layout import Layout
+from fedtrain.contract.layout import Layout, is_number
 from fedtrain.contract.sitetask import (
     EVALUATION_LIMIT,
     SIDECAR_LIMIT,
@@ -92,20 +92,31 @@ def federated_rounds(store: Store, sites: tuple[str, ...], last_round: int,
                      bounds: ExampleBounds | None = None, how: Combination = "weighted") -> dict[int, RoundScores]:
     """Each round's accepted site scores, combined as the coordinator's record says (rounds no site scored are absent).
 
-    ``how`` combines a round without a record, as the spec's evaluation.combine does.
+    Only the records count once a training has any: a round without one (its record's write failed,
+    or a site answered for a round the coordinator never evaluated) has no federated figures, never
+    the sites' own files. A training begun before the coordinator kept records has none at all: then,
+    and only then, the sites' files are read, each checked, and combined by ``how`` (evaluation.combine).
     """
-    layout, bounds = Layout(), bounds or ExampleBounds()
-    answered = _evaluated_rounds(store, sites, last_round)
+    records = {n: record for n in range(1, last_round + 1) if (record := _recorded(store, n)) is not None}
+    if not records:
+        return _rounds_from_site_files(store, sites, last_round, bounds or ExampleBounds(), how)
     rounds = {}
-    for round_number in sorted(answered):
-        record = _recorded(store, round_number)
-        if record is None:
-            scores = {site: score for site in sorted(answered[round_number])
-                      if (score := _site_score(store, layout.site_evaluation(site, round_number), bounds.of(site)))}
-            combined = combine(scores, how)
-        else:
-            scores = {site: SiteScore(s.examples, s.accuracy, s.loss) for site, s in record.sites.items()}
-            combined = combine(scores, record.combine, record.outlier_distance)
+    for round_number, record in records.items():
+        scores = {site: SiteScore(s.examples, s.accuracy, s.loss) for site, s in record.sites.items()}
+        combined = combine(scores, record.combine, record.outlier_distance)
+        if combined is not None:
+            rounds[round_number] = RoundScores(round_number, combined, scores)
+    return rounds
+
+
+def _rounds_from_site_files(store: Store, sites: tuple[str, ...], last_round: int, bounds: ExampleBounds,
+                            how: Combination) -> dict[int, RoundScores]:
+    """A training without records: each round's scores from the sites' own files, each read strictly."""
+    layout, rounds = Layout(), {}
+    for round_number, answered in sorted(_evaluated_rounds(store, sites, last_round).items()):
+        scores = {site: score for site in sorted(answered)
+                  if (score := _site_score(store, layout.site_evaluation(site, round_number), bounds.of(site)))}
+        combined = combine(scores, how)
         if combined is not None:
             rounds[round_number] = RoundScores(round_number, combined, scores)
     return rounds
@@ -119,7 +130,7 @@ def _evaluated_rounds(store: Store, sites: tuple[str, ...], last_round: int) -> 
         keys = set(store.list(layout.site_dir(site)))
         answers = f"{layout.site_dir(site)}/results/e"  # an evaluation's task id: e0003-munich-a1
         answered = {int(key[len(answers):][:4]) for key in keys
-                    if key.startswith(answers) and key[len(answers):][:4].isdigit()}
+                    if key.startswith(answers) and is_number(key[len(answers):][:4])}
         for round_number in range(1, last_round + 1):
             if round_number in answered or layout.site_evaluation(site, round_number) in keys:
                 found.setdefault(round_number, set()).add(site)

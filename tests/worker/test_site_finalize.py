@@ -143,6 +143,12 @@ def test_finalize_combines_a_round_as_the_coordinators_record_says(tmp_path: Pat
             store.write_bytes(layout.site_evaluation(site, round_number), json.dumps(evaluation).encode())
     found = federated_rounds(store, ("a", "b", "c"), 2, how="trimmed")
     assert found[1].combined.combination == "median" and found[1].combined.accuracy == 0.5  # not 0.886, weighted
+    assert 2 not in found  # a training with records: a round without one never falls back to the sites' files
+    older = DirectoryStore(tmp_path / "older")  # begun before records were kept: the files, combined as told
+    for site, (n, a) in figures.items():
+        evaluation = {"examples": n, "accuracy": a, "loss": 1.0, "round": 2, "split": "test"}
+        older.write_bytes(layout.site_evaluation(site, 2), json.dumps(evaluation).encode())
+    found = federated_rounds(older, ("a", "b", "c"), 2, how="trimmed")
     assert found[2].combined.combination == "trimmed" and found[2].combined.accuracy == 0.5  # a and c left out
 
 
