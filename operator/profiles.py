@@ -125,6 +125,6 @@ def apply_defaults(raw_spec: dict[str, Any], defaults: dict[str, str], training:
     if mlflow:
         spec["mlflow"] = mlflow
     worker = spec.get("worker") or {}
-    if defaults.get(WORKER_IMAGE_DEFAULT) and "image" not in worker:
+    if defaults.get(WORKER_IMAGE_DEFAULT) and worker.get("image") is None:
         spec["worker"] = {**worker, "image": defaults[WORKER_IMAGE_DEFAULT]}
     return spec

@@ -63,12 +63,14 @@ class TrainingApi:
         """
         silent = not any(k in (raw_spec.get("storage") or {}) for k in STORAGE_KINDS)
         mlflow = raw_spec.get("mlflow") or {}
-        image_silent = "image" not in (raw_spec.get("worker") or {})
+        image_silent = (raw_spec.get("worker") or {}).get("image") is None
         if not (silent or image_silent or "experiment" not in mlflow or "trackingUri" not in mlflow):
             return raw_spec
         if status.namespace_defaults is None:
             status.namespace_defaults = {WORKER_IMAGE_DEFAULT: operator_worker_image(),
                                          **await self._namespace_defaults(namespace)}
+        elif WORKER_IMAGE_DEFAULT not in status.namespace_defaults:  # kept by an operator that had no such default
+            status.namespace_defaults = {WORKER_IMAGE_DEFAULT: operator_worker_image(), **status.namespace_defaults}
         return apply_defaults(raw_spec, status.namespace_defaults, name)
 
     async def _namespace_defaults(self, namespace: str) -> dict[str, str]:
