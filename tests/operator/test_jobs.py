@@ -126,6 +126,9 @@ def test_profile_defaults_fill_only_what_a_spec_leaves_out() -> None:
     assert apply_defaults(own, defaults, "signs") == own
     in_a_bucket = {"clients": {"count": 2}, "storage": {"s3": {"bucket": "weights"}}}
     assert apply_defaults(in_a_bucket, defaults, "signs")["storage"] == in_a_bucket["storage"]  # no claim beside it
+    image = {"workerImage": "registry.example/worker:1"}
+    assert apply_defaults({"worker": {"image": None}}, image, "signs")["worker"]["image"] == "registry.example/worker:1"
+    assert apply_defaults({"worker": {"image": "mine:2"}}, image, "signs")["worker"]["image"] == "mine:2"
     assert apply_defaults({"clients": {"count": 2}}, {}, "signs") == {"clients": {"count": 2}}
 
 
