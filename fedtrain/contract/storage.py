@@ -391,8 +391,11 @@ class S3Store:
         full = self._key(key)
         try:
             answer = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1)
-        except (ClientError, BotoCoreError):
-            return False
+        except ClientError:
+            return False  # the listing is refused too: the read's refusal stands
+        except BotoCoreError as error:  # refused, reset, timed out: the store failed, not this key's grant
+            raise TemporaryStorageError(f"{self.describe(key)}: cannot reach {self.settings.endpoint or 'AWS S3'} "
+                                        f"after {self.settings.max_attempts} attempt(s) ({error})") from error
         return all(item["Key"] != full for item in answer.get("Contents", []))
 
     def _errors(self, key: str, missing_ok: bool = False, read: bool = False) -> _S3Errors:

@@ -331,7 +331,8 @@ def test_an_unreachable_endpoint_is_a_temporary_error_after_the_retries(tmp_path
     source.write_bytes(b"x")
     for action in (lambda: store.read_bytes("manifest.json"), lambda: store.exists("manifest.json"),
                    lambda: store.write_bytes("manifest.json", b"{}"), lambda: store.upload("big.bin", source),
-                   lambda: store.list("round-0001")):
+                   lambda: store.list("round-0001"),
+                   lambda: store.listed_absent("sites/munich/task.json")):  # a site's check after a 403
         with pytest.raises(TemporaryStorageError, match=rf"cannot reach {endpoint} after 2 attempt\(s\)"):
             action()
 
