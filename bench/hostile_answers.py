@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,14 +32,6 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: the repo'
 BUCKET = "bench"
 TASK = "r0001-munich-a1"
 KEY = f"sites/munich/results/{TASK}.json"
-
-
-def peak_mib() -> float:
-    """This process's peak resident memory (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def answer(size: int) -> bytes:
@@ -88,7 +79,9 @@ def observe_once(location: str, environment: dict[str, str], queue: Any, whole: 
     status = decide(spec, first, {"init-a1": Observation("succeeded", 0)}, time.time()).status
     relay = SiteRelay(store, spec, "bench/hostile")
     relay.publish(status)
-    before = peak_mib()
+    from operator_scale import peak_rss_mib  # a sibling script: bench/ is on the path
+
+    before = peak_rss_mib()
     started = time.perf_counter()
     if whole:
         data = store.read_bytes(KEY)
@@ -96,7 +89,7 @@ def observe_once(location: str, environment: dict[str, str], queue: Any, whole: 
     else:
         seen = relay.observe(status)[TASK]
         state, reason = seen.state, (seen.reason or "")[-90:]
-    queue.put({"before": before, "after": peak_mib(), "seconds": time.perf_counter() - started, "state": state,
+    queue.put({"before": before, "after": peak_rss_mib(), "seconds": time.perf_counter() - started, "state": state,
                "reason": reason})
 
 
@@ -110,13 +103,9 @@ def measure(location: str, environment: dict[str, str], whole: bool = False) -> 
     return dict(found)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_moto(folder: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    from tests.conftest import free_port
+
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                stdout=(folder / "moto.log").open("wb"), stderr=subprocess.STDOUT,
