@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, get_args
 
 from fedtrain.contract.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
-from fedtrain.contract.sitetask import DEFAULT_MAX_EXAMPLES, EXAMPLES_LIMIT, MAX_ATTEMPT, Combination, ExampleBounds
+from fedtrain.contract.layout import is_number
+from fedtrain.contract.sitetask import (
+    DEFAULT_MAX_EXAMPLES,
+    EXAMPLES_LIMIT,
+    MAX_ATTEMPT,
+    REASON_KEPT,
+    Combination,
+    ExampleBounds,
+)
 from fedtrain.worker.data.synth import SynthConfig
 
 WORKDIR_HELP = "the training's store: a directory, or s3://bucket/prefix (settings from FEDTRAIN_S3_* and AWS_*)"
@@ -282,28 +290,28 @@ def _example_bound_options(parser: argparse.ArgumentParser) -> None:
                         help="a client's own bound (spec.clients.list[].maxExamples); repeatable")
 
 
+def _named_numbers(items: list[str], option: str, name: str, most: int) -> tuple[tuple[str, int], ...]:
+    """``NAME=N`` options (``--site-attempt munich=2``), each N in [1, ``most``]."""
+    found = []
+    for item in items:
+        named, _, number = item.partition("=")
+        if not named or not is_number(number) or not 1 <= int(number) <= most:
+            raise BadInputError(f"{option} {item!r}: use {name}=N with 1 <= N <= {most}")
+        found.append((named, int(number)))
+    return tuple(found)
+
+
 def site_attempts_of(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
     """``--site-attempt SITE=N``: which attempt's update of each site the aggregation reads."""
-    found = []
-    for item in args.site_attempt:
-        site, _, attempt = item.partition("=")
-        if not site or not attempt.isdigit() or not 1 <= int(attempt) <= MAX_ATTEMPT:
-            raise BadInputError(f"--site-attempt {item!r}: use SITE=N with 1 <= N <= {MAX_ATTEMPT}")
-        found.append((site, int(attempt)))
-    return tuple(found)
+    return _named_numbers(args.site_attempt, "--site-attempt", "SITE", MAX_ATTEMPT)
 
 
 def example_bounds_of(args: argparse.Namespace) -> ExampleBounds:
     """The bounds from ``--max-examples`` and ``--client-max-examples``, each checked."""
-    own = []
-    for item in args.client_max_examples:
-        client, _, bound = item.partition("=")
-        if not client or not bound.isdigit() or not 1 <= int(bound) <= EXAMPLES_LIMIT:
-            raise BadInputError(f"--client-max-examples {item!r}: use CLIENT=N with 1 <= N <= {EXAMPLES_LIMIT}")
-        own.append((client, int(bound)))
+    own = _named_numbers(args.client_max_examples, "--client-max-examples", "CLIENT", EXAMPLES_LIMIT)
     if not 1 <= args.max_examples <= EXAMPLES_LIMIT:
         raise BadInputError(f"--max-examples must be in [1, {EXAMPLES_LIMIT}], got {args.max_examples}")
-    return ExampleBounds(args.max_examples, tuple(own))
+    return ExampleBounds(args.max_examples, own)
 
 
 def _names(text: str) -> frozenset[str]:
@@ -340,7 +348,7 @@ def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:
     if args.termination_log is not None:
         short = {k: summary.get(k) for k in ("model_uri", "model_version", "champion", "accuracy",
                                              "federated_accuracy")}
-        short["champion_reason"] = (summary.get("champion_reason") or "")[:500] or None
+        short["champion_reason"] = (summary.get("champion_reason") or "")[:REASON_KEPT] or None
         short["tracking_error"] = (summary.get("tracking_error") or "")[:2000] or None
         args.termination_log.write_text(json.dumps(short))
     return summary

@@ -41,7 +41,7 @@ EVALUATION_LIMIT = 256 * 1024  # sites/<site>/round-N/evaluation.json: per-class
 SIDECAR_LIMIT = 1024 * 1024  # any weights file's .json sidecar (a site's update's included)
 UPDATE_HEADER_LIMIT = 1024 * 1024  # what an update may hold beyond its model's tensors (its safetensors header)
 REASON_LIMIT = 4096  # characters of the reason a failed answer gives (a termination message's size)
-REASON_KEPT = 500  # of which the coordinator keeps this many in its status (a site's own reasons are no longer)
+REASON_KEPT = 500  # what a status keeps of a reason: a site's failure, the champion decision
 METRICS_LIMIT = 64  # entries of an update's metrics
 # A mean loss past this is no model's (cross-entropy of a diverged one is in the tens); the bound also keeps
 # loss x examples, summed over the sites, finite, so a combined score never becomes Infinity in a status.

@@ -33,6 +33,7 @@ from fedtrain.contract.errors import (
     BadDataError,
 )
 from fedtrain.contract.federated import FederatedScore, SiteScore, combine
+from fedtrain.contract.sitetask import REASON_KEPT
 from fedtrain.engine.status import (
     CONDITION_TYPES,
     DETAILED_CLIENTS,
@@ -71,7 +72,6 @@ PERMANENT_CAUSES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "Cre
 ROUND_FAILURES = {EXIT_REJECTED_UPDATES: (Reason.UPDATES_REJECTED, "aggregation rejected the updates"),
                   EXIT_NON_FINITE_MODEL: (Reason.NON_FINITE_MODEL, "aggregation refused a non-finite global model")}
 MAX_STEPS_PER_DECISION = 10_000
-REASON_LIMIT = 500  # of the champion decision finalize reports
 REASON_LENGTH = 80  # of a client failure in a round over DETAILED_CLIENTS (the status must stay small)
 SHOWN_DIGITS = 4
 
@@ -257,7 +257,7 @@ class _Step:
         status.tracking_error = details.get("tracking_error")
         champion, why = details.get("champion"), details.get("champion_reason")
         status.champion = champion if isinstance(champion, bool) else None
-        status.champion_reason = str(why)[:REASON_LIMIT] if why else None
+        status.champion_reason = str(why)[:REASON_KEPT] if why else None
         if status.champion_reason:
             self.event(Reason.CHAMPION_DECIDED, f"model version {status.model_version}: {status.champion_reason}")
         if status.tracking_error:
