@@ -102,9 +102,9 @@ async def operator_pod(cluster: Cluster, kubelet: Kubelet, images: Images,  # no
     volumes = {"tmp": tmp_path / "operator-tmp", "kubeconfig": kubeconfig(tmp_path / "kubeconfig", cluster.url)}
     own_volume(volumes["tmp"], fs_group)
     argv = kubelet.run_args(POD, pod_spec, container, volumes, environment, None)
-    log = tmp_path / "operator.log"
-    pod = OperatorPod(kubelet.start(POD, argv, log, tmp_path / "operator.err"), f"http://127.0.0.1:{liveness_port}/healthz",
-                      tmp_path / "operator.err")
+    log = tmp_path / "operator.err"  # kopf logs to stderr
+    pod = OperatorPod(kubelet.start(POD, argv, tmp_path / "operator.out", log), f"http://127.0.0.1:{liveness_port}/healthz",
+                      log)
     try:
         deadline = asyncio.get_running_loop().time() + 120
         while not await asyncio.to_thread(pod.alive):
