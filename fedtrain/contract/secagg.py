@@ -1,0 +1,626 @@
+"""Secure aggregation: the coordinator learns the sum of the clients' updates, never one of them.
+
+SecAgg (Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
+CCS 2017) with SecAgg+'s sparse share sets (Bell et al., "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", CCS 2020). The parties reach each other only through the store, so
+every stage is one message per client that the coordinator relays:
+
+1. `Advertisement`: each client's X25519 keys (one to encrypt shares, one to agree masks) and a
+   commitment to its self-mask seed, all derived from its master secret and the round's `Context`.
+2. `SharesMessage`: Shamir shares of its masking key and self seed, one AES-GCM ciphertext per
+   member of its share set (`share_sets`), so the coordinator relays shares it cannot read.
+3. A masked update (`mask`): the client's quantised update (`QuantisationPlan`) plus a self mask
+   and one pairwise mask per peer, as uint32 in the ring Z/2^32; pairwise masks cancel in the sum.
+4. `Reveal`: each survivor reveals, per sender, the one share that removes what the sum still
+   holds: the self seed of a survivor, or the masking key of a client that dropped after sharing.
+
+`unmask` then returns the sum only. Every key derivation and every authenticated-encryption AAD
+is bound to the training, round and attempt, so a message from elsewhere is refused; each secret
+a reveal reconstructs is checked against what its owner committed to, so a wrong share is named
+rather than summed. The primitives are `cryptography`'s (X25519, HKDF-SHA256, AES-GCM, ChaCha20)
+and pycryptodome's Shamir sharing over GF(2^128); nothing here is hand-written cryptography.
+
+Pure: no torch, no I/O, no store access. Threat model: an honest-but-curious coordinator and up to
+``threshold - 1`` colluding parties learn nothing of one update. A malicious coordinator that
+tells clients different survivor lists is not covered (it would need the paper's signed
+consistency round); each client only refuses to reveal both shares of one sender itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, TypeVar
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedtrain.contract.errors import BadDataError, BadInputError
+from fedtrain.contract.quantisation import QuantisationPlan, QuantisationRangeError
+from fedtrain.contract.sitetask import MAX_ATTEMPT, MAX_ROUND, NAME_PATTERN, SHA256_PATTERN, problems
+
+__all__ = [
+    "ADVERTISEMENT_LIMIT", "MAX_SHARE_SET", "REVEAL_LIMIT", "SECAGG_VERSION", "SHARES_LIMIT", "Advertisement",
+    "ClientKeys", "Context", "QuantisationPlan", "QuantisationRangeError", "Reveal", "SecAggRefused", "Share",
+    "SharesMessage", "ThresholdNotMet", "make_shares", "mask", "open_share", "reveal", "share_sets", "unmask",
+]
+
+SECAGG_VERSION = 1
+_DOMAIN = "fedtrain-secagg"  # first field of every label: no other protocol's key or AAD collides with ours
+
+# A share set is a client and its neighbours; the spec allows at most 200 clients a round, the wire a little more.
+MAX_SHARE_SET = 256
+ADVERTISEMENT_LIMIT = 4 * 1024
+SHARES_LIMIT = 128 * 1024  # 256 entries of a 63-character name and a 128-character ciphertext, with room
+REVEAL_LIMIT = 128 * 1024  # two maps of at most 256 entries of a name and a 48-character share
+
+_KEY_BYTES = 32
+_HALF = 16  # pycryptodome's Shamir shares 16-byte secrets: a 32-byte secret is two halves with the same indices
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_INDEX_BYTES = 2
+_SHARE_BYTES = _INDEX_BYTES + 4 * _HALF  # index, masking-key halves, seed halves
+_REVEALED_BYTES = _INDEX_BYTES + 2 * _HALF  # index and one secret's two halves
+_SEALED_BYTES = _NONCE_BYTES + _SHARE_BYTES + _TAG_BYTES
+# Every PRG key is used once (it is bound to the round's context and the pair), so ChaCha20's nonce is fixed.
+_PRG_NONCE = bytes(16)
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+_Base64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=256)]
+
+
+class SecAggRefused(BadDataError):
+    """A secure-aggregation message refused: forged, replayed, malformed, or of another context; names the sender."""
+
+
+class ThresholdNotMet(SecAggRefused):
+    """Fewer than the threshold of parties or shares took part; the reason says how many of how many."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every key derivation and every AAD is bound to: a message of another training, round or attempt fails."""
+
+    training: str
+    round: int
+    attempt: int
+
+    def __post_init__(self) -> None:
+        if not self.training or not 1 <= self.round <= MAX_ROUND or not 1 <= self.attempt <= MAX_ATTEMPT:
+            raise BadInputError(f"secure aggregation context {self}: needs a training name, a round within "
+                                f"1..{MAX_ROUND} and an attempt within 1..{MAX_ATTEMPT}")
+
+    def label(self, *parts: str) -> bytes:
+        """Version, training, round, attempt and ``parts``, each length-prefixed: no two label lists encode alike."""
+        fields = (_DOMAIN, str(SECAGG_VERSION), self.training, str(self.round), str(self.attempt), *parts)
+        return b"".join(len(data).to_bytes(4, "big") + data for data in (text.encode() for text in fields))
+
+
+def share_sets(clients: Sequence[str], neighbours: int, seed: str) -> dict[str, tuple[str, ...]]:
+    """Each client's share set (itself and its neighbours) in a symmetric graph, SecAgg+'s ring of Bell et al.
+
+    The clients sit on a ring in an order seeded by ``seed`` (public randomness: the coordinator
+    and every client compute the same graph), each linked to ``neighbours / 2`` clients on each
+    side (an odd count is rounded up). ``neighbours >= len(clients) - 1`` is the complete graph,
+    classic SecAgg. At least one neighbour: a client alone in its set masks with its self seed only,
+    which the survivors reveal.
+    """
+    if len(set(clients)) != len(clients) or not clients:
+        raise BadInputError(f"secure aggregation needs distinct clients, got {list(clients)}")
+    if neighbours < 1:
+        raise BadInputError(f"secure aggregation needs at least one neighbour per client, got {neighbours}")
+    ring = sorted(clients)
+    random.Random(seed).shuffle(ring)
+    side = (neighbours + 1) // 2
+    if neighbours >= len(ring) - 1 or 2 * side >= len(ring) - 1:
+        everyone = tuple(sorted(clients))
+        return {client: everyone for client in clients}
+    sets: dict[str, tuple[str, ...]] = {}
+    for position, client in enumerate(ring):
+        linked = {ring[(position + step) % len(ring)] for step in range(-side, side + 1)}
+        sets[client] = tuple(sorted(linked))
+    return {client: sets[client] for client in clients}
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=SHA256(), length=_KEY_BYTES, salt=None, info=info).derive(secret)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str, size: int, what: str) -> bytes:
+    """Strict base64 of exactly ``size`` bytes, or `SecAggRefused` naming ``what``."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise SecAggRefused(f"{what}: not base64 ({error})") from error
+    if len(data) != size:
+        raise SecAggRefused(f"{what}: {len(data)} bytes, expected {size}")
+    return data
+
+
+def _public_key(data: bytes, what: str) -> X25519PublicKey:
+    """An X25519 public key that agrees a secret with someone: low-order points (all-zero secret) are refused."""
+    key = X25519PublicKey.from_public_bytes(data)
+    try:
+        _PROBE.exchange(key)
+    except ValueError as error:
+        raise SecAggRefused(f"{what}: a low-order X25519 point, which agrees the same secret with everyone") from error
+    return key
+
+
+_PROBE = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"fedtrain-secagg-probe").digest())
+
+
+def _agree(private: X25519PrivateKey, public: X25519PublicKey, info: bytes, peer: str) -> bytes:
+    try:
+        shared = private.exchange(public)
+    except ValueError as error:
+        raise SecAggRefused(f"{peer}: its advertised key is a low-order X25519 point") from error
+    return _hkdf(shared, info)
+
+
+# --- messages ---------------------------------------------------------------------------------------
+
+
+class _Message(BaseModel):
+    """One client's message of one context: exact JSON types, nothing unknown, immutable."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    version: int
+    training: Annotated[str, Field(min_length=1, max_length=253)]
+    round: Annotated[int, Field(ge=1, le=MAX_ROUND)]
+    attempt: Annotated[int, Field(ge=1, le=MAX_ATTEMPT)]
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON, what the store holds."""
+        return self.model_dump_json().encode()
+
+    def context_matches(self, context: Context) -> bool:
+        """Whether the message says it belongs to ``context`` (the cryptography checks it too)."""
+        return (self.version, self.training, self.round, self.attempt) == \
+            (SECAGG_VERSION, context.training, context.round, context.attempt)
+
+
+_M = TypeVar("_M", bound=_Message)
+
+
+def _parse(model: type[_M], data: bytes, limit: int, context: Context, what: str) -> _M:
+    """``data`` as a ``model`` of ``context``, bounded and strict; `SecAggRefused` naming ``what`` otherwise."""
+    if len(data) > limit:
+        raise SecAggRefused(f"{what}: {len(data)} bytes, more than the {limit} allowed; refused unread")
+    try:
+        found = json.loads(data)
+    except (ValueError, RecursionError):
+        found = None  # the strict parse says what is wrong
+    if isinstance(found, dict) and found.get("version", SECAGG_VERSION) != SECAGG_VERSION:
+        raise SecAggRefused(f"{what}: secure aggregation version {found.get('version')!r}, this side speaks "
+                            f"{SECAGG_VERSION}: coordinator and clients run different releases")
+    try:
+        message = model.model_validate_json(data)
+    except ValidationError as error:
+        raise SecAggRefused(f"{what}: {problems(error)}") from error
+    _check_context(message, context, what)
+    return message
+
+
+def _check_context(message: _Message, context: Context, what: str) -> None:
+    if not message.context_matches(context):
+        raise SecAggRefused(f"{what}: of training {message.training!r}, round {message.round}, attempt "
+                            f"{message.attempt}, not of {context.training!r}, round {context.round}, attempt "
+                            f"{context.attempt}: stale or replayed")
+
+
+class Advertisement(_Message):
+    """A client's public keys for one context and a commitment to its self seed (sha256 over label and seed)."""
+
+    client: Name
+    encryption_key: _Base64
+    masking_key: _Base64
+    seed_commitment: Annotated[str, Field(pattern=SHA256_PATTERN)]
+
+    @classmethod
+    def parse(cls, data: bytes, context: Context, client: str) -> Advertisement:
+        """``client``'s advertisement of ``context``; `SecAggRefused` naming the client otherwise."""
+        what = f"{client}'s key advertisement"
+        advertisement = _parse(cls, data, ADVERTISEMENT_LIMIT, context, what)
+        advertisement.check(context, client)
+        return advertisement
+
+    def check(self, context: Context, client: str) -> None:
+        """Refuse an advertisement that is not ``client``'s of ``context``, or whose keys are no usable keys."""
+        what = f"{client}'s key advertisement"
+        _check_context(self, context, what)
+        if self.client != client:
+            raise SecAggRefused(f"{what}: names client {self.client!r}")
+        self.encryption_public()
+        self.masking_public()
+
+    def encryption_public(self) -> X25519PublicKey:
+        """The key its shares are encrypted to."""
+        return _public_key(_unb64(self.encryption_key, _KEY_BYTES, f"{self.client}'s encryption key"),
+                           f"{self.client}'s encryption key")
+
+    def masking_public(self) -> X25519PublicKey:
+        """The key its pairwise masks are agreed with."""
+        return _public_key(_unb64(self.masking_key, _KEY_BYTES, f"{self.client}'s masking key"),
+                           f"{self.client}'s masking key")
+
+
+def _commitment(context: Context, client: str, seed: bytes) -> str:
+    return hashlib.sha256(context.label("seed", client) + seed).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """One client's secrets for one context, derived from its master secret (HKDF-SHA256).
+
+    Derived, not drawn: a task run again after a crash holds the same keys, so what it advertised
+    before still holds and no stage has to start over.
+    """
+
+    client: str
+    context: Context
+    encryption: X25519PrivateKey = field(repr=False)
+    masking: X25519PrivateKey = field(repr=False)
+    self_seed: bytes = field(repr=False)
+
+    @classmethod
+    def derive(cls, master: bytes, context: Context, client: str) -> ClientKeys:
+        """The keys of ``client`` in ``context`` from its 32-byte ``master`` secret."""
+        if len(master) != _KEY_BYTES:
+            raise BadInputError(f"secure aggregation needs a {_KEY_BYTES}-byte master secret, got {len(master)} bytes")
+        if not re.fullmatch(NAME_PATTERN, client) or len(client) > 63:
+            raise BadInputError(f"client name {client!r} is not a DNS label")
+        encryption = _hkdf(master, context.label("key", client, "encryption"))
+        masking = _hkdf(master, context.label("key", client, "masking"))
+        seed = _hkdf(master, context.label("key", client, "self-seed"))
+        return cls(client, context, X25519PrivateKey.from_private_bytes(encryption),
+                   X25519PrivateKey.from_private_bytes(masking), seed)
+
+    def advertisement(self) -> Advertisement:
+        """What this client posts first: its public keys and its seed commitment."""
+        return Advertisement(
+            version=SECAGG_VERSION, training=self.context.training, round=self.context.round,
+            attempt=self.context.attempt, client=self.client,
+            encryption_key=_b64(self.encryption.public_key().public_bytes_raw()),
+            masking_key=_b64(self.masking.public_key().public_bytes_raw()),
+            seed_commitment=_commitment(self.context, self.client, self.self_seed))
+
+
+class SharesMessage(_Message):
+    """A sender's Shamir shares, one AES-GCM ciphertext (base64 of nonce and ciphertext) per recipient."""
+
+    sender: Name
+    threshold: Annotated[int, Field(ge=2, le=MAX_SHARE_SET)]
+    ciphertexts: Annotated[dict[Name, _Base64], Field(max_length=MAX_SHARE_SET)]
+
+    @classmethod
+    def parse(cls, data: bytes, context: Context, sender: str) -> SharesMessage:
+        """``sender``'s shares of ``context``; `SecAggRefused` naming the sender otherwise."""
+        message = _parse(cls, data, SHARES_LIMIT, context, f"{sender}'s shares")
+        if message.sender != sender:
+            raise SecAggRefused(f"{sender}'s shares: name sender {message.sender!r}")
+        return message
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one recipient holds of one sender's secrets: its index and a share of each 32-byte secret."""
+
+    sender: str
+    index: int
+    masking_share: tuple[bytes, bytes] = field(repr=False)
+    seed_share: tuple[bytes, bytes] = field(repr=False)
+
+
+def _share_key(context: Context, private: X25519PrivateKey, public: X25519PublicKey, sender: str,
+               recipient: str) -> tuple[AESGCM, bytes]:
+    """The AEAD of one sender-recipient pair and its AAD, both bound to the context and the two names."""
+    label = context.label("shares", sender, recipient)
+    return AESGCM(_agree(private, public, label, sender)), label
+
+
+def _split(secret: bytes, threshold: int, count: int) -> list[tuple[bytes, bytes]]:
+    """Shares of a 32-byte secret for indices 1..count: its two halves shared with the same indices."""
+    first = Shamir.split(threshold, count, secret[:_HALF], ssss=False)
+    second = Shamir.split(threshold, count, secret[_HALF:], ssss=False)
+    return [(a, b) for (_, a), (_, b) in zip(first, second, strict=True)]
+
+
+def make_shares(keys: ClientKeys, advertisements: Mapping[str, Advertisement], share_set: Sequence[str],
+                threshold: int) -> SharesMessage:
+    """Share ``keys``' masking key and self seed, ``threshold`` of the set's size, to the advertised members.
+
+    Each member's index is its 1-based position in the sorted share set (so any party can tell
+    which index a revealer must hold); each member's plaintext is encrypted to its advertised key.
+    Shamir's coefficients are drawn afresh: a task run again writes other (equally valid) shares,
+    so the coordinator must relay one message per sender, never mix two.
+    """
+    members = sorted(set(share_set))
+    if keys.client not in members:
+        raise BadInputError(f"{keys.client} is not in its own share set {members}")
+    if not 2 <= threshold <= MAX_SHARE_SET or len(members) > MAX_SHARE_SET:
+        raise BadInputError(f"secure aggregation threshold {threshold} and share set of {len(members)}: both must "
+                            f"be within 2..{MAX_SHARE_SET}")
+    for name, advertisement in advertisements.items():
+        advertisement.check(keys.context, name)
+    recipients = [m for m in members if m in advertisements or m == keys.client]
+    if len(recipients) < threshold:
+        raise ThresholdNotMet(f"{keys.client}: {len(recipients)} of {len(members)} clients of its share set "
+                              f"advertised keys, threshold {threshold}")
+    masking = _split(keys.masking.private_bytes_raw(), threshold, len(members))
+    seeds = _split(keys.self_seed, threshold, len(members))
+    ciphertexts = {}
+    for index, member in enumerate(members, start=1):
+        if member not in recipients:
+            continue
+        public = keys.encryption.public_key() if member == keys.client else advertisements[member].encryption_public()
+        aead, label = _share_key(keys.context, keys.encryption, public, keys.client, member)
+        plaintext = index.to_bytes(_INDEX_BYTES, "big") + b"".join(masking[index - 1]) + b"".join(seeds[index - 1])
+        nonce = os.urandom(_NONCE_BYTES)
+        ciphertexts[member] = _b64(nonce + aead.encrypt(nonce, plaintext, label))
+    context = keys.context
+    return SharesMessage(version=SECAGG_VERSION, training=context.training, round=context.round,
+                         attempt=context.attempt, sender=keys.client, threshold=threshold, ciphertexts=ciphertexts)
+
+
+def open_share(keys: ClientKeys, sender: Advertisement, message: SharesMessage) -> Share:
+    """The share ``message`` holds for ``keys.client``; `SecAggRefused` naming the sender if it does not verify.
+
+    Authentication fails for a forged or altered ciphertext and for one replayed from another
+    training, round, attempt, sender or recipient: each is bound to all of them.
+    """
+    what = f"{sender.client}'s share for {keys.client}"
+    sender.check(keys.context, sender.client)
+    _check_context(message, keys.context, what)
+    if message.sender != sender.client:
+        raise SecAggRefused(f"{what}: the message names sender {message.sender!r}")
+    sealed = message.ciphertexts.get(keys.client)
+    if sealed is None:
+        raise SecAggRefused(f"{what}: {sender.client}'s shares hold none for {keys.client}")
+    data = _unb64(sealed, _SEALED_BYTES, what)
+    aead, label = _share_key(keys.context, keys.encryption, sender.encryption_public(), sender.client, keys.client)
+    try:
+        plaintext = aead.decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], label)
+    except InvalidTag as error:
+        raise SecAggRefused(f"{what}: fails authentication: forged, altered, or replayed from another training, "
+                            "round, attempt or sender") from error
+    index = int.from_bytes(plaintext[:_INDEX_BYTES], "big")
+    halves = [plaintext[start:start + _HALF] for start in range(_INDEX_BYTES, _SHARE_BYTES, _HALF)]
+    if index < 1:
+        raise SecAggRefused(f"{what}: index {index}")
+    return Share(sender.client, index, (halves[0], halves[1]), (halves[2], halves[3]))
+
+
+class Reveal(_Message):
+    """What one survivor reveals: per sender, the share of its self seed or of its masking key, never both."""
+
+    client: Name
+    seeds: Annotated[dict[Name, _Base64], Field(max_length=MAX_SHARE_SET)]
+    masking_keys: Annotated[dict[Name, _Base64], Field(max_length=MAX_SHARE_SET)]
+
+    @classmethod
+    def parse(cls, data: bytes, context: Context, client: str) -> Reveal:
+        """``client``'s reveal of ``context``; `SecAggRefused` naming the client otherwise."""
+        what = f"{client}'s reveal"
+        message = _parse(cls, data, REVEAL_LIMIT, context, what)
+        if message.client != client:
+            raise SecAggRefused(f"{what}: names client {message.client!r}")
+        both = sorted(set(message.seeds) & set(message.masking_keys))
+        if both:
+            raise SecAggRefused(f"{what}: reveals both shares of {', '.join(both)}")
+        return message
+
+
+def _revealed(share: Share, halves: tuple[bytes, bytes]) -> str:
+    return _b64(share.index.to_bytes(_INDEX_BYTES, "big") + b"".join(halves))
+
+
+def reveal(keys: ClientKeys, shares: Mapping[str, Share], survivors: Collection[str],
+           dropped: Collection[str]) -> Reveal:
+    """The shares that unmask the sum: a survivor's seed share, a dropped sender's masking-key share.
+
+    A sender named both survivor and dropped is refused: both of its shares would unmask its update.
+    """
+    both = sorted(set(survivors) & set(dropped))
+    if both:
+        raise SecAggRefused(f"{keys.client} refuses to reveal: {', '.join(both)} listed both as surviving and as "
+                            "dropped; revealing both shares would unmask their update")
+    for name, share in shares.items():
+        if share.sender != name:
+            raise BadInputError(f"the share held under {name!r} is {share.sender!r}'s")
+    context = keys.context
+    return Reveal(version=SECAGG_VERSION, training=context.training, round=context.round, attempt=context.attempt,
+                  client=keys.client,
+                  seeds={s: _revealed(share, share.seed_share) for s, share in shares.items() if s in survivors},
+                  masking_keys={s: _revealed(share, share.masking_share) for s, share in shares.items()
+                                if s in dropped})
+
+
+# --- masking ----------------------------------------------------------------------------------------
+
+
+class _Keystream:
+    """ChaCha20 keystreams of one length, written into one reused buffer.
+
+    Reused because allocating (and faulting in) a fresh 10 MB buffer per key cost four times the
+    cipher itself; each returned array is valid until the next call.
+    """
+
+    def __init__(self, length: int) -> None:
+        self._zeros = bytes(4 * length)
+        self._out = bytearray(4 * length)
+
+    def __call__(self, key: bytes) -> NDArray[np.uint32]:
+        encryptor = Cipher(algorithms.ChaCha20(key, _PRG_NONCE), mode=None).encryptor()
+        encryptor.update_into(self._zeros, self._out)
+        return np.frombuffer(self._out, dtype="<u4")
+
+
+def _pair_seed(context: Context, private: X25519PrivateKey, public: X25519PublicKey, a: str, b: str) -> bytes:
+    """The 32-byte key of the pairwise mask between ``a`` and ``b``, the same from either side."""
+    low, high = sorted((a, b))
+    return _agree(private, public, context.label("mask", low, high), b)
+
+
+def _add(total: NDArray[np.uint32], stream: NDArray[np.uint32], sign: int) -> None:
+    """``total ± stream`` in place, wrapping mod 2^32."""
+    if sign > 0:
+        np.add(total, stream, out=total)
+    else:
+        np.subtract(total, stream, out=total)
+
+
+def mask(vector: NDArray[np.uint32], keys: ClientKeys, peers: Mapping[str, Advertisement]) -> NDArray[np.uint32]:
+    """``vector`` plus the self mask and, per peer, +/- the pairwise mask (+ towards a later name), mod 2^32.
+
+    ``peers`` are the members of the client's share set that shared (itself included or not): the
+    same list the coordinator unmasks with, or the sum keeps a mask nobody can remove.
+    """
+    if vector.dtype != np.uint32 or vector.ndim != 1 or vector.size == 0:
+        raise BadInputError(f"mask takes a non-empty 1-D uint32 vector, got {vector.dtype} of shape {vector.shape}")
+    stream = _Keystream(vector.size)
+    total = vector.copy()
+    _add(total, stream(keys.self_seed), +1)
+    for name, advertisement in sorted(peers.items()):
+        if name == keys.client:
+            continue
+        advertisement.check(keys.context, name)
+        seed = _pair_seed(keys.context, keys.masking, advertisement.masking_public(), keys.client, name)
+        _add(total, stream(seed), +1 if keys.client < name else -1)
+    return total
+
+
+# --- unmasking --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Revealed:
+    """One revealed share of one owner's secret: who revealed it, its index, its two halves."""
+
+    revealer: str
+    index: int
+    halves: tuple[bytes, bytes]
+
+
+def _collect(owner: str, kind: str, members: Sequence[str], reveals: Mapping[str, Reveal]) -> list[_Revealed]:
+    """The shares of ``owner``'s ``kind`` secret that members of its share set revealed, each at its own index."""
+    ordered = sorted(set(members))
+    found = []
+    for revealer in ordered:
+        message = reveals.get(revealer)
+        text = None if message is None else (message.seeds if kind == "seed" else message.masking_keys).get(owner)
+        if text is None:
+            continue
+        data = _unb64(text, _REVEALED_BYTES, f"{revealer}'s reveal of {owner}'s {kind} share")
+        index = int.from_bytes(data[:_INDEX_BYTES], "big")
+        if index != ordered.index(revealer) + 1:
+            raise SecAggRefused(f"{revealer}'s reveal of {owner}'s {kind} share: index {index}, but {revealer} "
+                                f"holds index {ordered.index(revealer) + 1} of {owner}'s share set")
+        found.append(_Revealed(revealer, index, (data[_INDEX_BYTES:_INDEX_BYTES + _HALF], data[_INDEX_BYTES + _HALF:])))
+    return found
+
+
+def _combine(owner: str, kind: str, shares: list[_Revealed], members: int, threshold: int) -> tuple[bytes, str]:
+    """The secret from exactly ``threshold`` shares (as pycryptodome asks) and who revealed them."""
+    if len(shares) < threshold:
+        raise ThresholdNotMet(f"{len(shares)} of {members} clients' shares of {owner}'s {kind}, threshold {threshold}")
+    used = shares[:threshold]
+    secret = b"".join(Shamir.combine([(s.index, s.halves[half]) for s in used], ssss=False) for half in (0, 1))
+    return secret, ", ".join(s.revealer for s in used)
+
+
+def _recover_seed(owner: str, advertisement: Advertisement, shares: list[_Revealed], members: int, threshold: int,
+                  context: Context) -> bytes:
+    seed, revealers = _combine(owner, "self seed", shares, members, threshold)
+    if _commitment(context, owner, seed) != advertisement.seed_commitment:
+        raise SecAggRefused(f"{owner}'s self seed, combined from the shares {revealers} revealed, does not match "
+                            f"{owner}'s commitment: one of them revealed a wrong share")
+    return seed
+
+
+def _recover_masking(owner: str, advertisement: Advertisement, shares: list[_Revealed], members: int,
+                     threshold: int) -> X25519PrivateKey:
+    raw, revealers = _combine(owner, "masking key", shares, members, threshold)
+    key = X25519PrivateKey.from_private_bytes(raw)
+    if key.public_key().public_bytes_raw() != advertisement.masking_public().public_bytes_raw():
+        raise SecAggRefused(f"{owner}'s masking key, combined from the shares {revealers} revealed, does not match "
+                            f"the key {owner} advertised: one of them revealed a wrong share")
+    return key
+
+
+def _check_inputs(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str, Reveal],
+                  advertisements: Mapping[str, Advertisement], sets: Mapping[str, Sequence[str]],
+                  shared: Collection[str], context: Context) -> int:
+    """Refuse a survivor that never shared, vectors of unequal length, messages of another context; the length."""
+    outsiders = sorted(set(masked) - set(shared))
+    if outsiders:
+        raise SecAggRefused(f"masked updates of {', '.join(outsiders)}, who posted no shares: refused")
+    shapes = {vector.shape for vector in masked.values()}
+    if len(shapes) != 1 or any(vector.dtype != np.uint32 or vector.ndim != 1 for vector in masked.values()):
+        raise SecAggRefused(f"masked updates of unequal shapes or dtypes: {sorted(shapes)}")
+    for name, message in reveals.items():
+        _check_context(message, context, f"{name}'s reveal")
+        if message.client != name:
+            raise SecAggRefused(f"{name}'s reveal names client {message.client!r}")
+    for name in shared:
+        if name not in advertisements or name not in sets:
+            raise BadInputError(f"{name} shared but has no advertisement or share set")
+        advertisements[name].check(context, name)
+    return next(iter(shapes))[0]
+
+
+def unmask(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str, Reveal],
+           advertisements: Mapping[str, Advertisement], sets: Mapping[str, Sequence[str]], shared: Collection[str],
+           threshold: int, context: Context) -> NDArray[np.uint32]:
+    """The sum of the survivors' quantised vectors: their masked vectors less every mask the sum still holds.
+
+    ``masked`` holds the survivors' vectors (U3), ``shared`` who posted shares (U2). Per survivor,
+    its self seed comes from its share set's seed shares (checked against its commitment); per
+    client that shared but did not upload, its masking key comes from its masking-key shares
+    (checked against its advertised key), and the masks its surviving neighbours added for it are
+    taken off.
+    """
+    survivors = sorted(masked)
+    dropped = sorted(set(shared) - set(masked))
+    if len(survivors) < threshold:
+        raise ThresholdNotMet(f"{len(survivors)} of {len(set(shared))} clients' masked updates, threshold {threshold}")
+    length = _check_inputs(masked, reveals, advertisements, sets, shared, context)
+    total = np.zeros(length, np.uint32)
+    for vector in masked.values():
+        np.add(total, vector, out=total)
+    stream = _Keystream(length)
+    for owner in survivors:
+        members = sets[owner]
+        shares = _collect(owner, "seed", members, reveals)
+        seed = _recover_seed(owner, advertisements[owner], shares, len(set(members)), threshold, context)
+        _add(total, stream(seed), -1)
+    for owner in dropped:
+        neighbours = [k for k in sorted(set(sets[owner])) if k in masked]
+        if not neighbours:
+            continue  # no survivor masked against it: its key stays secret
+        shares = _collect(owner, "masking key", sets[owner], reveals)
+        key = _recover_masking(owner, advertisements[owner], shares, len(set(sets[owner])), threshold)
+        for survivor in neighbours:
+            seed = _pair_seed(context, key, advertisements[survivor].masking_public(), owner, survivor)
+            _add(total, stream(seed), -1 if survivor < owner else +1)
+    return total
