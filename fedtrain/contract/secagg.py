@@ -146,11 +146,16 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str, size: int, what: str) -> bytes:
-    """Strict base64 of exactly ``size`` bytes, or `SecAggRefused` naming ``what``."""
+    """Canonical base64 of exactly ``size`` bytes, or `SecAggRefused` naming ``what``.
+
+    Canonical (it re-encodes to itself), so no two texts carry the same bytes.
+    """
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise SecAggRefused(f"{what}: not base64 ({error})") from error
+    if _b64(data) != text:
+        raise SecAggRefused(f"{what}: not canonical base64")
     if len(data) != size:
         raise SecAggRefused(f"{what}: {len(data)} bytes, expected {size}")
     return data
@@ -256,13 +261,13 @@ class Advertisement(_Message):
 
     def encryption_public(self) -> X25519PublicKey:
         """The key its shares are encrypted to."""
-        return _public_key(_unb64(self.encryption_key, _KEY_BYTES, f"{self.client}'s encryption key"),
-                           f"{self.client}'s encryption key")
+        what = f"{self.client}'s key advertisement: encryption key"
+        return _public_key(_unb64(self.encryption_key, _KEY_BYTES, what), what)
 
     def masking_public(self) -> X25519PublicKey:
         """The key its pairwise masks are agreed with."""
-        return _public_key(_unb64(self.masking_key, _KEY_BYTES, f"{self.client}'s masking key"),
-                           f"{self.client}'s masking key")
+        what = f"{self.client}'s key advertisement: masking key"
+        return _public_key(_unb64(self.masking_key, _KEY_BYTES, what), what)
 
 
 def _commitment(context: Context, client: str, seed: bytes) -> str:
@@ -603,7 +608,7 @@ def unmask(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str, Revea
     survivors = sorted(masked)
     dropped = sorted(set(shared) - set(masked))
     if len(survivors) < threshold:
-        raise ThresholdNotMet(f"{len(survivors)} of {len(set(shared))} clients' masked updates, threshold {threshold}")
+        raise ThresholdNotMet(f"{len(survivors)} of {len(sets)} clients' masked updates, threshold {threshold}")
     length = _check_inputs(masked, reveals, advertisements, sets, shared, context)
     total = np.zeros(length, np.uint32)
     for vector in masked.values():
