@@ -22,6 +22,7 @@ from fedtrain import __version__
 from fedtrain.contract.layout import client_names
 from fedtrain.contract.sitetask import (
     DEFAULT_MAX_EXAMPLES,
+    DEFAULT_MAX_WEIGHT_OVER_MEDIAN,
     DEFAULT_OUTLIER_DISTANCE,
     EXAMPLES_LIMIT,
     Combination,
@@ -222,6 +223,12 @@ class ClientsSpec(Model):
     max_examples: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)] = DEFAULT_MAX_EXAMPLES
     """The most examples one client's update (or a site's evaluation) may claim in a round: an update claiming more
     is refused, an evaluation left out, so that no client weighs more than this in an example-weighted mean."""
+    max_weight_over_median: Annotated[float, Field(ge=1, le=EXAMPLES_LIMIT, allow_inf_nan=False)] = (
+        DEFAULT_MAX_WEIGHT_OVER_MEDIAN)
+    """The most an accepted update weighs in an example-weighted mean, as a multiple of the median example count of
+    the round's accepted updates (when there are three or more): an update claiming more still counts, weighted as
+    this multiple of the median (the round's result and a Warning Event say so), so that no client outweighs the
+    others by more than this whatever it claims within maxExamples."""
     entries: tuple[ClientEntry, ...] | None = Field(None, alias="list")
     """Named clients, with their own settings, data or namespace (instead of, or matching, count)."""
 

@@ -165,7 +165,8 @@ def example_bounds(spec: FederatedTrainingSpec) -> list[str]:
 def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, clients: Mapping[str, int]) -> list[str]:
     args = ["aggregate", "--workdir", where.workdir, "--round", str(task.round), "--strategy", spec.strategy.name,
             "--min-updates", str(spec.clients.quorum), "--max-norm-ratio", repr(spec.strategy.max_norm_ratio),
-            "--clients", ",".join(clients), "--device", spec.worker.device, *example_bounds(spec)]
+            "--clients", ",".join(clients), "--device", spec.worker.device, *example_bounds(spec),
+            "--max-weight-over-median", repr(spec.clients.max_weight_over_median)]
     for key, value in sorted(spec.strategy.parameters.items()):
         args += ["--param", f"{key}={value!r}"]
     if spec.clients.sites():

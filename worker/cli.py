@@ -22,6 +22,7 @@ from fedtrain.contract.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, Work
 from fedtrain.contract.layout import is_number
 from fedtrain.contract.sitetask import (
     DEFAULT_MAX_EXAMPLES,
+    DEFAULT_MAX_WEIGHT_OVER_MEDIAN,
     EXAMPLES_LIMIT,
     MAX_ATTEMPT,
     REASON_KEPT,
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="reject updates whose norm exceeds this many times the median (0: off)")
     aggregate.add_argument("--clients", default="", help="comma-separated clients to use (default: all present)")
     _example_bound_options(aggregate)
+    aggregate.add_argument("--max-weight-over-median", type=float, default=DEFAULT_MAX_WEIGHT_OVER_MEDIAN,
+                           help="weigh no update more than this many times the median example count of the "
+                           "round's accepted updates (spec.clients.maxWeightOverMedian)")
     aggregate.add_argument("--sites", default="", help="comma-separated clients that are remote sites (their "
                            "updates are in sites/<site>/)")
     aggregate.add_argument("--site-attempt", action="append", default=[], metavar="SITE=N",
@@ -272,7 +276,8 @@ def run(args: argparse.Namespace) -> Any:
             privacy.check()
         config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,
                                        args.max_norm_ratio, clients, not args.no_evaluate, privacy,
-                                       example_bounds_of(args), site_attempts_of(args))
+                                       example_bounds_of(args), attempts=site_attempts_of(args),
+                                       max_weight_over_median=weight_over_median_of(args))
         result = jobs.aggregate(replace(workspace, sites=_names(args.sites)), args.round, config_, device)
         if args.termination_log is not None:
             args.termination_log.write_text(jobs.termination_message(result))
@@ -312,6 +317,14 @@ def example_bounds_of(args: argparse.Namespace) -> ExampleBounds:
     if not 1 <= args.max_examples <= EXAMPLES_LIMIT:
         raise BadInputError(f"--max-examples must be in [1, {EXAMPLES_LIMIT}], got {args.max_examples}")
     return ExampleBounds(args.max_examples, own)
+
+
+def weight_over_median_of(args: argparse.Namespace) -> float:
+    """``--max-weight-over-median``, checked: a finite multiple in [1, `EXAMPLES_LIMIT`]."""
+    ratio = args.max_weight_over_median
+    if not 1 <= ratio <= EXAMPLES_LIMIT:  # NaN fails too
+        raise BadInputError(f"--max-weight-over-median must be in [1, {EXAMPLES_LIMIT}], got {ratio}")
+    return float(ratio)
 
 
 def _names(text: str) -> frozenset[str]:

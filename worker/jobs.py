@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from fedtrain.contract.errors import BadDataError, BadInputError, NonFiniteModelError
 from fedtrain.contract.layout import Layout, client_names
-from fedtrain.contract.sitetask import ExampleBounds
+from fedtrain.contract.sitetask import DEFAULT_MAX_WEIGHT_OVER_MEDIAN, ExampleBounds
 from fedtrain.contract.storage import Store, iterate_keys, open_store
 from fedtrain.worker.data.decoded import DecodedShard, ShardKey, cache_directory, decoded_shard
 from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree, sign_names, split_by_track
@@ -363,6 +363,7 @@ class AggregateConfig:
     evaluate: bool = True
     privacy: PrivacyConfig | None = None
     examples: ExampleBounds = field(default_factory=ExampleBounds)  # what each update may claim (clients.maxExamples)
+    max_weight_over_median: float = DEFAULT_MAX_WEIGHT_OVER_MEDIAN  # an update's weight vs the round's median count
     attempts: tuple[tuple[str, int], ...] = ()  # a site's task attempt whose update counts; else its latest upload
 
 
@@ -384,7 +385,8 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
                                                        _latest_attempt(workspace, round_number, c) or 1))
              for c in clients]
     updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates,
-                        base_sha256=current_meta.get("sha256"), bounds=config.examples)
+                        base_sha256=current_meta.get("sha256"), bounds=config.examples,
+                        max_weight_over_median=config.max_weight_over_median)
     if config.privacy is not None:
         outcome = _private_round(current, updates, config.privacy, round_number)
     else:
@@ -393,7 +395,8 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     aggregated_at = time.perf_counter()
     result: dict[str, Any] = {
         "round": round_number, "strategy": strategy.name, "accepted": updates.accepted,
-        "rejected": updates.rejected, "num_examples": sum(updates.examples[c] for c in updates.accepted),
+        "rejected": updates.rejected, "capped": updates.capped,
+        "num_examples": sum(updates.examples[c] for c in updates.accepted),
         "aggregation_seconds": aggregated_at - started, **outcome.details,
     }
     if config.evaluate:
@@ -471,24 +474,38 @@ def evaluate_weights(workspace: Workspace, weights: dict[str, NDArray[Any]], dev
 
 
 def termination_message(result: dict[str, Any]) -> str:
-    """The small JSON a Kubernetes Pod leaves in its termination message (at most 4 KiB)."""
+    """The small JSON a Kubernetes Pod leaves in its termination message (at most 4 KiB).
+
+    Reasons (``rejected``, and ``capped`` when an update was weighted below its claim) are shortened,
+    then, with many clients, replaced by counts and as many reasons as fit.
+    """
     keys = ("round", "strategy", "accuracy", "loss", "num_examples", "accepted", "sha256", "seconds", "epsilon",
             "dp_delta")
     short = {k: result[k] for k in keys if k in result}
-    short["rejected"] = result.get("rejected", {})
+    reasons = {"rejected": dict(result.get("rejected", {})), "capped": dict(result.get("capped") or {})}
+    short.update((name, found) for name, found in reasons.items() if found or name == "rejected")
     text = json.dumps(short, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
-        short["rejected"] = {c: r[:80] for c, r in short["rejected"].items()}
+        short.update((name, {c: r[:80] for c, r in short[name].items()}) for name in reasons if name in short)
         text = json.dumps(short, separators=(",", ":"))
-    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:  # many clients: counts, and as many reasons as fit
-        rejected, accepted = short.pop("rejected"), short.pop("accepted", [])
-        short.update(accepted_count=len(accepted), rejected_count=len(rejected), rejected={})
-        for client, reason in sorted(rejected.items()):
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        text = _counted_message(short, reasons)
+    return text
+
+
+def _counted_message(short: dict[str, Any], reasons: dict[str, dict[str, str]]) -> str:
+    """Many clients: counts instead of the accepted list, and as many (shortened) reasons as fit.
+
+    Capped updates come first: they are in the model, and rarely more than a few.
+    """
+    short.update(accepted_count=len(short.pop("accepted", [])), rejected_count=len(reasons["rejected"]))
+    short.update((name, {}) for name in reasons if name in short)
+    for name in (n for n in ("capped", "rejected") if n in short):
+        for client, reason in sorted(reasons[name].items()):
             if len(json.dumps(short, separators=(",", ":"))) + len(client) + 90 > TERMINATION_MESSAGE_LIMIT:
                 break
-            short["rejected"][client] = reason[:80]
-        text = json.dumps(short, separators=(",", ":"))
-    return text
+            short[name][client] = reason[:80]
+    return json.dumps(short, separators=(",", ":"))
 
 
 # --- predict --------------------------------------------------------------------------------------

@@ -50,6 +50,10 @@ LOSS_LIMIT = 1e6
 # (spec.clients.maxExamples, per client clients.list[].maxExamples), and never past EXAMPLES_LIMIT.
 EXAMPLES_LIMIT = 2**31 - 1
 DEFAULT_MAX_EXAMPLES = 1_000_000
+# An accepted update weighs at most this multiple of the median count of the round's accepted updates (three or
+# more) in an example-weighted mean (spec.clients.maxWeightOverMedian): a count within maxExamples can still be
+# a thousand times the honest sites'.
+DEFAULT_MAX_WEIGHT_OVER_MEDIAN = 10.0
 MAX_ATTEMPT = 9999  # attempts of one task: the engine retries far fewer; an update's key holds at most 4 digits
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a site's name: a DNS label
 TASK_ID_PATTERN = r"^[a-z0-9][-a-z0-9]{0,127}$"  # the engine's task ids: r0003-munich-a1, e0003-munich-a1

@@ -415,7 +415,7 @@ class _Step:
                                               f"{significant(median)}: {some(far)}", warning=True)
 
     def record_result(self, current: RoundStatus, output: dict[str, object]) -> None:
-        """What the aggregation reported: central scores (if any), accepted and rejected updates, privacy spent."""
+        """What the aggregation reported: central scores (if any), accepted, rejected and capped updates, privacy."""
         status = self.status
         current.accuracy = _finite(output.get("accuracy"))
         current.loss = _finite(output.get("loss"))
@@ -432,6 +432,10 @@ class _Step:
         if current.rejected:
             self.event(Reason.UPDATES_REJECTED, f"round {current.round}: " + some(
                 [f"{c}: {r}" for c, r in current.rejected.items()], "; "), warning=True)
+        capped = output.get("capped")
+        if isinstance(capped, dict) and capped:
+            self.event(Reason.UPDATES_CAPPED, f"round {current.round}: " + some(
+                [f"{c}: {str(r)[:200]}" for c, r in sorted(capped.items())], "; "), warning=True)
 
     def complete_round(self, current: RoundStatus) -> None:
         """The round is done: its figures reach the status, the history is compacted, people are told."""

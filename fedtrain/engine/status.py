@@ -41,6 +41,7 @@ class Reason:
     QUORUM_MISSED = "QuorumMissed"
     ROUND_RETRIED = "RoundRetried"
     UPDATES_REJECTED = "UpdatesRejected"
+    UPDATES_CAPPED = "UpdatesCapped"  # an update counted with less weight than it claimed (clients.maxWeightOverMedian)
     NON_FINITE_MODEL = "NonFiniteModel"  # the aggregate had NaN or Inf: not written, the round missed its quorum
     BAD_INPUT = "BadInput"
     BAD_DATA = "BadData"

@@ -352,3 +352,17 @@ def test_an_aggregation_whose_store_was_down_runs_again_and_the_round_completes(
     assert "r0001-aggregate-a3" in sim.launched and "r0001-aggregate-a4" not in sim.launched
     resumed = TrainingStatus.model_validate(json.loads(json.dumps(status.to_json())))  # kept in the status
     assert resumed.rounds[0].aggregation is not None and resumed.rounds[0].aggregation.temporary_failures == 2
+
+
+def test_an_update_weighted_below_its_claim_is_named_in_a_warning_event() -> None:
+    reason = "claims 1000000 examples; weighted as 700 (10 x the round's median 70, clients.maxWeightOverMedian)"
+
+    def capping(task: Task, now: float) -> Observation:
+        found = ok(task, now)
+        if task.kind != "aggregate" or found.output is None:
+            return found
+        return Observation("succeeded", 0, {**found.output, "capped": {"client-02": reason}})
+
+    sim = Simulation(spec(rounds=1), capping)
+    assert sim.run().phase == "Succeeded"
+    assert sim.events.count(f"UpdatesCapped: round 1: client-02: {reason}") == 1

@@ -4,7 +4,9 @@ Two in-cluster clients train honestly; the site ``evil`` answers every task it i
 only where a site may write (``sites/evil/``), each time with another kind of lie: an update that
 claims 10^9 examples, an answer whose output is a list, wrong types, an accuracy of 7.0 over 10^18
 examples, a NaN accuracy, an answer far over its size limit. The coordinator must refuse each one
-with its reason and finish the training on the honest clients' updates alone.
+with its reason and finish the training on the honest clients' updates alone. In the last round
+the site claims the most examples maxExamples allows (a thousand times the honest clients'): its
+update counts, weighted as 10 times the round's median count, no more.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import pytest
 import yaml
 
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.sitetask import PROTOCOL_VERSION, RESULT_LIMIT, SiteTask, parse_posting, parse_scores_record
+from fedtrain.contract.sitetask import (
+    DEFAULT_MAX_EXAMPLES,
+    PROTOCOL_VERSION,
+    RESULT_LIMIT,
+    SiteTask,
+    parse_posting,
+    parse_scores_record,
+)
 from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.weights import read_weights, save_weights
 
@@ -33,7 +42,7 @@ LAYOUT = Layout(sites=frozenset({EVIL}))
 
 def manifest() -> dict[str, Any]:
     return {"apiVersion": "fedtrain.io/v1alpha1", "kind": "FederatedTraining", "metadata": {"name": "hostile"},
-            "spec": {"rounds": 3, "seed": 3, "model": {"architecture": "tiny_cnn", "imageSize": 16},
+            "spec": {"rounds": 4, "seed": 3, "model": {"architecture": "tiny_cnn", "imageSize": 16},
                      "dataset": {"synthetic": {"imagesPerClass": 4, "testImagesPerClass": 2, "framesPerTrack": 2}},
                      "clients": {"list": [{"name": "a"}, {"name": "b"}, {"name": EVIL, "site": {}}],
                                  "minSuccessful": 2},
@@ -55,6 +64,16 @@ def claimed_update(store: DirectoryStore, task: SiteTask) -> bytes:
     return answer(task, {"num_examples": 100, "metrics": {}, "sha256": digest})
 
 
+def largest_claim(store: DirectoryStore, task: SiteTask) -> bytes:
+    """A small, well-formed update that claims maxExamples: within every absolute bound, far past its peers'."""
+    weights, meta = read_weights(store, task.global_key)
+    moved = {k: (v - 1e-3).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
+    digest = save_weights(store, LAYOUT.client_update(task.round, EVIL, task.attempt), moved,
+                          {"client": EVIL, "round": task.round, "num_examples": DEFAULT_MAX_EXAMPLES,
+                           "base_sha256": meta["sha256"]})
+    return answer(task, {"num_examples": DEFAULT_MAX_EXAMPLES, "metrics": {}, "sha256": digest})
+
+
 LIES: dict[str, Callable[[DirectoryStore, SiteTask], bytes]] = {
     "r0001": claimed_update,
     "r0002": lambda store, task: answer(task, [1, 2, 3]),
@@ -63,11 +82,14 @@ LIES: dict[str, Callable[[DirectoryStore, SiteTask], bytes]] = {
     "e0002": lambda store, task: answer(task, {"examples": 40, "accuracy": float("nan"), "loss": 0.1}),
     "e0003": lambda store, task: b" " * (50 * RESULT_LIMIT) + answer(task, {"examples": 40, "accuracy": 1.0,
                                                                            "loss": 0.0}),
+    "r0004": largest_claim,
+    "e0004": lambda store, task: answer(task, {"examples": 40, "accuracy": -0.5, "loss": 0.1}),
 }
 REASONS = {
     "r0002": "output: Input should be an object", "r0003": "num_examples: Input should be a valid integer",
     "e0001": "accuracy: Input should be less than or equal to 1", "e0002": "accuracy: Input should be a finite number",
     "e0003": "bytes allowed for it; refused without reading it",
+    "e0004": "accuracy: Input should be greater than or equal to 0",
 }
 
 
@@ -118,13 +140,14 @@ def test_the_training_succeeds_and_every_lie_is_refused_with_its_reason(
         evil = rounds[number]["clients"][EVIL]
         assert evil["state"] == "failed" and evil["exitCode"] == 3, evil
         assert REASONS[f"r{number:04d}"] in evil["reason"] and "evil's answer was refused" in evil["reason"]
-    for number in (1, 2, 3):
+    for number in (1, 2, 3, 4):
         evaluation = rounds[number]["evaluations"][EVIL]
         assert evaluation["state"] == "failed" and REASONS[f"e{number:04d}"] in evaluation["reason"], evaluation
         assert "federated" not in rounds[number] and rounds[number].get("siteScores", {}) == {}
         assert rounds[number]["clients"]["a"]["state"] == rounds[number]["clients"]["b"]["state"] == "succeeded"
     assert 0 <= status["bestAccuracy"] <= 1 and "federatedAccuracy" not in status
-    assert status["accuracy"] == pytest.approx(rounds[3]["accuracy"], rel=1e-3)  # the central test split's
+    assert status["accuracy"] == pytest.approx(rounds[4]["accuracy"], rel=1e-3)  # the central test split's
+    assert f"UpdatesCapped: round 4: {EVIL}: claims {DEFAULT_MAX_EXAMPLES} examples; weighted as" in done.stdout
 
 
 def test_the_model_is_the_honest_clients_mean(
@@ -133,7 +156,7 @@ def test_the_model_is_the_honest_clients_mean(
     store = DirectoryStore(workdir)
     for number in (1, 2, 3):
         result = json.loads((workdir / LAYOUT.result(number)).read_text())
-        assert result["accepted"] == ["a", "b"]
+        assert result["accepted"] == ["a", "b"] and result["capped"] == {}
         base, _ = read_weights(store, LAYOUT.global_weights(number - 1))
         model, _ = read_weights(store, LAYOUT.global_weights(number))
         updates = [read_weights(store, LAYOUT.client_update(number, c)) for c in ("a", "b")]
@@ -144,10 +167,30 @@ def test_the_model_is_the_honest_clients_mean(
             np.testing.assert_allclose(array, mean, atol=1e-5)
 
 
+def test_the_largest_claim_counts_as_ten_times_the_rounds_median_and_no_more(
+        hostile_run: tuple[Path, subprocess.CompletedProcess[str], list[str]]) -> None:
+    workdir = hostile_run[0]
+    store = DirectoryStore(workdir)
+    result = json.loads((workdir / LAYOUT.result(4)).read_text())
+    assert sorted(result["accepted"]) == ["a", "b", EVIL]
+    updates = {c: read_weights(store, LAYOUT.client_update(4, c)) for c in ("a", "b", EVIL)}
+    median = sorted(meta["num_examples"] for _, meta in updates.values())[1]  # the larger honest count
+    assert updates[EVIL][1]["num_examples"] == DEFAULT_MAX_EXAMPLES > 100 * median
+    assert result["capped"] == {EVIL: f"claims {DEFAULT_MAX_EXAMPLES} examples; weighted as {10 * median} (10 x the "
+                                      f"round's median {median}, clients.maxWeightOverMedian)"}
+    weights = {c: 10 * median if c == EVIL else meta["num_examples"] for c, (_, meta) in updates.items()}
+    assert weights[EVIL] / sum(weights.values()) < 10 / 11  # uncapped: 99.99%
+    base, _ = read_weights(store, LAYOUT.global_weights(3))
+    model, _ = read_weights(store, LAYOUT.global_weights(4))
+    for name, array in ((n, a) for n, a in model.items() if a.dtype.kind == "f"):
+        step = sum(weights[c] * (w[name] - base[name]) for c, (w, _) in updates.items()) / sum(weights.values())
+        np.testing.assert_allclose(array, base[name] + step, atol=1e-5)
+
+
 def test_finalize_reads_only_the_scores_the_coordinator_accepted(
         hostile_run: tuple[Path, subprocess.CompletedProcess[str], list[str]]) -> None:
     workdir = hostile_run[0]
-    for number in (1, 2, 3):  # the site's own evaluation.json claims 7.0: the record says nothing was accepted
+    for number in (1, 2, 3, 4):  # the site's own evaluation.json claims 7.0: the record says nothing was accepted
         assert parse_scores_record((workdir / LAYOUT.federated_scores(number)).read_bytes()).sites == {}
     summary = json.loads((workdir / "final" / "summary.json").read_text())
     assert summary["federated_accuracy"] is None and summary["federated"] is None

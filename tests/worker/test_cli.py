@@ -14,6 +14,7 @@ import pytest
 
 from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_NON_FINITE_MODEL, EXIT_REJECTED_UPDATES
 from fedtrain.contract.layout import Layout
+from fedtrain.worker.jobs import TERMINATION_MESSAGE_LIMIT, termination_message
 from fedtrain.worker.weights import save_weights_file
 
 CLIENTS = ("client-00", "client-01", "client-02")
@@ -82,6 +83,18 @@ def test_termination_message_is_small_json(federation: Path) -> None:
     message = json.loads(text)
     assert len(text.encode()) <= 4096
     assert message["round"] == 2 and message["accepted"] == list(CLIENTS) and "confusion" not in message
+
+
+def test_termination_message_names_capped_updates_first_when_reasons_must_be_left_out() -> None:
+    capped = {"big": "claims 1000000 examples; weighted as 700 (10 x the round's median 70, "
+                     "clients.maxWeightOverMedian)"}
+    few = json.loads(termination_message({"round": 1, "accepted": ["a", "big"], "rejected": {}, "capped": capped}))
+    assert few["capped"] == capped and "capped" not in json.loads(termination_message({"round": 1, "rejected": {}}))
+    rejected = {f"city-{i:04d}": "update norm 1e9 exceeds 10x the round's median norm 3" for i in range(300)}
+    text = termination_message({"round": 1, "accepted": ["big"], "rejected": rejected, "capped": capped})
+    many = json.loads(text)
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT and many["rejected_count"] == 300
+    assert many["capped"] == {"big": capped["big"][:80]} and 0 < len(many["rejected"]) < 300
 
 
 def test_evaluate_and_predict(federation: Path, synth_tree: Path) -> None:

@@ -19,7 +19,7 @@ from fedtrain.worker.strategies import Aggregate, UpdateFile, UpdateSet, make_st
 from fedtrain.worker.strategies.arrays import FlatModel
 from fedtrain.worker.strategies.fedopt import server_step
 from fedtrain.worker.strategies.krum import pairwise_squared_distances
-from fedtrain.worker.strategies.validation import non_finite_tensor
+from fedtrain.worker.strategies.validation import non_finite_tensor, weight_caps
 from fedtrain.worker.weights import (
     Weights,
     read_weights,
@@ -174,6 +174,42 @@ def test_no_client_weighs_more_than_the_examples_the_coordinator_allows_it(tmp_p
     assert "claims 10 examples, more than the 5" in update_set.rejected["c"]  # its own, smaller bound
     assert sorted(update_set.accepted) == ["a", "b"]
     np.testing.assert_allclose(result.weights["w"], expected)  # fedavg: (10 * [1, 0] + 30 * [0, 1]) / 40
+
+
+@pytest.mark.parametrize(("name", "params"), [("fedavg", {}), ("fedadam", {"eta": 1.0, "tau": 1e-9}),
+                                              ("multikrum", {"f": 0, "m": 4})])
+def test_no_accepted_update_weighs_more_than_its_multiple_of_the_rounds_median(
+        tmp_path: Path, name: str, params: dict[str, Any]) -> None:
+    """Within maxExamples, a claim of 1000 against three of 10 is capped at 7 x 10, not refused."""
+    updates: Updates = {"a": ([1, 0], 10), "b": ([0, 1], 10), "c": ([1, 1], 10), "big": ([4, 2], 1000),
+                        "broken": ([1], 10**6)}  # refused (its shape): not part of the median
+    update_set = UpdateSet(CURRENT, write_updates(tmp_path, updates), max_weight_over_median=7)
+    result = make_strategy(name, params).aggregate(CURRENT, update_set, {})
+    assert sorted(update_set.accepted) == ["a", "b", "big", "c"] and list(update_set.rejected) == ["broken"]
+    assert update_set.capped == {"big": "claims 1000 examples; weighted as 70 (7 x the round's median 10, "
+                                        "clients.maxWeightOverMedian)"}
+    assert update_set.examples["big"] == 1000 and update_set.counted == {"a": 10, "b": 10, "c": 10, "big": 70}
+    # (10 * [1, 0] + 10 * [0, 1] + 10 * [1, 1] + 70 * [4, 2]) / 100; uncapped, big's share would be 97%
+    expected = [3.0, 1.6] if name != "fedadam" else [1.0, 1.0]  # Adam's first step: eta * sign, tau ~ 0
+    np.testing.assert_allclose(result.weights["w"], expected, rtol=1e-5)
+
+
+def test_a_capped_update_that_is_also_a_norm_outlier_is_taken_out_whole(tmp_path: Path) -> None:
+    updates: Updates = {**HONEST, "evil": ([-30.0, 30.0], 1000)}
+    update_set = UpdateSet(CURRENT, write_updates(tmp_path, updates), max_norm_ratio=5.0)
+    result = make_strategy("fedavg").aggregate(CURRENT, update_set, {})
+    assert "exceeds 5×" in update_set.rejected["evil"] and update_set.capped == {}
+    np.testing.assert_allclose(result.weights["w"], np.mean([v for v, _ in HONEST.values()], axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("counts", "ratio", "capped"), [
+    ({"a": 10, "b": 20, "c": 30, "d": 1000}, 10.0, {"d": 250}),  # median (20 + 30) / 2 = 25
+    ({"a": 10, "b": 20, "c": 30, "d": 1000}, 1.1, {"c": 27, "d": 27}),  # a whole count: floor(1.1 x 25)
+    ({"a": 10, "d": 1000}, 1.0, {}),  # fewer than three: no median worth the name
+    ({"a": 1, "b": 1, "c": 10}, 10.0, {}),  # exactly at the cap
+])
+def test_weight_caps_by_hand(counts: dict[str, int], ratio: float, capped: dict[str, int]) -> None:
+    assert {c: cap.weight for c, cap in weight_caps(counts, ratio).items()} == capped
 
 
 def test_an_update_larger_than_its_model_is_refused_unread(tmp_path: Path) -> None:

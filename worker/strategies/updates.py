@@ -5,10 +5,12 @@ FedAvg and the server-optimiser strategies only need the example-weighted mean, 
 so memory stays at three models (current, sum, the update being added) whatever the number of
 clients. Each difference is computed once and serves three ends: its squared norm (which also
 catches NaN and Inf), the norm outlier test, and the running sum. Summing deltas rather than
-weights keeps float32 sums precise, since deltas are small. Norm outliers are only known once
-every norm has been seen; their (rare) files are read a second time and their contribution
-subtracted. A file's sha256 is computed on a second thread while the file is parsed, checked and
-added, since hashing costs about as much as all the rest.
+weights keeps float32 sums precise, since deltas are small. Norm outliers, and updates that claim
+more than ``max_weight_over_median`` times the round's median example count, are only known once
+every file has been seen; their (rare) files are read a second time and their contribution
+subtracted (an outlier's whole, a capped update's count beyond its cap). A file's sha256 is
+computed on a second thread while the file is parsed, checked and added, since hashing costs about
+as much as all the rest.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import hashlib
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedtrain.contract.errors import BadDataError, RejectedUpdatesError, TemporaryStorageError
-from fedtrain.contract.sitetask import UPDATE_HEADER_LIMIT, ExampleBounds
+from fedtrain.contract.sitetask import DEFAULT_MAX_WEIGHT_OVER_MEDIAN, UPDATE_HEADER_LIMIT, ExampleBounds
 from fedtrain.contract.storage import Store
 from fedtrain.worker.strategies.arrays import CHUNK, FlatModel, cast_like, tiled_runs
 from fedtrain.worker.strategies.protocol import Update
@@ -34,6 +36,7 @@ from fedtrain.worker.strategies.validation import (
     non_finite_problem,
     norm_outliers,
     structural_problem,
+    weight_caps,
 )
 from fedtrain.worker.weights import Weights, checksum_problem, parse_weights, read_unchecked
 
@@ -62,6 +65,9 @@ class UpdateSet:
     # trained from a stale or foreign model (a site that replayed an old round, or was sent a wrong one).
     base_sha256: str | None = None
     bounds: ExampleBounds = field(default_factory=ExampleBounds)  # the most examples each client may claim
+    max_weight_over_median: float = DEFAULT_MAX_WEIGHT_OVER_MEDIAN  # clients.maxWeightOverMedian
+    counted: dict[str, int] = field(default_factory=dict)  # each accepted update's weight: its claim or its cap
+    capped: dict[str, str] = field(default_factory=dict)  # accepted updates weighted below their claim, and why
 
     @property
     def size_limit(self) -> int:
@@ -115,10 +121,17 @@ class UpdateSet:
             raise RejectedUpdatesError(
                 f"{len(self.accepted)} valid update(s), {self.min_updates} needed ({reasons})"
             )
+        caps = weight_caps({c: self.examples[c] for c in self.accepted}, self.max_weight_over_median)
+        self.capped = {client: cap.reason for client, cap in caps.items()}
+        self.counted = {c: caps[c].weight if c in caps else self.examples[c] for c in self.accepted}
         return outliers
 
+    def _excess(self, client: str) -> int:
+        """The count added for ``client`` beyond the weight it counts with: all of it for a norm outlier."""
+        return self.examples.get(client, 0) - self.counted.get(client, 0)
+
     def weighted_mean(self) -> Weights:
-        """Example-weighted mean of the accepted updates, reading each file once (outliers twice)."""
+        """Example-weighted mean of the accepted updates, reading each file once (outliers and capped ones twice)."""
         total = DeltaSum(self.current)
         norms: dict[str, float] = {}
         digests: dict[str, str] = {}
@@ -127,10 +140,10 @@ class UpdateSet:
                 added = self._add(total, source, hasher)
                 if added is not None:
                     norms[source.client], digests[source.client] = added
-            outliers = self._settle(norms)
-            for source in (s for s in self.files if s.client in outliers):
-                self._subtract(total, source, digests[source.client], hasher)
-        return total.mean(float(sum(self.examples[c] for c in self.accepted)))
+            self._settle(norms)
+            for source in (s for s in self.files if self._excess(s.client) > 0):
+                self._subtract(total, source, digests[source.client], hasher, self._excess(source.client))
+        return total.mean(float(sum(self.counted.values())))
 
     def _add(self, total: DeltaSum, source: UpdateFile, hasher: Executor) -> tuple[float, str] | None:
         """Add one update to ``total``: its norm and sha256, or None after noting why it is rejected.
@@ -153,8 +166,10 @@ class UpdateSet:
         self.examples[source.client] = update.num_examples
         return norm, digest.result()
 
-    def _subtract(self, total: DeltaSum, source: UpdateFile, digest: str, hasher: Executor) -> None:
-        """Take an outlier back out of the sum: the very bytes that went in, with the same example count.
+    def _subtract(self, total: DeltaSum, source: UpdateFile, digest: str, hasher: Executor, count: int) -> None:
+        """Take ``count`` times an update back out of the sum: the very bytes that went in.
+
+        An outlier's whole count goes, a capped update's count beyond its cap.
 
         A file replaced in between (its owner can write it) would subtract something else than it
         added, so that is refused: the task fails as temporary and a new attempt reads a stable set.
@@ -163,10 +178,13 @@ class UpdateSet:
         if again is None or again[1].result() != digest:
             raise TemporaryStorageError(f"{source.store.describe(source.key)}: changed while the round was "
                                         "aggregated; aggregate the round again")
-        total.add(again[0].weights, -self.examples[source.client])
+        total.add(again[0].weights, -count)
 
     def all(self) -> list[Update]:
-        """Every accepted update, in memory at once (for coordinate-wise and distance-based strategies)."""
+        """Every accepted update, in memory at once (for coordinate-wise and distance-based strategies).
+
+        Each carries the count it is weighted by (`counted`): its claim, or its cap.
+        """
         updates: list[Update] = []
         norms: dict[str, float] = {}
         model = FlatModel(self.current)
@@ -184,8 +202,8 @@ class UpdateSet:
                 updates.append(update)
                 norms[update.client] = norm
                 self.examples[update.client] = update.num_examples
-        outliers = self._settle(norms)
-        return [u for u in updates if u.client not in outliers]
+        self._settle(norms)
+        return [replace(u, num_examples=self.counted[u.client]) for u in updates if u.client in self.counted]
 
 
 def sha256_of(data: bytes) -> str:

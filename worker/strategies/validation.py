@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -108,3 +109,29 @@ def norm_outliers(norms: Mapping[str, float], max_ratio: float, min_count: int =
         for client, norm in norms.items()
         if median > 0 and norm > limit
     }
+
+
+@dataclass(frozen=True)
+class WeightCap:
+    """An update weighted less than its claimed example count, and why (a sentence for the round's result)."""
+
+    claimed: int
+    weight: int
+    reason: str
+
+
+def weight_caps(examples: Mapping[str, int], max_over_median: float, min_count: int = 3) -> dict[str, WeightCap]:
+    """Clients whose count exceeds ``max_over_median`` times the round's median count, and the weight each gets.
+
+    An absolute bound (maxExamples) leaves a site free to claim a thousand times what the honest
+    sites hold; bounding each weight relative to the median keeps any one client's share of the
+    mean near its peers' whatever it claims, while a large honest site still counts (capped, not
+    refused). Needs ``min_count`` counts for the median to mean anything; the cap is a whole count.
+    """
+    if len(examples) < min_count:
+        return {}
+    median = float(np.median(list(examples.values())))
+    cap = max(1, math.floor(max_over_median * median))
+    return {client: WeightCap(count, cap, f"claims {count} examples; weighted as {cap} ({max_over_median:g} x "
+                                           f"the round's median {median:g}, clients.maxWeightOverMedian)")
+            for client, count in examples.items() if count > cap}
