@@ -30,10 +30,12 @@ from fedtrain.spec import (
     GROUP,
     KIND,
     MAX_TRAINING_NAME,
+    PER_UPDATE_STRATEGIES,
     PLURAL,
     SHORT_NAME,
     SINGULAR,
     STORAGE_KINDS,
+    SUM_STRATEGIES,
     VERSION,
     FederatedTrainingSpec,
     one_of,
@@ -74,6 +76,24 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
     **{field: [{"rule": "self == oldSelf", "message": f"spec.{field} is immutable; create a new training"}]
        for field in IMMUTABLE},
 }
+
+_SECURE = "has(self.privacy) && has(self.privacy.secureAggregation)"
+_ROUND_SIZE = ("(has(self.clients.perRound) ? self.clients.perRound : (has(self.clients.list) ? "
+               "size(self.clients.list) : (has(self.clients.count) ? self.clients.count : 0)))")
+# Rules across the spec's fields (secure aggregation against the strategy and the roster).
+SPEC_RULES: list[dict[str, str]] = [
+    {"rule": f"!({_SECURE}) || !has(self.strategy.name) || !(self.strategy.name in "
+             f"[{', '.join(repr(n) for n in PER_UPDATE_STRATEGIES)}])",
+     "message": "privacy.secureAggregation shows the aggregator only the sum of the updates: strategy.name must be "
+                f"{one_of(SUM_STRATEGIES)} (a median, a trimmed mean and Krum read each update)"},
+    {"rule": f"!({_SECURE}) || self.privacy.secureAggregation.threshold <= {_ROUND_SIZE}",
+     "message": "privacy.secureAggregation.threshold must be <= the clients of a round (clients.perRound, default "
+                "clients.count): a round could never complete"},
+    {"rule": f"!({_SECURE}) || !has(self.privacy.secureAggregation.neighbours) || "
+             "self.privacy.secureAggregation.threshold <= self.privacy.secureAggregation.neighbours + 1",
+     "message": "privacy.secureAggregation.threshold must be <= neighbours + 1 (a client shares its secrets with "
+                "itself and its neighbours only)"},
+]
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -133,6 +153,7 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
 def spec_schema() -> dict[str, Any]:
     """The OpenAPI v3 schema of ``.spec``, with CEL rules attached."""
     schema = model_schema(FederatedTrainingSpec)
+    schema["x-kubernetes-validations"] = SPEC_RULES
     for field, rules in CEL_RULES.items():
         schema["properties"][field]["x-kubernetes-validations"] = rules
     for field in IMMUTABLE:

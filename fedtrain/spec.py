@@ -47,6 +47,15 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # 40 leaves room for the task id in a Job name. The CRD refuses longer names at admission.
 MAX_TRAINING_NAME = 40
 MAX_CLIENT_NAME = 40
+# Secure aggregation's rounds: every client holds a share of its neighbours' secrets and a task posts the
+# round's roster, so a secure round is bounded (SecAgg+ with privacy.secureAggregation.neighbours scales further
+# in cost than in roster).
+SECURE_MAX_CLIENTS = 200
+# Strategies that read each update (a median, a trimmed mean, distances between updates): secure aggregation
+# shows the aggregator only the sum, so it refuses them.
+PER_UPDATE_STRATEGIES = ("fedmedian", "trimmedmean", "krum", "multikrum")
+# Strategies whose aggregate is a function of the example-weighted mean alone.
+SUM_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "trimmedmean", "krum",
                        "multikrum"]
@@ -529,20 +538,54 @@ class StragglerSpec(Model):
     """How often a round may be retried (onMissedQuorum: retry)."""
 
 
-class PrivacySpec(Model):
-    """Central differential privacy for updates leaving clients: clip to ``clipNorm``, add Gaussian noise.
+class SecureAggregationSpec(Model):
+    """Secure aggregation (SecAgg+): the coordinator and its store learn the sum of a round's updates, never one.
 
-    Clients clip their update (L2 norm of weights minus the global model) before it leaves; the
-    aggregator clips again, averages with equal weights and adds noise of std
-    ``noiseMultiplier · clipNorm / m``. The budget ε spent so far (at ``delta``) is in status.
+    Each round adds three stages to the clients' training: they advertise per-round X25519 keys,
+    send encrypted Shamir shares of their mask secrets to their neighbours, upload masked, fixed-point
+    updates, and the survivors reveal the shares that remove the masks of the sum only (docs/privacy.md).
     """
 
-    clip_norm: Annotated[float, Field(gt=0)]
+    threshold: Annotated[int, Field(ge=2, le=SECURE_MAX_CLIENTS)]
+    """How many of a client's share set (itself and its neighbours) must survive to the last stage: a round
+    completes while at most (clients in the round - threshold) drop, and fewer than threshold colluding
+    parties learn nothing of one update."""
+    neighbours: Annotated[int, Field(ge=2, le=SECURE_MAX_CLIENTS)] | None = None
+    """How many other clients each one shares its secrets with and masks against (SecAgg+); unset: all of the
+    round's clients (SecAgg). Fewer neighbours cost less as rounds grow past tens of clients."""
+
+
+class PrivacySpec(Model):
+    """Update privacy: clipping to ``clipNorm``, central differential privacy, secure aggregation.
+
+    Clients clip their update (L2 norm of weights minus the global model) before it leaves. With
+    noise (``noiseMultiplier`` > 0) the aggregator clips again, averages with equal weights and adds
+    noise of std ``noiseMultiplier · clipNorm / m``; the budget ε spent so far (at ``delta``) is in
+    status. With ``secureAggregation`` clients mask their clipped updates and the aggregator only ever
+    sees their sum; ``clipNorm`` then also sets the range of the masked fixed-point values.
+    """
+
+    clip_norm: Annotated[float, Field(gt=0, le=1e6)]
     """The L2 bound C on each client's update (weights minus the global model)."""
-    noise_multiplier: Annotated[float, Field(ge=0, le=100)] = 1.0
-    """The noise's standard deviation in units of clipNorm (on the sum of updates)."""
+    noise_multiplier: Annotated[float, Field(ge=0, le=100)] | None = None
+    """The noise's standard deviation in units of clipNorm (on the sum of updates); 0 adds none. Default: 1, or 0
+    with secureAggregation (noise is then asked for by name)."""
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     """The delta at which the privacy budget epsilon is reported."""
+    secure_aggregation: SecureAggregationSpec | None = None
+    """Mask every update so that only the round's sum is ever seen (fedavg, fedprox and the server optimisers)."""
+
+    @property
+    def noise(self) -> float:
+        """The noise multiplier in force: noiseMultiplier, else 1 without secure aggregation and 0 with it."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        return 0.0 if self.secure_aggregation is not None else 1.0
+
+    @property
+    def differential(self) -> bool:
+        """Whether the aggregate gets noise (central DP: equal weights, a privacy budget in status)."""
+        return self.noise > 0 or self.secure_aggregation is None
 
 
 class EvaluationSpec(Model):
@@ -630,9 +673,7 @@ class FederatedTrainingSpec(Model):
                              f"model.numClasses ({self.model.num_classes})")
         if self.dataset.synthetic is not None and self.model.num_classes != 43:
             raise ValueError("dataset.synthetic generates the 43 GTSRB classes: set model.numClasses to 43")
-        if self.privacy is not None and self.strategy.name not in ("fedavg", "fedprox"):
-            raise ValueError(f"privacy needs strategy.name fedavg or fedprox, not {self.strategy.name}: the noise is "
-                             "calibrated to a mean of clipped updates (robust strategies are the other defence)")
+        self._privacy_fits()
         for index, entry in enumerate(self.clients.entries or ()):
             if entry.namespace is not None and entry.data is None:
                 raise ValueError(f"clients.list[{index}].data is required: a client in namespace {entry.namespace} "
@@ -652,6 +693,32 @@ class FederatedTrainingSpec(Model):
             raise ValueError("evaluation.central is false and no site evaluates: set evaluation.central to true, or "
                              "add sites (clients.list[].site) that evaluate")
         return self
+
+    def _privacy_fits(self) -> None:
+        """Noise needs a plain mean; secure aggregation needs a strategy of the sum and a roster that meets it."""
+        privacy, name = self.privacy, self.strategy.name
+        if privacy is None:
+            return
+        secure = privacy.secure_aggregation
+        if secure is not None and name in PER_UPDATE_STRATEGIES:
+            raise ValueError(f"privacy.secureAggregation cannot run strategy.name {name}: it reads each update, and "
+                             f"secure aggregation shows only their sum; use {one_of(SUM_STRATEGIES)}")
+        if privacy.differential and name not in ("fedavg", "fedprox"):
+            raise ValueError(f"privacy needs strategy.name fedavg or fedprox, not {name}: the noise is calibrated to "
+                             "a mean of clipped updates (robust strategies are the other defence; secure aggregation "
+                             "without noise runs the server optimisers too)")
+        if secure is None:
+            return
+        if secure.threshold > self.clients.round_size:
+            raise ValueError(f"privacy.secureAggregation.threshold ({secure.threshold}) is more than the "
+                             f"{self.clients.round_size} clients of a round (clients.perRound, default clients.count): "
+                             "lower it, or add clients")
+        if self.clients.round_size > SECURE_MAX_CLIENTS:
+            raise ValueError(f"privacy.secureAggregation takes at most {SECURE_MAX_CLIENTS} clients per round "
+                             f"(clients.perRound is {self.clients.round_size})")
+        if secure.neighbours is not None and secure.threshold > secure.neighbours + 1:
+            raise ValueError(f"privacy.secureAggregation.threshold ({secure.threshold}) is more than a client's share "
+                             f"set (itself and {secure.neighbours} neighbours): lower it, or raise neighbours")
 
     def champion_sites(self) -> int:
         """How many sites must score the last model for it to be promoted on federated scores (evaluation.minSites)."""

@@ -26,6 +26,8 @@ class Placement:
     training: str
     namespace: str = "default"
     uid: str = "local"
+    # Where each client's secure-aggregation master secret lives, as a file per client (never in the store).
+    secrets_dir: str = "/var/run/fedtrain/secure"
     tracking_uri: str | None = None  # resolved by the caller: its option, else spec.mlflow.trackingUri
     termination_log: str | None = None  # Kubernetes: /dev/termination-log
     client_data_root: str = "/client-data"  # where a client's own claim is mounted (clients.list[].data)
@@ -91,8 +93,43 @@ def worker_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement,
         assert task.client is not None
         return _train(task, spec, where)
     if task.kind == "aggregate":
-        return _aggregate(task, spec, where, clients or {})
+        return _aggregate(task, spec, where, clients or {}) + secure_arguments(task, spec, where)
+    if task.kind in SECURE_STAGES:
+        return ["secure", task.kind, "--workdir", where.workdir, "--round", str(task.round), "--client",
+                str(task.client), *secure_arguments(task, spec, where)]
     return _finalize(task, spec, where)
+
+
+SECURE_STAGES = ("keys", "shares", "unmask")  # secure aggregation's stages besides training
+
+
+def secure_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[str]:
+    """What a secure round's task needs: the round attempt, the settings, the rosters the engine fixed, the secret.
+
+    Nothing for a plain round, so that plain tasks keep their arguments.
+    """
+    privacy = spec.privacy
+    secure = privacy.secure_aggregation if privacy is not None else None
+    if secure is None or privacy is None:
+        return []
+    args = ["--training-id", f"{where.namespace}/{where.training}/{where.uid}", "--round-attempt",
+            str(task.round_attempt), "--threshold", str(secure.threshold), "--secure-clip-norm",
+            repr(privacy.clip_norm), "--secure-seed", str(spec.seed), "--weight-unit", str(weight_unit(spec)),
+            "--advertised", ",".join(task.advertised), "--peers", ",".join(task.peers),
+            "--survivors", ",".join(task.survivors)]
+    if secure.neighbours is not None:
+        args += ["--neighbours", str(secure.neighbours)]
+    if privacy.differential:
+        args.append("--equal-weights")
+    if task.client is not None:
+        args += ["--secret-file", f"{where.secrets_dir}/{task.client}.key"]
+    return args
+
+
+def weight_unit(spec: FederatedTrainingSpec) -> int:
+    """Examples per unit of a secure update's weight: the most any client may claim, so every weight is in [0, 1]."""
+    bounds = spec.clients.example_bounds()
+    return max([bounds.default, *(bound for _, bound in bounds.clients)])
 
 
 def _init(spec: FederatedTrainingSpec, where: Placement) -> list[str]:
@@ -142,8 +179,9 @@ def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[st
             "--optimizer", training.optimizer, "--lr", repr(rate), "--momentum", repr(training.momentum),
             "--weight-decay", repr(training.weight_decay), "--scheduler", training.scheduler,
             "--restart-epochs", str(training.restart_epochs)]
-    if spec.privacy is not None:
+    if spec.privacy is not None and spec.privacy.secure_aggregation is None:
         args += ["--clip-norm", repr(spec.privacy.clip_norm)]
+    args += secure_arguments(task, spec, where)
     if spec.strategy.name == "fedprox":
         args += ["--mu", repr(client_mu(spec.strategy.name, spec.strategy.parameters))]
     if entry is not None and entry.data is not None:
@@ -175,10 +213,10 @@ def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, client
             args += ["--site-attempt", f"{site}={clients[site]}"]
     if not spec.evaluation.central:
         args.append("--no-evaluate")
-    if spec.privacy is not None:
+    if spec.privacy is not None and spec.privacy.differential:
         rate = spec.clients.round_size / spec.clients.total
         args += ["--dp-clip-norm", repr(spec.privacy.clip_norm), "--dp-noise-multiplier",
-                 repr(spec.privacy.noise_multiplier), "--dp-sampling-rate", repr(rate),
+                 repr(spec.privacy.noise), "--dp-sampling-rate", repr(rate),
                  "--dp-delta", repr(spec.privacy.delta), "--dp-seed", str(spec.seed)]
     if where.termination_log:
         args += ["--termination-log", where.termination_log]

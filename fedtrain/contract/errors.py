@@ -12,6 +12,7 @@ EXIT_BAD_INPUT = 2
 EXIT_BAD_DATA = 3
 EXIT_REJECTED_UPDATES = 4
 EXIT_NON_FINITE_MODEL = 5
+EXIT_SECURE_ROUND = 6
 EXIT_INTERNAL = 70
 EXIT_TEMPORARY = 75  # EX_TEMPFAIL of sysexits.h: the same command may succeed if run again later
 EXIT_REFUSED = 77  # EX_NOPERM: a site's policy refused the task before it touched the site's data
@@ -22,6 +23,7 @@ EXIT_CODE_NAMES: dict[int, str] = {
     EXIT_BAD_DATA: "bad data",
     EXIT_REJECTED_UPDATES: "rejected updates",
     EXIT_NON_FINITE_MODEL: "non-finite model",
+    EXIT_SECURE_ROUND: "secure aggregation failed",
     EXIT_INTERNAL: "internal error",
     EXIT_TEMPORARY: "temporary storage failure",
     EXIT_REFUSED: "refused by the site",
@@ -64,6 +66,15 @@ class NonFiniteModelError(WorkerError):
     """
 
     exit_code = EXIT_NON_FINITE_MODEL
+
+
+class SecureRoundError(WorkerError):
+    """A secure round's sum could not be recovered: too few survivors' shares, a refused share, a value out of range.
+
+    Like a missed quorum, it fails the round, not the training: the engine's straggler rules decide.
+    """
+
+    exit_code = EXIT_SECURE_ROUND
 
 
 class TemporaryStorageError(WorkerError):

@@ -7,6 +7,8 @@
     <workdir>/round-0001/clients/<client>.safetensors (+ .json)
     <workdir>/round-0001/global.safetensors (+ .json), result.json, strategy-state.safetensors
     <workdir>/round-0001/federated.json                  the site scores the coordinator accepted for the round
+    <workdir>/round-0001/secure-a1/<client>/keys.json, shares.json, masked.safetensors, reveal.json
+                                                         secure aggregation's messages (a site's: in its folder)
     <workdir>/final/model.safetensors, plots/*.png
     <workdir>/sites/<site>/task.json                     the coordinator's current task for a site
     <workdir>/sites/<site>/results/<task id>.json        the site's answer: done, failed or refused
@@ -119,6 +121,16 @@ class Layout:
     def strategy_state(self, round_number: int) -> str:
         """Server optimiser state after a round."""
         return f"{self.round_dir(round_number)}/strategy-state.safetensors"
+
+    def secure_message(self, round_number: int, round_attempt: int, client: str, name: str) -> str:
+        """A client's secure-aggregation message ``name`` (keys.json, shares.json, masked.safetensors, reveal.json).
+
+        Each attempt of a round has its own folder (new keys, new masks); a site's is in its own
+        folder, where only it may write, like its update.
+        """
+        if client in self.sites:
+            return f"{self.site_round_dir(client, round_number)}/secure-a{round_attempt}/{name}"
+        return f"{self.round_dir(round_number)}/secure-a{round_attempt}/{client}/{name}"
 
     @property
     def final_dir(self) -> str:

@@ -20,7 +20,7 @@ import random
 import statistics
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Literal
+from typing import Literal, TypedDict
 
 from fedtrain.contract.errors import (
     EXIT_BAD_DATA,
@@ -29,6 +29,7 @@ from fedtrain.contract.errors import (
     EXIT_NON_FINITE_MODEL,
     EXIT_REFUSED,
     EXIT_REJECTED_UPDATES,
+    EXIT_SECURE_ROUND,
     EXIT_TEMPORARY,
     BadDataError,
 )
@@ -50,6 +51,8 @@ from fedtrain.engine.status import (
     Observation,
     Reason,
     RoundStatus,
+    SecureRound,
+    SecureStage,
     SiteEvaluation,
     Task,
     TrainingStatus,
@@ -70,7 +73,11 @@ PERMANENT_CAUSES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "Cre
 # quorum (too few updates survived, or their aggregate was not finite) and stragglers.onMissedQuorum
 # decides between retrying the round and failing the training.
 ROUND_FAILURES = {EXIT_REJECTED_UPDATES: (Reason.UPDATES_REJECTED, "aggregation rejected the updates"),
-                  EXIT_NON_FINITE_MODEL: (Reason.NON_FINITE_MODEL, "aggregation refused a non-finite global model")}
+                  EXIT_NON_FINITE_MODEL: (Reason.NON_FINITE_MODEL, "aggregation refused a non-finite global model"),
+                  EXIT_SECURE_ROUND: (Reason.SECURE_ROUND_FAILED, "secure aggregation could not recover the sum")}
+# Secure aggregation's stage tasks: the letter that starts their ids, and what each stage's task does.
+SECURE_LETTERS = {"keys": "k", "shares": "s", "unmask": "u"}
+SECURE_DOING = {"keys": "advertising keys", "shares": "sharing secrets", "unmask": "revealing shares"}
 MAX_STEPS_PER_DECISION = 10_000
 REASON_LENGTH = 80  # of a client failure in a round over DETAILED_CLIENTS (the status must stay small)
 SHOWN_DIGITS = 4
@@ -82,6 +89,15 @@ def significant(value: float) -> float:
     The rounds' records keep full precision.
     """
     return float(f"{value:.{SHOWN_DIGITS}g}")
+
+
+class Roster(TypedDict, total=False):
+    """What a secure round's tasks must agree on (see `Task`): empty for a plain round."""
+
+    round_attempt: int
+    advertised: tuple[str, ...]
+    peers: tuple[str, ...]
+    survivors: tuple[str, ...]
 
 
 class Progress(Enum):
@@ -97,12 +113,15 @@ def task_id(kind: str, attempt: int, round_number: int = 0, client: str | None =
     """Deterministic task ids: ``init-a1``, ``r0003-client-01-a2``, ``r0003-aggregate-a1``, ``finalize-a1``.
 
     A site's evaluation of round 3's model is ``e0003-munich-a1``: the letter keeps it apart from any
-    training task, whatever the site is called.
+    training task, whatever the site is called; so do secure aggregation's ``k0003-``, ``s0003-`` and
+    ``u0003-`` stages.
     """
     if kind in ("init", "finalize"):
         return f"{kind}-a{attempt}"
     if kind == "evaluate":
         return f"e{round_number:04d}-{client}-a{attempt}"
+    if kind in SECURE_LETTERS:  # secure aggregation's k(eys), s(hares) and u(nmask) stages
+        return f"{SECURE_LETTERS[kind]}{round_number:04d}-{client}-a{attempt}"
     who = client if kind == "train" else "aggregate"
     return f"r{round_number:04d}-{who}-a{attempt}"
 
@@ -276,6 +295,10 @@ class _Step:
         return True
 
     def advance_round(self, current: RoundStatus) -> bool:
+        if current.aggregation is None and self.secure_threshold:
+            secure = current.secure or self.start_secure(current)
+            if secure.stage != "train":
+                return self.advance_secure(current, secure)
         if current.aggregation is None:
             return self.advance_clients(current)
         if current.evaluations is None:
@@ -294,14 +317,15 @@ class _Step:
                 if task.attempt != attempt_before:
                     self.event(Reason.CLIENT_RETRIED, f"round {current.round}: {client} retried after {task.reason}")
                 self.launch(Task(task_id("train", task.attempt, current.round, client), "train", current.round,
-                                 client, task.attempt))
-            elif progress is Progress.FAILED and state_before != "failed":
+                                 client, task.attempt, **self.secure_roster(current)))
+            elif progress is Progress.FAILED and state_before not in ("failed", "dropped"):
                 self.event(Reason.CLIENT_FAILED, f"round {current.round}: {client} failed: {task.reason}",
                            warning=True)
         failed = [c for c in current.selected if current.clients[c].state == "failed"]
+        dropped = sum(1 for c in current.selected if current.clients[c].state == "dropped")  # before training
         waiting = [c for c in current.selected if current.clients[c].state in ("pending", "running")]
         quorum = self.spec.clients.quorum
-        if len(current.selected) - len(failed) < quorum:
+        if len(current.selected) - len(failed) - dropped < quorum:
             reasons = some([f"{c}: {current.clients[c].reason}" for c in failed], "; ")
             causes = {cause(current.clients[c]) for c in failed}
             shared = causes.pop() if len(causes) == 1 else None  # one cause for all: name it in the reason
@@ -323,6 +347,9 @@ class _Step:
             waiting = []
         if waiting:
             return False
+        if current.secure is not None:  # the survivors reveal the shares that unmask their sum
+            masked = [c for c in current.selected if current.clients[c].state == "succeeded"]
+            return self.next_secure_stage(current, current.secure, "unmask", masked)
         current.aggregation = ClientTask(attempt=current.aggregation_attempts + 1)
         return True
 
@@ -333,7 +360,7 @@ class _Step:
         progress = _advance(task, ident, self.observations, self.spec.clients.max_retries)
         if progress is Progress.LAUNCH:
             self.launch(Task(task_id("aggregate", task.attempt, current.round), "aggregate", current.round,
-                             attempt=task.attempt))
+                             attempt=task.attempt, **self.secure_roster(current)))
             return False
         if progress is Progress.WAIT:
             return False
@@ -352,6 +379,109 @@ class _Step:
             status.message = f"round {current.round}/{self.spec.rounds}: {len(current.evaluations)} sites evaluating"
             return True
         self.complete_round(current)
+        return True
+
+    @property
+    def secure_threshold(self) -> int:
+        """privacy.secureAggregation.threshold, or 0 when the round's updates are not masked."""
+        privacy = self.spec.privacy
+        secure = privacy.secure_aggregation if privacy is not None else None
+        return secure.threshold if secure is not None else 0
+
+    def secure_roster(self, current: RoundStatus) -> Roster:
+        """What a secure round's train, unmask and aggregate tasks must agree on; nothing for a plain round."""
+        secure = current.secure
+        if secure is None:
+            return {}
+        survivors = tuple(c for c in current.selected if current.clients[c].state == "succeeded")
+        return Roster(round_attempt=current.attempt, advertised=tuple(secure.advertised), peers=tuple(secure.shared),
+                      survivors=survivors if secure.stage == "unmask" else ())
+
+    def start_secure(self, current: RoundStatus) -> SecureRound:
+        """The first stage of a secure round: every selected client advertises its keys for this attempt."""
+        secure = SecureRound(stage="keys")
+        current.secure = secure
+        self.open_secure_stage(current, secure, "keys", list(current.selected))
+        return secure
+
+    def open_secure_stage(self, current: RoundStatus, secure: SecureRound, stage: SecureStage,
+                          clients: list[str]) -> None:
+        secure.stage, secure.started_at = stage, self.now
+        secure.tasks = {c: ClientTask(attempt=secure.offset + 1) for c in clients}
+        self.status.message = (f"round {current.round}/{self.spec.rounds}: {len(clients)} clients "
+                               f"{SECURE_DOING[stage]} (secure aggregation)")
+
+    def next_secure_stage(self, current: RoundStatus, secure: SecureRound, stage: SecureStage,
+                          survivors: list[str]) -> bool:
+        """Move on with the clients that finished the stage before, or miss the round below the threshold or quorum.
+
+        Clients that dropped out are marked so in the round (they neither train nor count); the
+        engine tells no one anything else: the next tasks name the roster they must use.
+        """
+        needed = max(self.secure_threshold, self.spec.clients.quorum)
+        if len(survivors) < needed:
+            below = len(survivors) < self.secure_threshold
+            what = f"threshold {self.secure_threshold}" if below else f"quorum {self.spec.clients.quorum}"
+            before = {"train": "sharing secrets", "unmask": "training"}.get(stage, "advertising keys")
+            return self.missed_quorum(current, f"secure aggregation: {len(survivors)} of {len(current.selected)} "
+                                               f"clients finished {before}, {what} needed",
+                                      Reason.SECURE_THRESHOLD if below else Reason.QUORUM_MISSED)
+        if stage == "shares":
+            secure.advertised = survivors
+        elif stage == "train":
+            secure.shared = survivors
+            for client in current.selected:
+                if client not in survivors:
+                    current.clients[client].state = "dropped"
+                    current.clients[client].reason = "dropped before training: its keys or shares did not arrive"
+            secure.stage, secure.tasks = "train", {}
+            current.started_at = self.now  # training has the whole deadline, as in a plain round
+            self.status.message = (f"round {current.round}/{self.spec.rounds}: {len(survivors)} clients training "
+                                   "(secure aggregation)")
+            return True
+        self.open_secure_stage(current, secure, stage, survivors)
+        return True
+
+    def advance_secure(self, current: RoundStatus, secure: SecureRound) -> bool:
+        """A key, share or unmask stage: each client's task with retries, then the next stage with who finished."""
+        stage = secure.stage
+        roster = self.secure_roster(current)
+        for client in list(secure.tasks):
+            task = secure.tasks[client]
+            before = task.state
+            progress = _advance(task, task_id(stage, task.attempt, current.round, client), self.observations,
+                                self.spec.clients.max_retries)
+            secure.highest = max(secure.highest, task.attempt)
+            if progress is Progress.LAUNCH:
+                self.launch(Task(task_id(stage, task.attempt, current.round, client), stage, current.round,
+                                 client, task.attempt, **roster))
+            elif progress is Progress.FAILED and before != "failed":
+                self.event(Reason.CLIENT_FAILED, f"round {current.round}: {client} failed {SECURE_DOING[stage]}: "
+                                                 f"{task.reason}", warning=True)
+        waiting = [c for c, t in secure.tasks.items() if t.state in ("pending", "running")]
+        late = secure.started_at is not None and self.now - secure.started_at > self.spec.round_deadline_seconds
+        if waiting and late:
+            for client in waiting:
+                task = secure.tasks[client]
+                self.decision.actions.append(Cancel(task_id(stage, task.attempt, current.round, client)))
+                task.state, task.reason = "dropped", "dropped at the round deadline"
+            self.event(Reason.CLIENTS_DROPPED, f"round {current.round}: dropped late clients {some(waiting)} while "
+                                               f"{SECURE_DOING[stage]}", warning=True)
+            waiting = []
+        if waiting:
+            return False
+        finished = [c for c, t in secure.tasks.items() if t.state == "succeeded"]
+        if stage == "unmask":
+            return self.unmasked(current, secure, finished)
+        return self.next_secure_stage(current, secure, "shares" if stage == "keys" else "train", finished)
+
+    def unmasked(self, current: RoundStatus, secure: SecureRound, revealed: list[str]) -> bool:
+        """The survivors revealed their shares: aggregate the masked sum (its task checks each secret's shares)."""
+        if len(revealed) < self.secure_threshold:
+            return self.missed_quorum(current, f"secure aggregation: {len(revealed)} of {len(secure.tasks)} "
+                                               f"surviving clients revealed their shares, threshold "
+                                               f"{self.secure_threshold} needed", Reason.SECURE_THRESHOLD)
+        current.aggregation = ClientTask(attempt=current.aggregation_attempts + 1)
         return True
 
     def advance_evaluations(self, current: RoundStatus) -> bool:
@@ -441,6 +571,7 @@ class _Step:
         """The round is done: its figures reach the status, the history is compacted, people are told."""
         status = self.status
         current.finished_at = self.now
+        current.secure = None  # its rosters served the round; its counts say who took part
         compact_history(status.rounds)
         federated = current.federated
         if federated is not None:
@@ -469,6 +600,11 @@ class _Step:
             task = current.clients[client]
             if task.state == "running":
                 self.decision.actions.append(Cancel(task_id("train", task.attempt, current.round, client)))
+        secure = current.secure
+        if secure is not None and secure.stage != "train":
+            for client, task in secure.tasks.items():
+                if task.state == "running":
+                    self.decision.actions.append(Cancel(task_id(secure.stage, task.attempt, current.round, client)))
         retries = self.spec.stragglers
         if retries.on_missed_quorum == "retry" and current.attempt <= retries.max_round_retries:
             current.attempt += 1
@@ -476,6 +612,9 @@ class _Step:
             if current.aggregation is not None:
                 current.aggregation_attempts = current.aggregation.attempt
             current.aggregation = None
+            if secure is not None:  # a new attempt of the round: new keys, new stage tasks
+                current.secure = SecureRound(offset=secure.highest, highest=secure.highest)
+                self.open_secure_stage(current, current.secure, "keys", list(current.selected))
             for client in current.selected:
                 task = current.clients[client]
                 current.clients[client] = ClientTask(attempt=task.attempt + 1)

@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 Phase = Literal["Pending", "Initializing", "Running", "Suspended", "Succeeded", "Failed"]
 FINISHED: tuple[Phase, ...] = ("Succeeded", "Failed")  # final: nothing changes a finished training again
 TaskState = Literal["pending", "running", "succeeded", "failed", "dropped"]
+SecureStage = Literal["keys", "shares", "train", "unmask"]
 HISTORY_LIMIT = 100  # rounds kept in status; older ones live in storage and MLflow
 # A status is stored in etcd, which refuses large objects, and every kubectl read carries it whole:
 # so finished rounds keep their per-client records only while the latest of them together hold at
@@ -43,6 +44,8 @@ class Reason:
     UPDATES_REJECTED = "UpdatesRejected"
     UPDATES_CAPPED = "UpdatesCapped"  # an update counted with less weight than it claimed (clients.maxWeightOverMedian)
     NON_FINITE_MODEL = "NonFiniteModel"  # the aggregate had NaN or Inf: not written, the round missed its quorum
+    SECURE_THRESHOLD = "SecureAggregationThreshold"  # fewer clients than privacy.secureAggregation.threshold survived
+    SECURE_ROUND_FAILED = "SecureAggregationFailed"  # the masked sum could not be recovered (shares, range)
     BAD_INPUT = "BadInput"
     BAD_DATA = "BadData"
     TASK_FAILED = "TaskFailed"
@@ -139,6 +142,27 @@ class FederatedMetrics(StatusModel):
     outliers: list[str] = []  # sites further than spec.evaluation.outlierDistance from the median site
 
 
+class SecureRound(StatusModel):
+    """Secure aggregation's stages of one attempt of a round, and who took part in each, as the coordinator saw it.
+
+    Stages: ``keys`` (each selected client advertises its round keys), ``shares`` (those who advertised
+    send encrypted shares of their secrets), ``train`` (those who shared train and upload masked
+    updates: the round's ``clients``), ``unmask`` (those who uploaded reveal the shares that remove
+    the masks). ``tasks`` are the current key, share or unmask stage's tasks; each later task names
+    the set it must use (``advertised``, ``shared``), so every client masks and unmasks against the
+    same roster whatever reaches the store late.
+    """
+
+    stage: SecureStage = "keys"
+    started_at: float | None = None  # of the stage: each stage has spec.roundDeadlineSeconds
+    tasks: dict[str, ClientTask] = {}
+    advertised: list[str] = []
+    shared: list[str] = []
+    # Task attempts used by earlier attempts of the round: a retried round's stage tasks take new ids.
+    offset: int = 0
+    highest: int = 0
+
+
 class RoundStatus(StatusModel):
     """One round: who was selected, how they did, and what aggregation gave (``counts`` once it finished).
 
@@ -166,6 +190,7 @@ class RoundStatus(StatusModel):
     evaluation_started_at: float | None = None
     site_scores: dict[str, SiteEvaluation] = {}
     federated: FederatedMetrics | None = None
+    secure: SecureRound | None = None  # privacy.secureAggregation's stages (kept while the round runs)
 
     def count(self, state: TaskState) -> int:
         """How many selected clients are in ``state``."""
@@ -236,6 +261,9 @@ class TrainingStatus(StatusModel):
         if current is not None:
             current.clients = {name: task.model_copy() for name, task in current.clients.items()}
             current.aggregation = current.aggregation.model_copy() if current.aggregation is not None else None
+            if current.secure is not None:
+                current.secure = current.secure.model_copy()
+                current.secure.tasks = {name: task.model_copy() for name, task in current.secure.tasks.items()}
             if current.evaluations is not None:
                 current.evaluations = {name: task.model_copy() for name, task in current.evaluations.items()}
                 current.site_scores = dict(current.site_scores)
@@ -255,10 +283,17 @@ class Task:
     """One unit of work for an executor; ``id`` is unique and deterministic within a training."""
 
     id: str
-    kind: Literal["init", "train", "aggregate", "evaluate", "finalize"]
+    kind: Literal["init", "train", "aggregate", "evaluate", "finalize", "keys", "shares", "unmask"]
     round: int = 0
     client: str | None = None
     attempt: int = 1
+    # Secure aggregation: the round attempt that keys are derived for, the clients that advertised keys (the
+    # share graph is theirs), that shared (masks are added and removed against them) and whose masked
+    # updates count (an unmask, an aggregation).
+    round_attempt: int = 1
+    advertised: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    survivors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -153,8 +153,10 @@ def _run_locked(manifest: FederatedTraining, options: RunOptions, workdir: Path,
     uid = local_uid(workdir)
     namespace, name = manifest.metadata.namespace, manifest.metadata.name
     store = storage_location(spec, namespace, training_dir(name, uid))
+    secrets = workdir / "secrets"  # secure aggregation's client secrets: beside the store, never in it
+    secrets.mkdir(mode=0o700, exist_ok=True)
     where = Placement(store or str(workdir), data_path, manifest.metadata.name, manifest.metadata.namespace,
-                      uid=uid, tracking_uri=tracking_uri)
+                      uid=uid, tracking_uri=tracking_uri, secrets_dir=str(secrets))
     preload = ["torchvision.models"] if spec.model.architecture.startswith("mobilenet") else []
     environment = {CACHE_ENV: str(workdir / "cache"), **os.environ, **storage_environment(spec)}
     if spec.storage.s3 is not None:

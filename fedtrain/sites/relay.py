@@ -124,7 +124,7 @@ def privacy_settings(spec: FederatedTrainingSpec) -> PrivacySettings | None:
     """The training's central DP as a site judges it (the sampling rate is perRound / count)."""
     if spec.privacy is None:
         return None
-    return PrivacySettings(spec.privacy.clip_norm, spec.privacy.noise_multiplier, spec.privacy.delta,
+    return PrivacySettings(spec.privacy.clip_norm, spec.privacy.noise, spec.privacy.delta,
                            spec.clients.round_size / spec.clients.total)
 
 

@@ -196,6 +196,7 @@ def storage(**kinds: Any) -> dict[str, Any]:
 
 
 S3 = {"bucket": "weights"}
+SECURE = {"clipNorm": 5.0, "secureAggregation": {"threshold": 3}}
 CASES = {
     "name-length": RuleCase("", f"at most {MAX_TRAINING_NAME} characters",
                             named("n" * (MAX_TRAINING_NAME + 1), sample()), named("n" * MAX_TRAINING_NAME, sample())),
@@ -230,6 +231,21 @@ CASES = {
                               old=sample()),
     "model-added": RuleCase("spec.model", "spec.model is immutable", sample(model={"architecture": "tiny_cnn"}),
                             sample(model={"architecture": "mobilenet_v3_small"}), old=sample(model=None)),
+    "secure-aggregation-strategy": RuleCase(
+        "spec", "strategy.name must be fedavg, fedprox",
+        sample(strategy={"name": "krum", "parameters": {"f": 1}}, privacy=SECURE),
+        sample(strategy={"name": "fedadam"}, privacy=SECURE)),
+    "secure-aggregation-threshold": RuleCase(
+        "spec", "threshold must be <= the clients of a round",
+        sample(clients={"count": 4, "perRound": 2}, privacy=SECURE), sample(clients={"count": 3}, privacy=SECURE)),
+    "secure-aggregation-threshold-of-list": RuleCase(
+        "spec", "threshold must be <= the clients of a round",
+        sample(clients={"list": [{"name": "a"}, {"name": "b"}]}, privacy=SECURE),
+        sample(clients={"list": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}, privacy=SECURE)),
+    "secure-aggregation-neighbours": RuleCase(
+        "spec", "threshold must be <= neighbours + 1",
+        sample(clients={"count": 5}, privacy={**SECURE, "secureAggregation": {"threshold": 4, "neighbours": 2}}),
+        sample(clients={"count": 5}, privacy={**SECURE, "secureAggregation": {"threshold": 3, "neighbours": 2}})),
     "strategy-added": RuleCase("spec.strategy", "spec.strategy is immutable", sample(strategy={"name": "fedprox"}),
                                sample(strategy={"name": "fedavg"}), old=sample(strategy=None)),
     "strategy-removed": RuleCase("spec.strategy", "spec.strategy is immutable",
