@@ -93,9 +93,10 @@ class QuantisationPlan:
         """The weight element's scale (its range is 1)."""
         return _scale(self.max_clients, 1.0)
 
-    def bound(self, name: str) -> float:
-        """The largest |w·d| tensor ``name`` may hold: the clip norm, or the integer range."""
-        return self.clip_norm if np.dtype(self.dtypes[self.names.index(name)]).kind == "f" else self.integer_range
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        """Per tensor, the largest |w·d| it may hold: the clip norm (float tensors) or the integer range."""
+        return tuple(self.clip_norm if np.dtype(dtype).kind == "f" else self.integer_range for dtype in self.dtypes)
 
     def error_bound(self, weight_sum: float) -> dict[str, float]:
         """Per tensor, the largest error of the weighted mean ``sum(w·d) / sum(w)`` after dequantisation.
@@ -107,8 +108,8 @@ class QuantisationPlan:
         if not weight_sum > 0:
             raise BadInputError(f"the weight sum must be positive, got {weight_sum}")
         weight_error = self.max_clients * 0.5 / self.weight_scale
-        return {name: (self.max_clients * 0.5 / scale + self.bound(name) * weight_error) / weight_sum
-                for name, scale in zip(self.names, self.scales, strict=True)}
+        return {name: (self.max_clients * 0.5 / scale + bound * weight_error) / weight_sum
+                for name, scale, bound in zip(self.names, self.scales, self.bounds, strict=True)}
 
     def quantise(self, delta: Mapping[str, NDArray[Any]], weight: float) -> NDArray[np.uint32]:
         """``weight · delta`` as the plan's uint32 vector, the weight last; out-of-range values are refused."""
@@ -119,35 +120,37 @@ class QuantisationPlan:
         if not (math.isfinite(weight) and 0 < weight <= 1):
             raise QuantisationRangeError(f"the update's weight {weight} is outside (0, 1]")
         out = np.empty(self.length, np.uint32)
+        signed = out.view(np.int32)  # |q| <= (2^31 - 1) / max_clients fits int32; its bits are q mod 2^32
         offset = 0
-        for name, shape, scale in zip(self.names, self.shapes, self.scales, strict=True):
+        for name, shape, scale, bound in zip(self.names, self.shapes, self.scales, self.bounds, strict=True):
             array = np.asarray(delta[name])
             if array.shape != shape:
                 raise BadDataError(f"tensor {name} of the update has shape {array.shape}, the model's is {shape}")
-            value = array.astype(np.float64).ravel() * weight
-            self._check_range(name, value)
-            # q fits int32 (|q| <= (2^31 - 1) / max_clients); int64 -> uint32 wraps it into Z/2^32
-            out[offset:offset + value.size] = np.rint(value * scale).astype(np.int64).astype(np.uint32)
-            offset += value.size
-        out[offset] = round(weight * self.weight_scale)
+            self._check_range(name, array, weight, bound)
+            scaled = np.multiply(array.ravel(), weight * scale, dtype=np.float64)
+            signed[offset:offset + array.size] = np.rint(scaled, out=scaled)
+            offset += array.size
+        signed[offset] = round(weight * self.weight_scale)
         return out
 
-    def _check_range(self, name: str, value: NDArray[np.float64]) -> None:
-        """Refuse a non-finite value or one past the tensor's bound, naming the tensor, value, bound and setting."""
-        bound = self.bound(name)
-        if value.size == 0:
+    def _check_range(self, name: str, array: NDArray[Any], weight: float, bound: float) -> None:
+        """Refuse a non-finite value or one past the tensor's bound, naming the tensor, value, bound and setting.
+
+        One pass over the tensor in its own dtype (max |w·d| is w·max |d|); the offending element is
+        looked for only when there is one. Integers go through float64, where |min int64| exists.
+        """
+        if array.size == 0:
             return
-        worst = int(np.argmax(np.abs(value)))
-        bad = np.flatnonzero(~np.isfinite(value))
-        index = int(bad[0]) if bad.size else worst
-        found = float(value[index])
-        if math.isfinite(found) and abs(found) <= bound:
+        magnitude = np.abs(array if array.dtype.kind == "f" else array.astype(np.float64))
+        if float(np.max(magnitude)) * weight <= bound:  # False for NaN too
             return
+        value = array.astype(np.float64).ravel() * weight
+        index = int(np.flatnonzero(~(np.abs(value) <= bound))[0])
         setting = ("the clip norm (privacy.clipNorm): clip the update to it before masking, or raise it"
                    if np.dtype(self.dtypes[self.names.index(name)]).kind == "f"
                    else "the integer range of integer tensors (integer_range): raise it")
-        raise QuantisationRangeError(f"tensor {name}: weighted value {found} at flat index {index} is outside the "
-                                     f"quantisation range ±{bound}, set by {setting}")
+        raise QuantisationRangeError(f"tensor {name}: weighted value {float(value[index])} at flat index {index} is "
+                                     f"outside the quantisation range ±{bound}, set by {setting}")
 
     def dequantise(self, total: NDArray[np.uint32]) -> tuple[dict[str, NDArray[np.float64]], float]:
         """The sum of the weighted deltas per tensor (in the plan's shapes) and the sum of the weights."""

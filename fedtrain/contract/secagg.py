@@ -464,35 +464,34 @@ def reveal(keys: ClientKeys, shares: Mapping[str, Share], survivors: Collection[
 # --- masking ----------------------------------------------------------------------------------------
 
 
-class _Keystream:
-    """ChaCha20 keystreams of one length, written into one reused buffer.
+_CHUNK = 1 << 16  # elements (256 KiB): one chunk of every keystream is added while it is still in cache
 
-    Reused because allocating (and faulting in) a fresh 10 MB buffer per key cost four times the
-    cipher itself; each returned array is valid until the next call.
+
+def _add_streams(total: NDArray[np.uint32], streams: Sequence[tuple[bytes, int]]) -> None:
+    """Add each key's ChaCha20 keystream (read as little-endian uint32) to ``total`` with its sign, mod 2^32.
+
+    Chunk by chunk, every key per chunk: ``total`` passes through memory once whatever the number
+    of keys, and no keystream is ever whole in memory (a fresh 10 MB buffer per key cost more than
+    the cipher). ChaCha20 holds the GIL, so threads would not help.
     """
-
-    def __init__(self, length: int) -> None:
-        self._zeros = bytes(4 * length)
-        self._out = bytearray(4 * length)
-
-    def __call__(self, key: bytes) -> NDArray[np.uint32]:
-        encryptor = Cipher(algorithms.ChaCha20(key, _PRG_NONCE), mode=None).encryptor()
-        encryptor.update_into(self._zeros, self._out)
-        return np.frombuffer(self._out, dtype="<u4")
+    encryptors = [(Cipher(algorithms.ChaCha20(key, _PRG_NONCE), mode=None).encryptor(), sign) for key, sign in streams]
+    zeros = memoryview(bytes(4 * _CHUNK))
+    scratch = bytearray(4 * _CHUNK)
+    for start in range(0, total.size, _CHUNK):
+        part = total[start:start + _CHUNK]
+        for encryptor, sign in encryptors:
+            encryptor.update_into(zeros[:4 * part.size], scratch)
+            stream = np.frombuffer(scratch, dtype="<u4", count=part.size)
+            if sign > 0:
+                np.add(part, stream, out=part)
+            else:
+                np.subtract(part, stream, out=part)
 
 
 def _pair_seed(context: Context, private: X25519PrivateKey, public: X25519PublicKey, a: str, b: str) -> bytes:
     """The 32-byte key of the pairwise mask between ``a`` and ``b``, the same from either side."""
     low, high = sorted((a, b))
     return _agree(private, public, context.label("mask", low, high), b)
-
-
-def _add(total: NDArray[np.uint32], stream: NDArray[np.uint32], sign: int) -> None:
-    """``total ± stream`` in place, wrapping mod 2^32."""
-    if sign > 0:
-        np.add(total, stream, out=total)
-    else:
-        np.subtract(total, stream, out=total)
 
 
 def mask(vector: NDArray[np.uint32], keys: ClientKeys, peers: Mapping[str, Advertisement]) -> NDArray[np.uint32]:
@@ -503,15 +502,15 @@ def mask(vector: NDArray[np.uint32], keys: ClientKeys, peers: Mapping[str, Adver
     """
     if vector.dtype != np.uint32 or vector.ndim != 1 or vector.size == 0:
         raise BadInputError(f"mask takes a non-empty 1-D uint32 vector, got {vector.dtype} of shape {vector.shape}")
-    stream = _Keystream(vector.size)
-    total = vector.copy()
-    _add(total, stream(keys.self_seed), +1)
+    streams = [(keys.self_seed, +1)]
     for name, advertisement in sorted(peers.items()):
         if name == keys.client:
             continue
         advertisement.check(keys.context, name)
         seed = _pair_seed(keys.context, keys.masking, advertisement.masking_public(), keys.client, name)
-        _add(total, stream(seed), +1 if keys.client < name else -1)
+        streams.append((seed, +1 if keys.client < name else -1))
+    total = vector.copy()
+    _add_streams(total, streams)
     return total
 
 
@@ -594,6 +593,27 @@ def _check_inputs(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str
     return next(iter(shapes))[0]
 
 
+def _unmasking_streams(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str, Reveal],
+                       advertisements: Mapping[str, Advertisement], sets: Mapping[str, Sequence[str]],
+                       dropped: Sequence[str], threshold: int, context: Context) -> list[tuple[bytes, int]]:
+    """The keystreams, with their signs, that take every remaining mask off the sum of ``masked``.
+
+    Each survivor's self mask, and the pairwise masks its surviving neighbours added for each
+    dropped client; each secret checked against its owner's commitment or advertised key first.
+    """
+    streams = [(_recover_seed(owner, advertisements[owner], _collect(owner, "seed", sets[owner], reveals),
+                              len(set(sets[owner])), threshold, context), -1) for owner in sorted(masked)]
+    for owner in dropped:
+        neighbours = [k for k in sorted(set(sets[owner])) if k in masked]
+        if not neighbours:
+            continue  # no survivor masked against it: its key stays secret
+        shares = _collect(owner, "masking key", sets[owner], reveals)
+        key = _recover_masking(owner, advertisements[owner], shares, len(set(sets[owner])), threshold)
+        streams += [(_pair_seed(context, key, advertisements[k].masking_public(), owner, k), -1 if k < owner else +1)
+                    for k in neighbours]
+    return streams
+
+
 def unmask(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str, Reveal],
            advertisements: Mapping[str, Advertisement], sets: Mapping[str, Sequence[str]], shared: Collection[str],
            threshold: int, context: Context) -> NDArray[np.uint32]:
@@ -603,29 +623,15 @@ def unmask(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str, Revea
     its self seed comes from its share set's seed shares (checked against its commitment); per
     client that shared but did not upload, its masking key comes from its masking-key shares
     (checked against its advertised key), and the masks its surviving neighbours added for it are
-    taken off.
+    taken off. Every secret is recovered and checked before any arithmetic.
     """
-    survivors = sorted(masked)
     dropped = sorted(set(shared) - set(masked))
-    if len(survivors) < threshold:
-        raise ThresholdNotMet(f"{len(survivors)} of {len(sets)} clients' masked updates, threshold {threshold}")
+    if len(masked) < threshold:
+        raise ThresholdNotMet(f"{len(masked)} of {len(sets)} clients' masked updates, threshold {threshold}")
     length = _check_inputs(masked, reveals, advertisements, sets, shared, context)
+    streams = _unmasking_streams(masked, reveals, advertisements, sets, dropped, threshold, context)
     total = np.zeros(length, np.uint32)
     for vector in masked.values():
         np.add(total, vector, out=total)
-    stream = _Keystream(length)
-    for owner in survivors:
-        members = sets[owner]
-        shares = _collect(owner, "seed", members, reveals)
-        seed = _recover_seed(owner, advertisements[owner], shares, len(set(members)), threshold, context)
-        _add(total, stream(seed), -1)
-    for owner in dropped:
-        neighbours = [k for k in sorted(set(sets[owner])) if k in masked]
-        if not neighbours:
-            continue  # no survivor masked against it: its key stays secret
-        shares = _collect(owner, "masking key", sets[owner], reveals)
-        key = _recover_masking(owner, advertisements[owner], shares, len(set(sets[owner])), threshold)
-        for survivor in neighbours:
-            seed = _pair_seed(context, key, advertisements[survivor].masking_public(), owner, survivor)
-            _add(total, stream(seed), -1 if survivor < owner else +1)
+    _add_streams(total, streams)
     return total
