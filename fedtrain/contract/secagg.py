@@ -80,7 +80,7 @@ _SEALED_BYTES = _NONCE_BYTES + _SHARE_BYTES + _TAG_BYTES
 # Every PRG key is used once (it is bound to the round's context and the pair), so ChaCha20's nonce is fixed.
 _PRG_NONCE = bytes(16)
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+_Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
 _Base64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=256)]
 
 
@@ -237,7 +237,7 @@ def _check_context(message: _Message, context: Context, what: str) -> None:
 class Advertisement(_Message):
     """A client's public keys for one context and a commitment to its self seed (sha256 over label and seed)."""
 
-    client: Name
+    client: _Name
     encryption_key: _Base64
     masking_key: _Base64
     seed_commitment: Annotated[str, Field(pattern=SHA256_PATTERN)]
@@ -314,9 +314,9 @@ class ClientKeys:
 class SharesMessage(_Message):
     """A sender's Shamir shares, one AES-GCM ciphertext (base64 of nonce and ciphertext) per recipient."""
 
-    sender: Name
+    sender: _Name
     threshold: Annotated[int, Field(ge=2, le=MAX_SHARE_SET)]
-    ciphertexts: Annotated[dict[Name, _Base64], Field(max_length=MAX_SHARE_SET)]
+    ciphertexts: Annotated[dict[_Name, _Base64], Field(max_length=MAX_SHARE_SET)]
 
     @classmethod
     def parse(cls, data: bytes, context: Context, sender: str) -> SharesMessage:
@@ -351,6 +351,16 @@ def _split(secret: bytes, threshold: int, count: int) -> list[tuple[bytes, bytes
     return [(a, b) for (_, a), (_, b) in zip(first, second, strict=True)]
 
 
+def _seal(keys: ClientKeys, recipient: str, public: X25519PublicKey, plaintext: bytes) -> str:
+    """Base64 of a random nonce and the AES-GCM ciphertext of ``plaintext`` for ``recipient``.
+
+    The nonce is random, not fixed: a task run again encrypts other shares under the same key.
+    """
+    aead, label = _share_key(keys.context, keys.encryption, public, keys.client, recipient)
+    nonce = os.urandom(_NONCE_BYTES)
+    return _b64(nonce + aead.encrypt(nonce, plaintext, label))
+
+
 def make_shares(keys: ClientKeys, advertisements: Mapping[str, Advertisement], share_set: Sequence[str],
                 threshold: int) -> SharesMessage:
     """Share ``keys``' masking key and self seed, ``threshold`` of the set's size, to the advertised members.
@@ -379,10 +389,8 @@ def make_shares(keys: ClientKeys, advertisements: Mapping[str, Advertisement], s
         if member not in recipients:
             continue
         public = keys.encryption.public_key() if member == keys.client else advertisements[member].encryption_public()
-        aead, label = _share_key(keys.context, keys.encryption, public, keys.client, member)
         plaintext = index.to_bytes(_INDEX_BYTES, "big") + b"".join(masking[index - 1]) + b"".join(seeds[index - 1])
-        nonce = os.urandom(_NONCE_BYTES)
-        ciphertexts[member] = _b64(nonce + aead.encrypt(nonce, plaintext, label))
+        ciphertexts[member] = _seal(keys, member, public, plaintext)
     context = keys.context
     return SharesMessage(version=SECAGG_VERSION, training=context.training, round=context.round,
                          attempt=context.attempt, sender=keys.client, threshold=threshold, ciphertexts=ciphertexts)
@@ -419,9 +427,9 @@ def open_share(keys: ClientKeys, sender: Advertisement, message: SharesMessage) 
 class Reveal(_Message):
     """What one survivor reveals: per sender, the share of its self seed or of its masking key, never both."""
 
-    client: Name
-    seeds: Annotated[dict[Name, _Base64], Field(max_length=MAX_SHARE_SET)]
-    masking_keys: Annotated[dict[Name, _Base64], Field(max_length=MAX_SHARE_SET)]
+    client: _Name
+    seeds: Annotated[dict[_Name, _Base64], Field(max_length=MAX_SHARE_SET)]
+    masking_keys: Annotated[dict[_Name, _Base64], Field(max_length=MAX_SHARE_SET)]
 
     @classmethod
     def parse(cls, data: bytes, context: Context, client: str) -> Reveal:
