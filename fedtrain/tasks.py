@@ -69,7 +69,7 @@ def storage_location(spec: FederatedTrainingSpec, namespace: str, training_dir: 
 def aggregation_clients(status: TrainingStatus, round_number: int) -> dict[str, int]:
     """The clients whose updates a round's aggregation uses (their training succeeded), by that attempt.
 
-    A site's update is read under the key of the attempt that succeeded, never a stale attempt's.
+    Each update is read under the key of the attempt that succeeded, never a stale attempt's.
     """
     record = status.round(round_number)
     if record is None:
@@ -175,6 +175,7 @@ def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[st
     entry = spec.clients.entry(task.client or "")
     epochs, batch, rate = client_training(spec, task.client or "")
     args = ["train", "--workdir", where.workdir, "--round", str(task.round), "--client", str(task.client),
+            "--attempt", str(task.attempt),
             "--device", spec.worker.device, "--epochs", str(epochs), "--batch-size", str(batch),
             "--optimizer", training.optimizer, "--lr", repr(rate), "--momentum", repr(training.momentum),
             "--weight-decay", repr(training.weight_decay), "--scheduler", training.scheduler,
@@ -209,8 +210,8 @@ def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, client
         args += ["--param", f"{key}={value!r}"]
     if spec.clients.sites():
         args += ["--sites", ",".join(spec.clients.sites())]
-        for site in (s for s in clients if s in spec.clients.sites()):
-            args += ["--site-attempt", f"{site}={clients[site]}"]
+    for client, attempt in clients.items():
+        args += ["--client-attempt", f"{client}={attempt}"]
     if not spec.evaluation.central:
         args.append("--no-evaluate")
     if spec.privacy is not None and spec.privacy.differential:

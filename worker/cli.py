@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--own-data", action="store_true", help="train on the whole training split at --data "
                        "(the client's own data set), not on the client's share of the partition")
     train.add_argument("--device", default="auto")
+    train.add_argument("--attempt", type=int, default=1, help="the attempt of this client's task: its update's key "
+                       "names it, so that a stale attempt never overwrites the current one's")
     _add_training_options(train)
 
     aggregate = commands.add_parser("aggregate", help="one round: strategy over the updates, evaluate, save")
@@ -120,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "round's accepted updates (spec.clients.maxWeightOverMedian)")
     aggregate.add_argument("--sites", default="", help="comma-separated clients that are remote sites (their "
                            "updates are in sites/<site>/)")
-    aggregate.add_argument("--site-attempt", action="append", default=[], metavar="SITE=N",
-                           help="the attempt of a site's task whose update counts (a late upload of another "
-                           "attempt is ignored); repeatable; default: the site's latest upload")
+    aggregate.add_argument("--client-attempt", action="append", default=[], metavar="CLIENT=N",
+                           help="the attempt of a client's task whose update counts (a late upload of another "
+                           "attempt is ignored); repeatable; default: the client's latest upload")
     aggregate.add_argument("--data", default=None)
     aggregate.add_argument("--device", default="auto")
     aggregate.add_argument("--no-evaluate", action="store_true")
@@ -266,7 +268,10 @@ def run(args: argparse.Namespace) -> Any:
             raise BadInputError("--own-data needs --data: the path of the client's own data set")
         if args.clip_norm is not None and args.clip_norm <= 0:
             raise BadInputError(f"--clip-norm must be > 0, got {args.clip_norm}")
-        return jobs.train(workspace, args.round, args.client, config, device, args.own_data, args.clip_norm)
+        if not 1 <= args.attempt <= MAX_ATTEMPT:
+            raise BadInputError(f"--attempt must be in [1, {MAX_ATTEMPT}], got {args.attempt}")
+        return jobs.train(workspace, args.round, args.client, config, device, args.own_data, args.clip_norm,
+                          args.attempt)
     if args.command == "aggregate":
         clients = tuple(c for c in args.clients.split(",") if c)
         privacy = None
@@ -276,7 +281,7 @@ def run(args: argparse.Namespace) -> Any:
             privacy.check()
         config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,
                                        args.max_norm_ratio, clients, not args.no_evaluate, privacy,
-                                       example_bounds_of(args), attempts=site_attempts_of(args),
+                                       example_bounds_of(args), attempts=client_attempts_of(args),
                                        max_weight_over_median=weight_over_median_of(args))
         result = jobs.aggregate(replace(workspace, sites=_names(args.sites)), args.round, config_, device)
         if args.termination_log is not None:
@@ -296,7 +301,7 @@ def _example_bound_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _named_numbers(items: list[str], option: str, name: str, most: int) -> tuple[tuple[str, int], ...]:
-    """``NAME=N`` options (``--site-attempt munich=2``), each N in [1, ``most``]."""
+    """``NAME=N`` options (``--client-attempt munich=2``), each N in [1, ``most``]."""
     found = []
     for item in items:
         named, _, number = item.partition("=")
@@ -306,9 +311,9 @@ def _named_numbers(items: list[str], option: str, name: str, most: int) -> tuple
     return tuple(found)
 
 
-def site_attempts_of(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
-    """``--site-attempt SITE=N``: which attempt's update of each site the aggregation reads."""
-    return _named_numbers(args.site_attempt, "--site-attempt", "SITE", MAX_ATTEMPT)
+def client_attempts_of(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
+    """``--client-attempt CLIENT=N``: which attempt's update of each client the aggregation reads."""
+    return _named_numbers(args.client_attempt, "--client-attempt", "CLIENT", MAX_ATTEMPT)
 
 
 def example_bounds_of(args: argparse.Namespace) -> ExampleBounds:

@@ -36,7 +36,7 @@ from fedtrain.contract.sitetask import (
     parse_evaluation,
     parse_scores_record,
 )
-from fedtrain.contract.storage import Store, iterate_keys
+from fedtrain.contract.storage import Store
 from fedtrain.worker.data.gtsrb import GtsrbTree
 from fedtrain.worker.jobs import Workspace
 from fedtrain.worker.models import build_model
@@ -247,13 +247,13 @@ def _client_history(workspace: Workspace, last_round: int) -> dict[str, list[tup
     layout = Layout(frozenset(key.split("/")[1] for key in site_keys))
     history: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for round_number in range(1, last_round + 1):
-        sidecars = {key.rsplit("/", 1)[-1].removesuffix(".json"): key
-                    for key in iterate_keys(store, layout.client_dir(round_number), ".json")}
-        for site in sorted(layout.sites):  # its highest attempt: a retry's number is higher than the stale one's
-            attempts = layout.site_update_attempts(site_keys, site, round_number)
-            latest = sidecar_of(layout.client_update(round_number, site, attempts[-1])) if attempts else None
-            if latest is not None and latest in site_keys:
-                sidecars[site] = latest
+        keys = site_keys | set(store.list(layout.client_dir(round_number)))
+        sidecars = {}
+        for client in sorted(layout.updating_clients(keys, round_number) | layout.sites):
+            attempts = layout.update_attempts(keys, client, round_number)  # the highest: a retry's is higher
+            latest = sidecar_of(layout.client_update(round_number, client, attempts[-1])) if attempts else None
+            if latest is not None and latest in keys:
+                sidecars[client] = latest
         for client, key in sidecars.items():
             meta = read_json(store, key, SIDECAR_LIMIT)  # a site wrote its own
             found = meta.get("metrics")

@@ -250,10 +250,12 @@ def client_samples(workspace: Workspace, client: str, sample_ids: list[str] | No
 
 
 def train(workspace: Workspace, round_number: int, client: str, config: TrainConfig, device: torch.device,
-          own_data: bool = False, clip_norm: float | None = None) -> dict[str, Any]:
+          own_data: bool = False, clip_norm: float | None = None, attempt: int = 1) -> dict[str, Any]:
     """Train one client for one round from the previous global model; write its update.
 
     ``own_data``: the client trains on the whole training split at ``--data`` (its own data set).
+    ``attempt``: the engine's attempt of this task, which names the update's key, so that a stale
+    attempt still running never overwrites the current one's.
     """
     if round_number < 1:
         raise BadInputError(f"--round must be >= 1, got {round_number}")
@@ -271,7 +273,7 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
     clock.lap("decode")
     seed = client_seed(workspace.seed, round_number, client)
     train_part, validation_part = split_by_track(shard.samples, workspace.data.validation_fraction, seed)
-    return train_update(workspace, LocalRound(round_number, client, shard, train_part, validation_part),
+    return train_update(workspace, LocalRound(round_number, client, shard, train_part, validation_part, attempt),
                         base, config, device, clip_norm, clock)
 
 
@@ -284,7 +286,7 @@ class LocalRound:
     shard: DecodedShard
     train: list[Sample]
     validation: list[Sample]
-    attempt: int = 1  # a site's task attempt: its update's key names it (`Layout.client_update`)
+    attempt: int = 1  # the training task's attempt: its update's key names it (`Layout.client_update`)
 
 
 def train_update(workspace: Workspace, local: LocalRound, base: tuple[Weights, dict[str, Any]],
@@ -364,7 +366,7 @@ class AggregateConfig:
     privacy: PrivacyConfig | None = None
     examples: ExampleBounds = field(default_factory=ExampleBounds)  # what each update may claim (clients.maxExamples)
     max_weight_over_median: float = DEFAULT_MAX_WEIGHT_OVER_MEDIAN  # an update's weight vs the round's median count
-    attempts: tuple[tuple[str, int], ...] = ()  # a site's task attempt whose update counts; else its latest upload
+    attempts: tuple[tuple[str, int], ...] = ()  # each client's task attempt whose update counts; else its latest
 
 
 def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, device: torch.device
@@ -433,19 +435,17 @@ def refuse_non_finite(outcome: Aggregate, round_number: int, strategy: str) -> N
 def _updates_present(workspace: Workspace, round_number: int) -> tuple[str, ...]:
     """Clients whose update of the round is in the store: in the round's folder, or in a site's own folder."""
     layout, store = workspace.layout, workspace.store
-    present = {k.rsplit("/", 1)[-1].removesuffix(".safetensors")
-               for k in iterate_keys(store, layout.client_dir(round_number), ".safetensors")}
+    present = layout.updating_clients(iterate_keys(store, layout.client_dir(round_number), ".safetensors"),
+                                      round_number)
     present.update(s for s in workspace.sites if _latest_attempt(workspace, round_number, s, None) is not None)
     return tuple(sorted(present))
 
 
 def _latest_attempt(workspace: Workspace, round_number: int, client: str, default: int | None = 1) -> int | None:
-    """A site's last uploaded attempt of the round (for tools that name no attempt); other clients have one key."""
-    if client not in workspace.sites:
-        return default
+    """A client's last uploaded attempt of the round, for tools that name no attempt (the engine always does)."""
     layout = workspace.layout
-    keys = workspace.store.list(layout.site_round_dir(client, round_number))
-    found = layout.site_update_attempts(keys, client, round_number)
+    keys = workspace.store.list(layout.update_folder(round_number, client))
+    found = layout.update_attempts(keys, client, round_number)
     return found[-1] if found else default
 
 

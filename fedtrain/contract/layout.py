@@ -4,7 +4,7 @@
 
     <workdir>/manifest.json                              data, model, partition
     <workdir>/round-0000/global.safetensors (+ .json)    initial weights
-    <workdir>/round-0001/clients/<client>.safetensors (+ .json)
+    <workdir>/round-0001/clients/<client>-a2.safetensors (+ .json)   a client's update, by its task's attempt
     <workdir>/round-0001/global.safetensors (+ .json), result.json, strategy-state.safetensors
     <workdir>/round-0001/federated.json                  the site scores the coordinator accepted for the round
     <workdir>/round-0001/secure-a1/<client>/keys.json, shares.json, masked.safetensors, reveal.json
@@ -35,7 +35,7 @@ def is_number(text: str) -> bool:
 
 
 def sidecar_of(key: str) -> str:
-    """``round-0001/clients/client-00.safetensors`` -> ``.../client-00.json``."""
+    """``round-0001/clients/client-00-a1.safetensors`` -> ``.../client-00-a1.json``."""
     return key.removesuffix(".safetensors") + ".json"
 
 
@@ -73,22 +73,38 @@ class Layout:
         return f"{self.round_dir(round_number)}/clients"
 
     def client_update(self, round_number: int, client: str, attempt: int = 1) -> str:
-        """One client's update in one round (a site's is in its own folder).
+        """One client's update in one round, by the attempt of its task (a site's is in its own folder).
 
-        A site's key names the attempt of its task: a site keeps working on its own clock, so an
-        attempt the coordinator gave up on may still upload late, and it must never overwrite the
-        update of the attempt that counts (the aggregator reads that one by its attempt).
+        The key names the attempt: a task the engine gave up on (a straggler, a Job that outlived
+        its deadline, a site on its own clock) may still write late, and it must never overwrite
+        the update of the attempt that counts (the aggregator reads that one by its attempt).
         """
-        if client in self.sites:
-            return f"{self.site_round_dir(client, round_number)}/update-a{attempt}.safetensors"
-        return f"{self.client_dir(round_number)}/{client}.safetensors"
+        return f"{self._update_stem(round_number, client)}{attempt}.safetensors"
 
-    def site_update_attempts(self, keys: Iterable[str], site: str, round_number: int) -> list[int]:
-        """The attempts whose update of ``round_number`` is among ``keys`` (a listing of the site's round), sorted."""
-        folder = self.site_round_dir(site, round_number) + "/update-a"
-        found = {key.removeprefix(folder).removesuffix(".safetensors") for key in keys
-                 if key.startswith(folder) and key.endswith(".safetensors")}
+    def _update_stem(self, round_number: int, client: str) -> str:
+        """A client's update key up to its attempt number."""
+        if client in self.sites:
+            return f"{self.site_round_dir(client, round_number)}/update-a"
+        return f"{self.client_dir(round_number)}/{client}-a"
+
+    def update_folder(self, round_number: int, client: str) -> str:
+        """The folder that holds a client's updates of a round, to list for `update_attempts`."""
+        return self._update_stem(round_number, client).rsplit("/", 1)[0]
+
+    def update_attempts(self, keys: Iterable[str], client: str, round_number: int) -> list[int]:
+        """The attempts whose update of ``round_number`` is among ``keys`` (a listing of `update_folder`), sorted."""
+        stem = self._update_stem(round_number, client)
+        found = {key.removeprefix(stem).removesuffix(".safetensors") for key in keys
+                 if key.startswith(stem) and key.endswith(".safetensors")}
         return sorted(int(text) for text in found if is_number(text) and len(text) <= 4)
+
+    def updating_clients(self, keys: Iterable[str], round_number: int) -> set[str]:
+        """In-cluster clients with an update of ``round_number`` among ``keys`` (a listing of `client_dir`)."""
+        folder = self.client_dir(round_number) + "/"
+        names = (key.removeprefix(folder).removesuffix(".safetensors") for key in keys
+                 if key.startswith(folder) and key.endswith(".safetensors"))
+        return {client for client, _, attempt in (name.rpartition("-a") for name in names)
+                if client and "/" not in client and is_number(attempt) and len(attempt) <= 4}
 
     def site_dir(self, site: str) -> str:
         """Everything a site writes, and its task: ``sites/munich``."""

@@ -242,8 +242,8 @@ def test_a_whole_cli_federation_on_s3(s3_server: S3Server, synth_tree: Path) -> 
     assert result["accepted"] == ["client-00", "client-01"] and 0 <= result["accuracy"] <= 1
     store = open_store(location, s3_server.environment())
     assert store.list("round-0001") == [
-        "round-0001/clients/client-00.json", "round-0001/clients/client-00.safetensors",
-        "round-0001/clients/client-01.json", "round-0001/clients/client-01.safetensors",
+        "round-0001/clients/client-00-a1.json", "round-0001/clients/client-00-a1.safetensors",
+        "round-0001/clients/client-01-a1.json", "round-0001/clients/client-01-a1.safetensors",
         "round-0001/global.json", "round-0001/global.safetensors", "round-0001/result.json"]
     removed = worker("remove", "--workdir", location)
     assert removed["removed"] is True and store.list("") == []
@@ -391,7 +391,7 @@ def test_an_aggregation_whose_update_read_fails_exits_75_and_succeeds_when_run_a
         moved = {k: v + np.asarray(0.001 * step, v.dtype) if v.dtype.kind == "f" else v for k, v in start.items()}
         save_weights(store, layout.client_update(1, client), moved, {"num_examples": 5, "base_sha256": base["sha256"]})
     aggregate = ["aggregate", "--workdir", location, "--round", "1", "--device", "cpu"]
-    proxy = FlakyS3(failing="clients/client-01.safetensors", upstream=s3_server.endpoint)
+    proxy = FlakyS3(failing="clients/client-01-a1.safetensors", upstream=s3_server.endpoint)
     try:  # the real process, for its exit code
         failed = subprocess.run([sys.executable, "-m", "fedtrain.worker.cli", *aggregate], capture_output=True,
                                 text=True, timeout=300, env={**os.environ, "FEDTRAIN_S3_ENDPOINT": proxy.endpoint,
@@ -399,7 +399,7 @@ def test_an_aggregation_whose_update_read_fails_exits_75_and_succeeds_when_run_a
     finally:
         proxy.close()
     assert failed.returncode == 75, failed.stderr
-    assert "client-01.safetensors" in failed.stderr and "SlowDown" in failed.stderr and proxy.refused == 2
+    assert "client-01-a1.safetensors" in failed.stderr and "SlowDown" in failed.stderr and proxy.refused == 2
     assert not store.exists(layout.result(1)) and not store.exists(layout.global_weights(1))
     capsys.readouterr()
     assert worker_main(aggregate) == 0  # the engine's retry, once the store answers again

@@ -9,7 +9,7 @@ from fedtrain.contract.sitetask import ExampleBounds
 from fedtrain.engine.status import Task
 from fedtrain.spec import parse_spec
 from fedtrain.tasks import Placement, worker_arguments
-from fedtrain.worker.cli import build_parser, example_bounds_of, site_attempts_of
+from fedtrain.worker.cli import build_parser, client_attempts_of, example_bounds_of
 
 SPEC = parse_spec({
     "rounds": 3, "seed": 4,
@@ -58,14 +58,21 @@ def test_aggregate_and_finalize_carry_the_example_bounds_the_spec_declares() -> 
     assert parse_spec({"rounds": 1, "clients": {"count": 2}}).clients.max_examples_of("client-00") == 1_000_000
 
 
-def test_aggregate_reads_each_site_update_of_the_attempt_that_succeeded() -> None:
+def test_aggregate_reads_each_update_of_the_attempt_that_succeeded() -> None:
     spec = parse_spec({"rounds": 2, "clients": {"list": [{"name": "hq"}, {"name": "munich", "site": {}}]}})
     args = build_parser().parse_args(worker_arguments(Task("r0002-aggregate-a1", "aggregate", 2), spec, WHERE,
                                                       {"hq": 2, "munich": 3}))
-    assert args.clients == "hq,munich" and site_attempts_of(args) == (("munich", 3),)
-    args.site_attempt = ["munich=0"]
-    with pytest.raises(BadInputError, match="--site-attempt 'munich=0': use SITE=N"):
-        site_attempts_of(args)
+    assert args.clients == "hq,munich" and client_attempts_of(args) == (("hq", 2), ("munich", 3))
+    args.client_attempt = ["munich=0"]
+    with pytest.raises(BadInputError, match="--client-attempt 'munich=0': use CLIENT=N"):
+        client_attempts_of(args)
+
+
+def test_an_in_cluster_client_trains_under_its_tasks_attempt() -> None:
+    spec = parse_spec({"rounds": 2, "clients": {"count": 2}})
+    args = build_parser().parse_args(worker_arguments(Task("r0002-client-01-a3", "train", 2, "client-01", 3), spec,
+                                                      WHERE))
+    assert args.attempt == 3 and args.client == "client-01"
 
 
 def test_fedprox_without_mu_trains_every_client_and_site_with_the_one_default() -> None:

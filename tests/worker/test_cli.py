@@ -46,14 +46,19 @@ def worker(*args: object, check: bool = True) -> subprocess.CompletedProcess[str
 
 @pytest.fixture(scope="module")
 def federation(synth_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Init, then two rounds of three clients and one aggregation each, all through the CLI."""
+    """Init, then two rounds of three clients and one aggregation each, all through the CLI.
+
+    Round 2's tasks are their second attempts, as after a retried round: the aggregation that names
+    no attempt reads each client's latest.
+    """
     workdir = tmp_path_factory.mktemp("run")
     worker("init", "--workdir", workdir, "--data", synth_tree, "--clients", 3, "--architecture", "tiny_cnn",
            "--image-size", 32, "--seed", 1)
     for round_number in (1, 2):  # the clients of a round at once, as their Jobs run (each process imports torch)
         with ThreadPoolExecutor(len(CLIENTS)) as pool:
             trainings = [pool.submit(worker, "train", "--workdir", workdir, "--round", round_number, "--client",
-                                     client, "--epochs", 4, "--lr", 0.01, "--batch-size", 16, "--device", "cpu")
+                                     client, "--epochs", 4, "--lr", 0.01, "--batch-size", 16, "--device", "cpu",
+                                     "--attempt", round_number)
                          for client in CLIENTS]
             for training in trainings:
                 training.result()
@@ -71,9 +76,10 @@ def test_two_rounds_beat_chance_and_leave_the_layout(federation: Path) -> None:
     assert len(result["confusion"]) == 43
     for round_number in (0, 1, 2):
         assert layout.global_weights(round_number).exists()
-    assert sorted(p.name for p in layout.client_dir(1).iterdir()) == sorted(
-        f"{c}.{ext}" for c in CLIENTS for ext in ("json", "safetensors"))
-    update = json.loads((layout.client_dir(2) / "client-01.json").read_text())
+    for round_number in (1, 2):
+        assert sorted(p.name for p in layout.client_dir(round_number).iterdir()) == sorted(
+            f"{c}-a{round_number}.{ext}" for c in CLIENTS for ext in ("json", "safetensors"))
+    update = json.loads((layout.client_dir(2) / "client-01-a2.json").read_text())
     assert update["base_sha256"] == json.loads(layout.result(1).read_text())["sha256"]
     assert {"train_loss", "train_accuracy", "val_accuracy"} <= set(update["metrics"])
 
@@ -156,21 +162,26 @@ def test_an_update_trained_from_another_model_is_rejected(federation: Path, tmp_
     assert "client-00: trained from another model" in done.stderr
 
 
-def test_a_late_upload_of_a_stale_attempt_never_counts(federation: Path, tmp_path: Path) -> None:
-    """A site's attempt 1 the coordinator gave up on uploads after attempt 2: each has its own key, attempt 2 counts."""
+@pytest.mark.parametrize("site", [True, False], ids=["site", "in-cluster"])
+def test_a_late_upload_of_a_stale_attempt_never_counts(federation: Path, tmp_path: Path, site: bool) -> None:
+    """Attempt 1, which the engine gave up on, writes after attempt 2: each has its own key, attempt 2 counts.
+
+    A site keeps its own clock; an in-cluster Job past its deadline may still be running too.
+    """
     from fedtrain.worker.weights import read_weights_file
 
     workdir = tmp_path / "copy"
     shutil.copytree(federation, workdir)
-    keys = Layout(sites=frozenset({"munich"}))
+    client = "munich" if site else "client-00"
+    keys = Layout(sites=frozenset({client} if site else ()))
     weights, meta = read_weights_file(workdir / keys.global_weights(2))
     for attempt, step in ((2, 0.01), (1, 5.0)):  # attempt 1 writes last
         moved = {k: (v + step).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
-        save_weights_file(workdir / keys.client_update(3, "munich", attempt), moved,
+        save_weights_file(workdir / keys.client_update(3, client, attempt), moved,
                           {"num_examples": 5, "base_sha256": meta["sha256"]})
-    assert keys.client_update(3, "munich", 1) != keys.client_update(3, "munich", 2)
-    worker("aggregate", "--workdir", workdir, "--round", 3, "--clients", "munich", "--sites", "munich",
-           "--site-attempt", "munich=2", "--no-evaluate", "--device", "cpu")
+    assert keys.client_update(3, client, 1) != keys.client_update(3, client, 2)
+    worker("aggregate", "--workdir", workdir, "--round", 3, "--clients", client, *(["--sites", client] if site else []),
+           "--client-attempt", f"{client}=2", "--no-evaluate", "--device", "cpu")
     model, _ = read_weights_file(workdir / keys.global_weights(3))
     name = next(k for k, v in weights.items() if v.dtype.kind == "f")
     np.testing.assert_allclose(model[name], weights[name] + 0.01, atol=1e-6)

@@ -388,4 +388,4 @@ def test_a_key_with_digits_that_are_not_ascii_is_no_attempt() -> None:
     """``'²'.isdigit()`` holds and ``int('²')`` raises: a site may name its own files so."""
     layout = Layout(sites=frozenset({"evil"}))
     keys = ["sites/evil/round-0001/update-a².safetensors", "sites/evil/round-0001/update-a2.safetensors"]
-    assert layout.site_update_attempts(keys, "evil", 1) == [2]
+    assert layout.update_attempts(keys, "evil", 1) == [2]
