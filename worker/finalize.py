@@ -240,30 +240,33 @@ def _plots(folder: Path, results: list[dict[str, Any]], federated: dict[int, Rou
     return plots
 
 
-def _client_history(workspace: Workspace, last_round: int) -> dict[str, list[tuple[int, dict[str, float]]]]:
-    """Each client's local metrics per round, from its updates' sidecars (sites' updates included)."""
-    store = workspace.store
-    site_keys = set(store.list("sites"))
-    layout = Layout(frozenset(key.split("/")[1] for key in site_keys))
+def client_history(store: Store, results: list[dict[str, Any]]) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    """Each accepted client's local metrics per round, from the sidecar of the update the aggregation accepted.
+
+    Which attempt that is comes from the round's ``result.json`` (``accepted`` and ``attempts``: what
+    the aggregation read, by the engine's count), never from the highest key present: a stale
+    attempt's late upload, or a site's upload after the round, does not stand for the round.
+    """
+    layout = Layout(frozenset(key.split("/")[1] for key in store.list("sites")))
     history: dict[str, list[tuple[int, dict[str, float]]]] = {}
-    for round_number in range(1, last_round + 1):
-        keys = site_keys | set(store.list(layout.client_dir(round_number)))
-        sidecars = {}
-        for client in sorted(layout.updating_clients(keys, round_number) | layout.sites):
-            attempts = layout.update_attempts(keys, client, round_number)  # the highest: a retry's is higher
-            latest = sidecar_of(layout.client_update(round_number, client, attempts[-1])) if attempts else None
-            if latest is not None and latest in keys:
-                sidecars[client] = latest
-        for client, key in sidecars.items():
-            meta = read_json(store, key, SIDECAR_LIMIT)  # a site wrote its own
-            found = meta.get("metrics")
-            metrics = {str(k): float(v) for k, v in (found.items() if isinstance(found, dict) else ())
-                       if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
-            examples = meta.get("num_examples")
-            metrics["num_examples"] = float(examples) if isinstance(examples, int) and not isinstance(examples, bool) \
-                else 0.0
-            history.setdefault(client, []).append((round_number, metrics))
+    for result in results:
+        round_number, attempts = int(result["round"]), result.get("attempts") or {}
+        for client in result.get("accepted") or ():
+            key = sidecar_of(layout.client_update(round_number, client, int(attempts.get(client, 1))))
+            if store.exists(key):
+                history.setdefault(client, []).append((round_number, _local_metrics(read_json(store, key,
+                                                                                               SIDECAR_LIMIT))))
     return history
+
+
+def _local_metrics(meta: dict[str, Any]) -> dict[str, float]:
+    """An update sidecar's finite metrics and its example count (a site wrote its own: anything else is left out)."""
+    found = meta.get("metrics")
+    metrics = {str(k): float(v) for k, v in (found.items() if isinstance(found, dict) else ())
+               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+    examples = meta.get("num_examples")
+    metrics["num_examples"] = float(examples) if isinstance(examples, int) and not isinstance(examples, bool) else 0.0
+    return metrics
 
 
 def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
@@ -287,8 +290,8 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
         ("plots", lambda: tracker.artifacts(report.run_id, plots)),
     ]
     if tracking.log_clients:
-        steps.append(("client runs", lambda: tracker.client_runs(report.run_id, _client_history(workspace,
-                                                                                                 last_round))))
+        steps.append(("client runs", lambda: tracker.client_runs(report.run_id, client_history(workspace.store,
+                                                                                                scored.results))))
     for what, step in steps:
         try:
             step()

@@ -382,10 +382,9 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     if store.exists(layout.strategy_state(round_number - 1)):
         state, _ = read_weights(store, layout.strategy_state(round_number - 1))
     clients = config.clients or _updates_present(workspace, round_number)
-    attempts = dict(config.attempts)
-    files = [UpdateFile(c, store, layout.client_update(round_number, c, attempts.get(c) or
-                                                       _latest_attempt(workspace, round_number, c) or 1))
-             for c in clients]
+    named = dict(config.attempts)  # the engine names each attempt; a tool that names none reads the latest
+    attempts = {c: named.get(c) or _latest_attempt(workspace, round_number, c) or 1 for c in clients}
+    files = [UpdateFile(c, store, layout.client_update(round_number, c, attempts[c])) for c in clients]
     updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates,
                         base_sha256=current_meta.get("sha256"), bounds=config.examples,
                         max_weight_over_median=config.max_weight_over_median)
@@ -398,6 +397,7 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     result: dict[str, Any] = {
         "round": round_number, "strategy": strategy.name, "accepted": updates.accepted,
         "rejected": updates.rejected, "capped": updates.capped,
+        "attempts": attempts,  # of each update read: finalize reads the accepted ones' sidecars
         "num_examples": sum(updates.examples[c] for c in updates.accepted),
         "aggregation_seconds": aggregated_at - started, **outcome.details,
     }

@@ -159,7 +159,7 @@ def test_the_model_is_the_honest_clients_mean(
         assert result["accepted"] == ["a", "b"] and result["capped"] == {}
         base, _ = read_weights(store, LAYOUT.global_weights(number - 1))
         model, _ = read_weights(store, LAYOUT.global_weights(number))
-        updates = [read_weights(store, LAYOUT.client_update(number, c)) for c in ("a", "b")]
+        updates = [read_weights(store, LAYOUT.client_update(number, c, result["attempts"][c])) for c in ("a", "b")]
         total = sum(meta["num_examples"] for _, meta in updates)
         for name, array in ((n, a) for n, a in model.items() if a.dtype.kind == "f"):
             mean = base[name] + sum(meta["num_examples"] * (w[name] - base[name]) for w, meta in updates) / total
@@ -173,7 +173,7 @@ def test_the_largest_claim_counts_as_ten_times_the_rounds_median_and_no_more(
     store = DirectoryStore(workdir)
     result = json.loads((workdir / LAYOUT.result(4)).read_text())
     assert sorted(result["accepted"]) == ["a", "b", EVIL]
-    updates = {c: read_weights(store, LAYOUT.client_update(4, c)) for c in ("a", "b", EVIL)}
+    updates = {c: read_weights(store, LAYOUT.client_update(4, c, result["attempts"][c])) for c in ("a", "b", EVIL)}
     median = sorted(meta["num_examples"] for _, meta in updates.values())[1]  # the larger honest count
     assert updates[EVIL][1]["num_examples"] == DEFAULT_MAX_EXAMPLES > 100 * median
     assert result["capped"] == {EVIL: f"claims {DEFAULT_MAX_EXAMPLES} examples; weighted as {10 * median} (10 x the "

@@ -14,12 +14,13 @@ import pytest
 
 from fedtrain.contract.errors import EXIT_BAD_INPUT, EXIT_OK
 from fedtrain.contract.federated import SiteScore, combine
-from fedtrain.contract.layout import Layout
+from fedtrain.contract.layout import Layout, sidecar_of
 from fedtrain.contract.sitetask import EVALUATION_LIMIT, ExampleBounds, ScoresRecord, evaluation_output
 from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.data.synth import SynthConfig, generate
-from fedtrain.worker.finalize import federated_rounds
+from fedtrain.worker.finalize import client_history, federated_rounds
 from fedtrain.worker.tracking import Tracker, TrainingIdentity
+from fedtrain.worker.weights import write_json
 from tests.worker.test_site_task import MODEL, posted, site_task, worker
 
 SITES = ("a", "b")
@@ -170,3 +171,15 @@ def test_finalize_takes_the_scores_the_coordinator_accepted_not_the_sites_own_fi
     found = federated_rounds(store, ("a", "b", "c"), 2)
     assert found[1].sites == {"b": SiteScore(30, 0.6, 0.5)} and found[1].combined.accuracy == 0.6
     assert 2 not in found  # recorded without scores: no figures, whatever the files say
+
+
+def test_the_client_history_reads_the_attempt_the_aggregation_accepted(tmp_path: Path) -> None:
+    """A site's upload after the round and a stale in-cluster attempt both sit beside the accepted ones: ignored."""
+    store, layout = DirectoryStore(tmp_path), Layout(sites=frozenset({"munich"}))
+    written = {("munich", 1): 0.5, ("munich", 2): 0.9, ("hq", 1): 0.1, ("hq", 2): 0.7, ("junk", 1): 0.3}
+    for (client, attempt), accuracy in written.items():
+        write_json(store, sidecar_of(layout.client_update(1, client, attempt)),
+                   {"num_examples": 5, "metrics": {"val_accuracy": accuracy, "loss": float("nan")}})
+    results = [{"round": 1, "accepted": ["hq", "munich"], "attempts": {"hq": 2, "munich": 1, "junk": 1}}]
+    assert client_history(store, results) == {"hq": [(1, {"val_accuracy": 0.7, "num_examples": 5.0})],
+                                              "munich": [(1, {"val_accuracy": 0.5, "num_examples": 5.0})]}
