@@ -26,11 +26,11 @@ class Placement:
     training: str
     namespace: str = "default"
     uid: str = "local"
-    # Where each client's secure-aggregation master secret lives, as a file per client (never in the store).
-    secrets_dir: str = "/var/run/fedtrain/secure"
     tracking_uri: str | None = None  # resolved by the caller: its option, else spec.mlflow.trackingUri
     termination_log: str | None = None  # Kubernetes: /dev/termination-log
     client_data_root: str = "/client-data"  # where a client's own claim is mounted (clients.list[].data)
+    # Where each client's secure-aggregation master secret lives, as a file per client (never in the store).
+    secrets_dir: str = "/var/run/fedtrain/secure"
 
 
 def s3_environment(s3: S3Spec | None) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """``fedtrain-worker``: the command line every Job (and every local subprocess) runs.
 
 Exit codes tell the cause of a failure (see `errors`): 2 bad input, 3 bad data, 4 rejected
-updates, 70 internal error, 75 temporary storage failure (run the task again later), 77 refused
-by the site.
+updates, 5 a non-finite model, 6 a secure round's sum not recovered, 70 internal error, 75 temporary
+storage failure (run the task again later), 77 refused by the site.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from fedtrain.contract.errors import EXIT_INTERNAL, EXIT_OK, BadInputError, WorkerError
-from fedtrain.contract.layout import is_number
+from fedtrain.contract.layout import Layout, is_number
 from fedtrain.contract.sitetask import (
     DEFAULT_MAX_EXAMPLES,
     DEFAULT_MAX_WEIGHT_OVER_MEDIAN,
@@ -30,6 +30,15 @@ from fedtrain.contract.sitetask import (
     ExampleBounds,
 )
 from fedtrain.worker.data.synth import SynthConfig
+from fedtrain.worker.secure import (
+    Messages,
+    add_secure_options,
+    masked_key_exists,
+    run_stage,
+    secret_of,
+    secure_round_of,
+    uploader,
+)
 
 WORKDIR_HELP = "the training's store: a directory, or s3://bucket/prefix (settings from FEDTRAIN_S3_* and AWS_*)"
 
@@ -106,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "names it, so that a stale attempt never overwrites the current one's")
     _add_training_options(train)
 
+    add_secure_options(train)
+
+    secure = commands.add_parser("secure", help="one client's stage of a secure round (privacy.secureAggregation)")
+    secure.add_argument("stage", choices=("keys", "shares", "unmask"))
+    secure.add_argument("--workdir", required=True, help=WORKDIR_HELP)
+    secure.add_argument("--round", type=int, required=True)
+    secure.add_argument("--client", required=True)
+    secure.add_argument("--sites", default="", help="comma-separated clients that are remote sites")
+    add_secure_options(secure)
+
     aggregate = commands.add_parser("aggregate", help="one round: strategy over the updates, evaluate, save")
     aggregate.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     aggregate.add_argument("--round", type=int, required=True)
@@ -136,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--dp-seed", type=int, default=0)
     aggregate.add_argument("--termination-log", type=Path, default=None,
                            help="also write the short JSON result here (Kubernetes: /dev/termination-log)")
+    add_secure_options(aggregate, client=False)
 
     evaluate = commands.add_parser("evaluate", help="score a global model on the test split")
     evaluate.add_argument("--workdir", required=True, help=WORKDIR_HELP)
@@ -258,6 +278,8 @@ def run(args: argparse.Namespace) -> Any:
         return jobs.predict(args.weights, args.images, jobs.pick_device(args.device), args.top)
     if args.command == "site-task":
         return _site_task(args)
+    if args.command == "secure":
+        return run_stage(args, open_store(args.workdir), Layout(_names(args.sites)))
     workspace = jobs.Workspace.open(args.workdir, args.data)
     device = jobs.pick_device(args.device)
     if args.command == "train":
@@ -270,8 +292,16 @@ def run(args: argparse.Namespace) -> Any:
             raise BadInputError(f"--clip-norm must be > 0, got {args.clip_norm}")
         if not 1 <= args.attempt <= MAX_ATTEMPT:
             raise BadInputError(f"--attempt must be in [1, {MAX_ATTEMPT}], got {args.attempt}")
+        secure = secure_round_of(args, args.round)
+        upload = None
+        if secure is not None:
+            messages = Messages(workspace.store, workspace.layout, secure)
+            if masked_key_exists(messages, args.client):  # masking a second update with the same masks would
+                return {"client": args.client, "masked": messages.key(args.client, "masked.safetensors"),  # show
+                        "already_uploaded": True}  # the difference of the two
+            upload = uploader(messages, args.client, secret_of(args), args.equal_weights)
         return jobs.train(workspace, args.round, args.client, config, device, args.own_data, args.clip_norm,
-                          args.attempt)
+                          args.attempt, upload)
     if args.command == "aggregate":
         clients = tuple(c for c in args.clients.split(",") if c)
         privacy = None
@@ -282,7 +312,8 @@ def run(args: argparse.Namespace) -> Any:
         config_ = jobs.AggregateConfig(args.strategy, _parameters(args.param), args.min_updates,
                                        args.max_norm_ratio, clients, not args.no_evaluate, privacy,
                                        example_bounds_of(args), attempts=client_attempts_of(args),
-                                       max_weight_over_median=weight_over_median_of(args))
+                                       max_weight_over_median=weight_over_median_of(args),
+                                       secure=secure_round_of(args, args.round))
         result = jobs.aggregate(replace(workspace, sites=_names(args.sites)), args.round, config_, device)
         if args.termination_log is not None:
             args.termination_log.write_text(jobs.termination_message(result))

@@ -25,6 +25,7 @@ from fedtrain.contract.errors import BadDataError, BadInputError, NonFiniteModel
 from fedtrain.contract.layout import Layout, client_names
 from fedtrain.contract.sitetask import DEFAULT_MAX_WEIGHT_OVER_MEDIAN, ExampleBounds
 from fedtrain.contract.storage import Store, iterate_keys, open_store
+from fedtrain.worker import secure as secure_rounds
 from fedtrain.worker.data.decoded import DecodedShard, ShardKey, cache_directory, decoded_shard
 from fedtrain.worker.data.gtsrb import GtsrbTree, Sample, load_tree, sign_names, split_by_track
 from fedtrain.worker.data.images import load_image, load_samples
@@ -33,7 +34,7 @@ from fedtrain.worker.data.synth import SynthConfig, generate
 from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.strategies import UpdateFile, UpdateSet, make_strategy
 from fedtrain.worker.strategies.privacy import clip, epsilon, private_mean
-from fedtrain.worker.strategies.protocol import Aggregate
+from fedtrain.worker.strategies.protocol import Aggregate, Strategy
 from fedtrain.worker.strategies.validation import non_finite_tensor
 from fedtrain.worker.training import (
     Evaluation,
@@ -250,7 +251,8 @@ def client_samples(workspace: Workspace, client: str, sample_ids: list[str] | No
 
 
 def train(workspace: Workspace, round_number: int, client: str, config: TrainConfig, device: torch.device,
-          own_data: bool = False, clip_norm: float | None = None, attempt: int = 1) -> dict[str, Any]:
+          own_data: bool = False, clip_norm: float | None = None, attempt: int = 1, upload: Upload | None = None
+          ) -> dict[str, Any]:
     """Train one client for one round from the previous global model; write its update.
 
     ``own_data``: the client trains on the whole training split at ``--data`` (its own data set).
@@ -274,7 +276,7 @@ def train(workspace: Workspace, round_number: int, client: str, config: TrainCon
     seed = client_seed(workspace.seed, round_number, client)
     train_part, validation_part = split_by_track(shard.samples, workspace.data.validation_fraction, seed)
     return train_update(workspace, LocalRound(round_number, client, shard, train_part, validation_part, attempt),
-                        base, config, device, clip_norm, clock)
+                        base, config, device, clip_norm, clock, upload)
 
 
 @dataclass(frozen=True)
@@ -289,9 +291,14 @@ class LocalRound:
     attempt: int = 1  # the training task's attempt: its update's key names it (`Layout.client_update`)
 
 
+# Sends a trained model somewhere other than the client's update key (secure aggregation masks it):
+# called with the base weights, the trained weights, the example count and the sidecar; returns the result.
+Upload = Callable[[Weights, Weights, int, dict[str, Any]], dict[str, Any]]
+
+
 def train_update(workspace: Workspace, local: LocalRound, base: tuple[Weights, dict[str, Any]],
                  config: TrainConfig, device: torch.device, clip_norm: float | None = None,
-                 clock: Stopwatch | None = None) -> dict[str, Any]:
+                 clock: Stopwatch | None = None, upload: Upload | None = None) -> dict[str, Any]:
     """Train from ``base`` (the global weights and their sidecar) on the round's data; write the update.
 
     Shared by partitioned clients, clients with their own data and remote sites, so that every
@@ -323,6 +330,8 @@ def train_update(workspace: Workspace, local: LocalRound, base: tuple[Weights, d
         trained = {k: (weights[k] + delta[k]).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in trained.items()}
         sidecar["metrics"]["update_norm"] = norm
         sidecar["clip_norm"] = clip_norm
+    if upload is not None:
+        return upload(weights, trained, result.num_examples, sidecar)
     key = workspace.layout.client_update(local.round, local.client, local.attempt)
     sidecar["sha256"] = save_weights(workspace.store, key, trained, sidecar)
     return sidecar
@@ -367,6 +376,7 @@ class AggregateConfig:
     examples: ExampleBounds = field(default_factory=ExampleBounds)  # what each update may claim (clients.maxExamples)
     max_weight_over_median: float = DEFAULT_MAX_WEIGHT_OVER_MEDIAN  # an update's weight vs the round's median count
     attempts: tuple[tuple[str, int], ...] = ()  # each client's task attempt whose update counts; else its latest
+    secure: secure_rounds.SecureRound | None = None  # privacy.secureAggregation: the round's masked sum only
 
 
 def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, device: torch.device
@@ -381,26 +391,14 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     state: dict[str, NDArray[Any]] = {}
     if store.exists(layout.strategy_state(round_number - 1)):
         state, _ = read_weights(store, layout.strategy_state(round_number - 1))
-    clients = config.clients or _updates_present(workspace, round_number)
-    named = dict(config.attempts)  # the engine names each attempt; a tool that names none reads the latest
-    attempts = {c: named.get(c) or _latest_attempt(workspace, round_number, c) or 1 for c in clients}
-    files = [UpdateFile(c, store, layout.client_update(round_number, c, attempts[c])) for c in clients]
-    updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates,
-                        base_sha256=current_meta.get("sha256"), bounds=config.examples,
-                        max_weight_over_median=config.max_weight_over_median)
-    if config.privacy is not None:
-        outcome = _private_round(current, updates, config.privacy, round_number)
+    if config.secure is not None:
+        outcome, counted = _secure_round(workspace, current, strategy, state, config, round_number)
     else:
-        outcome = strategy.aggregate(current, updates, state)
+        outcome, counted = _plain_round(workspace, current, current_meta, strategy, state, config, round_number)
     refuse_non_finite(outcome, round_number, strategy.name)
     aggregated_at = time.perf_counter()
-    result: dict[str, Any] = {
-        "round": round_number, "strategy": strategy.name, "accepted": updates.accepted,
-        "rejected": updates.rejected, "capped": updates.capped,
-        "attempts": attempts,  # of each update read: finalize reads the accepted ones' sidecars
-        "num_examples": sum(updates.examples[c] for c in updates.accepted),
-        "aggregation_seconds": aggregated_at - started, **outcome.details,
-    }
+    result: dict[str, Any] = {"round": round_number, "strategy": strategy.name, **counted,
+                              "aggregation_seconds": aggregated_at - started, **outcome.details}
     if config.evaluate:
         scores = evaluate_weights(workspace, outcome.weights, device)
         result.update(scores.summary())
@@ -416,6 +414,53 @@ def aggregate(workspace: Workspace, round_number: int, config: AggregateConfig, 
     result["seconds"] = time.perf_counter() - started
     write_json(store, layout.result(round_number), result)
     return result
+
+
+def _plain_round(workspace: Workspace, current: Weights, current_meta: dict[str, Any], strategy: Strategy,
+                 state: Weights, config: AggregateConfig, round_number: int) -> tuple[Aggregate, dict[str, Any]]:
+    """Read, check and aggregate the round's updates; the outcome, and who was accepted, rejected or capped."""
+    layout, store = workspace.layout, workspace.store
+    clients = config.clients or _updates_present(workspace, round_number)
+    named = dict(config.attempts)  # the engine names each attempt; a tool that names none reads the latest
+    attempts = {c: named.get(c) or _latest_attempt(workspace, round_number, c) or 1 for c in clients}
+    files = [UpdateFile(c, store, layout.client_update(round_number, c, attempts[c])) for c in clients]
+    updates = UpdateSet(current, files, config.max_norm_ratio, config.min_updates,
+                        base_sha256=current_meta.get("sha256"), bounds=config.examples,
+                        max_weight_over_median=config.max_weight_over_median)
+    if config.privacy is not None:
+        outcome = _private_round(current, updates, config.privacy, round_number)
+    else:
+        outcome = strategy.aggregate(current, updates, state)
+    return outcome, {"accepted": updates.accepted, "rejected": updates.rejected, "capped": updates.capped,
+                     "attempts": attempts,  # of each update read: finalize reads the accepted ones' sidecars
+                     "num_examples": sum(updates.examples[c] for c in updates.accepted)}
+
+
+def _secure_round(workspace: Workspace, current: Weights, strategy: Strategy, state: Weights,
+                  config: AggregateConfig, round_number: int) -> tuple[Aggregate, dict[str, Any]]:
+    """The masked sum of the survivors' updates, unmasked; noise on it under central DP; the strategy's step.
+
+    No single update is ever read, so none is checked or rejected here: each client clipped its
+    own update, and the quantisation range refuses values past the clip norm (docs/privacy.md).
+    """
+    secure = config.secure
+    assert secure is not None
+    messages = secure_rounds.Messages(workspace.store, workspace.layout, secure)
+    outcome = secure_rounds.secure_aggregate(messages, current, strategy, state)
+    details = outcome.details["secure_aggregation"]
+    survivors = list(secure.survivors)
+    if config.privacy is not None:
+        privacy = config.privacy
+        rng = np.random.default_rng([privacy.seed, round_number, 0xD1FF])
+        outcome.weights = secure_rounds.add_noise(outcome.weights, privacy.clip_norm, len(survivors),
+                                                  privacy.noise_multiplier, rng)
+        spent = epsilon(privacy.sampling_rate, privacy.noise_multiplier, round_number, privacy.delta)
+        outcome.details.update({"epsilon": spent if math.isfinite(spent) else None, "dp_delta": privacy.delta,
+                                "dp_clip_norm": privacy.clip_norm, "dp_noise_multiplier": privacy.noise_multiplier})
+        examples = 0  # equal weights: the count is not asked for
+    else:
+        examples = round(float(details["weight_sum"]) * secure.weight_unit)
+    return outcome, {"accepted": survivors, "rejected": {}, "capped": {}, "num_examples": examples}
 
 
 def refuse_non_finite(outcome: Aggregate, round_number: int, strategy: str) -> None:
