@@ -31,6 +31,8 @@ class Placement:
     client_data_root: str = "/client-data"  # where a client's own claim is mounted (clients.list[].data)
     # Where each client's secure-aggregation master secret lives, as a file per client (never in the store).
     secrets_dir: str = "/var/run/fedtrain/secure"
+    # Whether those files are given (a Kubernetes Secret's keys, mounted read-only): the worker only reads them.
+    secrets_provided: bool = False
 
 
 def s3_environment(s3: S3Spec | None) -> dict[str, str]:
@@ -122,8 +124,15 @@ def secure_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement) 
     if privacy.differential:
         args.append("--equal-weights")
     if task.client is not None:
-        args += ["--secret-file", f"{where.secrets_dir}/{task.client}.key"]
+        args += ["--secret-file", f"{where.secrets_dir}/{secret_file(task.client)}"]
+        if where.secrets_provided:
+            args.append("--secret-provided")
     return args
+
+
+def secret_file(client: str) -> str:
+    """The name of ``client``'s master-secret file in `Placement.secrets_dir` (a Kubernetes Secret's key too)."""
+    return f"{client}.key"
 
 
 def weight_unit(spec: FederatedTrainingSpec) -> int:

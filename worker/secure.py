@@ -87,25 +87,35 @@ class SecureRound:
         return share_sets(self.advertised, degree, f"{self.seed}/{self.round}/{self.attempt}")
 
 
-def master_secret(path: Path) -> bytes:
+def master_secret(path: Path, create: bool = True) -> bytes:
     """A client's 32-byte master secret at ``path``, made once (mode 0600) by whichever task needs it first.
 
     It never enters the store: every round's keys derive from it, so whoever reads it can unmask
-    that client's updates.
+    that client's updates. ``create=False``: someone else made it (on Kubernetes, a key of the
+    training's Secret mounted read-only), so it is only read, and a missing one is bad input.
     """
+    if not create:
+        try:
+            return _checked_secret(path, path.read_bytes())
+        except FileNotFoundError:
+            raise BadInputError(f"--secret-file {path} does not exist: with --secret-provided the client's secret is "
+                                "given (a mounted Secret's key), never made here") from None
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        secret = path.read_bytes()
-        if len(secret) != MASTER_SECRET_BYTES:
-            raise BadInputError(f"{path}: a secure-aggregation secret is {MASTER_SECRET_BYTES} bytes, this one "
-                                f"{len(secret)}; remove it only if no round of this training is in flight") from None
-        return secret
+        return _checked_secret(path, path.read_bytes())
     except FileNotFoundError:
         raise BadInputError(f"--secret-file {path}: its folder does not exist") from None
     secret = os.urandom(MASTER_SECRET_BYTES)
     with os.fdopen(descriptor, "wb") as out:
         out.write(secret)
+    return secret
+
+
+def _checked_secret(path: Path, secret: bytes) -> bytes:
+    if len(secret) != MASTER_SECRET_BYTES:
+        raise BadInputError(f"{path}: a secure-aggregation secret is {MASTER_SECRET_BYTES} bytes, this one "
+                            f"{len(secret)}; remove it only if no round of this training is in flight")
     return secret
 
 
@@ -359,6 +369,8 @@ def add_secure_options(parser: argparse.ArgumentParser, client: bool = True) -> 
     group.add_argument("--survivors", default="", help="clients whose masked updates count (comma-separated)")
     if client:
         group.add_argument("--secret-file", type=Path, default=None, help="this client's master secret (made once)")
+        group.add_argument("--secret-provided", action="store_true",
+                           help="the secret file is given (a mounted Secret's key): read it, never make it")
 
 
 def _listed(text: str) -> tuple[str, ...]:
@@ -381,10 +393,10 @@ def secure_round_of(args: argparse.Namespace, round_number: int) -> SecureRound 
 
 
 def secret_of(args: argparse.Namespace) -> bytes:
-    """The client's master secret (--secret-file), made on first use."""
+    """The client's master secret (--secret-file), made on first use unless it is provided (--secret-provided)."""
     if args.secret_file is None:
         raise BadInputError("--secret-file is required: a client's secure-aggregation secret lives outside the store")
-    return master_secret(args.secret_file)
+    return master_secret(args.secret_file, create=not args.secret_provided)
 
 
 def run_stage(args: argparse.Namespace, store: Store, layout: Any) -> dict[str, Any]:

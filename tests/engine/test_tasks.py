@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 
 from fedtrain.contract.errors import BadInputError
@@ -108,3 +110,17 @@ def test_finalize_leaves_the_champion_alias_when_asked() -> None:
     spec = SPEC.model_copy(update={"mlflow": SPEC.mlflow.model_copy(update={"promote_champion": False})})
     args = build_parser().parse_args(worker_arguments(Task("finalize-a1", "finalize", 3), spec, WHERE))
     assert args.no_promote and args.registered_model_name == "signs"
+
+
+@pytest.mark.parametrize(("provided", "kind"), [(False, "train"), (True, "train"), (True, "keys"), (True, "unmask")])
+def test_a_secure_clients_task_names_its_secret_file_and_whether_it_is_given(
+        provided: bool, kind: Literal["train", "keys", "unmask"]) -> None:
+    spec = parse_spec({"rounds": 1, "clients": {"count": 3},
+                       "privacy": {"clipNorm": 5.0, "secureAggregation": {"threshold": 2}}})
+    where = Placement("/store/ns/t-1234", "/data", "t", "ns", "uid-1", secrets_dir="/var/run/secure",
+                      secrets_provided=provided)
+    args = build_parser().parse_args(worker_arguments(Task("x0001-client-01-a1", kind, 1, "client-01"), spec, where))
+    assert str(args.secret_file) == "/var/run/secure/client-01.key" and args.secret_provided is provided
+    aggregate = build_parser().parse_args(worker_arguments(Task("r0001-aggregate-a1", "aggregate", 1), spec, where,
+                                                           {"client-01": 1}))
+    assert not hasattr(aggregate, "secret_file")  # the aggregation holds no client's secret

@@ -144,3 +144,19 @@ def test_every_stage_run_again_writes_the_same_or_nothing(trained: dict[str, Any
     assert share(Messages(store, Layout(), secure), client, master)["already_shared"] is True
     after = {key: store.read_bytes(key) for key in store.list("")}
     assert after == before, "keys derive from the master secret; shares are written once"
+
+
+def test_a_provided_secret_is_only_read_and_a_missing_one_is_never_made(tmp_path: Path) -> None:
+    """On Kubernetes the key is a mounted Secret's (read-only): the worker reads it and never tries to make one."""
+    from fedtrain.contract.errors import BadInputError
+
+    given = tmp_path / "client-00.key"
+    given.write_bytes(bytes(range(32)))
+    assert master_secret(given, create=False) == bytes(range(32))
+    missing = tmp_path / "client-01.key"
+    with pytest.raises(BadInputError, match="--secret-provided"):
+        master_secret(missing, create=False)
+    assert not missing.exists()
+    given.write_bytes(b"short")
+    with pytest.raises(BadInputError, match="32 bytes, this one 5"):
+        master_secret(given, create=False)
