@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +85,31 @@ def test_below_the_threshold_the_training_fails_with_the_named_reason(tmp_path: 
     status = json.loads((work / "status.json").read_text())
     assert status["phase"] == "Failed" and status["reason"] == "SecureAggregationThreshold", status["message"]
     assert "2 of 4 clients finished advertising keys, threshold 3 needed" in status["message"]
+
+
+@pytest.mark.parametrize("stage", ["keys", "shares", "train", "unmask"])
+def test_a_runner_killed_in_any_stage_resumes_without_repeating_a_finished_stage(tmp_path: Path, stage: str) -> None:
+    spec_file = write(tmp_path / "ft.yaml", secure_manifest(f"killed-{stage}"))
+    work = tmp_path / "w"
+    runner = subprocess.Popen([sys.executable, "-m", "fedtrain.cli", "run", str(spec_file), "--workdir", str(work)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # until the status shows round 1 in the stage
+        status = json.loads((work / "status.json").read_text()) if (work / "status.json").exists() else {}
+        rounds = status.get("rounds") or [{}]
+        if (rounds[0].get("secure") or {}).get("stage") == stage:
+            break
+        assert runner.poll() is None, "the runner ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait()
+
+    done = fedtrain("run", spec_file, "--workdir", work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads((work / "status.json").read_text())
+    assert status["phase"] == "Succeeded", status["message"]
+    finished = [json.loads(line) for line in (work / "executor" / "tasks.jsonl").read_text().splitlines() if line]
+    succeeded = [r["task"] for r in finished if r["state"] == "succeeded"]
+    by_stage = Counter(ident.rsplit("-a", 1)[0] for ident in succeeded)
+    assert all(count == 1 for count in by_stage.values()), by_stage  # one successful attempt per client and stage
+    assert len(list(work.glob("round-0001/secure-a*/*/masked.safetensors"))) == 4
