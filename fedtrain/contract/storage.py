@@ -86,6 +86,15 @@ class Store(Protocol):
         """
         ...
 
+    def read_if_changed(self, key: str, limit: int, seen: str | None) -> Version:
+        """The file if its version differs from ``seen`` (a tag a previous answer gave), within ``limit`` bytes.
+
+        For what is polled (a site's ``task.json``): an unchanged file costs one conditional request
+        (S3: a GET with If-None-Match, answered 304 without a body; a directory: one stat) instead
+        of an existence check and a read.
+        """
+        ...
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Replace ``key`` atomically: readers see the old file or the new one."""
         ...
@@ -105,6 +114,20 @@ class Store(Protocol):
     def remove_all(self) -> int:
         """Delete every file of this training; how many were deleted."""
         ...
+
+
+@dataclass(frozen=True)
+class Version:
+    """What a conditional read found: the file's bytes when it changed, its tag, whether it exists."""
+
+    data: bytes | None  # None: unchanged since ``seen``, or missing
+    tag: str | None  # the version read (an ETag, or a file's inode, size and mtime); None: missing
+    changed: bool  # the version differs from the one the caller had seen
+
+    @property
+    def missing(self) -> bool:
+        """Whether there is no such file now."""
+        return self.tag is None
 
 
 def open_store(location: str, environment: Mapping[str, str] | None = None) -> Store:
@@ -177,6 +200,21 @@ class DirectoryStore:
         if len(data) > limit:
             raise too_large(self.describe(key), f"more than {limit}", limit)
         return data
+
+    def read_if_changed(self, key: str, limit: int, seen: str | None) -> Version:
+        try:
+            stat = self.path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return Version(None, None, seen is not None)
+        tag = f"{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}"  # an atomic replace makes a new inode
+        if tag == seen:
+            return Version(None, tag, False)
+        try:
+            return Version(self.read_bounded(key, limit), tag, True)
+        except BadDataError as error:
+            if isinstance(error, TooLargeError):
+                raise
+            return Version(None, None, seen is not None)  # replaced by nothing between the stat and the read
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with _atomic_file(self.path(key)) as stream:
@@ -335,18 +373,38 @@ class S3Store:
     def read_bounded(self, key: str, limit: int) -> bytes:
         with self._errors(key, read=True):
             answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            body = answer["Body"]
-            try:  # the size comes with the answer's headers, before any of its bytes
-                size = int(answer.get("ContentLength") or 0)
-                if size > limit:
-                    raise too_large(self.describe(key), size, limit)
-                data = bytes(body.read(limit + 1))
-            finally:
-                body.close()  # unread bytes are dropped with the connection, never buffered
-            if len(data) > limit:
-                raise too_large(self.describe(key), f"more than {limit}", limit)
-            return data
+            return self._bounded_body(key, answer, limit)
         raise AssertionError("unreachable")
+
+    def _bounded_body(self, key: str, answer: Mapping[str, Any], limit: int) -> bytes:
+        """A GET's body, refused past ``limit`` bytes without reading it whole."""
+        body = answer["Body"]
+        try:  # the size comes with the answer's headers, before any of its bytes
+            size = int(answer.get("ContentLength") or 0)
+            if size > limit:
+                raise too_large(self.describe(key), size, limit)
+            data = bytes(body.read(limit + 1))
+        finally:
+            body.close()  # unread bytes are dropped with the connection, never buffered
+        if len(data) > limit:
+            raise too_large(self.describe(key), f"more than {limit}", limit)
+        return data
+
+    def read_if_changed(self, key: str, limit: int, seen: str | None) -> Version:
+        from botocore.exceptions import ClientError
+
+        conditional = {"IfNoneMatch": seen} if seen else {}
+        with self._errors(key, missing_ok=True, read=True) as outcome:
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **conditional)
+            except ClientError as error:
+                status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                if status == 304:  # Not Modified: no body was sent
+                    return Version(None, seen, False)
+                raise
+            return Version(self._bounded_body(key, answer, limit), str(answer.get("ETag") or ""), True)
+        assert outcome.missing
+        return Version(None, None, seen is not None)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors(key):  # one PUT when small, a multipart upload in parts when large

@@ -88,6 +88,29 @@ def test_a_bounded_read_refuses_a_file_over_its_limit_without_reading_it(store: 
         store.read_bounded("sites/munich/results/c.json", 10)
 
 
+def test_a_conditional_read_returns_the_file_only_when_it_changed(store: Store) -> None:
+    missing = store.read_if_changed("sites/munich/task.json", 1024, None)
+    assert (missing.data, missing.missing, missing.changed) == (None, True, False)
+    store.write_bytes("sites/munich/task.json", b'{"phase": "Running"}')
+    first = store.read_if_changed("sites/munich/task.json", 1024, None)
+    assert first.data == b'{"phase": "Running"}' and first.changed and first.tag
+    again = store.read_if_changed("sites/munich/task.json", 1024, first.tag)
+    assert (again.data, again.changed, again.tag) == (None, False, first.tag)
+    store.write_bytes("sites/munich/task.json", b'{"phase": "Failed"}')
+    changed = store.read_if_changed("sites/munich/task.json", 1024, first.tag)
+    assert changed.data == b'{"phase": "Failed"}' and changed.changed and changed.tag != first.tag
+    with pytest.raises(TooLargeError):
+        store.read_if_changed("sites/munich/task.json", 8, None)
+
+
+def test_a_conditional_read_of_a_file_that_went_away_says_so(store: Store) -> None:
+    store.write_bytes("sites/munich/task.json", b"{}")
+    seen = store.read_if_changed("sites/munich/task.json", 1024, None)
+    assert store.remove_all() == 1
+    gone = store.read_if_changed("sites/munich/task.json", 1024, seen.tag)
+    assert gone.missing and gone.changed and gone.data is None
+
+
 def test_large_files_stream_in_parts_and_come_back_whole(store: Store, tmp_path: Path) -> None:
     data = np.random.default_rng(1).bytes(2 * PART_SIZE + 12345)  # three parts on S3
     source = tmp_path / "big.bin"
