@@ -28,16 +28,12 @@ consistency round); each client only refuses to reveal both shares of one sender
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import os
 import random
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, TypeVar
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
@@ -48,11 +44,27 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedtrain.contract.errors import BadDataError, BadInputError
+from fedtrain.contract.errors import BadInputError
 from fedtrain.contract.quantisation import QuantisationPlan, QuantisationRangeError
-from fedtrain.contract.sitetask import MAX_ATTEMPT, MAX_ROUND, NAME_PATTERN, SHA256_PATTERN, problems
+from fedtrain.contract.secmessages import (
+    ADVERTISEMENT_LIMIT,
+    KEY_BYTES,
+    MAX_SHARE_SET,
+    REVEAL_LIMIT,
+    SECAGG_VERSION,
+    SHARES_LIMIT,
+    Advertisement,
+    Context,
+    Reveal,
+    SecAggRefused,
+    SharesMessage,
+    ThresholdNotMet,
+    b64,
+    check_context,
+    unb64,
+)
+from fedtrain.contract.wire import NAME_PATTERN
 
 __all__ = [
     "ADVERTISEMENT_LIMIT", "MAX_SHARE_SET", "REVEAL_LIMIT", "SECAGG_VERSION", "SHARES_LIMIT", "Advertisement",
@@ -60,16 +72,6 @@ __all__ = [
     "SharesMessage", "ThresholdNotMet", "make_shares", "mask", "open_share", "reveal", "share_sets", "unmask",
 ]
 
-SECAGG_VERSION = 1
-_DOMAIN = "fedtrain-secagg"  # first field of every label: no other protocol's key or AAD collides with ours
-
-# A share set is a client and its neighbours; the spec allows at most 200 clients a round, the wire a little more.
-MAX_SHARE_SET = 256
-ADVERTISEMENT_LIMIT = 4 * 1024
-SHARES_LIMIT = 128 * 1024  # 256 entries of a 63-character name and a 128-character ciphertext, with room
-REVEAL_LIMIT = 128 * 1024  # two maps of at most 256 entries of a name and a 48-character share
-
-_KEY_BYTES = 32
 _HALF = 16  # pycryptodome's Shamir shares 16-byte secrets: a 32-byte secret is two halves with the same indices
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
@@ -79,36 +81,6 @@ _REVEALED_BYTES = _INDEX_BYTES + 2 * _HALF  # index and one secret's two halves
 _SEALED_BYTES = _NONCE_BYTES + _SHARE_BYTES + _TAG_BYTES
 # Every PRG key is used once (it is bound to the round's context and the pair), so ChaCha20's nonce is fixed.
 _PRG_NONCE = bytes(16)
-
-_Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
-_Base64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=256)]
-
-
-class SecAggRefused(BadDataError):
-    """A secure-aggregation message refused: forged, replayed, malformed, or of another context; names the sender."""
-
-
-class ThresholdNotMet(SecAggRefused):
-    """Fewer than the threshold of parties or shares took part; the reason says how many of how many."""
-
-
-@dataclass(frozen=True)
-class Context:
-    """What every key derivation and every AAD is bound to: a message of another training, round or attempt fails."""
-
-    training: str
-    round: int
-    attempt: int
-
-    def __post_init__(self) -> None:
-        if not self.training or not 1 <= self.round <= MAX_ROUND or not 1 <= self.attempt <= MAX_ATTEMPT:
-            raise BadInputError(f"secure aggregation context {self}: needs a training name, a round within "
-                                f"1..{MAX_ROUND} and an attempt within 1..{MAX_ATTEMPT}")
-
-    def label(self, *parts: str) -> bytes:
-        """Version, training, round, attempt and ``parts``, each length-prefixed: no two label lists encode alike."""
-        fields = (_DOMAIN, str(SECAGG_VERSION), self.training, str(self.round), str(self.attempt), *parts)
-        return b"".join(len(data).to_bytes(4, "big") + data for data in (text.encode() for text in fields))
 
 
 def share_sets(clients: Sequence[str], neighbours: int, seed: str) -> dict[str, tuple[str, ...]]:
@@ -138,40 +110,7 @@ def share_sets(clients: Sequence[str], neighbours: int, seed: str) -> dict[str, 
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=SHA256(), length=_KEY_BYTES, salt=None, info=info).derive(secret)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str, size: int, what: str) -> bytes:
-    """Canonical base64 of exactly ``size`` bytes, or `SecAggRefused` naming ``what``.
-
-    Canonical (it re-encodes to itself), so no two texts carry the same bytes.
-    """
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise SecAggRefused(f"{what}: not base64 ({error})") from error
-    if _b64(data) != text:
-        raise SecAggRefused(f"{what}: not canonical base64")
-    if len(data) != size:
-        raise SecAggRefused(f"{what}: {len(data)} bytes, expected {size}")
-    return data
-
-
-def _public_key(data: bytes, what: str) -> X25519PublicKey:
-    """An X25519 public key that agrees a secret with someone: low-order points (all-zero secret) are refused."""
-    key = X25519PublicKey.from_public_bytes(data)
-    try:
-        _PROBE.exchange(key)
-    except ValueError as error:
-        raise SecAggRefused(f"{what}: a low-order X25519 point, which agrees the same secret with everyone") from error
-    return key
-
-
-_PROBE = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"fedtrain-secagg-probe").digest())
+    return HKDF(algorithm=SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
 
 
 def _agree(private: X25519PrivateKey, public: X25519PublicKey, info: bytes, peer: str) -> bytes:
@@ -180,94 +119,6 @@ def _agree(private: X25519PrivateKey, public: X25519PublicKey, info: bytes, peer
     except ValueError as error:
         raise SecAggRefused(f"{peer}: its advertised key is a low-order X25519 point") from error
     return _hkdf(shared, info)
-
-
-# --- messages ---------------------------------------------------------------------------------------
-
-
-class _Message(BaseModel):
-    """One client's message of one context: exact JSON types, nothing unknown, immutable."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    version: int
-    training: Annotated[str, Field(min_length=1, max_length=253)]
-    round: Annotated[int, Field(ge=1, le=MAX_ROUND)]
-    attempt: Annotated[int, Field(ge=1, le=MAX_ATTEMPT)]
-
-    def to_bytes(self) -> bytes:
-        """Compact JSON, what the store holds."""
-        return self.model_dump_json().encode()
-
-    def context_matches(self, context: Context) -> bool:
-        """Whether the message says it belongs to ``context`` (the cryptography checks it too)."""
-        return (self.version, self.training, self.round, self.attempt) == \
-            (SECAGG_VERSION, context.training, context.round, context.attempt)
-
-
-_M = TypeVar("_M", bound=_Message)
-
-
-def _parse(model: type[_M], data: bytes, limit: int, context: Context, what: str) -> _M:
-    """``data`` as a ``model`` of ``context``, bounded and strict; `SecAggRefused` naming ``what`` otherwise."""
-    if len(data) > limit:
-        raise SecAggRefused(f"{what}: {len(data)} bytes, more than the {limit} allowed; refused unread")
-    try:
-        found = json.loads(data)
-    except (ValueError, RecursionError):
-        found = None  # the strict parse says what is wrong
-    if isinstance(found, dict) and found.get("version", SECAGG_VERSION) != SECAGG_VERSION:
-        raise SecAggRefused(f"{what}: secure aggregation version {found.get('version')!r}, this side speaks "
-                            f"{SECAGG_VERSION}: coordinator and clients run different releases")
-    try:
-        message = model.model_validate_json(data)
-    except ValidationError as error:
-        raise SecAggRefused(f"{what}: {problems(error)}") from error
-    _check_context(message, context, what)
-    return message
-
-
-def _check_context(message: _Message, context: Context, what: str) -> None:
-    if not message.context_matches(context):
-        raise SecAggRefused(f"{what}: of training {message.training!r}, round {message.round}, attempt "
-                            f"{message.attempt}, not of {context.training!r}, round {context.round}, attempt "
-                            f"{context.attempt}: stale or replayed")
-
-
-class Advertisement(_Message):
-    """A client's public keys for one context and a commitment to its self seed (sha256 over label and seed)."""
-
-    client: _Name
-    encryption_key: _Base64
-    masking_key: _Base64
-    seed_commitment: Annotated[str, Field(pattern=SHA256_PATTERN)]
-
-    @classmethod
-    def parse(cls, data: bytes, context: Context, client: str) -> Advertisement:
-        """``client``'s advertisement of ``context``; `SecAggRefused` naming the client otherwise."""
-        what = f"{client}'s key advertisement"
-        advertisement = _parse(cls, data, ADVERTISEMENT_LIMIT, context, what)
-        advertisement.check(context, client)
-        return advertisement
-
-    def check(self, context: Context, client: str) -> None:
-        """Refuse an advertisement that is not ``client``'s of ``context``, or whose keys are no usable keys."""
-        what = f"{client}'s key advertisement"
-        _check_context(self, context, what)
-        if self.client != client:
-            raise SecAggRefused(f"{what}: names client {self.client!r}")
-        self.encryption_public()
-        self.masking_public()
-
-    def encryption_public(self) -> X25519PublicKey:
-        """The key its shares are encrypted to."""
-        what = f"{self.client}'s key advertisement: encryption key"
-        return _public_key(_unb64(self.encryption_key, _KEY_BYTES, what), what)
-
-    def masking_public(self) -> X25519PublicKey:
-        """The key its pairwise masks are agreed with."""
-        what = f"{self.client}'s key advertisement: masking key"
-        return _public_key(_unb64(self.masking_key, _KEY_BYTES, what), what)
 
 
 def _commitment(context: Context, client: str, seed: bytes) -> str:
@@ -291,8 +142,8 @@ class ClientKeys:
     @classmethod
     def derive(cls, master: bytes, context: Context, client: str) -> ClientKeys:
         """The keys of ``client`` in ``context`` from its 32-byte ``master`` secret."""
-        if len(master) != _KEY_BYTES:
-            raise BadInputError(f"secure aggregation needs a {_KEY_BYTES}-byte master secret, got {len(master)} bytes")
+        if len(master) != KEY_BYTES:
+            raise BadInputError(f"secure aggregation needs a {KEY_BYTES}-byte master secret, got {len(master)} bytes")
         if not re.fullmatch(NAME_PATTERN, client) or len(client) > 63:
             raise BadInputError(f"client name {client!r} is not a DNS label")
         encryption = _hkdf(master, context.label("key", client, "encryption"))
@@ -306,25 +157,9 @@ class ClientKeys:
         return Advertisement(
             version=SECAGG_VERSION, training=self.context.training, round=self.context.round,
             attempt=self.context.attempt, client=self.client,
-            encryption_key=_b64(self.encryption.public_key().public_bytes_raw()),
-            masking_key=_b64(self.masking.public_key().public_bytes_raw()),
+            encryption_key=b64(self.encryption.public_key().public_bytes_raw()),
+            masking_key=b64(self.masking.public_key().public_bytes_raw()),
             seed_commitment=_commitment(self.context, self.client, self.self_seed))
-
-
-class SharesMessage(_Message):
-    """A sender's Shamir shares, one AES-GCM ciphertext (base64 of nonce and ciphertext) per recipient."""
-
-    sender: _Name
-    threshold: Annotated[int, Field(ge=2, le=MAX_SHARE_SET)]
-    ciphertexts: Annotated[dict[_Name, _Base64], Field(max_length=MAX_SHARE_SET)]
-
-    @classmethod
-    def parse(cls, data: bytes, context: Context, sender: str) -> SharesMessage:
-        """``sender``'s shares of ``context``; `SecAggRefused` naming the sender otherwise."""
-        message = _parse(cls, data, SHARES_LIMIT, context, f"{sender}'s shares")
-        if message.sender != sender:
-            raise SecAggRefused(f"{sender}'s shares: name sender {message.sender!r}")
-        return message
 
 
 @dataclass(frozen=True)
@@ -358,7 +193,7 @@ def _seal(keys: ClientKeys, recipient: str, public: X25519PublicKey, plaintext: 
     """
     aead, label = _share_key(keys.context, keys.encryption, public, keys.client, recipient)
     nonce = os.urandom(_NONCE_BYTES)
-    return _b64(nonce + aead.encrypt(nonce, plaintext, label))
+    return b64(nonce + aead.encrypt(nonce, plaintext, label))
 
 
 def make_shares(keys: ClientKeys, advertisements: Mapping[str, Advertisement], share_set: Sequence[str],
@@ -404,13 +239,13 @@ def open_share(keys: ClientKeys, sender: Advertisement, message: SharesMessage) 
     """
     what = f"{sender.client}'s share for {keys.client}"
     sender.check(keys.context, sender.client)
-    _check_context(message, keys.context, what)
+    check_context(message, keys.context, what)
     if message.sender != sender.client:
         raise SecAggRefused(f"{what}: the message names sender {message.sender!r}")
     sealed = message.ciphertexts.get(keys.client)
     if sealed is None:
         raise SecAggRefused(f"{what}: {sender.client}'s shares hold none for {keys.client}")
-    data = _unb64(sealed, _SEALED_BYTES, what)
+    data = unb64(sealed, _SEALED_BYTES, what)
     aead, label = _share_key(keys.context, keys.encryption, sender.encryption_public(), sender.client, keys.client)
     try:
         plaintext = aead.decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], label)
@@ -424,28 +259,8 @@ def open_share(keys: ClientKeys, sender: Advertisement, message: SharesMessage) 
     return Share(sender.client, index, (halves[0], halves[1]), (halves[2], halves[3]))
 
 
-class Reveal(_Message):
-    """What one survivor reveals: per sender, the share of its self seed or of its masking key, never both."""
-
-    client: _Name
-    seeds: Annotated[dict[_Name, _Base64], Field(max_length=MAX_SHARE_SET)]
-    masking_keys: Annotated[dict[_Name, _Base64], Field(max_length=MAX_SHARE_SET)]
-
-    @classmethod
-    def parse(cls, data: bytes, context: Context, client: str) -> Reveal:
-        """``client``'s reveal of ``context``; `SecAggRefused` naming the client otherwise."""
-        what = f"{client}'s reveal"
-        message = _parse(cls, data, REVEAL_LIMIT, context, what)
-        if message.client != client:
-            raise SecAggRefused(f"{what}: names client {message.client!r}")
-        both = sorted(set(message.seeds) & set(message.masking_keys))
-        if both:
-            raise SecAggRefused(f"{what}: reveals both shares of {', '.join(both)}")
-        return message
-
-
 def _revealed(share: Share, halves: tuple[bytes, bytes]) -> str:
-    return _b64(share.index.to_bytes(_INDEX_BYTES, "big") + b"".join(halves))
+    return b64(share.index.to_bytes(_INDEX_BYTES, "big") + b"".join(halves))
 
 
 def reveal(keys: ClientKeys, shares: Mapping[str, Share], survivors: Collection[str],
@@ -543,7 +358,7 @@ def _collect(owner: str, kind: str, members: Sequence[str], reveals: Mapping[str
         text = None if message is None else (message.seeds if kind == "seed" else message.masking_keys).get(owner)
         if text is None:
             continue
-        data = _unb64(text, _REVEALED_BYTES, f"{revealer}'s reveal of {owner}'s {kind} share")
+        data = unb64(text, _REVEALED_BYTES, f"{revealer}'s reveal of {owner}'s {kind} share")
         index = int.from_bytes(data[:_INDEX_BYTES], "big")
         if index != ordered.index(revealer) + 1:
             raise SecAggRefused(f"{revealer}'s reveal of {owner}'s {kind} share: index {index}, but {revealer} "
@@ -591,7 +406,7 @@ def _check_inputs(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str
     if len(shapes) != 1 or any(vector.dtype != np.uint32 or vector.ndim != 1 for vector in masked.values()):
         raise SecAggRefused(f"masked updates of unequal shapes or dtypes: {sorted(shapes)}")
     for name, message in reveals.items():
-        _check_context(message, context, f"{name}'s reveal")
+        check_context(message, context, f"{name}'s reveal")
         if message.client != name:
             raise SecAggRefused(f"{name}'s reveal names client {message.client!r}")
     for name in shared:

@@ -28,11 +28,22 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from fedtrain.contract.errors import BadDataError
+from fedtrain.contract.secmessages import MAX_SHARE_SET, Advertisement, Name, SharesMessage
+from fedtrain.contract.wire import MAX_ATTEMPT as MAX_ATTEMPT
+from fedtrain.contract.wire import MAX_ROUND as MAX_ROUND
+from fedtrain.contract.wire import NAME_PATTERN as NAME_PATTERN
+from fedtrain.contract.wire import SHA256_PATTERN as SHA256_PATTERN
+from fedtrain.contract.wire import problems as problems
 
 # 2: a task carries its attempt, an update is update-a<attempt>.safetensors, a task is parsed strictly.
+# 3: secure aggregation's stages are site tasks (keys, shares, unmask) and a secure round's tasks carry a
+# `secure` block, which a site of version 2 would refuse as an unknown field.
 # A document of another version is refused before its fields are read, naming the side to upgrade.
-PROTOCOL_VERSION = 2
-TaskKind = Literal["train", "evaluate"]
+PROTOCOL_VERSION = 3
+TaskKind = Literal["train", "evaluate", "keys", "shares", "unmask"]
+SECURE_STAGES: tuple[TaskKind, ...] = ("keys", "shares", "unmask")  # secure aggregation's stages besides training
+# The letter that starts a task's id, by its kind (the engine's `task_id`): r0003-munich-a1, k0003-munich-a1.
+TASK_LETTERS: dict[str, str] = {"train": "r", "evaluate": "e", "keys": "k", "shares": "s", "unmask": "u"}
 ResultState = Literal["succeeded", "failed"]
 
 # Size limits, in bytes, of what a site writes and the coordinator's side reads; larger is refused unread.
@@ -54,12 +65,9 @@ DEFAULT_MAX_EXAMPLES = 1_000_000
 # more) in an example-weighted mean (spec.clients.maxWeightOverMedian): a count within maxExamples can still be
 # a thousand times the honest sites'.
 DEFAULT_MAX_WEIGHT_OVER_MEDIAN = 10.0
-MAX_ATTEMPT = 9999  # attempts of one task: the engine retries far fewer; an update's key holds at most 4 digits
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a site's name: a DNS label
 TASK_ID_PATTERN = r"^[a-z0-9][-a-z0-9]{0,127}$"  # the engine's task ids: r0003-munich-a1, e0003-munich-a1
-SHA256_PATTERN = r"^[0-9a-f]{64}$"
+MASKED_LENGTH_LIMIT = 2**31 - 1  # elements of a masked vector: one per model value, and the weight
 METRIC_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-MAX_ROUND = 10000  # spec.rounds' bound
 GLOBAL_KEY_PATTERN = r"^round-[0-9]{4,5}/global\.safetensors$"  # the only keys a task may name (Layout.global_weights)
 CHOICE_PATTERN = r"^[a-z0-9_]{1,63}$"  # strategy, architecture, optimizer and scheduler names
 
@@ -114,9 +122,45 @@ class PrivacySettings:
     sampling_rate: Annotated[float, Field(gt=0, le=1)]
 
 
+Roster = Annotated[tuple[Name, ...], Field(max_length=MAX_SHARE_SET)]
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """A secure round's part of a site's task: the attempt, the protocol's settings, the rosters and an inbox.
+
+    A site reads nothing of the other clients (its bucket policy grants only its own folder), so the
+    coordinator relays inside the task what the stage needs of them, each message parsed before it
+    is relayed: for ``shares`` the advertisements of the site's share set, for ``train`` those of
+    the members that shared, for ``unmask`` those and each sender's ciphertext addressed to this
+    site (a `SharesMessage` with one entry: its AES-GCM AAD binds sender, recipient and round, so
+    the coordinator can withhold it but not forge it). ``identity`` is the training identity every
+    key and message is bound to, exactly as the coordinator's aggregation uses it; the share
+    graph's seed is the task's ``seed``.
+    """
+
+    identity: Annotated[str, Field(min_length=1, max_length=253)]
+    round_attempt: Annotated[int, Field(ge=1, le=MAX_ATTEMPT)]  # keys are new for each attempt of the round
+    threshold: Annotated[int, Field(ge=2, le=MAX_SHARE_SET)]
+    clip_norm: Positive  # privacy.clipNorm: each update is clipped to it before it is masked
+    weight_unit: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)]  # examples per unit of an update's weight
+    neighbours: Annotated[int, Field(ge=1, le=MAX_SHARE_SET)] | None = None  # SecAgg+; None: every client
+    equal_weights: bool = False  # central DP: each update weighs 1
+    advertised: Roster = ()  # who advertised keys: the share graph is theirs
+    peers: Roster = ()  # who shared: masks are added and removed against them
+    survivors: Roster = ()  # whose masked updates count (an unmask task)
+    advertisements: Annotated[dict[Name, Advertisement], Field(max_length=MAX_SHARE_SET)] = \
+        field(default_factory=dict)
+    shares: Annotated[dict[Name, SharesMessage], Field(max_length=MAX_SHARE_SET)] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class SiteTask:
-    """One task for one site: train on the global model of ``round - 1``, or evaluate that of ``round``."""
+    """One task for one site: train on the global model of ``round - 1``, or evaluate that of ``round``.
+
+    In a secure round (``secure`` set) the site also advertises its keys, shares its secrets and
+    reveals shares (kinds ``keys``, ``shares`` and ``unmask``), and trains into a masked update.
+    """
 
     id: Annotated[str, Field(pattern=TASK_ID_PATTERN)]  # checked against kind, round, site and attempt too
     kind: TaskKind
@@ -135,11 +179,12 @@ class SiteTask:
     privacy: PrivacySettings | None = None
     roi_crop: bool = True
     attempt: Annotated[int, Field(ge=1, le=MAX_ATTEMPT)] = 1  # the engine's attempt (the id's "-aN")
+    secure: SecureSettings | None = None  # privacy.secureAggregation: this round's settings, rosters and inbox
     version: int = PROTOCOL_VERSION
 
     def to_json(self) -> dict[str, Any]:
         """The document, with its digest."""
-        body = asdict(self)
+        body: dict[str, Any] = _TASK.dump_python(self, mode="json")
         return {**body, "digest": digest(body)}
 
 
@@ -153,6 +198,7 @@ ENDED_PHASES = ("Succeeded", "Failed", DELETED)
 SiteTask.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
 TrainSettings.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
 PrivacySettings.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+SecureSettings.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
 _TASK = TypeAdapter(SiteTask)
 
 
@@ -235,6 +281,10 @@ def parse_task(value: dict[str, Any], where: str = "task") -> SiteTask:
     if task.id != expected:
         raise BadDataError(f"{where}: id {task.id!r} is not the id of a {task.kind} task of round {task.round}, "
                            f"site {task.site}, attempt {task.attempt} ({expected!r}); refusing it")
+    if task.kind in SECURE_STAGES and task.secure is None:
+        raise BadDataError(f"{where}: a {task.kind} task without its 'secure' settings; refusing it")
+    if task.kind == "evaluate" and task.secure is not None:
+        raise BadDataError(f"{where}: an evaluate task with 'secure' settings; refusing it")
     return task
 
 
@@ -258,8 +308,8 @@ def version_mismatch(found: object, where: str, reader: Literal["site", "coordin
 
 
 def expected_task_id(task: SiteTask) -> str:
-    """The id the coordinator's engine gives such a task: ``r0003-munich-a2``, ``e0003-munich-a1``."""
-    return f"{'r' if task.kind == 'train' else 'e'}{task.round:04d}-{task.site}-a{task.attempt}"
+    """The id the coordinator's engine gives such a task: ``r0003-munich-a2``, ``e0003-munich-a1``, ``k0003-...``."""
+    return f"{TASK_LETTERS[task.kind]}{task.round:04d}-{task.site}-a{task.attempt}"
 
 
 def parse_posting(data: bytes, where: str = "task.json") -> Posting:
@@ -323,6 +373,30 @@ class TrainOutput(WireModel):
     _bounded = field_validator("num_examples")(_examples_bound)
 
 
+class SecureTrainOutput(WireModel):
+    """What a site's masked training answer says: its metrics (nothing private) and its masked vector's length.
+
+    No example count and no digest of an update: the count travels masked, and there is no update
+    in the clear to name. The aggregation reads the masked vector with the bound its length sets.
+    """
+
+    metrics: Annotated[dict[Annotated[str, Field(pattern=METRIC_NAME_PATTERN)], FiniteFloat],
+                       Field(max_length=METRICS_LIMIT)] = {}
+    length: Annotated[int, Field(ge=1, le=MASKED_LENGTH_LIMIT)]
+
+
+class StageOutput(WireModel):
+    """A site's answer to a key, share or unmask task: how many it shared with, whose shares it opened or refused.
+
+    The coordinator reads the stage's message itself (`SiteRelay`); ``refused`` names each sender
+    whose share failed authentication at the site, and why, for the round's Events.
+    """
+
+    recipients: Annotated[int, Field(ge=0, le=MAX_SHARE_SET)] | None = None
+    opened: Annotated[list[Name], Field(max_length=MAX_SHARE_SET)] = []
+    refused: Annotated[dict[Name, Annotated[str, Field(max_length=REASON_KEPT)]], Field(max_length=MAX_SHARE_SET)] = {}
+
+
 class EvaluationOutput(WireModel):
     """A site's score of one global model: how many examples, the accuracy and the mean loss over them."""
 
@@ -367,19 +441,6 @@ def parse_scores_record(data: bytes, where: str = "federated.json") -> ScoresRec
         raise BadDataError(f"{where}: {problems(error)}") from error
 
 
-def problems(error: ValidationError, limit: int = 3) -> str:
-    """A validation error in one line, each problem naming its field: ``output.accuracy: ... (got 7.0)``."""
-    found = []
-    for item in error.errors(include_url=False)[:limit]:
-        where = ".".join(str(part) for part in item["loc"]) or "the document"
-        got = repr(item.get("input"))
-        shown = f" (got {got[:40]}{'…' if len(got) > 40 else ''})" if item["type"] not in ("missing", "value_error") \
-            else ""
-        found.append(f"{where}: {item['msg'].removeprefix('Value error, ')}{shown}")
-    more = f"; and {error.error_count() - limit} more" if error.error_count() > limit else ""
-    return "; ".join(found) + more
-
-
 def parse_result(data: bytes, where: str = "result") -> SiteResult:
     """A site's answer, strictly (types, patterns, a bounded reason); `BadDataError` naming the field otherwise.
 
@@ -413,6 +474,16 @@ def train_output(output: Mapping[str, Any], max_examples: int = EXAMPLES_LIMIT, 
                  ) -> TrainOutput:
     """A training answer's output, its example count at most ``max_examples``; `BadDataError` otherwise."""
     return _checked(TrainOutput, output, max_examples, where)
+
+
+def secure_train_output(output: Mapping[str, Any], where: str = "output") -> SecureTrainOutput:
+    """A masked training answer's output: finite metrics and a positive length; `BadDataError` otherwise."""
+    return _checked(SecureTrainOutput, output, EXAMPLES_LIMIT, where)
+
+
+def stage_output(output: Mapping[str, Any], where: str = "output") -> StageOutput:
+    """A secure stage's answer: names that are DNS labels, bounded reasons; `BadDataError` otherwise."""
+    return _checked(StageOutput, output, EXAMPLES_LIMIT, where)
 
 
 def evaluation_output(output: Mapping[str, Any], max_examples: int = EXAMPLES_LIMIT, where: str = "output"

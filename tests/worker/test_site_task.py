@@ -241,7 +241,7 @@ def test_a_result_round_trips_through_its_strict_parser() -> None:
     ({"digest": "abc"}, "digest: Extra inputs are not permitted"),
 ])
 def test_a_result_that_is_not_one_is_refused_naming_the_field(change: dict[str, Any], said: str) -> None:
-    with pytest.raises(BadDataError, match="not a site result of protocol version 2") as error:
+    with pytest.raises(BadDataError, match="not a site result of protocol version 3") as error:
         parse_result(json.dumps({**GOOD_RESULT, **change}).encode(), "munich's answer")
     assert said in str(error.value) and str(error.value).startswith("munich's answer: ")
 
@@ -319,21 +319,21 @@ def posted_task(**changes: Any) -> dict[str, Any]:
     return {**body, "digest": digest(body)}
 
 
-def test_the_protocol_is_version_2_since_tasks_carry_their_attempt() -> None:
-    assert PROTOCOL_VERSION == 2 and SiteTask(**{k: v for k, v in posted_task().items() if k != "digest"}).version == 2
-    assert SiteResult("r0003-munich-a2", "munich", "succeeded").version == 2
+def test_the_protocol_is_version_3_since_secure_rounds_are_site_tasks() -> None:
+    assert PROTOCOL_VERSION == 3 and SiteTask(**{k: v for k, v in posted_task().items() if k != "digest"}).version == 3
+    assert SiteResult("r0003-munich-a2", "munich", "succeeded").version == 3
 
 
 @pytest.mark.parametrize(("version", "said"), [
-    (1, "protocol version 1, this site speaks 2; the coordinator is older: upgrade the coordinator's operator and "
-        "worker image (fedtrain run) to protocol version 2"),
-    (3, "protocol version 3, this site speaks 2; this site is older: upgrade the site's operator and worker image "
+    (2, "protocol version 2, this site speaks 3; the coordinator is older: upgrade the coordinator's operator and "
+        "worker image (fedtrain run) to protocol version 3"),
+    (4, "protocol version 4, this site speaks 3; this site is older: upgrade the site's operator and worker image "
         "(fedtrain site run) to the coordinator's release"),
-    (None, "protocol version None, this site speaks 2; the coordinator is older"),
-    ("2", "protocol version '2', this site speaks 2; the coordinator is older"),
+    (None, "protocol version None, this site speaks 3; the coordinator is older"),
+    ("3", "protocol version '3', this site speaks 3; the coordinator is older"),
 ])
 def test_a_task_of_another_protocol_version_names_the_side_to_upgrade(version: object, said: str) -> None:
-    """A version-1 task has no attempt: the site says which side is behind, not which field is missing."""
+    """An older task lacks fields (version 1 had no attempt): the site says which side is behind, not which field."""
     old = {k: v for k, v in posted_task().items() if k not in ("digest", "attempt")}
     old["version"] = version
     with pytest.raises(BadDataError) as refused:
@@ -342,9 +342,9 @@ def test_a_task_of_another_protocol_version_names_the_side_to_upgrade(version: o
 
 
 @pytest.mark.parametrize(("version", "said"), [
-    (1, "protocol version 1, this coordinator speaks 2; the site is older: upgrade the site's operator and worker "
-        "image (fedtrain site run) to protocol version 2"),
-    (3, "protocol version 3, this coordinator speaks 2; this coordinator is older: upgrade the coordinator's "
+    (2, "protocol version 2, this coordinator speaks 3; the site is older: upgrade the site's operator and worker "
+        "image (fedtrain site run) to protocol version 3"),
+    (4, "protocol version 4, this coordinator speaks 3; this coordinator is older: upgrade the coordinator's "
         "operator and worker image (fedtrain run) to the site's release"),
 ])
 def test_an_answer_of_another_protocol_version_names_the_side_to_upgrade(version: int, said: str) -> None:
