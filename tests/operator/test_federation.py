@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from fedtrain.contract.layout import Layout, sidecar_of
 from fedtrain.contract.storage import open_store
 from fedtrain.operator.jobs import ANNOTATION_ACCEPT, LABEL_TRAINING_NAMESPACE
 from fedtrain.worker.data.synth import SynthConfig, generate
@@ -78,7 +79,7 @@ async def test_a_client_in_its_own_namespace_trains_on_its_own_data(
     assert await cluster.request("GET", f"/api/v1/namespaces/{CLIENT_NAMESPACE}/serviceaccounts/fedtrain-worker")
 
     store = open_store(f"s3://{s3_server.bucket}/operator/{NAMESPACE}/signs-fed-{uid[:8]}", s3_server.environment())
-    munich = json.loads(store.read_bytes("round-0002/clients/munich.json"))
+    munich = json.loads(store.read_bytes(sidecar_of(Layout().client_update(2, "munich"))))
     assert munich["client"] == "munich"
     assert munich["num_examples"] == len(list((home / "Final_Training" / "Images").rglob("*.ppm"))) - \
         munich["metrics"]["val_examples"]  # its whole own data set (less validation), not a share
