@@ -9,11 +9,14 @@ OpenAPI bounds, and ``cel-expr-python`` (Google's CEL runtime) evaluates ``x-kub
 - `schema_problems`: a CRD that ``kubectl apply`` (strict decoding) and the CRD registry accept.
 - `admit`: what a create or update of a custom resource goes through: unknown fields refused or
   pruned, defaults, the OpenAPI schema, CEL rules (transition rules with the stored object).
-- `object_problems`: names, labels and annotations of any object (``k8s.io/apimachinery`` validation).
+- `object_problems`: names, labels and annotations of any object (``k8s.io/apimachinery`` validation);
+  a Job's Pod volumes and mounts, and a Secret's data (and, updated, its immutability).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import functools
 import json
@@ -90,7 +93,9 @@ class FieldError:
     """One ``field.Error`` of k8s.io/apimachinery/pkg/util/validation/field, printed as the server prints it."""
 
     path: str  # "" is the root, printed "<nil>" as field.Path does
-    kind: str  # "Invalid value", "Required value", "Unsupported value", "Too long", "Too many", "Forbidden"
+    # "Invalid value", "Required value", "Unsupported value", "Too long", "Too many", "Forbidden", "Not found",
+    # "Duplicate value"
+    kind: str
     detail: str = ""
     value: Any = field(default=None)
     show_value: bool = True
@@ -110,7 +115,8 @@ class FieldError:
     def cause(self) -> dict[str, str]:
         reasons = {"Invalid value": "FieldValueInvalid", "Required value": "FieldValueRequired",
                    "Unsupported value": "FieldValueNotSupported", "Too long": "FieldValueTooLong",
-                   "Too many": "FieldValueTooMany", "Forbidden": "FieldValueForbidden"}
+                   "Too many": "FieldValueTooMany", "Forbidden": "FieldValueForbidden",
+                   "Not found": "FieldValueNotFound", "Duplicate value": "FieldValueDuplicate"}
         return {"reason": reasons.get(self.kind, "FieldValueInvalid"), "message": self.body(),
                 "field": self.path or "<nil>"}
 
@@ -751,17 +757,139 @@ def job_errors(job: dict[str, Any]) -> list[FieldError]:
     return label_errors(labels, "spec.template.metadata.labels")
 
 
-def object_problems(kind: str, obj: dict[str, Any]) -> list[FieldError]:
-    """Everything this module checks on an object of ``kind`` that is not a custom resource with a schema."""
-    errors = object_meta_errors(kind, obj.get("metadata") or {})
-    if kind == "Job":
-        errors += job_errors(obj)
+# ---------------------------------------------------------------------------------------------------------------
+# Secrets and the volumes of a Job's Pod template (k8s.io/kubernetes/pkg/apis/core/validation/validation.go:
+# ValidateSecret, ValidateSecretUpdate, validateVolumes, validateSecretVolumeSource, validateVolumeMounts).
+# ---------------------------------------------------------------------------------------------------------------
+
+CONFIG_KEY = r"[-._a-zA-Z0-9]+"
+CONFIG_KEY_MESSAGE = ("a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name', "
+                      " or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')")
+SECRET_LIMIT = 1024 * 1024  # core.MaxSecretSize: the decoded data together
+FILE_MODE_MESSAGE = "must be a number between 0 and 0777 (octal), both inclusive"
+IMMUTABLE_WHEN_SET = "field is immutable when `immutable` is set"
+BASE64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
+def config_key_problems(key: str) -> list[str]:
+    """IsConfigMapKey: a Secret's or ConfigMap's data key."""
+    problems = [] if len(key) <= 253 else ["must be no more than 253 characters"]
+    if not re.fullmatch(CONFIG_KEY, key):
+        problems.append(CONFIG_KEY_MESSAGE)
+    if key in (".", ".."):
+        problems.append(f"must not be '{key}'")
+    elif key.startswith(".."):
+        problems.append("must not start with '..'")
+    return problems
+
+
+def decoded_secret_data(secret: dict[str, Any]) -> dict[str, bytes]:
+    """A Secret's data as the server decodes it; undecodable base64 is its 400 (the JSON never becomes a Secret)."""
+    decoded = {}
+    for key, value in (secret.get("data") or {}).items():
+        text = str(value)
+        try:
+            decoded[key] = base64.b64decode(text, validate=True)
+        except binascii.Error:
+            # Go's CorruptInputError names the first byte it could not use: a character outside the alphabet, else
+            # (missing or misplaced padding) the end.
+            at = next((i for i, char in enumerate(text) if char not in BASE64_ALPHABET), len(text))
+            raise Refused(400, "BadRequest", f'Secret in version "v1" cannot be handled as a Secret: illegal base64 '
+                                             f"data at input byte {at}") from None
+    return decoded
+
+
+def secret_errors(secret: dict[str, Any], old: dict[str, Any] | None) -> list[FieldError]:
+    """ValidateSecret (data keys, 1 MiB in all) and, for an update, ValidateSecretUpdate (type; immutable Secrets)."""
+    data = decoded_secret_data(secret)
+    errors = [FieldError(f"data[{key}]", "Invalid value", problem, key)
+              for key in data for problem in config_key_problems(key)]
+    if sum(len(value) for value in data.values()) > SECRET_LIMIT:
+        errors.append(FieldError("data", "Too long", f"must have at most {SECRET_LIMIT} bytes", show_value=False))
+    if old is None:
+        return errors
+    if secret.get("type", "Opaque") != old.get("type", "Opaque"):
+        errors.append(FieldError("type", "Invalid value", "field is immutable", secret.get("type")))
+    if old.get("immutable") is True:
+        if secret.get("immutable") is not True:
+            errors.append(FieldError("immutable", "Forbidden", IMMUTABLE_WHEN_SET, show_value=False))
+        if data != decoded_secret_data(old):
+            errors.append(FieldError("data", "Forbidden", IMMUTABLE_WHEN_SET, show_value=False))
     return errors
 
 
-def refuse_object(kind: str, group: str, obj: dict[str, Any]) -> None:
-    """Raise the server's 422 if the object's name, labels or annotations are invalid."""
-    errors = object_problems(kind, obj)
+def _mode_errors(mode: Any, path: str) -> list[FieldError]:
+    return [FieldError(path, "Invalid value", FILE_MODE_MESSAGE, mode)] if mode is not None and \
+        not 0 <= int(mode) <= 0o777 else []
+
+
+def secret_volume_errors(source: dict[str, Any], path: str) -> list[FieldError]:
+    """validateSecretVolumeSource: a Secret's name, file modes, and items that stay inside the volume."""
+    errors = [] if source.get("secretName") else [FieldError(f"{path}.secretName", "Required value",
+                                                             show_value=False)]
+    errors += _mode_errors(source.get("defaultMode"), f"{path}.defaultMode")
+    for index, item in enumerate(source.get("items") or []):
+        at = f"{path}.items[{index}]"
+        target = str(item.get("path") or "")
+        errors += [FieldError(f"{at}.{key}", "Required value", show_value=False) for key in ("key", "path")
+                   if not item.get(key)]
+        if target.startswith("/"):
+            errors.append(FieldError(f"{at}.path", "Invalid value", "must be a relative path", target))
+        if ".." in target.split("/"):
+            errors.append(FieldError(f"{at}.path", "Invalid value", "must not contain '..'", target))
+        elif target.startswith(".."):
+            errors.append(FieldError(f"{at}.path", "Invalid value", "must not start with '..'", target))
+        errors += _mode_errors(item.get("mode"), f"{at}.mode")
+    return errors
+
+
+def pod_volume_errors(pod: dict[str, Any], path: str) -> list[FieldError]:
+    """validateVolumes and validateVolumeMounts: unique volume names, secret sources, mounts of declared volumes."""
+    errors: list[FieldError] = []
+    names: set[str] = set()
+    for index, volume in enumerate(pod.get("volumes") or []):
+        at, name = f"{path}.volumes[{index}]", str(volume.get("name") or "")
+        if not name:
+            errors.append(FieldError(f"{at}.name", "Required value", show_value=False))
+        elif name in names:
+            errors.append(FieldError(f"{at}.name", "Duplicate value", value=name))
+        elif len(name) > 63 or not re.fullmatch(DNS1123_LABEL, name):
+            errors.append(FieldError(f"{at}.name", "Invalid value", LABEL_MESSAGE, name))
+        names.add(name)
+        if volume.get("secret") is not None:
+            errors += secret_volume_errors(volume["secret"], f"{at}.secret")
+    for number, container in enumerate(pod.get("containers") or []):
+        mounted: set[str] = set()
+        for index, mount in enumerate(container.get("volumeMounts") or []):
+            at, target = f"{path}.containers[{number}].volumeMounts[{index}]", str(mount.get("mountPath") or "")
+            if mount.get("name") not in names:
+                errors.append(FieldError(f"{at}.name", "Not found", value=mount.get("name")))
+            if not target:
+                errors.append(FieldError(f"{at}.mountPath", "Required value", show_value=False))
+            elif target in mounted:
+                errors.append(FieldError(f"{at}.mountPath", "Invalid value", "must be unique", target))
+            mounted.add(target)
+    return errors
+
+
+def object_problems(kind: str, obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[FieldError]:
+    """Everything this module checks on an object of ``kind`` that is not a custom resource with a schema.
+
+    ``old``: the stored object an update replaces.
+    """
+    errors = object_meta_errors(kind, obj.get("metadata") or {})
+    if kind == "Job":
+        errors += job_errors(obj)
+        errors += pod_volume_errors(((obj.get("spec") or {}).get("template") or {}).get("spec") or {},
+                                    "spec.template.spec")
+    if kind == "Secret":
+        errors += secret_errors(obj, old)
+    return errors
+
+
+def refuse_object(kind: str, group: str, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
+    """Raise the server's 422 (or 400) if the object is invalid (or, updating ``old``, an invalid change)."""
+    errors = object_problems(kind, obj, old)
     if errors:
         kind_group = f"{kind}.{group}" if group else kind
         raise invalid(kind_group, str((obj.get("metadata") or {}).get("name") or ""), errors)

@@ -6,7 +6,7 @@ with only the declared volumes writable (podman's `--read-only` would add writab
 /tmp, /var/tmp and /run: `--read-only-tmpfs=false` takes them away), no capabilities, no privilege
 escalation, ``command`` as the entrypoint and ``args`` after it, and the termination message file
 mounted where the container says. Volumes are host folders given by name; their group is the Pod's
-fsGroup with the setgid bit, as the kubelet leaves them.
+fsGroup with the setgid bit, as the kubelet leaves them; secret volumes are mounted read-only.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,11 @@ class Kubelet:
 
     def run_args(self, pod_name: str, pod_spec: dict[str, Any], container: dict[str, Any],
                  volumes: dict[str, Path], environment: dict[str, str],
-                 termination_log: Path | None) -> list[str]:
-        """The whole command line; ``volumes`` maps each mounted volume's name to a host folder or file."""
+                 termination_log: Path | None, read_only: Collection[str] = ()) -> list[str]:
+        """The whole command line; ``volumes`` maps each mounted volume's name to a host folder or file.
+
+        ``read_only``: volumes the kubelet mounts read-only whatever the mount says (secret volumes).
+        """
         pod_security = pod_spec.get("securityContext") or {}
         security = container.get("securityContext") or {}
         user = security.get("runAsUser", pod_security.get("runAsUser"))
@@ -68,7 +72,7 @@ class Kubelet:
         if security.get("allowPrivilegeEscalation") is False:
             args.append("--security-opt=no-new-privileges")
         for mount in container.get("volumeMounts") or []:
-            suffix = ":ro" if mount.get("readOnly") else ""
+            suffix = ":ro" if mount.get("readOnly") or mount["name"] in read_only else ""
             args += ["--volume", f"{volumes[mount['name']]}:{mount['mountPath']}{suffix}"]
         if termination_log is not None:
             args += ["--volume", f"{termination_log}:{container.get('terminationMessagePath', '/dev/termination-log')}"]

@@ -13,7 +13,8 @@ workarounds: product code speaks plain Kubernetes.
 
 `JobRunner` plays the job controller and the kubelet: for every Job its watch reports it creates the
 Pod, runs the container's command as a local process (through the same fork server as `fedtrain
-run`) with ``/store`` mapped to a directory, and reports Pod and Job status, termination message
+run`) with ``/store`` mapped to a directory and secret volumes written as the kubelet writes them
+(`tests.operator.secret_volumes`), and reports Pod and Job status, termination message
 included, back through the API as the real ones would, as soon as the process exits. ``sabotage``
 makes chosen Jobs fail or hang.
 """
@@ -41,9 +42,11 @@ import jsonpatch
 import kmock
 from kmock._internal import apps, dicts, dsl, enums, rendering
 
+from fedtrain.contract.errors import EXIT_INTERNAL
 from fedtrain.local.executor import ForkServer
 from tests.apiserver_rules import Refused, admit, load_crd, refuse_object
 from tests.containers.kubelet import Kubelet, own_volume
+from tests.operator import secret_volumes
 
 RESOURCES = {
     "fedtrain.io/v1alpha1/federatedtrainings": kmock.ResourceInfo(
@@ -241,7 +244,7 @@ class ApiServer(kmock.KubernetesEmulator, _FilterDispatch):
             self._on_patch(request)
         elif isinstance(request.data, list):
             self._on_json_patch(request)
-        refuse_object(kind, group, dict(dicts.patch_dict(current, request.data)))
+        refuse_object(kind, group, dict(dicts.patch_dict(current, request.data)), current)
         return request
 
     def _patched(self, current: dict[str, Any], request: rendering.Request) -> dict[str, Any]:
@@ -537,6 +540,7 @@ class Running:
     started: str
     termination_log: Path
     stderr: Path
+    secrets: dict[str, secret_volumes.SecretVolume] = field(default_factory=dict)  # by volume name
 
 
 @dataclass
@@ -749,6 +753,14 @@ class JobRunner:
                                                                           f"{template['spec']['containers'][0]['image']}"}}}]}})
             return None
         container = template["spec"]["containers"][0]
+        try:
+            secrets = await self._secret_volumes(namespace, pod_name, template["spec"], container)
+        except secret_volumes.MountFailed as failed:  # the kubelet says so in an Event; the Pod waits
+            await self._mount_failed(namespace, pod_name, str(failed))
+            await self._json("PATCH", pod_path, {"status": {"containerStatuses": [
+                {"name": "worker", "ready": False, "restartCount": 0,
+                 "state": {"waiting": {"reason": "ContainerCreating"}}}]}})
+            return None
         environment = await self._environment(namespace, container)
         if isinstance(environment, str):
             await self._json("PATCH", pod_path, {"status": {"containerStatuses": [
@@ -757,33 +769,83 @@ class JobRunner:
             return None
         mounts = self._claim_mounts(namespace, template["spec"])
         mounts["/tmp"] = self.root / "scratch" / pod_name  # the Pod's emptyDir: gone when the Pod ends
+        mounts.update({m["mountPath"]: secrets[m["name"]].folder for m in container.get("volumeMounts") or []
+                       if m["name"] in secrets})
         argv = [self._map(a, mounts) for a in container["args"]]
         termination_log = self.logs / f"{pod_name}.termination-log"
         argv = [str(termination_log) if a == "/dev/termination-log" else a for a in argv]
         stderr = self.logs / f"{pod_name}.err"
+        denied = self._denied(template["spec"], container, secrets) if self.kubelet is None else ""
         if plan is not None and plan.exit_code is not None:
             process: Any = _Exited(plan.exit_code)
             stderr.write_text(plan.message + "\n")
+        elif denied:  # this machine's user could read it; the Pod's could not, and its worker would end so
+            process = _Exited(EXIT_INTERNAL)
+            stderr.write_text(denied + "\n")
         elif self.kubelet is not None:
             process = self._container(namespace, pod_name, template["spec"], container, environment,
-                                      termination_log, stderr)
+                                      termination_log, stderr, secrets)
         else:
             forks = await self._fork_server()
             process = forks.start(pod_name, argv, self.logs / f"{pod_name}.out", stderr, threads=1,
                                   environment={k: v for k, v in environment.items() if k != "HOME"})
         self.ran.append(name)
-        running = self.running[meta["uid"]] = Running(job, pod_name, process, started, termination_log, stderr)
+        running = self.running[meta["uid"]] = Running(job, pod_name, process, started, termination_log, stderr,
+                                                      secrets)
         await self._json("PATCH", pod_path, {"status": {"phase": "Running", "containerStatuses": [
             {"name": "worker", "ready": True, "restartCount": 0, "state": {"running": {"startedAt": started}}}]}})
         return running
 
+    async def _secret_volumes(self, namespace: str, pod_name: str, pod_spec: dict[str, Any],
+                              container: dict[str, Any]) -> dict[str, secret_volumes.SecretVolume]:
+        """The container's secret volumes, written as the kubelet writes them (`tests.operator.secret_volumes`)."""
+        mounted = {m["name"] for m in container.get("volumeMounts") or []}
+        fs_group = (pod_spec.get("securityContext") or {}).get("fsGroup")
+        written = {}
+        for volume in pod_spec.get("volumes") or []:
+            if "secret" not in volume or volume["name"] not in mounted:
+                continue
+            found = await self._json("GET", f"/api/v1/namespaces/{namespace}/secrets/{volume['secret']['secretName']}")
+            files = secret_volumes.project(volume, found or None, fs_group)
+            folder = self.root / "volumes" / pod_name / volume["name"]
+            written[volume["name"]] = secret_volumes.write(volume["name"], folder, files,
+                                                           chown=self.kubelet is not None)
+        return written
+
+    @staticmethod
+    def _denied(pod_spec: dict[str, Any], container: dict[str, Any],
+                secrets: dict[str, secret_volumes.SecretVolume]) -> str:
+        """What the Pod's worker would say, unable to read a file of its secret volumes ("" when it can read them)."""
+        uid, groups = secret_volumes.identity(pod_spec, container)
+        where = {m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []}
+        for volume in secrets.values():
+            for item in secret_volumes.unreadable(volume.files, uid, groups):
+                return (f"PermissionError: [Errno 13] Permission denied: '{where[volume.name]}/{item.path}' (the test "
+                        f"kubelet: uid {uid} with groups {sorted(groups)} cannot read a file of mode "
+                        f"{item.mode:04o} owned by 0:{item.group})")
+        return ""
+
+    async def _mount_failed(self, namespace: str, pod_name: str, message: str) -> None:
+        """The kubelet's FailedMount Warning on the Pod."""
+        stamp = now()
+        await self._json("POST", f"/api/v1/namespaces/{namespace}/events", {
+            "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{pod_name}.", "namespace": namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "namespace": namespace},
+            "reason": "FailedMount", "message": message, "type": "Warning", "source": {"component": "kubelet"},
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1})
+
     def _container(self, namespace: str, pod_name: str, pod_spec: dict[str, Any], container: dict[str, Any],
-                   environment: dict[str, str], termination_log: Path, stderr: Path) -> Any:
-        """Start the Pod as a container (`kubelet`): its claims and emptyDirs as host folders, owned by fsGroup."""
+                   environment: dict[str, str], termination_log: Path, stderr: Path,
+                   secrets: dict[str, secret_volumes.SecretVolume]) -> Any:
+        """Start the Pod as a container (`kubelet`): its claims and emptyDirs as host folders, owned by fsGroup; its
+        secret volumes as written, mounted read-only."""
         assert self.kubelet is not None
         fs_group = (pod_spec.get("securityContext") or {}).get("fsGroup")
         volumes: dict[str, Path] = {}
         for volume in pod_spec.get("volumes") or []:
+            if volume["name"] in secrets:
+                volumes[volume["name"]] = secrets[volume["name"]].folder
+                continue
             if "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
                 folder = self.store if volume["name"] == "store" else self.claim_dir(namespace, claim)
@@ -795,7 +857,8 @@ class JobRunner:
             volumes[volume["name"]] = folder
         termination_log.touch()
         termination_log.chmod(0o666)
-        argv = self.kubelet.run_args(pod_name, pod_spec, container, volumes, environment, termination_log)
+        argv = self.kubelet.run_args(pod_name, pod_spec, container, volumes, environment, termination_log,
+                                     read_only=set(secrets))
         process = self.kubelet.start(pod_name, argv, self.logs / f"{pod_name}.out", stderr)
         loop = asyncio.get_running_loop()
         threading.Thread(target=lambda: (process.wait(), loop.call_soon_threadsafe(self._reap)),
@@ -805,6 +868,11 @@ class JobRunner:
     async def _finish(self, running: Running, code: int) -> None:
         meta = running.job["metadata"]
         name, namespace = meta["name"], meta["namespace"]
+        for volume in running.secrets.values():  # read-only in a real Pod: a write there would have failed
+            changes = volume.changed()
+            if changes:
+                self.errors.append(f"{running.pod} wrote into its read-only secret volume {volume.name}: {changes}")
+        shutil.rmtree(self.root / "volumes" / running.pod, ignore_errors=True)
         message = running.termination_log.read_text() if running.termination_log.exists() else ""
         if code != 0 and not message and running.stderr.exists():  # terminationMessagePolicy FallbackToLogsOnError
             message = "\n".join(running.stderr.read_text().splitlines()[-80:])[-2048:]

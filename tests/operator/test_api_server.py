@@ -126,6 +126,49 @@ async def test_labels_and_names_of_any_object_are_checked(api: Api) -> None:
     assert "name part must consist of alphanumeric characters" in refused["message"]
 
 
+@pytest.mark.asyncio
+async def test_secrets_are_decoded_checked_and_immutable_once_marked(api: Api) -> None:
+    secret: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys"}, "type": "Opaque",
+                              "immutable": True, "data": {"a.key": "AAAA", "b key": "AAAA"}}
+    refused = await api.request("POST", f"{CORE}/secrets", secret, status=422)
+    assert refused["message"].startswith('Secret "keys" is invalid: data[b key]: Invalid value: "b key": a valid '
+                                         "config key must consist of alphanumeric characters")
+    secret["data"] = {"a.key": "AA*A"}
+    refused = await api.request("POST", f"{CORE}/secrets", secret, status=400)
+    assert refused["message"] == ('Secret in version "v1" cannot be handled as a Secret: illegal base64 data at '
+                                  "input byte 2")
+    secret["data"] = {"a.key": "AAAA"}
+    await api.request("POST", f"{CORE}/secrets", secret, status=200)
+    refused = await patch(api, f"{CORE}/secrets/keys", {"data": {"a.key": "BBBB"}}, 422)
+    assert refused["message"] == 'Secret "keys" is invalid: data: Forbidden: field is immutable when `immutable` is set'
+    refused = await patch(api, f"{CORE}/secrets/keys", {"immutable": False}, 422)
+    assert "immutable: Forbidden: field is immutable when `immutable` is set" in refused["message"]
+    await patch(api, f"{CORE}/secrets/keys", {"metadata": {"labels": {"kept": "yes"}}}, 200)  # metadata may change
+
+
+@pytest.mark.asyncio
+async def test_a_jobs_volumes_and_mounts_are_checked(api: Api) -> None:
+    def job(volumes: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {
+            "metadata": {"labels": {}}, "spec": {"volumes": volumes, "containers": [
+                {"name": "worker", "image": "w", "volumeMounts": mounts}]}}}}
+
+    jobs = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"
+    secret = {"name": "keys", "secret": {"secretName": "s", "defaultMode": 0o1000,
+                                         "items": [{"key": "a.key", "path": "../a.key"}]}}
+    refused = await api.request("POST", jobs, job([secret, {"name": "keys", "emptyDir": {}}],
+                                                  [{"name": "other", "mountPath": "/x"}]), status=422)
+    message = refused["message"]
+    assert 'spec.template.spec.volumes[0].secret.defaultMode: Invalid value: 512: must be a number between 0 and ' \
+           "0777 (octal), both inclusive" in message
+    assert 'spec.template.spec.volumes[0].secret.items[0].path: Invalid value: "../a.key": must not contain \'..\'' \
+        in message
+    assert 'spec.template.spec.volumes[1].name: Duplicate value: "keys"' in message
+    assert 'spec.template.spec.containers[0].volumeMounts[0].name: Not found: "other"' in message
+    secret["secret"] = {"secretName": "s", "defaultMode": 0o440, "items": [{"key": "a.key", "path": "a.key"}]}
+    await api.request("POST", jobs, job([secret], [{"name": "keys", "mountPath": "/x", "readOnly": True}]), status=200)
+
+
 @pytest.mark.parametrize(("labels", "fragment"), [
     ({"a": "v" * 63}, None),
     ({"a": "v" * 64}, "must be no more than 63 characters"),
