@@ -1,7 +1,7 @@
 """Secure aggregation against plain FedAvg: `fedtrain run` of the same federation, side by side in one run.
 
-Usage: python bench/secure_rounds.py [--clients 4,10] [--pairs 2] [--rounds 3] [--image-size 32]
-                                     [--per-class 10] [--test-per-class 4] [--epochs 1] [--clip-norm 1000]
+Usage: python bench/secure_rounds.py [--clients 4,10] [--pairs 3] [--rounds 3] [--image-size 32]
+                                     [--per-class 30] [--test-per-class 4] [--epochs 1] [--clip-norm 1000]
                                      [--no-dropout]
 Goal: secure / plain round time <= 1.05, final accuracy within 0.5 points, extra bytes per client and
 round <= the float32 update's own size.
@@ -279,10 +279,10 @@ def report(clients: int, runs: dict[str, list[Run]], plain_bytes: dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", default="4,10", help="client counts, comma-separated")
-    parser.add_argument("--pairs", type=int, default=2, help="interleaved repetitions (plain, secure, dropout)")
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved repetitions (plain, secure, dropout)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--per-class", type=int, default=10, help="training images per class, all clients together")
+    parser.add_argument("--per-class", type=int, default=30, help="training images per class, all clients together")
     parser.add_argument("--test-per-class", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--clip-norm", type=float, default=1000.0, help="privacy.clipNorm of the secure runs")
