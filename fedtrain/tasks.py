@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fedtrain.contract.secrets import secret_file
 from fedtrain.contract.sitetask import client_mu
 from fedtrain.contract.storage import S3_ENV, s3_location
 from fedtrain.engine.status import Task, TrainingStatus
 from fedtrain.spec import FederatedTrainingSpec, S3Spec, SyntheticSpec
 
 WORKER_COMMAND = "fedtrain-worker"
+SECRETS_DIR = "/var/run/fedtrain/secure"  # where a worker finds the clients' master secrets unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class Placement:
     termination_log: str | None = None  # Kubernetes: /dev/termination-log
     client_data_root: str = "/client-data"  # where a client's own claim is mounted (clients.list[].data)
     # Where each client's secure-aggregation master secret lives, as a file per client (never in the store).
-    secrets_dir: str = "/var/run/fedtrain/secure"
+    secrets_dir: str = SECRETS_DIR
     # Whether those files are given (a Kubernetes Secret's keys, mounted read-only): the worker only reads them.
     secrets_provided: bool = False
 
@@ -128,11 +130,6 @@ def secure_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement) 
         if where.secrets_provided:
             args.append("--secret-provided")
     return args
-
-
-def secret_file(client: str) -> str:
-    """The name of ``client``'s master-secret file in `Placement.secrets_dir` (a Kubernetes Secret's key too)."""
-    return f"{client}.key"
 
 
 def weight_unit(spec: FederatedTrainingSpec) -> int:

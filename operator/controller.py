@@ -51,6 +51,7 @@ from fedtrain.operator.jobs import (
     worker_account_manifest,
 )
 from fedtrain.operator.kube import ApiError, Kube, Paths
+from fedtrain.operator.secure_secrets import SecureSecrets
 from fedtrain.operator.site_relays import SiteRelays
 from fedtrain.operator.status import Conflict, read_status, write_status
 from fedtrain.operator.training_api import Refusal, TrainingApi, owned_by
@@ -133,6 +134,7 @@ class Controller:
         self.known_accounts: Callable[[str], bool] | None = None
         self.api = TrainingApi(kube)
         self.relays = SiteRelays(self.api)
+        self.secrets = SecureSecrets(kube)
         # (namespace, name) -> (the resourceVersion a status write replaced, the resource it returned)
         self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
@@ -150,6 +152,7 @@ class Controller:
         """The training's loop ended: drop what this process remembered of it."""
         self._written.pop((namespace, name), None)
         self.relays.forget(namespace, name)
+        self.secrets.forget(namespace, name)
 
     async def reconcile(self, namespace: str, name: str, seen: Seen | None = None) -> Outcome:
         """One pass, repeated while another writer changed the resource under it.
@@ -215,6 +218,7 @@ class Controller:
         refusal = await self.client_namespaces_refusal(spec, owner)
         if refusal:
             raise Refusal(Reason.CLIENT_NAMESPACE_NOT_ALLOWED, refusal)
+        await self.secrets.ensure(spec, owner)  # secure aggregation's client keys, before any Job could mount one
         jobs, by_job = await self.observed_objects(spec, owner, status)
         observations, stuck = observations_from(jobs, by_job)
         relay = await self.relays.relay(spec, owner) if spec.clients.sites() else None

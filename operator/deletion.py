@@ -1,7 +1,8 @@
-"""A deleted training's finalizer: tell its sites, delete its Jobs in client namespaces, remove its weights.
+"""A deleted training's finalizer: tell its sites, delete its Jobs and Secrets in client namespaces, remove weights.
 
-Jobs in the training's namespace go with it (owner references); those in client namespaces have
-none, and weights kept with ``reclaimPolicy: Delete`` are removed by a cleanup Job of their own.
+Jobs and Secrets in the training's namespace go with it (owner references); those in client
+namespaces have none, and weights kept with ``reclaimPolicy: Delete`` are removed by a cleanup Job
+of their own.
 Called again every few seconds until it says it is done, so each step finds where the last stopped.
 """
 
@@ -21,6 +22,7 @@ from fedtrain.operator.jobs import (
     training_selector,
 )
 from fedtrain.operator.kube import ApiError, Paths
+from fedtrain.operator.secure_secrets import delete_foreign_secrets
 from fedtrain.operator.site_relays import SiteRelays
 from fedtrain.operator.status import read_status
 from fedtrain.operator.training_api import TrainingApi
@@ -29,11 +31,12 @@ from fedtrain.spec import API_VERSION, KIND, SpecError, parse_spec
 
 async def release_storage(api: TrainingApi, relays: SiteRelays, namespace: str, name: str, uid: str,
                           raw_spec: dict[str, Any], raw_status: dict[str, Any]) -> bool:
-    """On deletion: remove Jobs in client namespaces; with ``reclaimPolicy: Delete`` also the weights.
+    """On deletion: remove Jobs and Secrets in client namespaces; with ``reclaimPolicy: Delete`` also the weights.
 
     True when done. Jobs in the training's namespace go with it (owner references); those in
-    client namespaces have none, so they are deleted here by label. The weights are where the
-    training kept them: its spec with the defaults its status holds.
+    client namespaces have none, so they are deleted here by label, and secure aggregation's
+    Secrets there by name. The weights are where the training kept them: its spec with the
+    defaults its status holds.
     """
     kube = api.kube
     try:
@@ -53,6 +56,7 @@ async def release_storage(api: TrainingApi, relays: SiteRelays, namespace: str, 
     for job in jobs:
         if job["metadata"]["namespace"] != namespace and not job["metadata"].get("deletionTimestamp"):
             await kube.delete(Paths.jobs(job["metadata"]["namespace"], job["metadata"]["name"]))
+    await delete_foreign_secrets(kube, spec, owner)
     if not remove_weights:
         return True
     for job in await kube.list(Paths.jobs(namespace), training_selector(owner)):

@@ -15,21 +15,35 @@ plain data and the operator image stays small.
   finalizer deletes them by label.
 - Pods run as non-root with a read-only root filesystem; ``/tmp`` is an emptyDir. The storage
   claim is mounted at ``/store``, and the worker service account has no API rights (no token).
+- Secure aggregation: each namespace where a training's clients run holds one Secret with a
+  32-byte master secret per client (`secure_secret_manifest`); each client's own Jobs mount only
+  its own key, read-only, at `SECRETS_MOUNT` (`secure_secret_volume`); no other Job mounts one.
 """
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedtrain.contract.secrets import secret_file
 from fedtrain.contract.storage import S3_ENV
 from fedtrain.engine.status import Observation, Task
 from fedtrain.spec import API_VERSION, DEFAULT_WORKER_IMAGE, KIND, WORKER_IMAGE_ENV, FederatedTrainingSpec, S3Spec
-from fedtrain.tasks import Placement, s3_environment, storage_location, training_dir, training_id
+from fedtrain.tasks import (
+    SECRETS_DIR,
+    SECURE_STAGES,
+    Placement,
+    s3_environment,
+    storage_location,
+    training_dir,
+    training_id,
+)
 
 MAX_NAME = 63
 STORE_MOUNT = "/store"
@@ -47,6 +61,13 @@ MANAGER = "fedtrain-operator"
 ANNOTATION_TASK_ID = "fedtrain.io/task-id"
 ANNOTATION_TRAINING = "fedtrain.io/training"  # the whole name, where the label may be cut
 CLEANUP_TASK = "cleanup"
+CLIENT_TASKS = ("train", *SECURE_STAGES)  # a client's own tasks: they run where the client runs
+SECRETS_MOUNT = SECRETS_DIR  # where a secure client's Job finds its key (`Placement.secrets_dir`)
+SECURE_SECRET = "secure"  # the Secret's name: <training>-secure (see `secure_secret_name`)
+SECURE_VOLUME = "secure-secret"
+# The key file: root-owned, group fsGroup (the worker's gid 1000), read-only for them and nobody else. The kubelet
+# gives a secret volume's files to the Pod's fsGroup and ORs 0440 into their mode; 0440 says so here too.
+SECRET_MODE = 0o440
 # Kubeflow profile namespaces inject an Istio sidecar into every Pod; a sidecar never exits, so a Job whose
 # Pod has one never completes. Worker Pods opt out (as Kubeflow Pipelines' own Pods do).
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
@@ -100,11 +121,12 @@ def placement(spec: FederatedTrainingSpec, owner: Owner) -> Placement:
     if root is not None:
         return Placement(root, spec.dataset.path or "/tmp/data", owner.name, owner.namespace, owner.uid,
                          tracking_uri=spec.mlflow.tracking_uri, termination_log=TERMINATION_LOG,
-                         client_data_root=CLIENT_DATA_MOUNT)
+                         client_data_root=CLIENT_DATA_MOUNT, secrets_dir=SECRETS_MOUNT, secrets_provided=True)
     root = workdir(owner)
     tracking = spec.mlflow.tracking_uri or f"sqlite:///{root}/mlflow.db"
     return Placement(root, spec.dataset.path or f"{root}/data", owner.name, owner.namespace, owner.uid,
-                     tracking_uri=tracking, termination_log=TERMINATION_LOG, client_data_root=CLIENT_DATA_MOUNT)
+                     tracking_uri=tracking, termination_log=TERMINATION_LOG, client_data_root=CLIENT_DATA_MOUNT,
+                     secrets_dir=SECRETS_MOUNT, secrets_provided=True)
 
 
 def kubernetes_problems(spec: FederatedTrainingSpec) -> list[str]:
@@ -128,9 +150,64 @@ def kubernetes_problems(spec: FederatedTrainingSpec) -> list[str]:
 
 
 def job_namespace(spec: FederatedTrainingSpec, owner: Owner, task: Task) -> str:
-    """Where a task's Job runs: a client's own namespace, else the training's."""
-    return spec.clients.namespaces().get(task.client or "", owner.namespace) if task.kind == "train" \
+    """Where a task's Job runs: a client's own task in the client's namespace, everything else in the training's."""
+    return spec.clients.namespaces().get(task.client or "", owner.namespace) if task.kind in CLIENT_TASKS \
         else owner.namespace
+
+
+def secure_clients(spec: FederatedTrainingSpec, owner: Owner) -> dict[str, list[str]]:
+    """Namespace -> the in-cluster clients whose Jobs run there, for a secure training ({} for a plain one).
+
+    Remote sites hold their own secrets: their tasks run in their clusters, not here.
+    """
+    privacy = spec.privacy
+    if privacy is None or privacy.secure_aggregation is None:
+        return {}
+    sites, homes = set(spec.clients.sites()), spec.clients.namespaces()
+    found: dict[str, list[str]] = {}
+    for client in spec.clients.names():
+        if client not in sites:
+            found.setdefault(homes.get(client, owner.namespace), []).append(client)
+    return found
+
+
+def secure_secret_name(owner: Owner, namespace: str) -> str:
+    """``<training>-secure``; in a client's namespace ``<training namespace>-<training>-secure`` (as Jobs there)."""
+    return task_job_name(owner, SECURE_SECRET, namespace)
+
+
+def secure_secret_manifest(owner: Owner, namespace: str, keys: Mapping[str, bytes]) -> dict[str, Any]:
+    """The Secret holding each client's master secret (``keys``: client -> 32 random bytes) in ``namespace``.
+
+    Immutable: its keys are never changed, since a key changed while a round is in flight breaks
+    that round's unmasking. Owned by the training in its own namespace (the garbage collector
+    deletes it); in a client's namespace, labelled as the Jobs there are, and deleted by the finalizer.
+    """
+    foreign = namespace != owner.namespace
+    secret_labels = {**training_selector(owner), LABEL_MANAGED_BY: MANAGER, LABEL_TRAINING_UID: owner.uid}
+    if foreign:
+        secret_labels[LABEL_TRAINING_NAMESPACE] = owner.namespace
+    metadata: dict[str, Any] = {"name": secure_secret_name(owner, namespace), "namespace": namespace,
+                                "labels": secret_labels, "annotations": {ANNOTATION_TRAINING: owner.name}}
+    if not foreign:
+        metadata["ownerReferences"] = [owner_reference(owner)]
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "immutable": True, "metadata": metadata,
+            "data": {secret_file(client): base64.b64encode(key).decode() for client, key in sorted(keys.items())}}
+
+
+def needs_secret(task: Task, spec: FederatedTrainingSpec) -> bool:
+    """Whether the task is a secure training's in-cluster client task (train, keys, shares, unmask)."""
+    privacy = spec.privacy
+    return privacy is not None and privacy.secure_aggregation is not None and task.kind in CLIENT_TASKS \
+        and task.client is not None and task.client not in spec.clients.sites()
+
+
+def secure_secret_volume(owner: Owner, namespace: str, client: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The volume and mount that give a client's Job its own key, and no other client's, read-only."""
+    volume = {"name": SECURE_VOLUME, "secret": {
+        "secretName": secure_secret_name(owner, namespace), "defaultMode": SECRET_MODE,
+        "items": [{"key": secret_file(client), "path": secret_file(client)}]}}
+    return volume, {"name": SECURE_VOLUME, "mountPath": SECRETS_MOUNT, "readOnly": True}
 
 
 def accepts(annotation: str | None, owner: Owner) -> bool:
@@ -238,6 +315,11 @@ def job_manifest(task: Task, spec: FederatedTrainingSpec, owner: Owner, argument
         job["metadata"]["ownerReferences"] = [owner_reference(owner)]
     if task.kind == "train":
         job["spec"]["activeDeadlineSeconds"] = spec.round_deadline_seconds
+    if task.client is not None and needs_secret(task, spec):
+        volume, mount = secure_secret_volume(owner, namespace, task.client)
+        pod = job["spec"]["template"]["spec"]
+        pod["volumes"].append(volume)
+        pod["containers"][0]["volumeMounts"].append(mount)
     return job
 
 

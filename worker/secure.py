@@ -45,13 +45,13 @@ from fedtrain.contract.secagg import (
     share_sets,
     unmask,
 )
+from fedtrain.contract.secrets import MASTER_SECRET_BYTES
 from fedtrain.contract.storage import Store
 from fedtrain.spec import SUM_STRATEGIES
 from fedtrain.worker.strategies.arrays import cast_like
 from fedtrain.worker.strategies.protocol import Aggregate, Strategy
 from fedtrain.worker.weights import Weights, write_json
 
-MASTER_SECRET_BYTES = 32
 MASKED_TENSOR = "masked"
 MASKED_HEADER_LIMIT = 4096  # a masked update's safetensors header: one tensor's name, dtype and shape
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any, Literal
 
 import pytest
 
@@ -17,9 +18,13 @@ from fedtrain.operator.jobs import (
     job_manifest,
     job_name,
     observe,
+    placement,
+    secure_clients,
+    secure_secret_manifest,
     training_selector,
 )
 from fedtrain.spec import parse_spec
+from fedtrain.tasks import worker_arguments
 
 SPEC = parse_spec({
     "roundDeadlineSeconds": 900,
@@ -66,6 +71,72 @@ def test_aggregation_job_uses_defaults_and_has_no_deadline() -> None:
     assert "activeDeadlineSeconds" not in job["spec"]
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": {"cpu": "1"}}
     assert "fedtrain.io/client" not in job["metadata"]["labels"]
+
+
+SECURE = parse_spec({
+    "clients": {"list": [{"name": "munich"}, {"name": "berlin"},
+                         {"name": "hamburg", "namespace": "city-hamburg", "data": {"claimName": "signs"}}]},
+    "privacy": {"clipNorm": 5.0, "secureAggregation": {"threshold": 2}},
+    "storage": {"s3": {"bucket": "weights", "credentialsSecret": {"name": "s3"}}},
+    "mlflow": {"trackingUri": "http://mlflow:5000"},
+})
+
+
+def secret_volumes(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in job["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+
+
+@pytest.mark.parametrize("kind", ["train", "keys", "shares", "unmask"])
+@pytest.mark.parametrize(("client", "namespace", "secret"), [("munich", "team-a", "signs-secure"),
+                                                             ("hamburg", "city-hamburg", "team-a-signs-secure")])
+def test_a_secure_clients_jobs_mount_its_own_key_read_only_where_its_arguments_look(
+        kind: Literal["train", "keys", "shares", "unmask"], client: str, namespace: str, secret: str) -> None:
+    task = Task(f"x0003-{client}-a1", kind, 3, client)
+    arguments = worker_arguments(task, SECURE, placement(SECURE, OWNER))
+    job = job_manifest(task, SECURE, OWNER, arguments, None)
+    assert job["metadata"]["namespace"] == namespace  # a client's stages run where it trains, beside its key
+    pod = job["spec"]["template"]["spec"]
+    assert secret_volumes(job) == [{"name": "secure-secret", "secret": {
+        "secretName": secret, "defaultMode": 0o440, "items": [{"key": f"{client}.key", "path": f"{client}.key"}]}}]
+    mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "secure-secret"]
+    assert mounts == [{"name": "secure-secret", "mountPath": "/var/run/fedtrain/secure", "readOnly": True}]
+    path = arguments[arguments.index("--secret-file") + 1]
+    assert path == f"{mounts[0]['mountPath']}/{client}.key" and "--secret-provided" in arguments
+    # Root-owned, group fsGroup, mode 0440: the worker (uid and gid 1000) reads it through its group alone.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"] == 1000
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("task", [Task("init-a1", "init"), Task("r0003-aggregate-a1", "aggregate", 3),
+                                  Task("finalize-a1", "finalize", 3)])
+def test_no_secret_is_mounted_by_the_training_s_own_jobs(task: Task) -> None:
+    job = job_manifest(task, SECURE, OWNER, worker_arguments(task, SECURE, placement(SECURE, OWNER),
+                                                             {"munich": 1}), None)
+    assert secret_volumes(job) == [] and job["metadata"]["namespace"] == "team-a"
+    assert "--secret-file" not in job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_a_plain_trainings_client_mounts_no_secret() -> None:
+    assert secret_volumes(job_manifest(Task("r0002-munich-a1", "train", 2, "munich"), SPEC, OWNER, [], "s")) == []
+    assert secure_clients(SPEC, OWNER) == {}
+
+
+def test_one_secret_per_namespace_holds_a_key_per_client_there_owned_or_labelled() -> None:
+    assert secure_clients(SECURE, OWNER) == {"team-a": ["munich", "berlin"], "city-hamburg": ["hamburg"]}
+    own = secure_secret_manifest(OWNER, "team-a", {"munich": b"m" * 32, "berlin": b"b" * 32})
+    assert own["immutable"] is True and own["type"] == "Opaque"
+    assert own["metadata"]["name"] == "signs-secure" and own["metadata"]["namespace"] == "team-a"
+    assert own["data"] == {"berlin.key": "YmJi" * 10 + "YmI=", "munich.key": "bW1t" * 10 + "bW0="}
+    assert own["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    assert own["metadata"]["labels"] == {"fedtrain.io/training": "signs", "app.kubernetes.io/managed-by":
+                                         "fedtrain-operator", "fedtrain.io/training-uid": OWNER.uid}
+    foreign = secure_secret_manifest(OWNER, "city-hamburg", {"hamburg": b"h" * 32})
+    assert "ownerReferences" not in foreign["metadata"]  # owners cannot cross namespaces: the finalizer deletes it
+    assert foreign["metadata"]["name"] == "team-a-signs-secure"
+    assert foreign["metadata"]["labels"]["fedtrain.io/training-namespace"] == "team-a"
+    with_a_site = parse_spec({**SECURE.model_dump(by_alias=True, exclude_none=True), "clients": {"list": [
+        {"name": "munich"}, {"name": "berlin"}, {"name": "far", "site": {}}]}})
+    assert secure_clients(with_a_site, OWNER) == {"team-a": ["munich", "berlin"]}  # a site keeps its own secret
 
 
 def job(condition: str | None, reason: str = "", message: str = "") -> dict:
@@ -163,7 +234,9 @@ def test_every_derived_name_and_label_fits_whatever_the_trainings_name(name: str
     owner = Owner(name, "m" * 63, "0b7e1a52-6c1f-4a8e-9a57-3c0f1f6a2b11")
     manifests = [job_manifest(Task(f"r9999-{'c' * 40}-a10", "train", 9999, "c" * 40, 10), spec, owner, [], None),
                  job_manifest(Task("r9999-aggregate-a10", "aggregate", 9999, None, 10), spec, owner, [], None),
-                 claim_manifest(created, owner), cleanup_job_manifest(created, owner, claim_name(created, owner.name))]
+                 claim_manifest(created, owner), cleanup_job_manifest(created, owner, claim_name(created, owner.name)),
+                 secure_secret_manifest(owner, owner.namespace, {"local": bytes(32)}),
+                 secure_secret_manifest(owner, "n" * 63, {"c" * 40: bytes(32)})]
     for manifest in manifests:
         meta = manifest["metadata"]
         assert len(meta["name"]) <= MAX_NAME and LABEL_VALUE.match(meta["name"]), meta["name"]

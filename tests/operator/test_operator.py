@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 from typing import Any
 
 import pytest
@@ -251,11 +252,35 @@ def _verb(request: Any) -> str:
     return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
 
 
+async def secure_training_deleted(cluster: Cluster, foreign: dict[str, Any]) -> None:
+    """A secure training with a client in an opted-in namespace gets a key Secret there and in its own, then is
+    deleted: the finalizer deletes the one its owner reference cannot reach."""
+    cluster.server.add_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "opted", "annotations": {"fedtrain.io/accept-trainings": NAMESPACE}}})
+    secured = copy.deepcopy(foreign)
+    secured["metadata"]["name"] = "secured"
+    secured["spec"]["clients"] = {"list": [{"name": "far", "namespace": "opted", "data": {"claimName": "d"}},
+                                           {"name": "near"}]}
+    secured["spec"]["privacy"] = {"clipNorm": 5.0, "secureAggregation": {"threshold": 2}}
+    await cluster.apply(secured)  # its init finds no Secret s3 for the store's keys and fails: that is enough here
+    assert phase(await cluster.wait_for("secured", finished)) == "Failed"
+    there = "/api/v1/namespaces/opted/secrets/team-signs-secured-secure"
+    assert sorted((await cluster.request("GET", there, status=200))["data"]) == ["far.key"]
+    here = f"/api/v1/namespaces/{NAMESPACE}/secrets/secured-secure"
+    assert sorted((await cluster.request("GET", here, status=200))["data"]) == ["near.key"]
+    await cluster.request("DELETE", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings/secured")
+
+    async def secrets_gone() -> bool:  # the finalizer's (there) and the garbage collector's (here)
+        return all([(await cluster.request("GET", path)).get("code") == 404 for path in (there, here)])
+    await eventually(secrets_gone, timeout=30)
+
+
 async def test_operator_uses_exactly_what_its_rbac_grants(cluster: Cluster) -> None:
     """Every call the operator (kopf and its own client) makes is granted by deploy/rbac.yaml, and every grant is used.
 
-    Two trainings (one with a claim the operator creates, one whose directory is removed on deletion) and the
-    life of a Kubeflow profile exercise every rule.
+    Two trainings (one with a claim the operator creates, one whose directory is removed on deletion), a secure one
+    with a client in another namespace (created, then deleted) and the life of a Kubeflow profile exercise every
+    rule.
 
     One exception, granted for a real API server only: ``federatedtrainings/finalizers: update``, which the
     OwnerReferencesPermissionEnforcement admission plugin requires for owner references with blockOwnerDeletion.
@@ -282,6 +307,7 @@ async def test_operator_uses_exactly_what_its_rbac_grants(cluster: Cluster) -> N
     foreign["spec"]["storage"] = {"s3": {"bucket": "weights", "credentialsSecret": {"name": "s3"}}}
     await cluster.apply(foreign)  # a client namespace that has not opted in: read, refused
     assert (await cluster.wait_for("foreign", finished))["status"]["reason"] == "ClientNamespaceNotAllowed"
+    await secure_training_deleted(cluster, foreign)  # secure aggregation's key Secrets: made, then deleted
     await cluster.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "half-s3"},
         "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(b"key").decode()}}, status=200)
