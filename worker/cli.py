@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--attempt", type=int, default=1, help="the attempt of this client's task: its update's key "
                        "names it, so that a stale attempt never overwrites the current one's")
     _add_training_options(train)
+    train.add_argument("--sites", default="", help="comma-separated clients that are remote sites (a secure round "
+                       "reads their messages in sites/<site>/)")
 
     add_secure_options(train)
 
@@ -200,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--evaluation-split", default="test", choices=("test", "validation"),
                       help="test: the tree's test split (held-out tracks when it has none); validation: held-out "
                       "tracks")
+    site.add_argument("--secret-file", type=Path, default=None, help="the site's secure-aggregation master secret "
+                      "(made once, mode 0600, unless --secret-provided); a secure round's tasks need it")
+    site.add_argument("--secret-provided", action="store_true",
+                      help="the secret file is given (a mounted Secret's key): read it, never make it")
 
     predict = commands.add_parser("predict", help="classify image files with a model file")
     predict.add_argument("--weights", required=True, type=Path)
@@ -295,7 +301,7 @@ def run(args: argparse.Namespace) -> Any:
         secure = secure_round_of(args, args.round)
         upload = None
         if secure is not None:
-            messages = Messages(workspace.store, workspace.layout, secure)
+            messages = Messages(workspace.store, Layout(_names(args.sites)), secure)
             if masked_key_exists(messages, args.client):  # masking a second update with the same masks would
                 return {"client": args.client, "masked": messages.key(args.client, "masked.safetensors"),  # show
                         "already_uploaded": True}  # the difference of the two
@@ -374,7 +380,8 @@ def _site_task(args: argparse.Namespace) -> Any:
 
     task = site.read_task(args.task_json)
     data = site.SiteData(args.data, args.validation_fraction, args.evaluation_split)
-    return site.run_task(open_store(args.workdir), task, data, jobs.pick_device(args.device))
+    secret = site.SiteSecret(args.secret_file, args.secret_provided) if args.secret_file is not None else None
+    return site.run_task(open_store(args.workdir), task, data, jobs.pick_device(args.device), secret)
 
 
 def _finalize(args: argparse.Namespace, workspace: Any, device: Any) -> Any:

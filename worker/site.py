@@ -26,7 +26,15 @@ import torch
 
 from fedtrain.contract.errors import BadDataError, BadInputError
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.sitetask import SiteResult, SiteTask, TrainSettings, encode, parse_result, parse_task
+from fedtrain.contract.sitetask import (
+    SECURE_STAGES,
+    SiteResult,
+    SiteTask,
+    TrainSettings,
+    encode,
+    parse_result,
+    parse_task,
+)
 from fedtrain.contract.storage import Store
 from fedtrain.worker.data.gtsrb import load_tree, split_by_track
 from fedtrain.worker.data.partition import Partition
@@ -40,6 +48,8 @@ from fedtrain.worker.jobs import (
     train_update,
 )
 from fedtrain.worker.models import ModelConfig, build_model
+from fedtrain.worker.site_secure import SiteSecret as SiteSecret
+from fedtrain.worker.site_secure import masked_output, masked_upload, run_stage, uploaded
 from fedtrain.worker.training import Evaluation, TrainConfig, evaluate, load_numpy_state
 from fedtrain.worker.weights import Weights, read_weights, write_json
 
@@ -75,28 +85,48 @@ def read_task(text: str) -> SiteTask:
     return parse_task(value, "--task-json")
 
 
-def run_task(store: Store, task: SiteTask, data: SiteData, device: torch.device) -> dict[str, Any]:
+def run_task(store: Store, task: SiteTask, data: SiteData, device: torch.device,
+             secret: SiteSecret | None = None) -> dict[str, Any]:
     """Run one task and answer it; return the answer's output.
 
     A task already answered successfully is not run again (a runner restarted mid-task must not
-    upload twice): its recorded output is returned as it is.
+    upload twice): its recorded output is returned as it is. A secure round's task reads the
+    site's master secret (``secret``) first, so that a site without a usable one fails at once.
     """
     data.check()
     layout = Layout(sites=frozenset({task.site}))
     answered = _answered(store, layout, task)
     if answered is not None:
         return answered
+    master = _master(task, secret)
+    if task.kind in SECURE_STAGES:
+        output = run_stage(store, task, master or b"")
+    else:
+        output = _run_with_model(store, task, data, device, master)
+    result = SiteResult(task=task.id, site=task.site, state="succeeded", exit_code=0, output=output)
+    store.write_bytes(layout.site_result(task.site, task.id), encode(result))
+    return output
+
+
+def _master(task: SiteTask, secret: SiteSecret | None) -> bytes | None:
+    """The site's master secret for a secure round's task (bad input without one); None for a plain task."""
+    if task.secure is None:
+        return None
+    if secret is None:
+        raise BadInputError(f"task {task.id} is a secure round's: --secret-file must name the site's master secret")
+    return secret.read()
+
+
+def _run_with_model(store: Store, task: SiteTask, data: SiteData, device: torch.device,
+                    master: bytes | None) -> dict[str, Any]:
+    """Train from, or evaluate, the global model the task vouches for."""
     clock = Stopwatch()
     base = global_model(store, task)
     clock.lap("read_weights")
     workspace = site_workspace(store, task, data, base[1])
     if task.kind == "train":
-        output = _train(workspace, task, base, device, clock)
-    else:
-        output = _evaluate(workspace, task, data, base[0], device)
-    result = SiteResult(task=task.id, site=task.site, state="succeeded", exit_code=0, output=output)
-    store.write_bytes(layout.site_result(task.site, task.id), encode(result))
-    return output
+        return _train(workspace, task, base, device, clock, master)
+    return _evaluate(workspace, task, data, base[0], device)
 
 
 def _answered(store: Store, layout: Layout, task: SiteTask) -> dict[str, Any] | None:
@@ -109,8 +139,11 @@ def _answered(store: Store, layout: Layout, task: SiteTask) -> dict[str, Any] | 
 
 
 def expected_global_key(task: SiteTask) -> str:
-    """The only model a task may name: the previous round's global model to train from, this round's to evaluate."""
-    return Layout().global_weights(task.round - 1 if task.kind == "train" else task.round)
+    """The only model a task may name: the previous round's global model to train from, this round's to evaluate.
+
+    A secure round's stages name the model the round trains from, though they do not read it.
+    """
+    return Layout().global_weights(task.round if task.kind == "evaluate" else task.round - 1)
 
 
 def global_model(store: Store, task: SiteTask) -> tuple[Weights, dict[str, Any]]:
@@ -159,14 +192,26 @@ def _own_split(workspace: Workspace, task: SiteTask) -> LocalRound:
 
 
 def _train(workspace: Workspace, task: SiteTask, base: tuple[Weights, dict[str, Any]], device: torch.device,
-           clock: Stopwatch) -> dict[str, Any]:
-    """Train on the site's own data from the global model; the update goes to the site's folder."""
+           clock: Stopwatch, master: bytes | None = None) -> dict[str, Any]:
+    """Train on the site's own data from the global model; the update goes to the site's folder.
+
+    In a secure round the update never leaves in the clear: it is clipped, weighed and masked
+    (`masked_upload`), and the answer says no example count.
+    """
     if task.train is None:
         raise BadDataError(f"task {task.id}: a train task without its 'train' settings")
     config = train_config(task.train)
+    upload = None
+    if master is not None:
+        done = uploaded(workspace.store, task, base[0])
+        if done is not None:
+            return done
+        upload = masked_upload(workspace.store, task, master)
     local = _own_split(workspace, task)
     clock.lap("decode")
-    sidecar = train_update(workspace, local, base, config, device, task.train.clip_norm, clock)
+    sidecar = train_update(workspace, local, base, config, device, task.train.clip_norm, clock, upload)
+    if upload is not None:
+        return masked_output(sidecar)
     return {"num_examples": sidecar["num_examples"], "metrics": sidecar["metrics"], "sha256": sidecar["sha256"]}
 
 

@@ -17,7 +17,15 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from fedtrain.contract.errors import EXIT_REFUSED
-from fedtrain.contract.sitetask import DELETED, ENDED_PHASES, REASON_KEPT, Posting, SiteResult, SiteTask
+from fedtrain.contract.sitetask import (
+    DELETED,
+    ENDED_PHASES,
+    REASON_KEPT,
+    SECURE_STAGES,
+    Posting,
+    SiteResult,
+    SiteTask,
+)
 from fedtrain.engine.status import Condition
 from fedtrain.sites.participation import ParticipationPhase, ParticipationSpec, ParticipationStatus, SitePolicy
 from fedtrain.sites.policy import refusal, total_epsilon
@@ -29,6 +37,7 @@ END_PHASES: dict[str, ParticipationPhase] = {"Succeeded": "Completed", "Failed":
 REDACTED = "<site data>"
 MAX_REASON = REASON_KEPT
 WORKER_COMMAND = "fedtrain-worker"
+SECURE_DONE = {"keys": "advertised its keys", "shares": "shared its secrets", "unmask": "revealed its shares"}
 
 
 @dataclass(frozen=True)
@@ -148,11 +157,30 @@ def refusal_result(task: SiteTask, site: str, reason: str) -> SiteResult:
     return SiteResult(task=task.id, site=site, state="failed", exit_code=EXIT_REFUSED, reason=f"refused: {reason}")
 
 
-def worker_arguments(task: SiteTask, spec: ParticipationSpec, location: str, data_path: str) -> list[str]:
-    """Arguments after ``fedtrain-worker`` that run ``task`` on the site's data at ``data_path``."""
-    return ["site-task", "--workdir", location, "--task-json", json.dumps(task.to_json(), sort_keys=True),
+def worker_arguments(task: SiteTask, spec: ParticipationSpec, location: str, data_path: str,
+                     secret: SecretFile | None = None) -> list[str]:
+    """Arguments after ``fedtrain-worker`` that run ``task`` on the site's data at ``data_path``.
+
+    A secure round's task also names the site's master secret (``secret``), which stays at the site.
+    """
+    args = ["site-task", "--workdir", location, "--task-json", json.dumps(task.to_json(), sort_keys=True),
             "--data", data_path, "--device", spec.worker.device,
             "--validation-fraction", repr(spec.validation_fraction), "--evaluation-split", spec.evaluation.split]
+    if task.secure is not None and secret is not None:
+        args += ["--secret-file", secret.path, *(["--secret-provided"] if secret.provided else [])]
+    return args
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """Where a site's worker finds the site's secure-aggregation master secret, and whether it is only to be read.
+
+    ``fedtrain site run``: a file of its work directory that the first secure task makes (0600);
+    the site operator: the key of a Secret it made once, mounted read-only (``provided``).
+    """
+
+    path: str
+    provided: bool = False
 
 
 def storage_environment(spec: ParticipationSpec) -> dict[str, str]:
@@ -188,13 +216,17 @@ def _record(status: ParticipationStatus, task: SiteTask, result: SiteResult) -> 
             status.last_refusal = result.reason
         return
     status.phase = "Waiting"
+    if task.kind in SECURE_STAGES:
+        status.message = f"{SECURE_DONE[task.kind]} for round {task.round} (secure aggregation)"
+        return
     if task.kind == "train":
         status.rounds_done += 1
         metrics = result.output.get("metrics") or {}
         accuracy = metrics.get("val_accuracy", metrics.get("accuracy"))
         if task.privacy is not None and task.privacy.noise_multiplier > 0:
             status.epsilon = round(total_epsilon(task.privacy, task.round), 6)
-        status.message = f"trained round {task.round} ({result.output.get('num_examples', 0)} examples)"
+        examples = result.output.get("num_examples")
+        status.message = f"trained round {task.round}" + (f" ({examples} examples)" if examples else " (masked)")
     else:
         accuracy = result.output.get("accuracy")
         status.message = f"evaluated the global model of round {task.round}"
@@ -205,7 +237,7 @@ def _record(status: ParticipationStatus, task: SiteTask, result: SiteResult) -> 
 def _apply(status: ParticipationStatus, posting: Posting | None, action: SiteAction) -> None:
     """The phase and message that the decision itself gives."""
     if isinstance(action, Run):
-        status.phase = "Training" if action.task.kind == "train" else "Evaluating"
+        status.phase = "Evaluating" if action.task.kind == "evaluate" else "Training"
         status.last_task = action.task.id
         status.message = f"running task {action.task.id}"
     elif isinstance(action, Refuse):

@@ -30,6 +30,7 @@ from fedtrain.sites.participation import FederatedParticipation, ParticipationSt
 from fedtrain.worker.data.decoded import CACHE_ENV
 
 STATUS_FILE = "site-status.json"
+SECRET_FILE = "secure.key"  # the site's secure-aggregation master secret: made once (0600), never in the store
 DATA_DONE = ".complete"
 TASK_ID = re.compile(r"^[a-z0-9][-a-z0-9]{0,127}$")  # ids the engine gives: r0003-munich-a1
 
@@ -201,8 +202,9 @@ class SiteLoop:
 
     def _act(self, action: agent.SiteAction) -> None:
         if isinstance(action, agent.Run):
+            secret = agent.SecretFile(str(self.workdir.resolve() / SECRET_FILE))
             self.executor.launch(action.task.id, agent.worker_arguments(action.task, self.spec, self.location,
-                                                                        self.data_path))
+                                                                        self.data_path, secret))
             self.running = action.task
             self._say(f"site {self.site}: running task {action.task.id}")
         elif isinstance(action, agent.Refuse):
