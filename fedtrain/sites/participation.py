@@ -154,6 +154,8 @@ class SitePolicy(Model):
     """Take part only in trainings with central differential privacy (the coordinator's spec.privacy)."""
     max_epsilon: Annotated[float, Field(gt=0)] | None = None
     """With requirePrivacy: refuse a training whose epsilon after all its rounds would exceed this."""
+    require_secure_aggregation: bool = False
+    """Train only with secure aggregation (privacy.secureAggregation): the update leaves the site masked."""
 
     @model_validator(mode="after")
     def _epsilon_needs_privacy(self) -> SitePolicy:

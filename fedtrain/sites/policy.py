@@ -15,7 +15,7 @@ from fedtrain.sites.participation import SitePolicy
 
 def refusal(task: SiteTask, policy: SitePolicy) -> str | None:
     """Why ``policy`` refuses ``task``, naming the policy field; None when the site accepts it."""
-    for rule in (_strategy, _architecture, _rounds, _epochs, _privacy):
+    for rule in (_strategy, _architecture, _rounds, _epochs, _privacy, _secure_aggregation):
         reason = rule(task, policy)
         if reason is not None:
             return reason
@@ -66,6 +66,14 @@ def _privacy(task: SiteTask, policy: SitePolicy) -> str | None:
         return None
     return (f"the training's epsilon after its {task.total_rounds} rounds would be {spent:.4g} (delta "
             f"{task.privacy.delta:g}), more than spec.policy.maxEpsilon ({policy.max_epsilon:g})")
+
+
+def _secure_aggregation(task: SiteTask, policy: SitePolicy) -> str | None:
+    """A round's update leaves the site only masked; evaluations send scores, never an update, and pass."""
+    if not policy.require_secure_aggregation or task.kind == "evaluate" or task.secure is not None:
+        return None
+    return ("the round's update would leave the site in the clear: the training has no secure aggregation and "
+            "spec.policy.requireSecureAggregation is true")
 
 
 def total_epsilon(privacy: PrivacySettings, rounds: int) -> float:

@@ -327,7 +327,8 @@ def test_participation_names_columns_and_defaults() -> None:
                                                                         "Epsilon", "Age"]
     admitted = admit(crd, participation(), field_validation="Strict")
     assert admitted["spec"]["pollSeconds"] == 5
-    assert admitted["spec"]["policy"] == {"requirePrivacy": False}  # no list: every strategy and architecture
+    # no list: every strategy and architecture
+    assert admitted["spec"]["policy"] == {"requirePrivacy": False, "requireSecureAggregation": False}
     undescribed = [n for n, p in root_schema(crd)["properties"]["spec"]["properties"].items()
                    if not p.get("description")]
     assert undescribed == []
