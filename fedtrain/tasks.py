@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedtrain.contract.secrets import secret_file
+from fedtrain.contract.sitetask import SECURE_STAGES as SECURE_STAGES  # secure aggregation's stages besides training
 from fedtrain.contract.sitetask import client_mu
 from fedtrain.contract.storage import S3_ENV, s3_location
 from fedtrain.engine.status import Task, TrainingStatus
@@ -82,8 +83,11 @@ def aggregation_clients(status: TrainingStatus, round_number: int) -> dict[str, 
 
 
 def remote(task: Task, spec: FederatedTrainingSpec) -> bool:
-    """Whether a task runs at a remote site (posted through the store by `fedtrain.sites.relay`, not run here)."""
-    return task.kind == "evaluate" or (task.kind == "train" and task.client in spec.clients.sites())
+    """Whether a task runs at a remote site (posted through the store by `fedtrain.sites.relay`, not run here).
+
+    A site's training and, in a secure round, its key, share and unmask stages.
+    """
+    return task.kind == "evaluate" or (task.kind in ("train", *SECURE_STAGES) and task.client in spec.clients.sites())
 
 
 def worker_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement,
@@ -100,11 +104,8 @@ def worker_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement,
         return _aggregate(task, spec, where, clients or {}) + secure_arguments(task, spec, where)
     if task.kind in SECURE_STAGES:
         return ["secure", task.kind, "--workdir", where.workdir, "--round", str(task.round), "--client",
-                str(task.client), *secure_arguments(task, spec, where)]
+                str(task.client), *sites_argument(spec), *secure_arguments(task, spec, where)]
     return _finalize(task, spec, where)
-
-
-SECURE_STAGES = ("keys", "shares", "unmask")  # secure aggregation's stages besides training
 
 
 def secure_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[str]:
@@ -116,7 +117,7 @@ def secure_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement) 
     secure = privacy.secure_aggregation if privacy is not None else None
     if secure is None or privacy is None:
         return []
-    args = ["--training-id", f"{where.namespace}/{where.training}/{where.uid}", "--round-attempt",
+    args = ["--training-id", secure_identity(where), "--round-attempt",
             str(task.round_attempt), "--threshold", str(secure.threshold), "--secure-clip-norm",
             repr(privacy.clip_norm), "--secure-seed", str(spec.seed), "--weight-unit", str(weight_unit(spec)),
             "--advertised", ",".join(task.advertised), "--peers", ",".join(task.peers),
@@ -130,6 +131,16 @@ def secure_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement) 
         if where.secrets_provided:
             args.append("--secret-provided")
     return args
+
+
+def secure_identity(where: Placement) -> str:
+    """The training identity every secure-aggregation key and message is bound to (the relay posts it to sites)."""
+    return f"{where.namespace}/{where.training}/{where.uid}"
+
+
+def sites_argument(spec: FederatedTrainingSpec) -> list[str]:
+    """``--sites a,b``: the clients whose files are in their own folders (their updates, their secure messages)."""
+    return ["--sites", ",".join(spec.clients.sites())] if spec.clients.sites() else []
 
 
 def weight_unit(spec: FederatedTrainingSpec) -> int:
@@ -188,7 +199,8 @@ def _train(task: Task, spec: FederatedTrainingSpec, where: Placement) -> list[st
             "--restart-epochs", str(training.restart_epochs)]
     if spec.privacy is not None and spec.privacy.secure_aggregation is None:
         args += ["--clip-norm", repr(spec.privacy.clip_norm)]
-    args += secure_arguments(task, spec, where)
+    secure = secure_arguments(task, spec, where)
+    args += [*sites_argument(spec), *secure] if secure else []
     if spec.strategy.name == "fedprox":
         args += ["--mu", repr(client_mu(spec.strategy.name, spec.strategy.parameters))]
     if entry is not None and entry.data is not None:
@@ -214,8 +226,7 @@ def _aggregate(task: Task, spec: FederatedTrainingSpec, where: Placement, client
             "--max-weight-over-median", repr(spec.clients.max_weight_over_median)]
     for key, value in sorted(spec.strategy.parameters.items()):
         args += ["--param", f"{key}={value!r}"]
-    if spec.clients.sites():
-        args += ["--sites", ",".join(spec.clients.sites())]
+    args += sites_argument(spec)
     for client, attempt in clients.items():
         args += ["--client-attempt", f"{client}={attempt}"]
     if not spec.evaluation.central:

@@ -22,6 +22,7 @@ from fedtrain.operator.storeaccess import secret_environment
 from fedtrain.operator.training_api import Refusal, TrainingApi
 from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import FederatedTrainingSpec, SpecError, parse_spec
+from fedtrain.tasks import secure_identity
 
 log = logging.getLogger("fedtrain.operator")
 
@@ -48,9 +49,9 @@ class SiteRelays:
                 environment = await self.store_environment(spec, owner.namespace)
             except BadInputError as error:  # the Secret lacks a key the spec names
                 raise Refusal(Reason.BAD_INPUT, str(error)) from None
-            where = placement(spec, owner).workdir
-            store = await asyncio.to_thread(open_store, where, environment)
-            relay = SiteRelay(store, spec, f"{owner.namespace}/{owner.name}")
+            where = placement(spec, owner)
+            store = await asyncio.to_thread(open_store, where.workdir, environment)
+            relay = SiteRelay(store, spec, f"{owner.namespace}/{owner.name}", secure_identity(where))
             self._relays[owner.uid] = relay
         return relay
 

@@ -42,9 +42,9 @@ from fedtrain.contract.secagg import (
     mask,
     open_share,
     reveal,
-    share_sets,
     unmask,
 )
+from fedtrain.contract.secmessages import round_share_sets
 from fedtrain.contract.secrets import MASTER_SECRET_BYTES
 from fedtrain.contract.storage import Store
 from fedtrain.spec import SUM_STRATEGIES
@@ -83,8 +83,7 @@ class SecureRound:
 
     def sets(self) -> dict[str, tuple[str, ...]]:
         """Every advertised client's share set: SecAgg+'s graph over the clients that advertised keys."""
-        degree = self.neighbours if self.neighbours is not None else len(self.advertised)
-        return share_sets(self.advertised, degree, f"{self.seed}/{self.round}/{self.attempt}")
+        return round_share_sets(self.advertised, self.neighbours, self.seed, self.round, self.attempt)
 
 
 def master_secret(path: Path, create: bool = True) -> bytes:

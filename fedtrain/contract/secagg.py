@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from fedtrain.contract.secmessages import (
     ThresholdNotMet,
     b64,
     check_context,
+    share_sets,
     unb64,
 )
 from fedtrain.contract.wire import NAME_PATTERN
@@ -81,32 +81,6 @@ _REVEALED_BYTES = _INDEX_BYTES + 2 * _HALF  # index and one secret's two halves
 _SEALED_BYTES = _NONCE_BYTES + _SHARE_BYTES + _TAG_BYTES
 # Every PRG key is used once (it is bound to the round's context and the pair), so ChaCha20's nonce is fixed.
 _PRG_NONCE = bytes(16)
-
-
-def share_sets(clients: Sequence[str], neighbours: int, seed: str) -> dict[str, tuple[str, ...]]:
-    """Each client's share set (itself and its neighbours) in a symmetric graph, SecAgg+'s ring of Bell et al.
-
-    The clients sit on a ring in an order seeded by ``seed`` (public randomness: the coordinator
-    and every client compute the same graph), each linked to ``neighbours / 2`` clients on each
-    side (an odd count is rounded up). ``neighbours >= len(clients) - 1`` is the complete graph,
-    classic SecAgg. At least one neighbour: a client alone in its set masks with its self seed only,
-    which the survivors reveal.
-    """
-    if len(set(clients)) != len(clients) or not clients:
-        raise BadInputError(f"secure aggregation needs distinct clients, got {list(clients)}")
-    if neighbours < 1:
-        raise BadInputError(f"secure aggregation needs at least one neighbour per client, got {neighbours}")
-    ring = sorted(clients)
-    random.Random(seed).shuffle(ring)
-    side = (neighbours + 1) // 2
-    if neighbours >= len(ring) - 1 or 2 * side >= len(ring) - 1:
-        everyone = tuple(sorted(clients))
-        return {client: everyone for client in clients}
-    sets: dict[str, tuple[str, ...]] = {}
-    for position, client in enumerate(ring):
-        linked = {ring[(position + step) % len(ring)] for step in range(-side, side + 1)}
-        sets[client] = tuple(sorted(linked))
-    return {client: sets[client] for client in clients}
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:

@@ -14,6 +14,8 @@ import base64
 import binascii
 import hashlib
 import json
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
@@ -62,6 +64,42 @@ class Context:
         """Version, training, round, attempt and ``parts``, each length-prefixed: no two label lists encode alike."""
         fields = (DOMAIN, str(SECAGG_VERSION), self.training, str(self.round), str(self.attempt), *parts)
         return b"".join(len(data).to_bytes(4, "big") + data for data in (text.encode() for text in fields))
+
+
+def share_sets(clients: Sequence[str], neighbours: int, seed: str) -> dict[str, tuple[str, ...]]:
+    """Each client's share set (itself and its neighbours) in a symmetric graph, SecAgg+'s ring of Bell et al.
+
+    The clients sit on a ring in an order seeded by ``seed`` (public randomness: the coordinator
+    and every client compute the same graph), each linked to ``neighbours / 2`` clients on each
+    side (an odd count is rounded up). ``neighbours >= len(clients) - 1`` is the complete graph,
+    classic SecAgg. At least one neighbour: a client alone in its set masks with its self seed only,
+    which the survivors reveal.
+    """
+    if len(set(clients)) != len(clients) or not clients:
+        raise BadInputError(f"secure aggregation needs distinct clients, got {list(clients)}")
+    if neighbours < 1:
+        raise BadInputError(f"secure aggregation needs at least one neighbour per client, got {neighbours}")
+    ring = sorted(clients)
+    random.Random(seed).shuffle(ring)
+    side = (neighbours + 1) // 2
+    if neighbours >= len(ring) - 1 or 2 * side >= len(ring) - 1:
+        everyone = tuple(sorted(clients))
+        return {client: everyone for client in clients}
+    sets: dict[str, tuple[str, ...]] = {}
+    for position, client in enumerate(ring):
+        linked = {ring[(position + step) % len(ring)] for step in range(-side, side + 1)}
+        sets[client] = tuple(sorted(linked))
+    return {client: sets[client] for client in clients}
+
+
+def round_share_sets(advertised: Sequence[str], neighbours: int | None, seed: int, round_number: int,
+                     attempt: int) -> dict[str, tuple[str, ...]]:
+    """The share graph of one round attempt, as every party computes it: over who advertised, seeded by the round.
+
+    ``neighbours`` None is classic SecAgg (everyone shares with everyone).
+    """
+    degree = neighbours if neighbours is not None else len(advertised)
+    return share_sets(advertised, degree, f"{seed}/{round_number}/{attempt}")
 
 
 def b64(data: bytes) -> str:

@@ -34,7 +34,7 @@ from fedtrain.contract.errors import (
     BadDataError,
 )
 from fedtrain.contract.federated import FederatedScore, SiteScore, combine
-from fedtrain.contract.sitetask import REASON_KEPT
+from fedtrain.contract.sitetask import REASON_KEPT, SECURE_STAGES, TASK_LETTERS
 from fedtrain.engine.status import (
     CONDITION_TYPES,
     DETAILED_CLIENTS,
@@ -76,7 +76,7 @@ ROUND_FAILURES = {EXIT_REJECTED_UPDATES: (Reason.UPDATES_REJECTED, "aggregation 
                   EXIT_NON_FINITE_MODEL: (Reason.NON_FINITE_MODEL, "aggregation refused a non-finite global model"),
                   EXIT_SECURE_ROUND: (Reason.SECURE_ROUND_FAILED, "secure aggregation could not recover the sum")}
 # Secure aggregation's stage tasks: the letter that starts their ids, and what each stage's task does.
-SECURE_LETTERS = {"keys": "k", "shares": "s", "unmask": "u"}
+SECURE_LETTERS = {stage: TASK_LETTERS[stage] for stage in SECURE_STAGES}
 SECURE_DOING = {"keys": "advertising keys", "shares": "sharing secrets", "unmask": "revealing shares"}
 MAX_STEPS_PER_DECISION = 10_000
 REASON_LENGTH = 80  # of a client failure in a round over DETAILED_CLIENTS (the status must stay small)
@@ -390,12 +390,7 @@ class _Step:
 
     def secure_roster(self, current: RoundStatus) -> Roster:
         """What a secure round's train, unmask and aggregate tasks must agree on; nothing for a plain round."""
-        secure = current.secure
-        if secure is None:
-            return {}
-        survivors = tuple(c for c in current.selected if current.clients[c].state == "succeeded")
-        return Roster(round_attempt=current.attempt, advertised=tuple(secure.advertised), peers=tuple(secure.shared),
-                      survivors=survivors if secure.stage == "unmask" else ())
+        return secure_roster(current)
 
     def start_secure(self, current: RoundStatus) -> SecureRound:
         """The first stage of a secure round: every selected client advertises its keys for this attempt."""
@@ -458,6 +453,8 @@ class _Step:
             elif progress is Progress.FAILED and before != "failed":
                 self.event(Reason.CLIENT_FAILED, f"round {current.round}: {client} failed {SECURE_DOING[stage]}: "
                                                  f"{task.reason}", warning=True)
+            elif progress is Progress.SUCCEEDED and before != "succeeded" and stage == "unmask":
+                self.name_refused_shares(current.round, client, task_id(stage, task.attempt, current.round, client))
         waiting = [c for c, t in secure.tasks.items() if t.state in ("pending", "running")]
         late = secure.started_at is not None and self.now - secure.started_at > self.spec.round_deadline_seconds
         if waiting and late:
@@ -474,6 +471,19 @@ class _Step:
         if stage == "unmask":
             return self.unmasked(current, secure, finished)
         return self.next_secure_stage(current, secure, "shares" if stage == "keys" else "train", finished)
+
+    def name_refused_shares(self, round_number: int, client: str, ident: str) -> None:
+        """A Warning Event naming the senders whose shares ``client`` refused to open (forged, altered, replayed).
+
+        The unmasking goes on without them while the other shares reach the threshold; a sender
+        named here by several clients sent shares that were not its own, or someone altered them.
+        """
+        seen = self.observations.get(ident)
+        refused = (seen.output or {}).get("refused") if seen is not None else None
+        if isinstance(refused, dict) and refused:
+            named = [f"{sender}'s ({str(why)[:200]})" for sender, why in sorted(refused.items())]
+            self.event(Reason.SHARES_REFUSED, f"round {round_number}: {client} refused the shares of "
+                                              f"{some(named, '; ')}", warning=True)
 
     def unmasked(self, current: RoundStatus, secure: SecureRound, revealed: list[str]) -> bool:
         """The survivors revealed their shares: aggregate the masked sum (its task checks each secret's shares)."""
@@ -622,6 +632,20 @@ class _Step:
                        warning=True)
             return True
         return self.fail(reason, f"round {current.round}: {why}")
+
+
+def secure_roster(current: RoundStatus) -> Roster:
+    """What a secure round's tasks must agree on now: the round attempt, who advertised, shared and survived.
+
+    Nothing for a plain round. The relay posts the same roster to remote sites that the engine's
+    tasks carry to in-cluster clients.
+    """
+    secure = current.secure
+    if secure is None:
+        return {}
+    survivors = tuple(c for c in current.selected if current.clients[c].state == "succeeded")
+    return Roster(round_attempt=current.attempt, advertised=tuple(secure.advertised), peers=tuple(secure.shared),
+                  survivors=survivors if secure.stage == "unmask" else ())
 
 
 def some(items: list[str], separator: str = ", ") -> str:

@@ -46,6 +46,7 @@ class Reason:
     NON_FINITE_MODEL = "NonFiniteModel"  # the aggregate had NaN or Inf: not written, the round missed its quorum
     SECURE_THRESHOLD = "SecureAggregationThreshold"  # fewer clients than privacy.secureAggregation.threshold survived
     SECURE_ROUND_FAILED = "SecureAggregationFailed"  # the masked sum could not be recovered (shares, range)
+    SHARES_REFUSED = "SecureSharesRefused"  # a client refused shares that failed authentication (forged, replayed)
     # The Secret of a secure training's client keys is someone else's, or lacks a client's key (the operator never
     # changes one).
     SECURE_SECRET = "SecureAggregationSecret"

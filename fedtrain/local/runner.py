@@ -27,6 +27,7 @@ from fedtrain.tasks import (
     Placement,
     aggregation_clients,
     remote,
+    secure_identity,
     storage_environment,
     storage_location,
     training_dir,
@@ -167,7 +168,7 @@ def _run_locked(manifest: FederatedTraining, options: RunOptions, workdir: Path,
     relay = None
     if spec.clients.sites():
         relay = SiteRelay(open_store(where.workdir, environment), spec,
-                          f"{manifest.metadata.namespace}/{manifest.metadata.name}")
+                          f"{manifest.metadata.namespace}/{manifest.metadata.name}", secure_identity(where))
     status = load_status(workdir)
     if spec.storage.s3 is not None and status.training_id is None:
         status.training_id = training_id(namespace, name, uid)

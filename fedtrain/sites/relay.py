@@ -26,7 +26,7 @@ MLflow and the champion rule see exactly the figures the status shows.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fedtrain.contract.errors import EXIT_BAD_DATA, BadDataError, BadInputError
 from fedtrain.contract.layout import Layout, sidecar_of
@@ -38,16 +38,20 @@ from fedtrain.contract.sitetask import (
     PrivacySettings,
     ScoresRecord,
     SiteTask,
+    TaskKind,
     TrainSettings,
     client_mu,
     encode,
     evaluation_output,
     parse_result,
+    secure_train_output,
+    stage_output,
     train_output,
 )
 from fedtrain.contract.storage import Store
-from fedtrain.engine.engine import task_id
+from fedtrain.engine.engine import secure_roster, task_id
 from fedtrain.engine.status import FINISHED, Observation, RoundStatus, TrainingStatus
+from fedtrain.sites.inbox import SecureAssignment, SecureInbox
 from fedtrain.spec import FederatedTrainingSpec
 from fedtrain.tasks import client_training
 
@@ -59,13 +63,14 @@ def refused(site: str, why: str) -> Observation:
 
 @dataclass(frozen=True)
 class Assignment:
-    """What one site should be doing now, as the status says."""
+    """What one site should be doing now, as the status says (in a secure round, with the roster it must use)."""
 
     site: str
-    kind: str
+    kind: TaskKind
     round: int
     attempt: int
     started_at: float
+    secure: SecureAssignment | None = None
 
     @property
     def task_id(self) -> str:
@@ -74,7 +79,7 @@ class Assignment:
 
 
 def assignments(spec: FederatedTrainingSpec, status: TrainingStatus) -> dict[str, Assignment]:
-    """Each site's running task in the current round: training (until aggregation) or evaluation."""
+    """Each site's running task in the current round: a secure stage, training (until aggregation) or evaluation."""
     if status.phase in FINISHED:
         return {}
     current = status.round(status.current_round)
@@ -82,10 +87,18 @@ def assignments(spec: FederatedTrainingSpec, status: TrainingStatus) -> dict[str
         return {}
     found: dict[str, Assignment] = {}
     sites = set(spec.clients.sites())
-    if current.aggregation is None:
+    secure = current.secure
+    if current.aggregation is None and secure is not None and secure.stage != "train":
+        for client, task in secure.tasks.items():
+            if client in sites and task.state == "running":
+                found[client] = Assignment(client, secure.stage, current.round, task.attempt,
+                                           secure.started_at or _started(current),
+                                           _secure(client, secure.stage, current))
+    elif current.aggregation is None:
         for client, task in current.clients.items():
             if client in sites and task.state == "running":
-                found[client] = Assignment(client, "train", current.round, task.attempt, _started(current))
+                found[client] = Assignment(client, "train", current.round, task.attempt, _started(current),
+                                           _secure(client, "train", current) if secure is not None else None)
     for site, task in (current.evaluations or {}).items():
         if task.state == "running":
             found[site] = Assignment(site, "evaluate", current.round, task.attempt,
@@ -95,6 +108,13 @@ def assignments(spec: FederatedTrainingSpec, status: TrainingStatus) -> dict[str
 
 def _started(record: RoundStatus) -> float:
     return record.started_at or 0.0
+
+
+def _secure(site: str, kind: TaskKind, current: RoundStatus) -> SecureAssignment:
+    """A site's task of a secure round with the roster the engine gives the round's in-cluster tasks."""
+    roster = secure_roster(current)
+    return SecureAssignment(site, kind, current.round, roster.get("round_attempt", current.attempt),
+                            roster.get("advertised", ()), roster.get("peers", ()), roster.get("survivors", ()))
 
 
 def posting_message(status: TrainingStatus) -> str:
@@ -135,10 +155,22 @@ class SiteRelay:
     store: Store
     spec: FederatedTrainingSpec
     training: str  # "<namespace>/<name>", shown to the sites
+    identity: str = ""  # what secure aggregation binds keys and messages to (`fedtrain.tasks.secure_identity`)
     layout: Layout = field(default_factory=Layout)
     posted: dict[str, bytes] = field(default_factory=dict)  # site -> the task.json this process wrote last
     checksums: dict[int, str] = field(default_factory=dict)  # round -> sha256 of its global model
     recorded: set[int] = field(default_factory=set)  # rounds whose accepted site scores this process recorded
+    relayed: SecureInbox | None = None  # secure rounds' messages, read once (made on first use)
+
+    @property
+    def inbox(self) -> SecureInbox:
+        """The secure rounds' messages the tasks relay; needs the training's `identity`."""
+        if self.relayed is None:
+            if not self.identity:
+                raise BadInputError("a secure training's relay needs the training's identity to check the sites' "
+                                    "messages against")
+            self.relayed = SecureInbox(self.store, self.spec, self.identity)
+        return self.relayed
 
     def observe(self, status: TrainingStatus) -> dict[str, Observation]:
         """Observations of the site tasks the engine waits for.
@@ -172,17 +204,27 @@ class SiteRelay:
             if result.state == "failed":
                 reason = (result.reason or "the site reported a failure")[:REASON_KEPT]  # rounds keep it: bounded
                 return Observation("failed", result.exit_code, None, reason)
-            return Observation("succeeded", 0, self._output(wanted, result.output, where))
+            output = self._output(wanted, result.output, where)
+            refusal = self.inbox.refusal(wanted.secure) if wanted.secure is not None else None
+            if refusal is not None:
+                return refused(wanted.site, f"its {wanted.kind} stage's message: {refusal}"[:REASON_KEPT])
+            return Observation("succeeded", 0, output)
         except BadDataError as error:
             return refused(wanted.site, str(error))
         except BadInputError as error:  # it exists, yet the store refuses to read it (a site's own encryption key)
             return refused(wanted.site, f"{where}: the store refused to read it: {error}")
 
     def _output(self, wanted: Assignment, output: dict[str, object], where: str) -> dict[str, object]:
-        """The output checked for its task's kind: an update's claim, or an evaluation's figures."""
+        """The output checked for its task's kind: an update's claim, a masked update's, a stage's, or figures."""
         bound = self.spec.clients.max_examples_of(wanted.site)
-        check = train_output if wanted.kind == "train" else evaluation_output
-        return check(output, bound, f"{where}: output").model_dump()
+        what = f"{where}: output"
+        if wanted.kind == "evaluate":
+            return evaluation_output(output, bound, what).model_dump()
+        if wanted.kind == "train" and wanted.secure is None:
+            return train_output(output, bound, what).model_dump()
+        if wanted.kind == "train":
+            return secure_train_output(output, what).model_dump()
+        return stage_output(output, what).model_dump()
 
     def _posted_id(self, site: str) -> str | None:
         data = self.posted.get(site)
@@ -197,6 +239,8 @@ class SiteRelay:
         Then record the accepted site scores of rounds that finished their evaluation (`record_scores`).
         """
         wanted = assignments(self.spec, status)
+        if self.relayed is not None:
+            self.relayed.forget_before(status.current_round)
         for site in self.spec.clients.sites():
             assignment = wanted.get(site)
             task = self.task(assignment) if assignment is not None else None
@@ -239,16 +283,24 @@ class SiteRelay:
             self.recorded.add(record.round)
 
     def task(self, wanted: Assignment) -> SiteTask:
-        """The document for one assignment."""
-        model_round = wanted.round - 1 if wanted.kind == "train" else wanted.round
+        """The document for one assignment (a secure round's with its settings, rosters and relayed messages).
+
+        Every task but an evaluation names the model the round trains from; a masked training clips
+        when it masks, so its settings carry no clip norm of their own (as an in-cluster client's).
+        """
+        model_round = wanted.round if wanted.kind == "evaluate" else wanted.round - 1
         key = self.layout.global_weights(model_round)
+        train = train_settings(self.spec, wanted.site) if wanted.kind == "train" else None
+        secure = self.inbox.settings(wanted.secure) if wanted.secure is not None else None
+        if train is not None and secure is not None:
+            train = replace(train, clip_norm=None)
         return SiteTask(
-            id=wanted.task_id, kind="train" if wanted.kind == "train" else "evaluate", round=wanted.round,
-            site=wanted.site, training=self.training, total_rounds=self.spec.rounds,
-            strategy=self.spec.strategy.name, architecture=self.spec.model.architecture, global_key=key,
-            global_sha256=self.checksum(model_round), deadline=wanted.started_at + self.spec.round_deadline_seconds,
-            seed=self.spec.seed, train=train_settings(self.spec, wanted.site) if wanted.kind == "train" else None,
-            privacy=privacy_settings(self.spec), roi_crop=self.spec.dataset.roi_crop, attempt=wanted.attempt)
+            id=wanted.task_id, kind=wanted.kind, round=wanted.round, site=wanted.site, training=self.training,
+            total_rounds=self.spec.rounds, strategy=self.spec.strategy.name,
+            architecture=self.spec.model.architecture, global_key=key, global_sha256=self.checksum(model_round),
+            deadline=wanted.started_at + self.spec.round_deadline_seconds, seed=self.spec.seed, train=train,
+            privacy=privacy_settings(self.spec), roi_crop=self.spec.dataset.roi_crop, attempt=wanted.attempt,
+            secure=secure)
 
     def checksum(self, round_number: int) -> str:
         """The sha256 the aggregator recorded for a round's global model (read once per round)."""
