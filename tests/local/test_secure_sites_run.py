@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,13 @@ import pytest
 import yaml
 
 from fedtrain.contract.sitetask import SiteTask
+from fedtrain.contract.storage import open_store, s3_location
 from fedtrain.engine.status import Event
 from fedtrain.local.runner import RunOptions, run_training
+from fedtrain.sites.bucket_policy import site_policy
 from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import parse_manifest
+from tests.conftest import S3Server
 from tests.local.test_sites_run import participation, start, wait_all
 
 pytestmark = pytest.mark.timeout(900)
@@ -153,3 +158,66 @@ def test_a_forged_share_relayed_to_a_site_is_refused_by_name_and_the_round_compl
     result = json.loads((store / "round-0001" / "result.json").read_text())
     assert sorted(result["secure_aggregation"]["survivors"]) == sorted(SITES)
     assert os.path.exists(store / "round-0001" / "global.safetensors")
+
+
+def start_as(arguments: list[str], log: Path, cwd: Path, environment: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A ``fedtrain`` process with ``environment`` (one party's store key) and nobody else's."""
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "fedtrain.cli", *arguments], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd,
+                                env={**environment, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def test_an_in_cluster_client_and_sites_each_holding_only_its_own_key_aggregate_securely_through_s3(
+        tmp_path: Path, s3_server: S3Server) -> None:
+    """hq trains in the coordinator's cluster, munich and hamburg are sites whose keys read only their folders.
+
+    hamburg's secret is not one (5 bytes): it fails advertising its keys each round and drops out;
+    hq and munich, at the threshold, still aggregate. Every object is then read with the coordinator's key.
+    """
+    prefix, uid = "secure-mixed", "1a2b3c4d" + "0" * 24
+    training_id = f"team-signs/cities-{uid[:8]}"
+    s3 = {"endpoint": s3_server.endpoint, "bucket": s3_server.bucket, "prefix": prefix, "region": "us-east-1"}
+    work, logs = tmp_path / "coordinator", tmp_path / "logs"
+    work.mkdir()
+    logs.mkdir()
+    (work / "uid").write_text(uid + "\n")  # the training's folder, which the sites are told, is fixed in advance
+    spec = coordinator(tmp_path / "unused", 2)
+    spec["spec"]["storage"] = {"s3": s3}
+    spec["spec"]["dataset"] = {"synthetic": {"imagesPerClass": 4, "testImagesPerClass": 1, "framesPerTrack": 2}}
+    spec["spec"]["clients"]["list"] = [{"name": "hq"}, {"name": "munich", "site": {"evaluate": False}},
+                                       {"name": "hamburg", "site": {"evaluate": False}}]
+    spec["spec"]["evaluation"] = {"central": True}
+    (tmp_path / "coordinator.yaml").write_text(yaml.safe_dump(spec))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FEDTRAIN_S3_"))}
+    processes = {"coordinator": start_as(["run", str(tmp_path / "coordinator.yaml"), "--workdir", str(work)],
+                                         logs / "coordinator.log", tmp_path,
+                                         {**environment, **s3_server.environment("the coordinator's key")})}
+    (tmp_path / "hamburg").mkdir()
+    (tmp_path / "hamburg" / "secure.key").write_bytes(b"short")
+    for site, seed in (("munich", 11), ("hamburg", 12)):
+        document = participation(site, seed, tmp_path)
+        document["spec"]["store"] = {"s3": s3}
+        document["spec"]["training"]["id"] = training_id
+        (tmp_path / f"{site}.yaml").write_text(yaml.safe_dump(document))
+        key_id, secret = s3_server.user(f"secure-{site}", site_policy(s3_server.bucket, prefix, training_id, site))
+        processes[site] = start_as(["site", "run", str(tmp_path / f"{site}.yaml"), "--workdir", str(tmp_path / site),
+                                    "--threads", "1"], logs / f"{site}.log", tmp_path,
+                                   {**environment, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret})
+    wait_all(processes, logs, timeout=600)
+
+    status = json.loads((work / "status.json").read_text())
+    assert status["phase"] == "Succeeded", status["message"]
+    store = open_store(s3_location(s3_server.bucket, prefix, training_id), s3_server.environment())
+    keys = store.list("")
+    assert not [k for k in keys if "/update-a" in k or "/clients/" in k], "an update in the clear"
+    for round_number in (1, 2):
+        folder = f"round-{round_number:04d}"
+        result = json.loads(store.read_bytes(f"{folder}/result.json"))
+        assert sorted(result["secure_aggregation"]["survivors"]) == ["hq", "munich"], result
+        assert f"{folder}/secure-a1/hq/masked.safetensors" in keys
+        assert f"sites/munich/{folder}/secure-a1/masked.safetensors" in keys
+        assert not [k for k in keys if k.startswith(f"sites/hamburg/{folder}/")]
+        failed = json.loads(store.read_bytes(f"sites/hamburg/results/k{round_number:04d}-hamburg-a1.json"))
+        assert failed["exit_code"] == 2 and "a secure-aggregation secret is 32 bytes" in failed["reason"], failed
+    assert (tmp_path / "munich" / "secure.key").stat().st_size == 32
