@@ -100,6 +100,49 @@ async def test_a_client_in_its_own_namespace_trains_on_its_own_data(
     assert await cleaned(), "the client namespace's Jobs were not deleted with the training"
 
 
+async def test_a_secure_client_in_its_own_namespace_runs_every_stage_there_on_its_own_key(
+        cluster: Cluster, s3_server: S3Server, mlflow_server: str) -> None:
+    await make_namespace(cluster, CLIENT_NAMESPACE, accept=NAMESPACE)
+    for namespace in (NAMESPACE, CLIENT_NAMESPACE):
+        await make_secret(cluster, namespace, s3_server)
+    generate(cluster.runner.claim_dir(CLIENT_NAMESPACE, "signs") / "gtsrb",
+             SynthConfig(per_class=4, test_per_class=1, frames_per_track=2, seed=9, max_size=48))
+    manifest = federated(s3_server, mlflow_server)
+    manifest["spec"]["rounds"] = 1
+    manifest["spec"]["privacy"] = {"clipNorm": 20.0, "secureAggregation": {"threshold": 2}}
+    await cluster.start_operator()
+    await cluster.apply(manifest)
+    done = await cluster.wait_for("signs-fed", lambda r: r.get("status", {}).get("phase") in ("Succeeded", "Failed"),
+                                  timeout=300)
+    assert done["status"]["phase"] == "Succeeded", (done["status"].get("reason"), done["status"].get("message"))
+    uid = done["metadata"]["uid"]
+
+    there = f"/api/v1/namespaces/{CLIENT_NAMESPACE}/secrets/{NAMESPACE}-signs-fed-secure"
+    secret = await cluster.request("GET", there)
+    assert sorted(secret["data"]) == ["munich.key"] and "ownerReferences" not in secret["metadata"]
+    assert secret["metadata"]["labels"]["fedtrain.io/training-uid"] == uid
+    here = await cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/signs-fed-secure")
+    assert sorted(here["data"]) == ["hq.key"]
+    foreign = await cluster.list(f"/apis/batch/v1/namespaces/{CLIENT_NAMESPACE}/jobs")
+    assert sorted(j["metadata"]["labels"]["fedtrain.io/task"] for j in foreign) == ["keys", "shares", "train",
+                                                                                    "unmask"]
+    for job in foreign:
+        volumes = [v["secret"] for v in job["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+        assert volumes == [{"secretName": f"{NAMESPACE}-signs-fed-secure", "defaultMode": 0o440,
+                            "items": [{"key": "munich.key", "path": "munich.key"}]}]
+    store = open_store(f"s3://{s3_server.bucket}/operator/{NAMESPACE}/signs-fed-{uid[:8]}", s3_server.environment())
+    assert store.list("round-0001/clients") == [] and "round-0001/global.safetensors" in store.list("round-0001")
+    assert len([k for k in store.list("round-0001") if k.endswith("masked.safetensors")]) == 2
+
+    await cluster.request("DELETE", f"/apis/fedtrain.io/v1alpha1/namespaces/{NAMESPACE}/federatedtrainings/"
+                                    "signs-fed")
+    for _ in range(200):  # the finalizer deletes the Secret its owner reference cannot reach
+        if (await cluster.request("GET", there)).get("code") == 404:
+            break
+        await asyncio.sleep(0.1)
+    assert (await cluster.request("GET", there)).get("code") == 404
+
+
 async def test_a_namespace_that_has_not_opted_in_is_refused(cluster: Cluster, s3_server: S3Server,
                                                             mlflow_server: str) -> None:
     await make_namespace(cluster, "city-berlin", accept="some-other-team")
