@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedtrain.contract.sitetask import PrivacySettings, SiteTask, TrainSettings, parse_task
+from fedtrain.contract.sitetask import PrivacySettings, SecureSettings, SiteTask, TrainSettings, parse_task
 from fedtrain.sites.participation import ParticipationSpec, parse_participation_spec
 
 DEADLINE = 10_000.0
@@ -23,6 +23,12 @@ def site_task(**changes: Any) -> SiteTask:
 def private(noise_multiplier: float = 1.0, sampling_rate: float = 0.5) -> PrivacySettings:
     """The coordinator's central DP settings."""
     return PrivacySettings(clip_norm=1.0, noise_multiplier=noise_multiplier, delta=1e-5, sampling_rate=sampling_rate)
+
+
+def secure(**changes: Any) -> SecureSettings:
+    """A secure round's settings as the relay posts them, with an empty inbox (a key stage's)."""
+    return SecureSettings(**{"identity": "team/signs/0123abcd", "round_attempt": 1, "threshold": 2, "clip_norm": 5.0,
+                             "weight_unit": 300, **changes})
 
 
 def participation(policy: dict[str, Any] | None = None, **fields: Any) -> ParticipationSpec:

@@ -11,7 +11,7 @@ from fedtrain.contract.sitetask import Posting, SiteResult, parse_task
 from fedtrain.sites import agent
 from fedtrain.sites.participation import ParticipationStatus
 from fedtrain.worker.strategies.privacy import epsilon
-from tests.sites.documents import DEADLINE, participation, private, site_task
+from tests.sites.documents import DEADLINE, participation, private, secure, site_task
 
 POLICY = participation(policy={"strategies": ["fedavg"]}).policy
 BEFORE = DEADLINE - 60
@@ -154,6 +154,31 @@ def test_worker_arguments_carry_the_task_with_its_digest() -> None:
     assert args[args.index("--evaluation-split") + 1] == "validation"
     assert args[args.index("--validation-fraction") + 1] == "0.2"
     assert args[args.index("--data") + 1] == "/data"
+
+
+def test_a_secure_task_names_the_sites_secret_and_a_plain_one_does_not() -> None:
+    spec = participation()
+    keys = site_task(id="k0003-munich-a1", kind="keys", train=None, secure=secure())
+    made = agent.worker_arguments(keys, spec, "/store", "/data", agent.SecretFile("/site/secure.key"))
+    assert made[made.index("--secret-file") + 1] == "/site/secure.key" and "--secret-provided" not in made
+    given = agent.worker_arguments(keys, spec, "/store", "/data", agent.SecretFile("/var/run/key", provided=True))
+    assert given[-3:] == ["--secret-file", "/var/run/key", "--secret-provided"]
+    assert "--secret-file" not in agent.worker_arguments(site_task(), spec, "/store", "/data",
+                                                         agent.SecretFile("/site/secure.key"))
+
+
+def test_secure_stages_show_as_training_and_a_masked_round_counts_without_examples() -> None:
+    keys = site_task(id="k0003-munich-a1", kind="keys", train=None, secure=secure())
+    status = agent.next_status(ParticipationStatus(), Posting("Running", keys), agent.Run(keys), now=100.0)
+    assert status.phase == "Training"
+    status = agent.next_status(status, Posting("Running", keys), agent.Idle("answered"),
+                               (keys, SiteResult(keys.id, "munich", "succeeded")), now=101.0)
+    assert (status.phase, status.rounds_done) == ("Waiting", 0)
+    assert status.message == "advertised its keys for round 3 (secure aggregation)"
+    train = site_task(secure=secure())
+    done = SiteResult(train.id, "munich", "succeeded", output={"metrics": {"val_accuracy": 0.5}, "length": 9})
+    status = agent.next_status(status, Posting("Running", train), agent.Idle("answered"), (train, done), now=102.0)
+    assert (status.rounds_done, status.last_accuracy, status.message) == (1, 0.5, "trained round 3 (masked)")
 
 
 def test_status_counts_trained_rounds_and_their_accuracy() -> None:

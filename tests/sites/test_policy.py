@@ -10,7 +10,7 @@ from fedtrain.contract.sitetask import TrainSettings
 from fedtrain.sites.participation import SitePolicy
 from fedtrain.sites.policy import refusal, total_epsilon
 from fedtrain.worker.strategies.privacy import epsilon
-from tests.sites.documents import participation, private, site_task
+from tests.sites.documents import participation, private, secure, site_task
 
 
 def policy(**fields: object) -> SitePolicy:
@@ -29,6 +29,8 @@ def test_the_default_policy_accepts_any_task() -> None:
     ({"maxRounds": 4}, {}, "spec.policy.maxRounds (4)", "5 rounds"),
     ({"maxLocalEpochs": 1}, {}, "spec.policy.maxLocalEpochs (1)", "2 local epochs"),
     ({"requirePrivacy": True}, {}, "spec.policy.requirePrivacy", "no differential privacy"),
+    ({"requireSecureAggregation": True}, {}, "spec.policy.requireSecureAggregation",
+     "the round's update would leave the site in the clear: the training has no secure aggregation"),
 ])
 def test_each_rule_refuses_naming_its_field(fields: dict[str, object], task: dict[str, object], field: str,
                                             detail: str) -> None:
@@ -44,6 +46,7 @@ def test_each_rule_refuses_naming_its_field(fields: dict[str, object], task: dic
     ({"maxRounds": 5}, {}),
     ({"maxLocalEpochs": 2}, {}),
     ({"requirePrivacy": True}, {"privacy": private()}),
+    ({"requireSecureAggregation": True}, {"secure": secure()}),
 ])
 def test_each_rule_accepts_what_it_allows(fields: dict[str, object], task: dict[str, object]) -> None:
     assert refusal(site_task(**task), policy(**fields)) is None
@@ -54,6 +57,15 @@ def test_local_epochs_bound_only_training() -> None:
     assert refusal(evaluate, policy(maxLocalEpochs=1)) is None
     assert refusal(dataclasses.replace(evaluate, kind="train", train=TrainSettings(epochs=3)),
                    policy(maxLocalEpochs=1)) is not None
+
+
+def test_secure_aggregation_is_required_of_training_only() -> None:
+    """A site's scores leave it in any training; its update only masked, and each secure stage is masked too."""
+    required = policy(requireSecureAggregation=True)
+    assert refusal(site_task(id="e0003-munich-a1", kind="evaluate", train=None), required) is None
+    for kind, letter in (("keys", "k"), ("shares", "s"), ("unmask", "u")):
+        stage = site_task(id=f"{letter}0003-munich-a1", kind=kind, train=None, secure=secure())
+        assert refusal(stage, required) is None
 
 
 def test_max_epsilon_bounds_the_budget_after_all_rounds() -> None:
