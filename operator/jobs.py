@@ -56,6 +56,7 @@ CLIENT_DATA_MOUNT = "/client-data"
 S3_CA_MOUNT = "/etc/fedtrain/s3-ca"
 ANNOTATION_ACCEPT = "fedtrain.io/accept-trainings"  # on a client namespace: which trainings may run there
 LABEL_TASK = "fedtrain.io/task"
+LABEL_PARTICIPATION = "fedtrain.io/participation"  # a site's Jobs and its secure-aggregation Secret
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fedtrain-operator"
 ANNOTATION_TASK_ID = "fedtrain.io/task-id"

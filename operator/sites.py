@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedtrain.contract.errors import BadDataError, BadInputError, TemporaryStorageError
+from fedtrain.contract.errors import EXIT_BAD_INPUT, BadDataError, BadInputError, TemporaryStorageError
 from fedtrain.contract.layout import Layout
 from fedtrain.contract.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result, parse_task
 from fedtrain.contract.storage import Store, open_store
@@ -44,7 +44,9 @@ from fedtrain.operator.jobs import (
     operator_worker_image,
     worker_account_manifest,
 )
+from fedtrain.operator.jobs import LABEL_PARTICIPATION as LABEL_PARTICIPATION
 from fedtrain.operator.kube import ApiError, Kube
+from fedtrain.operator.site_secrets import SiteSecrets, site_secret_file, site_secret_volume
 from fedtrain.operator.status import merge_patch
 from fedtrain.operator.storeaccess import secret_environment
 from fedtrain.sites import agent
@@ -61,7 +63,6 @@ from fedtrain.spec import API_VERSION, GROUP, VERSION
 
 log = logging.getLogger("fedtrain.operator.sites")
 SITE_DATA_MOUNT = "/site-data"
-LABEL_PARTICIPATION = "fedtrain.io/participation"
 LABEL_SITE = "fedtrain.io/site"
 ANNOTATION_PARTICIPATION = "fedtrain.io/participation"  # the whole name, where the label may be cut
 ANNOTATION_SITE_TASK = "fedtrain.io/site-task"  # the task's JSON: what a failure is answered with
@@ -125,7 +126,8 @@ def site_job_manifest(task: SiteTask, spec: ParticipationSpec, participation: di
 
     The store's keys come from the site's Secret by reference (their values never enter the Job);
     security settings are those of the coordinator's worker Jobs. The Job may run until the task's
-    deadline and no longer: past it the coordinator no longer waits for the answer.
+    deadline and no longer: past it the coordinator no longer waits for the answer. A secure
+    round's task also mounts the site's master secret, read-only (`site_secret_volume`).
     """
     meta = participation["metadata"]
     s3 = spec.store.s3
@@ -134,6 +136,9 @@ def site_job_manifest(task: SiteTask, spec: ParticipationSpec, participation: di
                   LABEL_PARTICIPATION: fit(meta["name"]), LABEL_SITE: spec.site, LABEL_TASK: task.kind,
                   "fedtrain.io/round": str(task.round)}
     env, volumes, mounts = object_store_access(s3, meta["namespace"])
+    if task.secure is not None:
+        volume, mount = site_secret_volume(meta["name"], spec.site)
+        volumes, mounts = [*volumes, volume], [*mounts, mount]
     worker = spec.worker
     container: dict[str, Any] = {
         "name": "worker", "image": worker.image or operator_worker_image(), "imagePullPolicy": worker.image_pull_policy,
@@ -198,6 +203,7 @@ class SiteController:
         self.clock = clock
         self.known_jobs: Callable[[str, str], list[dict[str, Any]]] | None = None
         self._stores: dict[str, tuple[Any, Store]] = {}  # by participation uid: (what it was opened with, store)
+        self.secrets = SiteSecrets(kube)
 
     def follow(self, known_jobs: Callable[[str, str], list[dict[str, Any]]]) -> None:
         """Read each participation's Jobs from the operator's watch (a kopf index) instead of listing them."""
@@ -206,6 +212,7 @@ class SiteController:
     def forget(self, uid: str) -> None:
         """The participation's loop ended."""
         self._stores.pop(uid, None)
+        self.secrets.forget(uid)
 
     async def reconcile(self, namespace: str, name: str) -> SiteOutcome:
         """One pass: read, decide with `agent.plan`, act, write the status."""
@@ -352,7 +359,10 @@ class SiteController:
         namespace = resource["metadata"]["namespace"]
         await self.kube.get_or_create(f"/api/v1/namespaces/{namespace}/serviceaccounts",
                                       worker_account_manifest(namespace))
-        arguments = agent.worker_arguments(task, spec, training_location(spec), data_path(spec))
+        if task.secure is not None and not await self._secret(task, resource, spec, store, layout):
+            return
+        arguments = agent.worker_arguments(task, spec, training_location(spec), data_path(spec),
+                                           site_secret_file(spec.site))
         manifest = site_job_manifest(task, spec, resource, arguments, self.clock())
         try:
             await self.kube.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", manifest)
@@ -362,6 +372,18 @@ class SiteController:
             return
         await self._post(resource, "TaskStarted", f"running task {task.id} (Job {manifest['metadata']['name']})",
                          False)
+
+    async def _secret(self, task: SiteTask, resource: dict[str, Any], spec: ParticipationSpec, store: Store,
+                      layout: Layout) -> bool:
+        """The site's master secret is there for a secure task's Job; if it cannot be, the task is answered failed."""
+        try:
+            await self.secrets.ensure(resource, spec.site)
+            return True
+        except BadInputError as error:
+            result = agent.failure_result(task, spec.site, EXIT_BAD_INPUT, str(error), [])
+            await asyncio.to_thread(store.write_bytes, layout.site_result(spec.site, task.id), encode(result))
+            await self._post(resource, "SecureSecretRefused", f"task {task.id} not run: {error}", True)
+            return False
 
     async def _write_status(self, resource: dict[str, Any], after: ParticipationStatus) -> None:
         """Merge-patch the status subresource with what changed (conditional: a 409 waits for the next pass)."""
