@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtrain.contract.secagg import (
+from fedtrain.worker.secagg import (
     ClientKeys,
     Context,
     QuantisationPlan,
@@ -43,8 +43,8 @@ from fedtrain.contract.secagg import (
     share_sets,
     unmask,
 )
-from fedtrain.contract.secagg import _add_streams as add_streams
-from fedtrain.contract.secagg import _unmasking_streams as unmasking_streams
+from fedtrain.worker.secagg import _add_streams as add_streams
+from fedtrain.worker.secagg import _unmasking_streams as unmasking_streams
 
 MOBILENET_V3_SMALL = 2_555_002  # elements of its full state with 1000 classes (parameters and buffers)
 

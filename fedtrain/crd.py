@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from fedtrain.contract.sitetask import PER_UPDATE_STRATEGIES, SUM_STRATEGIES
 from fedtrain.sites.participation import (
     PARTICIPATION_KIND,
     PARTICIPATION_PLURAL,
@@ -30,12 +31,10 @@ from fedtrain.spec import (
     GROUP,
     KIND,
     MAX_TRAINING_NAME,
-    PER_UPDATE_STRATEGIES,
     PLURAL,
     SHORT_NAME,
     SINGULAR,
     STORAGE_KINDS,
-    SUM_STRATEGIES,
     VERSION,
     FederatedTrainingSpec,
     one_of,

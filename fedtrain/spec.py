@@ -25,6 +25,8 @@ from fedtrain.contract.sitetask import (
     DEFAULT_MAX_WEIGHT_OVER_MEDIAN,
     DEFAULT_OUTLIER_DISTANCE,
     EXAMPLES_LIMIT,
+    PER_UPDATE_STRATEGIES,
+    SUM_STRATEGIES,
     Combination,
     ExampleBounds,
 )
@@ -51,11 +53,6 @@ MAX_CLIENT_NAME = 40
 # round's roster, so a secure round is bounded (SecAgg+ with privacy.secureAggregation.neighbours scales further
 # in cost than in roster).
 SECURE_MAX_CLIENTS = 200
-# Strategies that read each update (a median, a trimmed mean, distances between updates): secure aggregation
-# shows the aggregator only the sum, so it refuses them.
-PER_UPDATE_STRATEGIES = ("fedmedian", "trimmedmean", "krum", "multikrum")
-# Strategies whose aggregate is a function of the example-weighted mean alone.
-SUM_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "trimmedmean", "krum",
                        "multikrum"]
@@ -74,6 +71,7 @@ STRATEGY_PARAMETERS: dict[str, tuple[str, ...]] = {
     "multikrum": ("f", "m"),
 }
 assert tuple(STRATEGY_PARAMETERS) == STRATEGY_NAMES, "every strategy name has its parameters, in the same order"
+assert set(SUM_STRATEGIES) | set(PER_UPDATE_STRATEGIES) == set(STRATEGY_NAMES), "secure aggregation knows each"
 
 
 class SpecError(ValueError):

@@ -1,6 +1,6 @@
 """Secure aggregation's worker side: each client's stages and the aggregation of the masked sum, over the store.
 
-The protocol's mathematics and messages are in `fedtrain.contract.secagg`; this module moves them
+The protocol's mathematics and messages are in `fedtrain.worker.secagg`; this module moves them
 through a training's store (`Layout.secure_message`) and ties them to the round: a client's
 master secret (never in the store), the roster the engine fixed for each stage (``advertised``,
 ``shared``, ``survivors``), the model's delta and weight, the strategy that takes the mean.
@@ -26,7 +26,11 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from fedtrain.contract.errors import BadDataError, BadInputError, SecureRoundError
-from fedtrain.contract.secagg import (
+from fedtrain.contract.secmessages import round_share_sets
+from fedtrain.contract.secrets import MASTER_SECRET_BYTES
+from fedtrain.contract.sitetask import SUM_STRATEGIES
+from fedtrain.contract.storage import Store
+from fedtrain.worker.secagg import (
     ADVERTISEMENT_LIMIT,
     REVEAL_LIMIT,
     SHARES_LIMIT,
@@ -44,10 +48,6 @@ from fedtrain.contract.secagg import (
     reveal,
     unmask,
 )
-from fedtrain.contract.secmessages import round_share_sets
-from fedtrain.contract.secrets import MASTER_SECRET_BYTES
-from fedtrain.contract.storage import Store
-from fedtrain.spec import SUM_STRATEGIES
 from fedtrain.worker.strategies.arrays import cast_like
 from fedtrain.worker.strategies.protocol import Aggregate, Strategy
 from fedtrain.worker.weights import Weights, write_json

@@ -19,10 +19,10 @@ from typing import Any
 
 from fedtrain.contract.errors import BadDataError
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.secagg import Advertisement, SecAggRefused, SharesMessage
 from fedtrain.contract.sitetask import REASON_KEPT, SIDECAR_LIMIT, SecureSettings, SiteTask
 from fedtrain.contract.storage import Store
 from fedtrain.worker.jobs import Upload
+from fedtrain.worker.secagg import Advertisement, SecAggRefused, SharesMessage
 from fedtrain.worker.secure import (
     Messages,
     SecureRound,

@@ -1,6 +1,6 @@
 """Secure aggregation's messages as they travel: each client's key advertisement, shares and reveal, parsed strictly.
 
-`fedtrain.contract.secagg` makes and uses these messages; this module only says what one must be
+`fedtrain.worker.secagg` makes and uses these messages; this module only says what one must be
 (exact JSON types, bounded sizes, names that are DNS labels, keys that are usable X25519 points)
 and that it belongs to the round's `Context`. Kept apart so that whoever only relays or checks
 messages needs neither numpy nor the secret-sharing library: the coordinator's relay parses each

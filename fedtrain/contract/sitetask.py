@@ -83,6 +83,10 @@ Combination = Literal["weighted", "median", "trimmed"]
 # A site whose accuracy is further than this from the median of the sites' (three or more) is named
 # an outlier (spec.evaluation.outlierDistance).
 DEFAULT_OUTLIER_DISTANCE = 0.2
+# Strategies that read each update (a median, a trimmed mean, distances between updates): secure aggregation
+# shows the aggregator only the sum, so the spec refuses them with it; the others act on the weighted mean.
+PER_UPDATE_STRATEGIES = ("fedmedian", "trimmedmean", "krum", "multikrum")
+SUM_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 FEDPROX_MU = 0.01  # FedProx's proximal strength when spec.strategy.parameters names no mu: the one default
 
 

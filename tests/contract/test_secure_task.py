@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from fedtrain.contract.errors import BadDataError
-from fedtrain.contract.secagg import ClientKeys, Context, make_shares
 from fedtrain.contract.secmessages import MAX_SHARE_SET, SharesMessage
 from fedtrain.contract.sitetask import (
     SecureSettings,
@@ -19,6 +18,7 @@ from fedtrain.contract.sitetask import (
     secure_train_output,
     stage_output,
 )
+from fedtrain.worker.secagg import ClientKeys, Context, make_shares
 
 IDENTITY = "team/signs/0123abcd"
 CONTEXT = Context(IDENTITY, 3, 2)

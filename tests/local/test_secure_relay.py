@@ -15,7 +15,6 @@ import pytest
 
 from fedtrain.contract.errors import EXIT_BAD_DATA
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.secagg import ClientKeys, Context, make_shares
 from fedtrain.contract.secmessages import Advertisement, SharesMessage, round_share_sets
 from fedtrain.contract.sitetask import SiteResult, SiteTask, encode, parse_posting
 from fedtrain.contract.storage import DirectoryStore
@@ -24,6 +23,7 @@ from fedtrain.engine.status import Observation, TrainingStatus
 from fedtrain.sites.relay import SiteRelay
 from fedtrain.spec import FederatedTrainingSpec, parse_spec
 from fedtrain.tasks import Placement, remote, worker_arguments
+from fedtrain.worker.secagg import ClientKeys, Context, make_shares
 from fedtrain.worker.weights import save_weights
 
 IDENTITY = "team-signs/signs/0123abcd"

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtrain.contract.secagg import (
+from fedtrain.worker.models import ModelConfig, build_model
+from fedtrain.worker.secagg import (
     ClientKeys,
     Context,
     QuantisationPlan,
@@ -19,7 +20,6 @@ from fedtrain.contract.secagg import (
     share_sets,
     unmask,
 )
-from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.strategies.arrays import cast_like, weighted_mean
 from fedtrain.worker.training import state_to_numpy
 

@@ -16,9 +16,9 @@ import torch
 
 from fedtrain.contract.errors import BadInputError
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.secagg import Advertisement, ClientKeys, Context, Reveal, SharesMessage, make_shares, open_share
 from fedtrain.contract.sitetask import SecureSettings, SiteTask, parse_result, parse_task
 from fedtrain.contract.storage import DirectoryStore
+from fedtrain.worker.secagg import Advertisement, ClientKeys, Context, Reveal, SharesMessage, make_shares, open_share
 from fedtrain.worker.site import SiteData, SiteSecret, run_task
 
 IDENTITY = "team-signs/signs/0123abcd"

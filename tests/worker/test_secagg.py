@@ -13,7 +13,7 @@ import pytest
 from numpy.typing import NDArray
 
 from fedtrain.contract.errors import BadDataError, BadInputError
-from fedtrain.contract.secagg import (
+from fedtrain.worker.secagg import (
     ADVERTISEMENT_LIMIT,
     Advertisement,
     ClientKeys,

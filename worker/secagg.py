@@ -45,7 +45,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
 from fedtrain.contract.errors import BadInputError
-from fedtrain.contract.quantisation import QuantisationPlan, QuantisationRangeError
 from fedtrain.contract.secmessages import (
     ADVERTISEMENT_LIMIT,
     KEY_BYTES,
@@ -65,6 +64,7 @@ from fedtrain.contract.secmessages import (
     unb64,
 )
 from fedtrain.contract.wire import NAME_PATTERN
+from fedtrain.worker.quantisation import QuantisationPlan, QuantisationRangeError
 
 __all__ = [
     "ADVERTISEMENT_LIMIT", "MAX_SHARE_SET", "REVEAL_LIMIT", "SECAGG_VERSION", "SHARES_LIMIT", "Advertisement",
