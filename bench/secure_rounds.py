@@ -1,8 +1,8 @@
 """Secure aggregation against plain FedAvg: `fedtrain run` of the same federation, side by side in one run.
 
-Usage: python bench/secure_rounds.py [--clients 4,10] [--pairs 3] [--rounds 3] [--image-size 32]
-                                     [--per-class 30] [--test-per-class 4] [--epochs 1] [--clip-norm 1000]
-                                     [--no-dropout]
+Usage: python bench/secure_rounds.py [--clients 4,10] [--pairs 2] [--rounds 4] [--image-size 32]
+                                     [--per-class 30] [--test-per-class 10] [--epochs 3] [--lr 0.005]
+                                     [--clip-norm 1000] [--no-dropout]
 Goal: secure / plain round time <= 1.05, final accuracy within 0.5 points, extra bytes per client and
 round <= the float32 update's own size.
 
@@ -25,7 +25,9 @@ variant; threshold ceil(2n/3). Measured:
   the status the runner reports after each pass; and the task CPU seconds of the round (the fork
   server's per-task figures), by stage. The status's own ``startedAt`` is not used: a secure round
   restarts it when training begins, so it leaves out the key and share stages;
-- final central test accuracy of each variant;
+- final central test accuracy of each variant (and per round in the first repetition), and the
+  largest difference between the plain and the secure global model after round 1, which both
+  build from the same updates (training is deterministic), so only the encoding differs;
 - bytes each client writes per round (keys.json, shares.json, masked.safetensors and its .json,
   reveal.json) against the plain update and its sidecar, and what it reads of the others' messages
   (the advertisements of its share set at the share, training and unmask stages, their shares at
@@ -52,11 +54,11 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from fedtrain.contract.quantisation import QuantisationPlan
 from fedtrain.engine.status import TrainingStatus
 from fedtrain.local.runner import RunOptions, run_training
 from fedtrain.spec import parse_manifest
 from fedtrain.worker.data.synth import SynthConfig, generate
+from fedtrain.worker.quantisation import QuantisationPlan
 
 CORES = os.cpu_count() or 1
 VARIANTS = ("plain", "secure", "dropout")
@@ -72,7 +74,7 @@ def manifest(args: argparse.Namespace, clients: int, data: Path, variant: str) -
         "model": {"architecture": "mobilenet_v3_small", "numClasses": 43, "imageSize": args.image_size},
         "dataset": {"path": str(data)}, "partition": {"scheme": "iid", "seed": 7},
         "clients": {"count": clients, "minSuccessful": clients - 1, "maxExamples": train_images},
-        "training": {"localEpochs": args.epochs, "batchSize": 32, "optimizer": "adam", "learningRate": 0.002},
+        "training": {"localEpochs": args.epochs, "batchSize": 32, "optimizer": "adam", "learningRate": args.lr},
         "strategy": {"name": "fedavg"}, "worker": {"parallelism": 2, "device": "cpu"},
         "roundDeadlineSeconds": 1800, "mlflow": {"experiment": "bench-secure"},
     }
@@ -100,6 +102,8 @@ class Run:
     error_bound: float = 0.0  # the largest result.json reported (all tensors: BatchNorm's integer counters lead)
     float_bound: float = 0.0  # the same bound for the float tensors alone
     accepted: list[int] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)  # central test accuracy after each round
+    first_model: dict[str, np.ndarray] = field(default_factory=dict)  # the global model after round 1
 
 
 class RoundClock:
@@ -168,13 +172,21 @@ def run_once(args: argparse.Namespace, clients: int, data: Path, variant: str, w
             found.stage_cpu[stage].append(sum(s for t, s in tasks.items() if stage_of(t) == stage))
         outcome = json.loads((workdir / f"round-{number:04d}" / "result.json").read_text())
         found.accepted.append(len(outcome["accepted"]))
+        found.accuracies.append(float(outcome["accuracy"]))
         secure = outcome.get("secure_aggregation")
         if secure is not None:
             found.error_bound = max(found.error_bound, secure["quantisation_error_bound"])
             plan = QuantisationPlan.for_model({"w": np.zeros(1, np.float32)}, args.clip_norm, len(secure["shared"]))
             found.float_bound = max(found.float_bound, plan.error_bound(secure["weight_sum"])["w"])
-    found.accuracy = float(outcome["accuracy"])  # the last round's, unrounded (the status keeps 4 digits)
+    found.accuracy = found.accuracies[-1]  # unrounded (the status keeps 4 digits)
+    found.first_model = load_file(str(workdir / "round-0001" / "global.safetensors"))
     return found
+
+
+def largest_difference(plain: dict[str, np.ndarray], secure: dict[str, np.ndarray]) -> float:
+    """The largest absolute difference between two models' float tensors (round 1 trains the same updates)."""
+    return max(float(np.max(np.abs(plain[k].astype(np.float64) - secure[k].astype(np.float64))))
+               for k in plain if plain[k].dtype.kind == "f")
 
 
 def update_norms(workdir: Path, rounds: int) -> float:
@@ -248,6 +260,11 @@ def report(clients: int, runs: dict[str, list[Run]], plain_bytes: dict[str, floa
           f"largest update norm in the plain runs {norm:.1f}, clip norm {args.clip_norm:g}; largest quantisation error "
           f"bound of the mean, float tensors {max(r.float_bound for r in secure):.1e} (result.json's, all tensors: "
           f"{max(r.error_bound for r in secure):.1e})")
+    gaps_1 = [largest_difference(p.first_model, s.first_model) for p, s in zip(plain, secure, strict=True)]
+    print(f"round 1 trains the same updates in both: largest |secure - plain| of the global model's float tensors "
+          f"after it {max(gaps_1):.1e}")
+    print(f"accuracy per round, first repetition: plain {' '.join(f'{a:.4f}' for a in plain[0].accuracies)}; "
+          f"secure {' '.join(f'{a:.4f}' for a in secure[0].accuracies)}")
     if runs["dropout"]:
         drop = [statistics.median(d.rounds) / statistics.median(s.rounds)
                 for s, d in zip(secure, runs["dropout"], strict=True)]
@@ -279,12 +296,13 @@ def report(clients: int, runs: dict[str, list[Run]], plain_bytes: dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", default="4,10", help="client counts, comma-separated")
-    parser.add_argument("--pairs", type=int, default=3, help="interleaved repetitions (plain, secure, dropout)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=2, help="interleaved repetitions (plain, secure, dropout)")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--per-class", type=int, default=30, help="training images per class, all clients together")
-    parser.add_argument("--test-per-class", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--test-per-class", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.005, help="Adam's learning rate")
     parser.add_argument("--clip-norm", type=float, default=1000.0, help="privacy.clipNorm of the secure runs")
     parser.add_argument("--no-dropout", action="store_true", help="leave out the runs with a dropped client")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
@@ -309,6 +327,8 @@ def main() -> None:
             for variant in variants:
                 workdir = scratch / f"{variant}-{clients}-{repetition}"
                 runs[variant].append(run_once(args, clients, data, variant, workdir))
+                if variant == "dropout":
+                    runs[variant][-1].first_model = {}  # only plain and secure's are compared
                 if repetition == 0 and variant == "plain":
                     plain_bytes = traffic(workdir, args.rounds, secure=False)
                 if repetition == 0 and variant == "secure":
