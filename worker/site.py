@@ -125,8 +125,11 @@ def _run_with_model(store: Store, task: SiteTask, data: SiteData, device: torch.
     clock.lap("read_weights")
     workspace = site_workspace(store, task, data, base[1])
     if task.kind == "train":
-        return _train(workspace, task, base, device, clock, master)
-    return _evaluate(workspace, task, data, base[0], device)
+        scored = _evaluate(workspace, task, data, base[0], device, task.round - 1) if task.evaluate_base else None
+        clock.lap("evaluate_base")
+        output = _train(workspace, task, base, device, clock, master)
+        return {**output, "evaluation": scored} if scored is not None else output
+    return _evaluate(workspace, task, data, base[0], device, task.round)
 
 
 def _answered(store: Store, layout: Layout, task: SiteTask) -> dict[str, Any] | None:
@@ -215,15 +218,19 @@ def _train(workspace: Workspace, task: SiteTask, base: tuple[Weights, dict[str, 
     return {"num_examples": sidecar["num_examples"], "metrics": sidecar["metrics"], "sha256": sidecar["sha256"]}
 
 
-def _evaluate(workspace: Workspace, task: SiteTask, data: SiteData, weights: Weights, device: torch.device
-              ) -> dict[str, Any]:
-    """Score the round's global model on the site's evaluation split; write the figures (metrics only)."""
+def _evaluate(workspace: Workspace, task: SiteTask, data: SiteData, weights: Weights, device: torch.device,
+              round_number: int) -> dict[str, Any]:
+    """Score round ``round_number``'s global model on the site's evaluation split; write the figures (metrics only).
+
+    An evaluation task scores its round's model; a training task with ``evaluate_base`` the model it
+    trains from, the previous round's, before training on it.
+    """
     split, images, labels = _evaluation_arrays(workspace, task, data)
     model = build_model(workspace.model)
     load_numpy_state(model, weights)
     scores = evaluate(model, images, labels, workspace.model.num_classes, device=device)
-    figures = {"round": task.round, "split": split, **evaluation_figures(scores)}
-    write_json(workspace.store, workspace.layout.site_evaluation(task.site, task.round), figures)
+    figures = {"round": round_number, "split": split, **evaluation_figures(scores)}
+    write_json(workspace.store, workspace.layout.site_evaluation(task.site, round_number), figures)
     return {"examples": scores.num_examples, "accuracy": scores.accuracy, "loss": scores.loss}
 
 

@@ -37,7 +37,8 @@ from fedtrain.contract.wire import problems as problems
 
 # 2: a task carries its attempt, an update is update-a<attempt>.safetensors, a task is parsed strictly.
 # 3: secure aggregation's stages are site tasks (keys, shares, unmask) and a secure round's tasks carry a
-# `secure` block, which a site of version 2 would refuse as an unknown field.
+# `secure` block, which a site of version 2 would refuse as an unknown field; a training task may ask the
+# site to score the model it trains from first (`evaluate_base`: the previous round's federated evaluation).
 # A document of another version is refused before its fields are read, naming the side to upgrade.
 PROTOCOL_VERSION = 3
 TaskKind = Literal["train", "evaluate", "keys", "shares", "unmask"]
@@ -184,6 +185,9 @@ class SiteTask:
     roi_crop: bool = True
     attempt: Annotated[int, Field(ge=1, le=MAX_ATTEMPT)] = 1  # the engine's attempt (the id's "-aN")
     secure: SecureSettings | None = None  # privacy.secureAggregation: this round's settings, rosters and inbox
+    # A training task that first scores the model it trains from (the previous round's global model) on the
+    # site's evaluation split, and answers the figures with its update: one task where there were two.
+    evaluate_base: bool = False
     version: int = PROTOCOL_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -366,6 +370,16 @@ def _examples_bound(value: int, info: ValidationInfo) -> int:
     return value
 
 
+class EvaluationOutput(WireModel):
+    """A site's score of one global model: how many examples, the accuracy and the mean loss over them."""
+
+    examples: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)]
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+    loss: Annotated[float, Field(ge=0.0, le=LOSS_LIMIT, allow_inf_nan=False)]
+
+    _bounded = field_validator("examples")(_examples_bound)
+
+
 class TrainOutput(WireModel):
     """What a site's training answer says of its update (the aggregator reads the update's own sidecar)."""
 
@@ -373,6 +387,7 @@ class TrainOutput(WireModel):
     metrics: Annotated[dict[Annotated[str, Field(pattern=METRIC_NAME_PATTERN)], FiniteFloat],
                        Field(max_length=METRICS_LIMIT)] = {}
     sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
+    evaluation: EvaluationOutput | None = None  # the model it trained from, scored first (`SiteTask.evaluate_base`)
 
     _bounded = field_validator("num_examples")(_examples_bound)
 
@@ -387,6 +402,7 @@ class SecureTrainOutput(WireModel):
     metrics: Annotated[dict[Annotated[str, Field(pattern=METRIC_NAME_PATTERN)], FiniteFloat],
                        Field(max_length=METRICS_LIMIT)] = {}
     length: Annotated[int, Field(ge=1, le=MASKED_LENGTH_LIMIT)]
+    evaluation: EvaluationOutput | None = None  # the model it trained from, scored first (`SiteTask.evaluate_base`)
 
 
 class StageOutput(WireModel):
@@ -399,16 +415,6 @@ class StageOutput(WireModel):
     recipients: Annotated[int, Field(ge=0, le=MAX_SHARE_SET)] | None = None
     opened: Annotated[list[Name], Field(max_length=MAX_SHARE_SET)] = []
     refused: Annotated[dict[Name, Annotated[str, Field(max_length=REASON_KEPT)]], Field(max_length=MAX_SHARE_SET)] = {}
-
-
-class EvaluationOutput(WireModel):
-    """A site's score of one global model: how many examples, the accuracy and the mean loss over them."""
-
-    examples: Annotated[int, Field(ge=1, le=EXAMPLES_LIMIT)]
-    accuracy: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-    loss: Annotated[float, Field(ge=0.0, le=LOSS_LIMIT, allow_inf_nan=False)]
-
-    _bounded = field_validator("examples")(_examples_bound)
 
 
 class EvaluationFile(EvaluationOutput):

@@ -321,6 +321,7 @@ class _Step:
             elif progress is Progress.FAILED and state_before not in ("failed", "dropped"):
                 self.event(Reason.CLIENT_FAILED, f"round {current.round}: {client} failed: {task.reason}",
                            warning=True)
+        carried = self.advance_carried(current)
         failed = [c for c in current.selected if current.clients[c].state == "failed"]
         dropped = sum(1 for c in current.selected if current.clients[c].state == "dropped")  # before training
         waiting = [c for c in current.selected if current.clients[c].state in ("pending", "running")]
@@ -345,7 +346,7 @@ class _Step:
             self.event(Reason.CLIENTS_DROPPED, f"round {current.round}: dropped late clients {some(waiting)}",
                        warning=True)
             waiting = []
-        if waiting:
+        if waiting or (carried and self.advance_carried(current)):  # the previous model's scores first
             return False
         if current.secure is not None:  # the survivors reveal the shares that unmask their sum
             masked = [c for c in current.selected if current.clients[c].state == "succeeded"]
@@ -375,6 +376,10 @@ class _Step:
         if self.spec.evaluates_round(current.round):
             current.evaluations = {site: ClientTask() for site in self.spec.clients.evaluating_sites()}
             current.evaluation_started_at = self.now
+            if current.round < self.spec.rounds:  # scored while the next round trains, by the same site tasks
+                current.carried = True
+                self.complete_round(current)
+                return True
             status = self.status
             status.message = f"round {current.round}/{self.spec.rounds}: {len(current.evaluations)} sites evaluating"
             return True
@@ -503,46 +508,148 @@ class _Step:
         evaluations = current.evaluations
         assert evaluations is not None
         for site in sorted(evaluations):
-            task = evaluations[site]
-            before = task.state
-            ident = task_id("evaluate", task.attempt, current.round, site)
-            progress = _advance(task, ident, self.observations, self.spec.clients.max_retries)
-            if progress is Progress.LAUNCH:
-                self.launch(Task(task_id("evaluate", task.attempt, current.round, site), "evaluate", current.round,
-                                 site, task.attempt))
-            elif progress is Progress.SUCCEEDED and before != "succeeded":
-                seen = self.observations.get(ident)
-                try:
-                    score = SiteScore.from_output(seen.output if seen and seen.output else {},
-                                                  self.spec.clients.max_examples_of(site), f"{site}'s evaluation")
-                except BadDataError as error:  # executors check answers too; the engine never trusts one unchecked
-                    task.state, task.exit_code, task.reason = "failed", EXIT_BAD_DATA, f"score refused: {error}"
-                else:
-                    current.site_scores[site] = SiteEvaluation(examples=score.examples, accuracy=score.accuracy,
-                                                               loss=score.loss)
-            if task.state == "failed" and before != "failed":
-                self.event(Reason.SITE_EVALUATION_FAILED, f"round {current.round}: {site} did not evaluate: "
-                                                          f"{task.reason}", warning=True)
+            self.evaluate_apart(current, site)
+        if self.open_evaluations(current, current.evaluation_started_at or self.now):
+            return False
+        self.score(current)
+        self.complete_round(current)
+        return True
+
+    def evaluate_apart(self, record: RoundStatus, site: str) -> None:
+        """One site's evaluation task of ``record``'s model (its own task, not travelling with a training)."""
+        task = (record.evaluations or {})[site]
+        before = task.state
+        ident = task_id("evaluate", task.attempt, record.round, site)
+        progress = _advance(task, ident, self.observations, self.spec.clients.max_retries)
+        if progress is Progress.LAUNCH:
+            self.launch(Task(task_id("evaluate", task.attempt, record.round, site), "evaluate", record.round,
+                             site, task.attempt))
+        elif progress is Progress.SUCCEEDED and before != "succeeded":
+            seen = self.observations.get(ident)
+            self.take_score(record, site, seen.output if seen and seen.output else {})
+        self.tell_failure(record, site, before)
+
+    def take_score(self, record: RoundStatus, site: str, output: dict[str, object]) -> None:
+        """Keep a site's figures, or fail its evaluation with why they were refused."""
+        task = (record.evaluations or {})[site]
+        try:
+            score = SiteScore.from_output(output, self.spec.clients.max_examples_of(site), f"{site}'s evaluation")
+        except BadDataError as error:  # executors check answers too; the engine never trusts one unchecked
+            task.state, task.exit_code, task.reason = "failed", EXIT_BAD_DATA, f"score refused: {error}"
+        else:
+            task.state = "succeeded"
+            record.site_scores[site] = SiteEvaluation(examples=score.examples, accuracy=score.accuracy,
+                                                      loss=score.loss)
+
+    def tell_failure(self, record: RoundStatus, site: str, before: str) -> None:
+        task = (record.evaluations or {})[site]
+        if task.state == "failed" and before != "failed":
+            self.event(Reason.SITE_EVALUATION_FAILED, f"round {record.round}: {site} did not evaluate: "
+                                                      f"{task.reason}", warning=True)
+
+    def open_evaluations(self, record: RoundStatus, started: float) -> bool:
+        """Whether some of ``record``'s evaluations are still out; past the deadline they are dropped."""
+        evaluations = record.evaluations or {}
         waiting = [s for s, t in sorted(evaluations.items()) if t.state in ("pending", "running")]
-        started = current.evaluation_started_at or self.now
         if waiting and self.now - started > self.spec.round_deadline_seconds:
             for site in waiting:
-                self.decision.actions.append(Cancel(task_id("evaluate", evaluations[site].attempt, current.round,
-                                                            site)))
+                if not record.carried or site not in self.carried_by_training(record):
+                    self.decision.actions.append(Cancel(task_id("evaluate", evaluations[site].attempt, record.round,
+                                                                site)))
                 evaluations[site].state, evaluations[site].reason = "dropped", "dropped at the round deadline"
-            self.event(Reason.CLIENTS_DROPPED, f"round {current.round}: evaluation deadline passed without "
+            self.event(Reason.CLIENTS_DROPPED, f"round {record.round}: evaluation deadline passed without "
                                                f"{some(waiting)}", warning=True)
-            waiting = []
-        if waiting:
             return False
-        scores = {s: SiteScore(e.examples, e.accuracy, e.loss) for s, e in current.site_scores.items()}
+        return bool(waiting)
+
+    def score(self, record: RoundStatus) -> None:
+        """Combine the sites' accepted figures of ``record``'s model, naming outliers."""
+        scores = {s: SiteScore(e.examples, e.accuracy, e.loss) for s, e in record.site_scores.items()}
         evaluation = self.spec.evaluation
         combined = combine(scores, evaluation.combine, evaluation.outlier_distance)
         if combined is not None:
-            current.federated = FederatedMetrics(**vars(combined))
-            self.name_outliers(current.round, combined, scores)
-        self.complete_round(current)
-        return True
+            record.federated = FederatedMetrics(**vars(combined))
+            self.name_outliers(record.round, combined, scores)
+
+    def carried_by_training(self, record: RoundStatus) -> set[str]:
+        """The sites whose evaluation of ``record``'s model travels with their training task of the next round."""
+        following = self.status.round(record.round + 1)
+        return set(following.clients) & set(record.evaluations or {}) if following is not None else set()
+
+    def advance_carried(self, current: RoundStatus) -> bool:
+        """The previous round's evaluations, carried by this round: True while some are still out.
+
+        A site that trains in this round evaluates the global model it trains from (the previous
+        round's) in the same task, so its figures arrive with its training answer; a site that does
+        not train now evaluates in a task of its own. The previous round's record gets the figures
+        and the combined score, as if it had waited for them.
+        """
+        previous = self.status.round(current.round - 1)
+        if previous is None or not previous.carried or previous.evaluations is None or previous.scored:
+            return False
+        training = self.carried_by_training(previous)
+        for site in sorted(previous.evaluations):
+            task = previous.evaluations[site]
+            if task.state in ("pending", "running"):
+                if site in training:
+                    self.carried_with(previous, current, site)
+                else:
+                    self.evaluate_apart(previous, site)
+        if self.open_evaluations(previous, previous.evaluation_started_at or self.now):
+            return True
+        self.score(previous)
+        self.tell_scored(previous)
+        return False
+
+    def carried_with(self, previous: RoundStatus, current: RoundStatus, site: str) -> None:
+        """A site's evaluation of the previous model, read from its training answer of this round."""
+        task, training = (previous.evaluations or {})[site], current.clients[site]
+        before = task.state
+        task.attempt = training.attempt
+        if training.state in ("failed", "dropped"):
+            task.state, task.exit_code = training.state, training.exit_code
+            task.reason = f"its training task, which carried the evaluation, {training.state}: {training.reason}"
+        elif training.state == "succeeded":
+            seen = self.observations.get(task_id("train", training.attempt, current.round, site))
+            output = seen.output if seen is not None and seen.output else {}
+            figures, refused = output.get("evaluation"), output.get("evaluation_refused")
+            if isinstance(figures, dict):
+                self.take_score(previous, site, figures)
+            else:
+                task.state, task.exit_code = "failed", EXIT_BAD_DATA
+                task.reason = (f"score refused: {str(refused)[:REASON_KEPT]}" if refused else
+                               f"its training answer has no evaluation of round {previous.round}'s model")
+        else:
+            task.state = "running"
+        self.tell_failure(previous, site, before)
+
+    def tell_scored(self, record: RoundStatus) -> None:
+        """The carried figures reach the status (and its headline, without central evaluation), and people."""
+        federated = record.federated
+        if federated is None:
+            self.event(Reason.ROUND_EVALUATED, f"round {record.round}: no site's evaluation was accepted",
+                       warning=True)
+            return
+        self.apply_federated(record)
+        self.event(Reason.ROUND_EVALUATED, f"round {record.round}: federated accuracy {federated.accuracy:.4f} "
+                                           f"over {federated.sites} sites (worst {federated.worst_site} "
+                                           f"{federated.worst_accuracy:.4f})")
+
+    def apply_federated(self, record: RoundStatus) -> None:
+        """A round's federated figures become the status's (the headline too when nothing is scored centrally)."""
+        status, federated = self.status, record.federated
+        if federated is None:
+            return
+        status.federated = federated.model_copy()
+        status.federated_accuracy = significant(federated.accuracy)
+        if not self.spec.evaluation.central:
+            self.headline(record.round, federated.accuracy)
+
+    def headline(self, round_number: int, accuracy: float) -> None:
+        status = self.status
+        status.accuracy = significant(accuracy)
+        if status.best_accuracy is None or accuracy > status.best_accuracy:
+            status.best_accuracy, status.best_round = significant(accuracy), round_number
 
     def name_outliers(self, round_number: int, combined: FederatedScore, scores: dict[str, SiteScore]) -> None:
         """A Warning Event for the sites whose accuracy is far from the median site's (see `federated.outliers`)."""
@@ -584,20 +691,16 @@ class _Step:
         current.secure = None  # its rosters served the round; its counts say who took part
         compact_history(status.rounds)
         federated = current.federated
-        if federated is not None:
-            status.federated = federated.model_copy()
-            status.federated_accuracy = significant(federated.accuracy)
-        headline = current.accuracy if self.spec.evaluation.central else (federated.accuracy if federated else None)
-        if headline is not None:
-            status.accuracy = significant(headline)
-            if status.best_accuracy is None or headline > status.best_accuracy:
-                status.best_accuracy, status.best_round = significant(headline), current.round
-        elif self.spec.evaluation.central:
-            status.accuracy = None
+        self.apply_federated(current)
+        if self.spec.evaluation.central:
+            if current.accuracy is not None:
+                self.headline(current.round, current.accuracy)
+            else:
+                status.accuracy = None
         shown = f"{current.accuracy:.4f}" if current.accuracy is not None else "n/a"
         counts = current.counts
         assert counts is not None
-        sites = ""
+        sites = ", federated evaluation travels with the next round's training" if current.carried else ""
         if federated is not None:
             sites = (f", federated accuracy {federated.accuracy:.4f} over {federated.sites} sites (worst "
                      f"{federated.worst_site} {federated.worst_accuracy:.4f})")
@@ -736,6 +839,14 @@ def running_task_ids(status: TrainingStatus) -> list[str]:
             running.append(task_id("aggregate", current.aggregation.attempt, current.round))
         running += [task_id("evaluate", task.attempt, current.round, site)
                     for site, task in (current.evaluations or {}).items() if task.state == "running"]
+        if current.secure is not None and current.secure.stage != "train":
+            running += [task_id(current.secure.stage, task.attempt, current.round, client)
+                        for client, task in current.secure.tasks.items() if task.state == "running"]
+        previous = status.round(current.round - 1)
+        if previous is not None and previous.carried:  # evaluations of its model in tasks of their own
+            running += [task_id("evaluate", task.attempt, previous.round, site)
+                        for site, task in (previous.evaluations or {}).items()
+                        if task.state == "running" and site not in current.clients]
     if status.finalize is not None and status.finalize.state == "running":
         running.append(task_id("finalize", status.finalize.attempt))
     return running

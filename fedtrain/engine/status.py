@@ -69,6 +69,7 @@ class Reason:
     # Remote sites (clients.list[].site).
     SITE_REFUSED = "SiteRefused"
     SITE_EVALUATION_FAILED = "SiteEvaluationFailed"
+    ROUND_EVALUATED = "RoundEvaluated"  # the sites' scores of a round's model arrived with the next round's tasks
     SITE_SCORE_OUTLIER = "SiteScoreOutlier"  # a site's accuracy far from the others' (spec.evaluation.outlierDistance)
 
 
@@ -195,6 +196,14 @@ class RoundStatus(StatusModel):
     site_scores: dict[str, SiteEvaluation] = {}
     federated: FederatedMetrics | None = None
     secure: SecureRound | None = None  # privacy.secureAggregation's stages (kept while the round runs)
+    # The sites' evaluations of this round's model travel with the next round's training tasks: the round
+    # finishes at its aggregation and its federated figures arrive later (every round but the last).
+    carried: bool = False
+
+    @property
+    def scored(self) -> bool:
+        """Whether every site's evaluation of this round's model has answered, failed or been dropped."""
+        return all(t.state not in ("pending", "running") for t in (self.evaluations or {}).values())
 
     def count(self, state: TaskState) -> int:
         """How many selected clients are in ``state``."""
@@ -261,6 +270,10 @@ class TrainingStatus(StatusModel):
         copied.init = self.init.model_copy() if self.init is not None else None
         copied.finalize = self.finalize.model_copy() if self.finalize is not None else None
         copied.rounds = [record.model_copy() for record in self.rounds]
+        previous = copied.round(self.current_round - 1)
+        if previous is not None and previous.carried and previous.evaluations is not None:
+            previous.evaluations = {name: task.model_copy() for name, task in previous.evaluations.items()}
+            previous.site_scores = dict(previous.site_scores)
         current = copied.round(self.current_round)
         if current is not None:
             current.clients = {name: task.model_copy() for name, task in current.clients.items()}

@@ -71,6 +71,7 @@ class Assignment:
     attempt: int
     started_at: float
     secure: SecureAssignment | None = None
+    evaluate_base: bool = False  # a training that scores the previous round's model first (a carried evaluation)
 
     @property
     def task_id(self) -> str:
@@ -95,15 +96,30 @@ def assignments(spec: FederatedTrainingSpec, status: TrainingStatus) -> dict[str
                                            secure.started_at or _started(current),
                                            _secure(client, secure.stage, current))
     elif current.aggregation is None:
+        carried = _carried(status, current)
         for client, task in current.clients.items():
             if client in sites and task.state == "running":
                 found[client] = Assignment(client, "train", current.round, task.attempt, _started(current),
-                                           _secure(client, "train", current) if secure is not None else None)
-    for site, task in (current.evaluations or {}).items():
-        if task.state == "running":
-            found[site] = Assignment(site, "evaluate", current.round, task.attempt,
-                                     current.evaluation_started_at or _started(current))
+                                           _secure(client, "train", current) if secure is not None else None,
+                                           evaluate_base=client in carried)
+    previous = status.round(current.round - 1)
+    apart = {s: t for s, t in (previous.evaluations or {}).items() if s not in current.clients} \
+        if previous is not None and previous.carried else {}  # carried, but the site does not train now
+    for record, evaluations in ((previous, apart), (current, current.evaluations or {})):
+        for site, task in evaluations.items():
+            if task.state == "running" and record is not None:
+                found[site] = Assignment(site, "evaluate", record.round, task.attempt,
+                                         record.evaluation_started_at or _started(record))
     return found
+
+
+def _carried(status: TrainingStatus, current: RoundStatus) -> set[str]:
+    """Sites whose evaluation of the previous round's model travels with their training task of this round."""
+    previous = status.round(current.round - 1)
+    if previous is None or not previous.carried:
+        return set()
+    return {site for site, task in (previous.evaluations or {}).items()
+            if task.state in ("pending", "running") and site in current.clients}
 
 
 def _started(record: RoundStatus) -> float:
@@ -220,11 +236,29 @@ class SiteRelay:
         what = f"{where}: output"
         if wanted.kind == "evaluate":
             return evaluation_output(output, bound, what).model_dump()
-        if wanted.kind == "train" and wanted.secure is None:
-            return train_output(output, bound, what).model_dump()
         if wanted.kind == "train":
-            return secure_train_output(output, what).model_dump()
+            return self._training_output(wanted, output, what)
         return stage_output(output, what).model_dump()
+
+    def _training_output(self, wanted: Assignment, output: dict[str, object], what: str) -> dict[str, object]:
+        """A training answer checked, its carried evaluation apart: bad figures lose the score, never the update.
+
+        A refused evaluation comes back as ``evaluation_refused`` (the engine fails that evaluation
+        with it); a training asked for none carries none.
+        """
+        figures = output.get("evaluation")
+        rest = {k: v for k, v in output.items() if k != "evaluation"}
+        checked = (train_output(rest, self.spec.clients.max_examples_of(wanted.site), what) if wanted.secure is None
+                   else secure_train_output(rest, what)).model_dump(exclude_none=True)
+        if wanted.evaluate_base and figures is not None:
+            try:
+                if not isinstance(figures, dict):
+                    raise BadDataError(f"{what}.evaluation: expected an object, got {type(figures).__name__}")
+                bound = self.spec.clients.max_examples_of(wanted.site)
+                checked["evaluation"] = evaluation_output(figures, bound, f"{what}.evaluation").model_dump()
+            except BadDataError as error:
+                checked["evaluation_refused"] = str(error)[:REASON_KEPT]
+        return checked
 
     def _posted_id(self, site: str) -> str | None:
         data = self.posted.get(site)
@@ -271,7 +305,8 @@ class SiteRelay:
         record lost to a crash between the status and this write is written now.
         """
         for record in status.rounds:
-            if record.finished_at is None or record.evaluations is None or record.round in self.recorded:
+            if (record.finished_at is None or record.evaluations is None or not record.scored
+                    or record.round in self.recorded):
                 continue
             key = self.layout.federated_scores(record.round)
             if not self.store.exists(key):
@@ -300,7 +335,7 @@ class SiteRelay:
             architecture=self.spec.model.architecture, global_key=key, global_sha256=self.checksum(model_round),
             deadline=wanted.started_at + self.spec.round_deadline_seconds, seed=self.spec.seed, train=train,
             privacy=privacy_settings(self.spec), roi_crop=self.spec.dataset.roi_crop, attempt=wanted.attempt,
-            secure=secure)
+            secure=secure, evaluate_base=wanted.evaluate_base)
 
     def checksum(self, round_number: int) -> str:
         """The sha256 the aggregator recorded for a round's global model (read once per round)."""

@@ -37,6 +37,9 @@ def answer(task: Task, now: float) -> Observation:
         return Observation("succeeded", 0, {"accepted": ["hq", "munich", "hamburg"], "rejected": {}})
     if task.kind == "finalize":
         return Observation("succeeded", 0, {"model_uri": "models:/signs/1"})
+    if task.kind == "train" and task.client in SITE_SCORES and task.round > 1:  # scores the model it trains from
+        examples, accuracy, loss = SITE_SCORES[task.client or ""]
+        return Observation("succeeded", 0, {"evaluation": {"examples": examples, "accuracy": accuracy, "loss": loss}})
     return Observation("succeeded", 0)
 
 
@@ -44,8 +47,11 @@ def test_sites_evaluate_every_round_and_the_status_shows_the_federation() -> Non
     sim = Simulation(sites_spec(), answer)
     status = sim.run()
     assert status.phase == "Succeeded", status.message
-    assert [i for i in sim.launched if i.startswith("e")] == ["e0001-hamburg-a1", "e0001-munich-a1",
-                                                               "e0002-hamburg-a1", "e0002-munich-a1"]
+    # Round 1's model is scored by the sites' training tasks of round 2; only the last round has its own stage.
+    assert [i for i in sim.launched if i.startswith("e")] == ["e0002-hamburg-a1", "e0002-munich-a1"]
+    first = status.round(1)
+    assert first is not None and first.carried and first.federated is not None
+    assert first.federated.accuracy == pytest.approx(0.5) and set(first.site_scores) == {"hamburg", "munich"}
     record = status.round(2)
     assert record is not None and record.federated is not None
     # (10 * 0.8 + 30 * 0.4) / 40: weighted by examples, not a plain mean of sites (0.6)
@@ -56,6 +62,51 @@ def test_sites_evaluate_every_round_and_the_status_shows_the_federation() -> Non
     assert status.federated_accuracy == 0.5 and status.accuracy == 0.5  # no central test set: federated
     assert status.best_round == 1  # equal accuracy later does not move the best round
     assert any("federated accuracy 0.5000 over 2 sites (worst hamburg" in e for e in sim.events)
+    assert any(e.startswith("RoundEvaluated: round 1: federated accuracy 0.5000") for e in sim.events)
+
+
+def test_a_carried_evaluation_arrives_before_the_next_aggregation_and_in_the_round_that_made_the_model() -> None:
+    sim = Simulation(sites_spec(rounds=3), answer)
+    for _ in range(200):
+        sim.tick()
+        if "r0002-aggregate-a1" in sim.launched:
+            break
+    first = sim.status.round(1)
+    assert first is not None and first.scored and first.federated is not None, "scored before round 2 aggregates"
+    assert sim.status.round(2).federated is None  # type: ignore[union-attr]
+    assert sim.status.federated_accuracy == 0.5 and sim.status.best_round == 1
+
+
+def test_a_site_that_does_not_train_in_the_next_round_evaluates_in_a_task_of_its_own() -> None:
+    the_spec = sites_spec(rounds=3, clients={"list": [{"name": "hq"}, {"name": "munich", "site": {}},
+                                                      {"name": "hamburg", "site": {}}], "perRound": 2})
+    sim = Simulation(the_spec, answer)
+    status = sim.run(200)
+    assert status.phase == "Succeeded", status.message
+    for record in status.rounds[:-1]:
+        following = status.round(record.round + 1)
+        assert following is not None
+        apart = {s for s in ("munich", "hamburg") if s not in following.selected}
+        launched = {i.split("-")[1] for i in sim.launched if i.startswith(f"e{record.round:04d}-")}
+        assert launched == apart, (record.round, following.selected)
+        assert record.federated is not None and record.federated.sites == 2
+
+
+def test_a_failed_training_fails_the_evaluation_it_carried() -> None:
+    def failing(task: Task, now: float) -> Observation:
+        if task.kind == "train" and task.client == "hamburg" and task.round == 2:
+            return Observation("failed", 3, None, "its data went away")
+        return answer(task, now)
+
+    the_spec = sites_spec(clients={"list": [{"name": "hq"}, {"name": "munich", "site": {}},
+                                            {"name": "hamburg", "site": {}}], "minSuccessful": 2})
+    sim = Simulation(the_spec, failing)
+    status = sim.run()
+    first = status.round(1)
+    assert status.phase == "Succeeded" and first is not None and first.evaluations is not None
+    assert first.evaluations["hamburg"].state == "failed"
+    assert "its training task, which carried the evaluation, failed" in (first.evaluations["hamburg"].reason or "")
+    assert first.federated is not None and first.federated.sites == 1
 
 
 def test_central_accuracy_stays_the_headline_when_both_are_measured() -> None:

@@ -74,22 +74,31 @@ def largest_claim(store: DirectoryStore, task: SiteTask) -> bytes:
     return answer(task, {"num_examples": DEFAULT_MAX_EXAMPLES, "metrics": {}, "sha256": digest})
 
 
+def with_figures(make: Callable[[DirectoryStore, SiteTask], bytes], figures: dict[str, Any]
+                 ) -> Callable[[DirectoryStore, SiteTask], bytes]:
+    """A training answer that also carries (lying) figures of the model it trained from."""
+    def lie(store: DirectoryStore, task: SiteTask) -> bytes:
+        document = json.loads(make(store, task))
+        document["output"]["evaluation"] = figures
+        return json.dumps(document).encode()
+    return lie
+
+
+# Rounds 1 to 3's models are scored by the next round's training answers (each lie there fails the training,
+# and with it the score it carried, or only the score); round 4's, the last, by an evaluation task of its own.
 LIES: dict[str, Callable[[DirectoryStore, SiteTask], bytes]] = {
     "r0001": claimed_update,
     "r0002": lambda store, task: answer(task, [1, 2, 3]),
-    "r0003": lambda store, task: answer(task, {"num_examples": "5", "metrics": {}, "sha256": "a" * 64}),
-    "e0001": lambda store, task: answer(task, {"examples": 10**18, "accuracy": 7.0, "loss": 0.0}),
-    "e0002": lambda store, task: answer(task, {"examples": 40, "accuracy": float("nan"), "loss": 0.1}),
-    "e0003": lambda store, task: b" " * (50 * RESULT_LIMIT) + answer(task, {"examples": 40, "accuracy": 1.0,
-                                                                           "loss": 0.0}),
-    "r0004": largest_claim,
-    "e0004": lambda store, task: answer(task, {"examples": 40, "accuracy": -0.5, "loss": 0.1}),
+    "r0003": lambda store, task: b" " * (50 * RESULT_LIMIT) + answer(task, {"num_examples": 5, "metrics": {},
+                                                                           "sha256": "a" * 64}),
+    "r0004": with_figures(largest_claim, {"examples": 40, "accuracy": float("nan"), "loss": 0.1}),
+    "e0004": lambda store, task: answer(task, {"examples": 10**18, "accuracy": 7.0, "loss": 0.0}),
 }
 REASONS = {
-    "r0002": "output: Input should be an object", "r0003": "num_examples: Input should be a valid integer",
-    "e0001": "accuracy: Input should be less than or equal to 1", "e0002": "accuracy: Input should be a finite number",
-    "e0003": "bytes allowed for it; refused without reading it",
-    "e0004": "accuracy: Input should be greater than or equal to 0",
+    "r0002": "output: Input should be an object", "r0003": "bytes allowed for it; refused without reading it",
+    "e0001": "output: Input should be an object", "e0002": "bytes allowed for it; refused without reading it",
+    "e0003": "accuracy: Input should be a finite number",
+    "e0004": "accuracy: Input should be less than or equal to 1",
 }
 
 
@@ -102,9 +111,10 @@ def play_evil(store: DirectoryStore, stop: threading.Event, answered: list[str])
             continue
         if task is None or task.id in answered:
             continue
-        if task.kind == "evaluate":
-            figures = {"examples": 10**18, "accuracy": 7.0, "loss": 0.0, "round": task.round, "split": "test"}
-            store.write_bytes(LAYOUT.site_evaluation(EVIL, task.round), json.dumps(figures).encode())
+        scored = task.round if task.kind == "evaluate" else task.round - 1 if task.evaluate_base else None
+        if scored is not None:
+            figures = {"examples": 10**18, "accuracy": 7.0, "loss": 0.0, "round": scored, "split": "test"}
+            store.write_bytes(LAYOUT.site_evaluation(EVIL, scored), json.dumps(figures).encode())
         store.write_bytes(LAYOUT.site_result(EVIL, task.id), LIES[task.id[:5]](store, task))
         answered.append(task.id)
 
@@ -143,6 +153,7 @@ def test_the_training_succeeds_and_every_lie_is_refused_with_its_reason(
     for number in (1, 2, 3, 4):
         evaluation = rounds[number]["evaluations"][EVIL]
         assert evaluation["state"] == "failed" and REASONS[f"e{number:04d}"] in evaluation["reason"], evaluation
+        assert rounds[number].get("carried", False) == (number < 4)
         assert "federated" not in rounds[number] and rounds[number].get("siteScores", {}) == {}
         assert rounds[number]["clients"]["a"]["state"] == rounds[number]["clients"]["b"]["state"] == "succeeded"
     assert 0 <= status["bestAccuracy"] <= 1 and "federatedAccuracy" not in status

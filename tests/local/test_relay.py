@@ -28,8 +28,8 @@ from fedtrain.spec import FederatedTrainingSpec, parse_spec
 from fedtrain.worker.weights import save_weights
 
 
-def spec(**clients: object) -> FederatedTrainingSpec:
-    return parse_spec({"rounds": 2, "seed": 4, "roundDeadlineSeconds": 60,
+def spec(rounds: int = 2, **clients: object) -> FederatedTrainingSpec:
+    return parse_spec({"rounds": rounds, "seed": 4, "roundDeadlineSeconds": 60,
                        "clients": {"list": [{"name": "hq"}, {"name": "munich", "site": {},
                                                                "training": {"localEpochs": 3}}], **clients},
                        "strategy": {"name": "fedprox", "parameters": {"mu": 0.1}},
@@ -211,7 +211,11 @@ def test_an_oversized_answer_is_refused_without_being_read(store: DirectoryStore
 
 
 def evaluating(the_spec: FederatedTrainingSpec, store: DirectoryStore) -> TrainingStatus:
-    """The status once round 1 was aggregated and munich is asked to score its model."""
+    """The status once round 1 (the last) was aggregated and munich is asked to score its model in a task of its own.
+
+    Earlier rounds' models are scored by the next round's training tasks (`test_a_training_task_carries_...`).
+    """
+    assert the_spec.rounds == 1
     save_weights(store, Layout().global_weights(1), {"w": np.ones(3, np.float32)}, {"round": 1})
     status = round_one(the_spec)
     trained = {"r0001-hq-a1": Observation("succeeded", 0), "r0001-munich-a1": Observation("succeeded", 0)}
@@ -242,7 +246,7 @@ HOSTILE_SCORES = [
 @pytest.mark.parametrize(("output", "said"), HOSTILE_SCORES)
 def test_a_hostile_score_is_refused_and_the_round_completes_without_it(store: DirectoryStore, output: object,
                                                                         said: str) -> None:
-    the_spec = spec()
+    the_spec = spec(rounds=1)
     relay = SiteRelay(store, the_spec, "team-signs/signs")
     status = evaluating(the_spec, store)
     relay.publish(status)
@@ -261,7 +265,7 @@ def test_a_hostile_score_is_refused_and_the_round_completes_without_it(store: Di
 
 
 def test_the_accepted_scores_are_recorded_once_for_finalize(store: DirectoryStore) -> None:
-    the_spec = spec()
+    the_spec = spec(rounds=1)
     relay = SiteRelay(store, the_spec, "team-signs/signs")
     status = evaluating(the_spec, store)
     relay.publish(status)
@@ -279,3 +283,56 @@ def test_the_accepted_scores_are_recorded_once_for_finalize(store: DirectoryStor
     assert store.read_bytes(key) == b"changed"  # written once by this process
     SiteRelay(store, the_spec, "team-signs/signs").publish(done)
     assert store.read_bytes(key) == b"changed"  # a new process writes only what is missing
+
+
+def carrying(the_spec: FederatedTrainingSpec, store: DirectoryStore) -> tuple[TrainingStatus, dict[str, Observation]]:
+    """The status once round 1 was aggregated: its evaluation travels with round 2's training tasks."""
+    save_weights(store, Layout().global_weights(1), {"w": np.ones(3, np.float32)}, {"round": 1})
+    trained = {"r0001-hq-a1": Observation("succeeded", 0), "r0001-munich-a1": Observation("succeeded", 0)}
+    status = decide(the_spec, round_one(the_spec), trained, 102.0).status
+    aggregated = {**trained, "r0001-aggregate-a1": Observation("succeeded", 0, {"accepted": ["hq", "munich"]})}
+    status = decide(the_spec, status, aggregated, 103.0).status
+    return status, aggregated
+
+
+TRAINED = {"num_examples": 5, "metrics": {"train_loss": 0.5}, "sha256": "a" * 64}
+
+
+def test_a_training_task_carries_the_evaluation_of_the_model_it_trains_from(store: DirectoryStore) -> None:
+    the_spec = spec()
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    status, seen = carrying(the_spec, store)
+    first = status.round(1)
+    assert first is not None and first.carried and first.finished_at is not None and status.current_round == 2
+    relay.publish(status)
+    task = parse_posting(store.read_bytes("sites/munich/task.json")).task
+    assert task is not None and (task.kind, task.round, task.evaluate_base) == ("train", 2, True)
+    assert task.global_key == Layout().global_weights(1)  # the model it scores is the one it trains from
+    store.write_bytes(Layout().site_result("munich", "r0002-munich-a1"),
+                      answer_bytes("r0002-munich-a1", {**TRAINED, "evaluation": SCORE}))
+    answers = relay.observe(status)
+    assert answers["r0002-munich-a1"] == Observation("succeeded", 0, {**TRAINED, "evaluation": SCORE})
+    done = decide(the_spec, status, {**seen, **answers, "r0002-hq-a1": Observation("succeeded", 0)}, 104.0).status
+    first = done.round(1)
+    assert first is not None and first.scored and first.site_scores["munich"].accuracy == 0.5
+    relay.publish(done)
+    assert parse_scores_record(store.read_bytes(Layout().federated_scores(1))).sites["munich"].accuracy == 0.5
+
+
+@pytest.mark.parametrize(("output", "said"), HOSTILE_SCORES[:3])
+def test_a_hostile_carried_score_loses_the_score_never_the_update(store: DirectoryStore, output: object,
+                                                                   said: str) -> None:
+    the_spec = spec()
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    status, seen = carrying(the_spec, store)
+    relay.publish(status)
+    store.write_bytes(Layout().site_result("munich", "r0002-munich-a1"),
+                      answer_bytes("r0002-munich-a1", {**TRAINED, "evaluation": output}))
+    answer = relay.observe(status)["r0002-munich-a1"]
+    assert answer.state == "succeeded" and said in str((answer.output or {})["evaluation_refused"])
+    done = decide(the_spec, status, {**seen, "r0002-munich-a1": answer, "r0002-hq-a1": Observation("succeeded", 0)},
+                  104.0).status
+    first, second = done.round(1), done.round(2)
+    assert first is not None and first.evaluations is not None and first.evaluations["munich"].state == "failed"
+    assert said in (first.evaluations["munich"].reason or "") and first.federated is None
+    assert second is not None and second.clients["munich"].state == "succeeded"

@@ -111,7 +111,7 @@ def test_the_site_trains_on_its_own_data_and_answers(trained: tuple[Path, dict[s
     result = parse_result((workdir / LAYOUT.site_result(SITE, "r0001-munich-a1")).read_bytes())
     assert result.state == "succeeded" and result.site == SITE and result.output == output
     assert output == {"num_examples": update["num_examples"], "metrics": update["metrics"], "sha256": update["sha256"]}
-    assert train_output(output, update["num_examples"]).model_dump() == output  # what the coordinator accepts
+    assert train_output(output, update["num_examples"]).model_dump(exclude_none=True) == output  # as accepted
 
 
 def test_a_task_answered_already_is_not_run_again(trained: tuple[Path, dict[str, int], dict[str, int], Any],
@@ -160,6 +160,23 @@ def test_the_site_scores_the_global_model_on_its_test_split_and_held_out_tracks(
     trained_update = json.loads((workdir / sidecar_of(LAYOUT.client_update(1, SITE))).read_text())
     assert held["examples"] == trained_update["metrics"]["val_examples"]  # the tracks training held out
     assert json.loads((workdir / LAYOUT.site_evaluation(SITE, 1)).read_text())["split"] == "validation"
+
+
+def test_a_training_task_scores_the_model_it_trains_from_first(
+        trained: tuple[Path, dict[str, int], dict[str, int], Any], synth_tree: Path) -> None:
+    workdir = trained[0]
+    if not (workdir / "round-0001/result.json").exists():
+        assert worker("aggregate", "--workdir", workdir, "--round", 1, "--sites", SITE, "--device", "cpu")[0] == 0
+    central = json.loads((workdir / "round-0001/result.json").read_text())
+    task = replace(posted(workdir, "train", 2), evaluate_base=True)
+    code, output = site_task(workdir, task, synth_tree)
+    assert code == EXIT_OK
+    scored = output["evaluation"]
+    assert scored["accuracy"] == pytest.approx(central["accuracy"]) and scored["loss"] == pytest.approx(central["loss"])
+    figures = parse_evaluation((workdir / LAYOUT.site_evaluation(SITE, 1)).read_bytes(), scored["examples"])
+    assert figures.accuracy == pytest.approx(scored["accuracy"])  # the figures of round 1's model, written as such
+    assert train_output(output, output["num_examples"]).model_dump(exclude_none=True) == output
+    assert (workdir / LAYOUT.client_update(2, SITE, 1)).exists()  # and the training went on
 
 
 def test_a_task_or_model_that_is_not_what_the_coordinator_posted_is_refused(
