@@ -28,7 +28,16 @@ from typing import Any
 
 from fedtrain.contract.errors import EXIT_BAD_INPUT, BadDataError, BadInputError, TemporaryStorageError
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result, parse_task
+from fedtrain.contract.sitetask import (
+    POSTING_LIMIT,
+    Posting,
+    SiteResult,
+    SiteTask,
+    encode,
+    parse_posting,
+    parse_result,
+    parse_task,
+)
 from fedtrain.contract.storage import Store, open_store
 from fedtrain.operator.jobs import (
     LABEL_MANAGED_BY,
@@ -50,6 +59,7 @@ from fedtrain.operator.site_secrets import SiteSecrets, site_secret_file, site_s
 from fedtrain.operator.status import merge_patch
 from fedtrain.operator.storeaccess import secret_environment
 from fedtrain.sites import agent
+from fedtrain.sites.pace import Pace
 from fedtrain.sites.participation import (
     PARTICIPATION_KIND,
     PARTICIPATION_PLURAL,
@@ -203,6 +213,10 @@ class SiteController:
         self.clock = clock
         self.known_jobs: Callable[[str, str], list[dict[str, Any]]] | None = None
         self._stores: dict[str, tuple[Any, Store]] = {}  # by participation uid: (what it was opened with, store)
+        # By participation uid: when to look next (`Pace`), and the posting last read with its tag.
+        self._paces: dict[str, Pace] = {}
+        self._postings: dict[str, tuple[str | None, Posting | None]] = {}
+        self._answers: dict[str, set[str]] = {}  # by participation uid: tasks whose answer is in the store
         self.secrets = SiteSecrets(kube)
 
     def follow(self, known_jobs: Callable[[str, str], list[dict[str, Any]]]) -> None:
@@ -212,6 +226,9 @@ class SiteController:
     def forget(self, uid: str) -> None:
         """The participation's loop ended."""
         self._stores.pop(uid, None)
+        self._paces.pop(uid, None)
+        self._postings.pop(uid, None)
+        self._answers.pop(uid, None)
         self.secrets.forget(uid)
 
     async def reconcile(self, namespace: str, name: str) -> SiteOutcome:
@@ -250,11 +267,16 @@ class SiteController:
         layout = Layout()
         jobs = await self._jobs(meta["namespace"], meta["name"], meta["uid"])
         ended = await self._settle(jobs, spec, store, layout)
-        posting = agent.vanished(await asyncio.to_thread(self._posting, store, layout, spec.site), status)
-        answered = posting is not None and posting.task is not None and await asyncio.to_thread(
-            store.exists, layout.site_result(spec.site, posting.task.id))
-        action = agent.plan(posting, spec.site, spec.policy, self.clock(), answered, running_task(jobs),
-                            spec.suspend)
+        pace = self._paces.setdefault(meta["uid"], Pace(float(spec.poll_seconds)))
+        pace.slowest = float(spec.poll_seconds)
+        if ended:
+            pace.moved()  # an answer was just written: the next task is coming
+        posting = agent.vanished(await asyncio.to_thread(self._posting, store, layout, spec.site, meta["uid"], pace),
+                                 status)
+        running = running_task(jobs)
+        answered = posting is not None and posting.task is not None and await self._answered(
+            store, layout, spec.site, posting.task.id, running, meta["uid"])
+        action = agent.plan(posting, spec.site, spec.policy, self.clock(), answered, running, spec.suspend)
         if isinstance(action, agent.Cancel) and await asyncio.to_thread(
                 store.exists, layout.site_result(spec.site, action.task_id)):
             action = agent.Wait(action.task_id)  # answered: the Job is ending on its own; keep it and its logs
@@ -267,7 +289,9 @@ class SiteController:
         await self._write_status(resource, new)
         await self._mark_counted(jobs)
         over = isinstance(action, agent.Idle) and action.finished
-        return SiteOutcome(active=not over, delay=float(spec.poll_seconds), phase=new.phase)
+        if not isinstance(action, agent.Wait | agent.Idle):
+            pace.moved()  # it started, refused or cancelled a task
+        return SiteOutcome(active=not over, delay=pace.next_wait(), phase=new.phase)
 
     async def _store(self, resource: dict[str, Any], spec: ParticipationSpec) -> Store:
         """The training's store with the site's credentials; opened again when the spec or the Secret changed."""
@@ -282,13 +306,26 @@ class SiteController:
         self._stores[resource["metadata"]["uid"]] = ((spec, version), store)
         return store
 
-    @staticmethod
-    def _posting(store: Store, layout: Layout, site: str) -> Posting | None:
-        """The site's ``task.json``, or None while the coordinator has posted nothing."""
+    async def _answered(self, store: Store, layout: Layout, site: str, task_id: str, running: str | None,
+                        uid: str) -> bool:
+        """Whether a task's answer is in the store: not asked while its Job runs, remembered once it is."""
+        known = self._answers.setdefault(uid, set())
+        if task_id not in known and running != task_id and await asyncio.to_thread(
+                store.exists, layout.site_result(site, task_id)):
+            known.add(task_id)
+        return task_id in known
+
+    def _posting(self, store: Store, layout: Layout, site: str, uid: str, pace: Pace) -> Posting | None:
+        """The site's ``task.json``, or None while the coordinator has posted nothing: read again only if it changed."""
         key = layout.site_task(site)
-        if not store.exists(key):
-            return None
-        return parse_posting(store.read_bytes(key), store.describe(key))
+        seen = self._postings.get(uid)
+        version = store.read_if_changed(key, POSTING_LIMIT, seen[0] if seen else None)
+        if seen is not None and not version.changed:
+            return seen[1]
+        pace.moved()
+        posting = parse_posting(version.data, store.describe(key)) if version.data is not None else None
+        self._postings[uid] = (version.tag, posting)
+        return posting
 
     async def _jobs(self, namespace: str, name: str, uid: str) -> list[dict[str, Any]]:
         """The participation's Jobs: from the watch when followed, else listed by label."""

@@ -48,6 +48,8 @@ TASK_LETTERS: dict[str, str] = {"train": "r", "evaluate": "e", "keys": "k", "sha
 ResultState = Literal["succeeded", "failed"]
 
 # Size limits, in bytes, of what a site writes and the coordinator's side reads; larger is refused unread.
+# sites/<site>/task.json, which the coordinator writes: a task, and in a secure round the messages it relays
+POSTING_LIMIT = 8 * 1024 * 1024
 RESULT_LIMIT = 64 * 1024  # sites/<site>/results/<task id>.json: a state, a reason, a few figures
 EVALUATION_LIMIT = 256 * 1024  # sites/<site>/round-N/evaluation.json: per-class counts for up to 1000 classes
 SIDECAR_LIMIT = 1024 * 1024  # any weights file's .json sidecar (a site's update's included)

@@ -21,11 +21,20 @@ from typing import IO, Any
 
 from fedtrain.contract.errors import EXIT_BAD_DATA, BadDataError, BadInputError
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.sitetask import Posting, SiteResult, SiteTask, encode, parse_posting, parse_result
+from fedtrain.contract.sitetask import (
+    POSTING_LIMIT,
+    Posting,
+    SiteResult,
+    SiteTask,
+    encode,
+    parse_posting,
+    parse_result,
+)
 from fedtrain.contract.storage import S3_ENV, Store, open_store
 from fedtrain.engine.status import Observation
 from fedtrain.local.executor import LocalExecutor
 from fedtrain.sites import agent
+from fedtrain.sites.pace import Pace
 from fedtrain.sites.participation import FederatedParticipation, ParticipationStatus, training_location
 from fedtrain.worker.data.decoded import CACHE_ENV
 
@@ -99,6 +108,9 @@ class SiteLoop:
         self.status = load_site_status(workdir)
         self.started: LocalExecutor | None = None
         self.running: SiteTask | None = None
+        self.pace = Pace(float(self.spec.poll_seconds))
+        self.posting_seen: tuple[str | None, Posting | None] | None = None  # the posting's tag, and what it said
+        self.answered: set[str] = set()  # tasks whose answer is in the store (asked once, or written here)
 
     @property
     def executor(self) -> LocalExecutor:
@@ -118,7 +130,7 @@ class SiteLoop:
         posting = self._posting()
         ended = self._reap()
         task = posting.task if posting is not None else None
-        answered = task is not None and self.store.exists(self.layout.site_result(self.site, task.id))
+        answered = task is not None and self._answered(task.id)
         action = agent.plan(posting, self.site, self.spec.policy, self.clock(), answered,
                             self.running.id if self.running else None, self.spec.suspend)
         self._act(action)
@@ -143,26 +155,41 @@ class SiteLoop:
         return 0
 
     def _pause(self) -> None:
-        """Wait ``pollSeconds``, or less when the running task ends first."""
+        """Wait until the running task ends (at most ``pollSeconds``), or as `Pace` says while none runs."""
         if self.running is not None:
             self.executor.wait(self.spec.poll_seconds)
         else:
-            time.sleep(self.spec.poll_seconds)
+            time.sleep(self.pace.next_wait())
+
+    def _answered(self, task_id: str) -> bool:
+        """Whether the task's answer is in the store: asked once per task, remembered once it is."""
+        if task_id not in self.answered and (self.running is None or self.running.id != task_id) \
+                and self.store.exists(self.layout.site_result(self.site, task_id)):
+            self.answered.add(task_id)
+        return task_id in self.answered
 
     def _posting(self) -> Posting | None:
         """The posted task, None when nothing is posted; a corrupt one is answered as bad data.
 
-        A posting that is gone after the site had read one is the training's end (`agent.vanished`).
+        Read only when it changed (one conditional request otherwise). A posting that is gone after
+        the site had read one is the training's end (`agent.vanished`).
         """
         key = self.layout.site_task(self.site)
-        if not self.store.exists(key):
+        seen = self.posting_seen
+        version = self.store.read_if_changed(key, POSTING_LIMIT, seen[0] if seen else None)
+        if seen is not None and not version.changed:
+            return seen[1] if not version.missing else agent.vanished(None, self.status)
+        self.pace.moved()
+        if version.data is None:
+            self.posting_seen = (None, None)
             return agent.vanished(None, self.status)
-        data = self.store.read_bytes(key)
         try:
-            return parse_posting(data, f"{self.site}'s task.json")
+            posting = parse_posting(version.data, f"{self.site}'s task.json")
         except BadDataError as error:
-            self._refuse_corrupt(data, str(error))
-            return None
+            self._refuse_corrupt(version.data, str(error))
+            posting = None
+        self.posting_seen = (version.tag, posting)
+        return posting
 
     def _refuse_corrupt(self, data: bytes, reason: str) -> None:
         """Answer a task that failed its checksum (once), so the coordinator sees why instead of silence."""
@@ -187,6 +214,8 @@ class SiteLoop:
             return None
         task, self.running = self.running, None
         result = self._answer(task, observation)
+        self.answered.add(task.id)
+        self.pace.moved()  # the next task comes once the coordinator has the answers it waits for
         self._say(_ended_line(self.site, task, result))
         return task, result
 
@@ -210,6 +239,8 @@ class SiteLoop:
         elif isinstance(action, agent.Refuse):
             result = agent.refusal_result(action.task, self.site, action.reason)
             self.store.write_bytes(self.layout.site_result(self.site, action.task.id), encode(result))
+            self.answered.add(action.task.id)
+            self.pace.moved()
             self._say(f"site {self.site}: refused task {action.task.id}: {action.reason}")
         elif isinstance(action, agent.Cancel):
             self.executor.cancel(action.task_id)

@@ -183,8 +183,10 @@ class ParticipationSpec(Model):
     """How the site's tasks run."""
     policy: SitePolicy = SitePolicy()
     """What the site accepts."""
-    poll_seconds: Annotated[int, Field(ge=1, le=300)] = 5
-    """Seconds between two looks at the site's task in the store."""
+    poll_seconds: Annotated[int, Field(ge=1, le=300)] = 30
+    """The longest wait between two looks at the site's task in the store: right after a task ended or the posting
+    changed the site looks again within a fraction of a second, then less and less often up to this (one
+    conditional request each)."""
     suspend: bool = False
     """Take no new task (a running one finishes); false resumes."""
 

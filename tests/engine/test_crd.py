@@ -326,7 +326,7 @@ def test_participation_names_columns_and_defaults() -> None:
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Training", "Phase", "Rounds", "Accuracy",
                                                                         "Epsilon", "Age"]
     admitted = admit(crd, participation(), field_validation="Strict")
-    assert admitted["spec"]["pollSeconds"] == 5
+    assert admitted["spec"]["pollSeconds"] == 30
     # no list: every strategy and architecture
     assert admitted["spec"]["policy"] == {"requirePrivacy": False, "requireSecureAggregation": False}
     undescribed = [n for n, p in root_schema(crd)["properties"]["spec"]["properties"].items()

@@ -32,7 +32,7 @@ def problems(data: object) -> list[str]:
 def test_defaults_accept_every_strategy() -> None:
     parsed = parse_participation_spec(spec())
     assert parsed.policy.strategies == STRATEGY_NAMES
-    assert parsed.poll_seconds == 5
+    assert parsed.poll_seconds == 30
     assert parsed.evaluation.split == "test"
 
 

@@ -1,0 +1,41 @@
+"""How often a site reads its posting: soon after something moved, then less and less often while nothing does.
+
+A round posts a site's next task seconds after the site answered its last one (the coordinator
+aggregates, then posts), so a site that has just answered, or whose posting just changed, reads
+again after `FASTEST` seconds, and each read that finds nothing new waits `GROWTH` times longer,
+up to the participation's ``pollSeconds``. Every read is conditional (`Store.read_if_changed`): an
+unchanged posting costs one request without a body. So a site reacts to a new task in well under
+a second during a training and, idle, costs one request every ``pollSeconds`` (the default 30 s:
+about a million requests a year, under half a dollar at AWS S3's GET price). Shared by
+``fedtrain site run`` and the site operator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FASTEST = 0.2  # seconds: the first wait after something moved
+GROWTH = 1.5  # each read that finds nothing new waits this much longer
+
+
+@dataclass
+class Pace:
+    """The wait before the next read, from what the last reads found."""
+
+    slowest: float  # spec.pollSeconds: never longer than this
+    fastest: float = FASTEST
+    growth: float = GROWTH
+    current: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.current = min(self.fastest, self.slowest)
+
+    def moved(self) -> None:
+        """Something happened (a new posting, a task that ended): read again soon."""
+        self.current = min(self.fastest, self.slowest)
+
+    def next_wait(self) -> float:
+        """The wait before the next read; the one after it is longer, up to ``slowest``."""
+        wait = self.current
+        self.current = min(self.slowest, self.current * self.growth)
+        return wait
