@@ -321,7 +321,6 @@ class _Step:
             elif progress is Progress.FAILED and state_before not in ("failed", "dropped"):
                 self.event(Reason.CLIENT_FAILED, f"round {current.round}: {client} failed: {task.reason}",
                            warning=True)
-        carried = self.advance_carried(current)
         failed = [c for c in current.selected if current.clients[c].state == "failed"]
         dropped = sum(1 for c in current.selected if current.clients[c].state == "dropped")  # before training
         waiting = [c for c in current.selected if current.clients[c].state in ("pending", "running")]
@@ -346,7 +345,8 @@ class _Step:
             self.event(Reason.CLIENTS_DROPPED, f"round {current.round}: dropped late clients {some(waiting)}",
                        warning=True)
             waiting = []
-        if waiting or (carried and self.advance_carried(current)):  # the previous model's scores first
+        carried = self.advance_carried(current)  # the previous model's scores, before this round aggregates
+        if waiting or carried:
             return False
         if current.secure is not None:  # the survivors reveal the shares that unmask their sum
             masked = [c for c in current.selected if current.clients[c].state == "succeeded"]
@@ -406,6 +406,7 @@ class _Step:
 
     def open_secure_stage(self, current: RoundStatus, secure: SecureRound, stage: SecureStage,
                           clients: list[str]) -> None:
+        """Give ``clients`` the stage's tasks (new ids past any earlier attempt's) and its own deadline."""
         secure.stage, secure.started_at = stage, self.now
         secure.tasks = {c: ClientTask(attempt=secure.offset + 1) for c in clients}
         self.status.message = (f"round {current.round}/{self.spec.rounds}: {len(clients)} clients "
@@ -542,24 +543,28 @@ class _Step:
                                                       loss=score.loss)
 
     def tell_failure(self, record: RoundStatus, site: str, before: str) -> None:
+        """A Warning Event the first time a site's evaluation fails: it is left out of the figures, not retried."""
         task = (record.evaluations or {})[site]
         if task.state == "failed" and before != "failed":
             self.event(Reason.SITE_EVALUATION_FAILED, f"round {record.round}: {site} did not evaluate: "
                                                       f"{task.reason}", warning=True)
 
-    def open_evaluations(self, record: RoundStatus, started: float) -> bool:
-        """Whether some of ``record``'s evaluations are still out; past the deadline they are dropped."""
+    def open_evaluations(self, record: RoundStatus, started: float, exempt: set[str] | None = None) -> bool:
+        """Whether some of ``record``'s evaluations are still out; past the deadline their tasks are dropped.
+
+        ``exempt``: sites whose evaluation travels with a training task, which settles it (in time or not).
+        """
         evaluations = record.evaluations or {}
         waiting = [s for s, t in sorted(evaluations.items()) if t.state in ("pending", "running")]
-        if waiting and self.now - started > self.spec.round_deadline_seconds:
-            for site in waiting:
-                if not record.carried or site not in self.carried_by_training(record):
-                    self.decision.actions.append(Cancel(task_id("evaluate", evaluations[site].attempt, record.round,
-                                                                site)))
+        late = [s for s in waiting if s not in (exempt or set())]
+        if late and self.now - started > self.spec.round_deadline_seconds:
+            for site in late:
+                self.decision.actions.append(Cancel(task_id("evaluate", evaluations[site].attempt, record.round,
+                                                            site)))
                 evaluations[site].state, evaluations[site].reason = "dropped", "dropped at the round deadline"
             self.event(Reason.CLIENTS_DROPPED, f"round {record.round}: evaluation deadline passed without "
-                                               f"{some(waiting)}", warning=True)
-            return False
+                                               f"{some(late)}", warning=True)
+            waiting = [s for s in waiting if s not in late]
         return bool(waiting)
 
     def score(self, record: RoundStatus) -> None:
@@ -595,7 +600,9 @@ class _Step:
                     self.carried_with(previous, current, site)
                 else:
                     self.evaluate_apart(previous, site)
-        if self.open_evaluations(previous, previous.evaluation_started_at or self.now):
+        # Those carried by a training follow it (its deadline, its retries); the others have this round's time.
+        started = max(previous.evaluation_started_at or 0.0, current.started_at or self.now)
+        if self.open_evaluations(previous, started, training):
             return True
         self.score(previous)
         self.tell_scored(previous)
@@ -646,6 +653,7 @@ class _Step:
             self.headline(record.round, federated.accuracy)
 
     def headline(self, round_number: int, accuracy: float) -> None:
+        """The figure ``kubectl get ft`` shows, and the best round by it."""
         status = self.status
         status.accuracy = significant(accuracy)
         if status.best_accuracy is None or accuracy > status.best_accuracy:

@@ -335,3 +335,36 @@ def test_site_specs_that_cannot_run_name_the_field(change: dict[str, Any], field
 def test_sites_on_kubernetes_need_an_object_store() -> None:
     problems = kubernetes_problems(sites_spec(storage={"persistentVolumeClaim": {"claimName": "fl"}}))
     assert any(p.startswith("spec.storage.s3: remote sites") for p in problems)
+
+
+def test_a_carried_evaluation_waits_through_a_suspension_between_the_rounds() -> None:
+    sim = Simulation(sites_spec(), answer)
+    for _ in range(100):
+        sim.tick()
+        if "r0001-aggregate-a1" in sim.launched:
+            break
+    sim.spec = sites_spec(suspend=True)
+    sim.tick()
+    sim.tick(500)  # held after round 1, far past roundDeadlineSeconds
+    assert sim.status.phase == "Suspended" and sim.status.current_round == 1
+    sim.spec = sites_spec()
+    status = sim.run()
+    first = status.round(1)
+    assert status.phase == "Succeeded" and first is not None and first.evaluations is not None
+    assert {s: t.state for s, t in first.evaluations.items()} == {"hamburg": "succeeded", "munich": "succeeded"}
+
+
+def test_a_carried_evaluation_waits_for_the_secure_stages_before_its_training() -> None:
+    the_spec = sites_spec(clients={"list": [{"name": "hq"}, {"name": "munich", "site": {}},
+                                            {"name": "hamburg", "site": {}}], "minSuccessful": 2},
+                          privacy={"clipNorm": 5.0, "secureAggregation": {"threshold": 2}})
+
+    sim = Simulation(the_spec, answer)
+    for _ in range(400):
+        sim.tick(60)  # each stage within its deadline (100 s), keys and shares together past one after round 1
+        if sim.status.phase in ("Succeeded", "Failed"):
+            break
+    first = sim.status.round(1)
+    assert sim.status.phase == "Succeeded", sim.status.message
+    assert first is not None and first.evaluations is not None
+    assert {s: t.state for s, t in first.evaluations.items()} == {"hamburg": "succeeded", "munich": "succeeded"}
