@@ -92,6 +92,10 @@ SPEC_RULES: list[dict[str, str]] = [
              "self.privacy.secureAggregation.threshold <= self.privacy.secureAggregation.neighbours + 1",
      "message": "privacy.secureAggregation.threshold must be <= neighbours + 1 (a client shares its secrets with "
                 "itself and its neighbours only)"},
+    # Not in IMMUTABLE: privacy has no default to give it ({} would lack clipNorm), so the rule is on the spec.
+    {"rule": "has(self.privacy) == has(oldSelf.privacy) && (!has(self.privacy) || self.privacy == oldSelf.privacy)",
+     "message": "spec.privacy is immutable; create a new training (rounds in flight mask, clip and add noise by "
+                "it, and the privacy budget is counted under it)"},
 ]
 
 PRINTER_COLUMNS = [
