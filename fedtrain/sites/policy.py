@@ -57,8 +57,8 @@ def _epochs(task: SiteTask, policy: SitePolicy) -> str | None:
 def _privacy(task: SiteTask, policy: SitePolicy) -> str | None:
     if not policy.require_privacy:
         return None
-    if task.privacy is None:
-        return "the training has no differential privacy and spec.policy.requirePrivacy is true"
+    if task.privacy is None or task.privacy.noise_multiplier <= 0:  # clipping alone (as under secure aggregation)
+        return "the training has no differential privacy and spec.policy.requirePrivacy is true"  # is no DP
     if policy.max_epsilon is None:
         return None
     spent = total_epsilon(task.privacy, task.total_rounds)

@@ -29,6 +29,8 @@ def test_the_default_policy_accepts_any_task() -> None:
     ({"maxRounds": 4}, {}, "spec.policy.maxRounds (4)", "5 rounds"),
     ({"maxLocalEpochs": 1}, {}, "spec.policy.maxLocalEpochs (1)", "2 local epochs"),
     ({"requirePrivacy": True}, {}, "spec.policy.requirePrivacy", "no differential privacy"),
+    ({"requirePrivacy": True}, {"privacy": private(noise_multiplier=0.0)}, "spec.policy.requirePrivacy",
+     "no differential privacy"),  # clipping without noise, as secure aggregation alone posts it
     ({"requireSecureAggregation": True}, {}, "spec.policy.requireSecureAggregation",
      "the round's update would leave the site in the clear: the training has no secure aggregation"),
 ])
@@ -81,11 +83,11 @@ def test_max_epsilon_bounds_the_budget_after_all_rounds() -> None:
     assert f"{spent:.4g}" in reason
 
 
-def test_no_noise_is_an_unbounded_budget() -> None:
+def test_no_noise_is_no_differential_privacy_whatever_the_budget() -> None:
     task = site_task(privacy=private(noise_multiplier=0.0))
     reason = refusal(task, policy(requirePrivacy=True, maxEpsilon=100.0))
     assert reason is not None
-    assert "inf" in reason
+    assert "no differential privacy" in reason
 
 
 def test_the_first_failing_rule_is_the_reason() -> None:
