@@ -246,9 +246,15 @@ def reveal_shares(messages: Messages, client: str, master: bytes) -> dict[str, A
     """Stage 4: open the shares sent to this client; reveal seeds of survivors, masking keys of the dropped.
 
     A share that fails authentication (forged, or replayed from another round or training) is left
-    out and named: the others' shares may still reach the threshold.
+    out and named: the others' shares may still reach the threshold. Written once per round attempt:
+    a task run again, even with another roster, reveals nothing more (a second reveal under other
+    survivors would hand out the other share of a sender and unmask its update).
     """
     secure = messages.secure
+    if messages.store.exists(messages.key(client, "reveal.json")):
+        earlier = messages.reveal(client)
+        return {"client": client, "reveal": messages.key(client, "reveal.json"),
+                "opened": sorted({*earlier.seeds, *earlier.masking_keys}), "refused": {}, "already_revealed": True}
     keys = ClientKeys.derive(master, secure.context, client)
     members = [c for c in secure.share_set(client) if c in secure.shared]
     opened: dict[str, Share] = {}
@@ -322,10 +328,32 @@ def secure_mean(messages: Messages, current: Weights) -> tuple[SecureMean, dict[
     bounds = plan.error_bound(weight_sum)
     mean = SecureMean(current, {name: values / weight_sum for name, values in summed.items()}, weight_sum,
                       max(bounds.values(), default=0.0))
+    check_sum(mean, secure, current)
     details = {"secure_aggregation": {"survivors": list(secure.survivors), "shared": list(secure.shared),
                                       "reveals": sorted(reveals), "reveals_left_out": skipped,
                                       "weight_sum": weight_sum, "quantisation_error_bound": mean.error_bound}}
     return mean, details
+
+
+def check_sum(mean: SecureMean, secure: SecureRound, current: Weights) -> None:
+    """Refuse a sum no honest round can give: weights over one a client, or a mean past the clip norm.
+
+    Each survivor's weight is at most 1 and its clipped delta's norm at most ``clipNorm``, so the
+    weight sum is at most the number of survivors and the mean's norm at most ``clipNorm`` (up to
+    the quantisation error). A wrapped sum, a mask that did not cancel or a hostile vector lands far
+    outside: the round fails naming it instead of moving the model.
+    """
+    survivors = len(secure.survivors)
+    if mean.weight_sum > survivors * (1 + 1e-6) + 1e-6:
+        raise SecureRoundError(f"round {secure.round}: the unmasked weights sum to {mean.weight_sum:.6g}, more than "
+                               f"the {survivors} survivors can (at most 1 each): a masked vector or a share is wrong")
+    floats = [name for name in current if current[name].dtype.kind == "f"]
+    norm = math.sqrt(sum(float(np.sum(np.square(mean.mean_delta[name]))) for name in floats))
+    slack = mean.error_bound * math.sqrt(sum(mean.mean_delta[name].size for name in floats))
+    if not norm <= secure.clip_norm + slack + 1e-9:
+        raise SecureRoundError(f"round {secure.round}: the unmasked mean update's norm is {norm:.6g}, past the "
+                               f"{secure.clip_norm:g} every client clips to (privacy.clipNorm): a masked vector or a "
+                               "share is wrong")
 
 
 def add_noise(new: Weights, clip_norm: float, survivors: int, noise_multiplier: float,

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
+from fedtrain.contract.errors import SecureRoundError
 from fedtrain.contract.layout import Layout
 from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.cli import main
@@ -160,3 +162,23 @@ def test_a_provided_secret_is_only_read_and_a_missing_one_is_never_made(tmp_path
     given.write_bytes(b"short")
     with pytest.raises(BadInputError, match="32 bytes, this one 5"):
         master_secret(given, create=False)
+
+
+def test_a_sum_no_honest_round_can_give_fails_the_round_naming_it(trained: dict[str, Any], tmp_path: Path) -> None:
+    messages, _ = run_secure_round(tmp_path, trained)
+    key = messages.key("client-01", "masked.safetensors")
+    vector = load_safetensors(messages.store.read_bytes(key))["masked"]
+    noise = np.random.default_rng(0).integers(0, 2**32, vector.size, dtype=np.uint64).astype(np.uint32)
+    messages.store.write_bytes(key, save_safetensors({"masked": noise}))  # right size, wrong masks
+    with pytest.raises(SecureRoundError, match="a masked vector or a share is wrong"):
+        secure_mean(messages, trained["base"])
+
+
+def test_a_reveal_is_written_once_whatever_roster_a_second_run_names(trained: dict[str, Any], tmp_path: Path) -> None:
+    messages, secure = run_secure_round(tmp_path, trained)
+    key = messages.key("client-00", "reveal.json")
+    before = messages.store.read_bytes(key)
+    other = SecureRound(**{**vars(secure), "survivors": ("client-00", "client-01", "client-02")})  # 03 "dropped"
+    again = reveal_shares(Messages(messages.store, Layout(), other), "client-00",
+                          master_secret(tmp_path / "secrets" / "client-00.key"))
+    assert again["already_revealed"] is True and messages.store.read_bytes(key) == before
