@@ -122,6 +122,8 @@ def secure_arguments(task: Task, spec: FederatedTrainingSpec, where: Placement) 
             repr(privacy.clip_norm), "--secure-seed", str(spec.seed), "--weight-unit", str(weight_unit(spec)),
             "--advertised", ",".join(task.advertised), "--peers", ",".join(task.peers),
             "--survivors", ",".join(task.survivors)]
+    if task.revealed:
+        args += ["--revealed", ",".join(task.revealed)]
     if secure.neighbours is not None:
         args += ["--neighbours", str(secure.neighbours)]
     if privacy.differential:

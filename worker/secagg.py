@@ -29,9 +29,10 @@ consistency round); each client only refuses to reveal both shares of one sender
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -341,32 +342,46 @@ def _collect(owner: str, kind: str, members: Sequence[str], reveals: Mapping[str
     return found
 
 
-def _combine(owner: str, kind: str, shares: list[_Revealed], members: int, threshold: int) -> tuple[bytes, str]:
-    """The secret from exactly ``threshold`` shares (as pycryptodome asks) and who revealed them."""
+# How many subsets of ``threshold`` revealed shares are tried when a combined secret fails its check: with one
+# wrong share among threshold + 1, one of the first threshold + 1 subsets leaves it out.
+MAX_SUBSETS = 64
+
+
+def _combine(shares: Sequence[_Revealed]) -> bytes:
+    """The secret from exactly ``threshold`` shares, as pycryptodome asks."""
+    return b"".join(Shamir.combine([(s.index, s.halves[half]) for s in shares], ssss=False) for half in (0, 1))
+
+
+def _recover(owner: str, kind: str, shares: list[_Revealed], members: int, threshold: int,
+             valid: Callable[[bytes], bool]) -> bytes:
+    """The secret whose check passes, from some ``threshold`` of the revealed shares.
+
+    One survivor revealing a wrong share must not stop the round while enough others are right:
+    subsets are tried in order until one combines to the secret the owner committed to.
+    """
     if len(shares) < threshold:
         raise ThresholdNotMet(f"{len(shares)} of {members} clients' shares of {owner}'s {kind}, threshold {threshold}")
-    used = shares[:threshold]
-    secret = b"".join(Shamir.combine([(s.index, s.halves[half]) for s in used], ssss=False) for half in (0, 1))
-    return secret, ", ".join(s.revealer for s in used)
+    for used in itertools.islice(itertools.combinations(shares, threshold), MAX_SUBSETS):
+        secret = _combine(used)
+        if valid(secret):
+            return secret
+    revealers = ", ".join(s.revealer for s in shares)
+    raise SecAggRefused(f"{owner}'s {kind}, combined from the shares {revealers} revealed, does not match what "
+                        f"{owner} advertised: too many of them revealed a wrong share")
 
 
 def _recover_seed(owner: str, advertisement: Advertisement, shares: list[_Revealed], members: int, threshold: int,
                   context: Context) -> bytes:
-    seed, revealers = _combine(owner, "self seed", shares, members, threshold)
-    if _commitment(context, owner, seed) != advertisement.seed_commitment:
-        raise SecAggRefused(f"{owner}'s self seed, combined from the shares {revealers} revealed, does not match "
-                            f"{owner}'s commitment: one of them revealed a wrong share")
-    return seed
+    return _recover(owner, "self seed", shares, members, threshold,
+                    lambda seed: _commitment(context, owner, seed) == advertisement.seed_commitment)
 
 
 def _recover_masking(owner: str, advertisement: Advertisement, shares: list[_Revealed], members: int,
                      threshold: int) -> X25519PrivateKey:
-    raw, revealers = _combine(owner, "masking key", shares, members, threshold)
-    key = X25519PrivateKey.from_private_bytes(raw)
-    if key.public_key().public_bytes_raw() != advertisement.masking_public().public_bytes_raw():
-        raise SecAggRefused(f"{owner}'s masking key, combined from the shares {revealers} revealed, does not match "
-                            f"the key {owner} advertised: one of them revealed a wrong share")
-    return key
+    wanted = advertisement.masking_public().public_bytes_raw()
+    raw = _recover(owner, "masking key", shares, members, threshold,
+                   lambda secret: X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes_raw() == wanted)
+    return X25519PrivateKey.from_private_bytes(raw)
 
 
 def _check_inputs(masked: Mapping[str, NDArray[np.uint32]], reveals: Mapping[str, Reveal],

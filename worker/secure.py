@@ -71,6 +71,7 @@ class SecureRound:
     advertised: tuple[str, ...] = ()
     shared: tuple[str, ...] = ()
     survivors: tuple[str, ...] = ()
+    revealed: tuple[str, ...] = ()  # whose reveals the aggregation reads (empty: every client that shared)
 
     @property
     def context(self) -> Context:
@@ -166,7 +167,7 @@ def share(messages: Messages, client: str, master: bytes) -> dict[str, Any]:
     secure = messages.secure
     if client not in secure.advertised:
         raise BadInputError(f"{client} is not among the clients that advertised keys (--advertised)")
-    keys = ClientKeys.derive(master, secure.context, client)
+    keys = own_keys(messages, client, master)
     key = messages.key(client, "shares.json")
     if messages.store.exists(key):  # written once: Shamir's coefficients are random, and two versions of one
         message = messages.shares(client)  # secret's shares must never be out at once
@@ -187,9 +188,10 @@ def masked_key_exists(messages: Messages, client: str) -> bool:
     return messages.store.exists(messages.key(client, "masked.safetensors"))
 
 
-# What a masked update's sidecar leaves out: the example count travels masked, and the norm before clipping or
-# the validation split's size would tell about the one client.
-PRIVATE_FIGURES = ("num_examples", "val_examples", "update_norm")
+# What a masked update's sidecar keeps of a training's sidecar: nothing that tells its example count (a count,
+# a split's size, seconds times images per second) or its update (the norm before clipping). Means only.
+PUBLIC_FIELDS = ("client", "round", "base_sha256", "train_config", "metrics")
+PUBLIC_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
 def uploader(messages: Messages, client: str, master: bytes, equal_weights: bool
@@ -202,11 +204,25 @@ def uploader(messages: Messages, client: str, master: bytes, equal_weights: bool
             raise BadDataError(f"{client} trained on {examples} examples; a secure round weighs at most {unit} "
                                "(clients.maxExamples, or the client's clients.list[].maxExamples)")
         weight = 1.0 if equal_weights else examples / unit
-        kept = {k: v for k, v in sidecar.items() if k not in PRIVATE_FIGURES}
-        kept["metrics"] = {k: v for k, v in sidecar.get("metrics", {}).items() if k not in PRIVATE_FIGURES}
+        kept = {k: v for k, v in sidecar.items() if k in PUBLIC_FIELDS}
+        kept["metrics"] = {k: v for k, v in sidecar.get("metrics", {}).items() if k in PUBLIC_METRICS}
         return upload_masked(messages, client, master, base, trained, weight, kept)
 
     return upload
+
+
+def own_keys(messages: Messages, client: str, master: bytes) -> ClientKeys:
+    """A client's keys for the round attempt, checked against the advertisement it published.
+
+    A secret made again after the keys stage (a lost file) would mask with keys nobody else knows and
+    leave a sum no share can unmask: the task fails instead, and the round goes on without it.
+    """
+    keys = ClientKeys.derive(master, messages.secure.context, client)
+    if messages.advertisement(client) != keys.advertisement():
+        raise BadInputError(f"{client}'s secret does not derive the keys it advertised for round "
+                            f"{messages.secure.round} (attempt {messages.secure.attempt}): it changed since; "
+                            "restore it, or let the client drop out of this round")
+    return keys
 
 
 def upload_masked(messages: Messages, client: str, master: bytes, base: Weights, trained: Weights,
@@ -219,7 +235,7 @@ def upload_masked(messages: Messages, client: str, master: bytes, base: Weights,
     secure = messages.secure
     if client not in secure.shared:
         raise BadInputError(f"{client} is not among the clients that shared their secrets (--peers)")
-    keys = ClientKeys.derive(master, secure.context, client)
+    keys = own_keys(messages, client, master)
     delta = clipped_delta(base, trained, secure.clip_norm)
     plan = plan_for(base, secure)
     vector = plan.quantise(delta, weight)
@@ -255,7 +271,7 @@ def reveal_shares(messages: Messages, client: str, master: bytes) -> dict[str, A
         earlier = messages.reveal(client)
         return {"client": client, "reveal": messages.key(client, "reveal.json"),
                 "opened": sorted({*earlier.seeds, *earlier.masking_keys}), "refused": {}, "already_revealed": True}
-    keys = ClientKeys.derive(master, secure.context, client)
+    keys = own_keys(messages, client, master)
     members = [c for c in secure.share_set(client) if c in secure.shared]
     opened: dict[str, Share] = {}
     refused: dict[str, str] = {}
@@ -312,7 +328,7 @@ def secure_mean(messages: Messages, current: Weights) -> tuple[SecureMean, dict[
         masked = {c: read_masked(messages, c, plan.length) for c in secure.survivors}
         reveals: dict[str, Reveal] = {}
         skipped: dict[str, str] = {}
-        for client in secure.shared:
+        for client in secure.revealed or secure.shared:  # a client whose unmask task failed may have written one
             try:
                 reveals[client] = messages.reveal(client)
             except (BadDataError, FileNotFoundError) as error:
@@ -323,8 +339,8 @@ def secure_mean(messages: Messages, current: Weights) -> tuple[SecureMean, dict[
     except BadDataError as error:
         raise SecureRoundError(f"round {secure.round}: {error}") from error
     if not weight_sum > 0:
-        raise SecureRoundError(f"round {secure.round}: the survivors' weights sum to {weight_sum}, not a positive "
-                               "number: the sum cannot be divided")
+        raise SecureRoundError(f"round {secure.round}: the unmasked weights sum to {weight_sum:.6g}, not a positive "
+                               "number: a masked vector or a share is wrong")
     bounds = plan.error_bound(weight_sum)
     mean = SecureMean(current, {name: values / weight_sum for name, values in summed.items()}, weight_sum,
                       max(bounds.values(), default=0.0))
@@ -394,6 +410,8 @@ def add_secure_options(parser: argparse.ArgumentParser, client: bool = True) -> 
     group.add_argument("--advertised", default="", help="clients that advertised keys (comma-separated)")
     group.add_argument("--peers", default="", help="clients that shared their secrets (comma-separated)")
     group.add_argument("--survivors", default="", help="clients whose masked updates count (comma-separated)")
+    group.add_argument("--revealed", default="", help="clients whose reveals the aggregation reads: those whose "
+                       "unmask task succeeded (comma-separated; default: every client that shared)")
     if client:
         group.add_argument("--secret-file", type=Path, default=None, help="this client's master secret (made once)")
         group.add_argument("--secret-provided", action="store_true",
@@ -416,7 +434,7 @@ def secure_round_of(args: argparse.Namespace, round_number: int) -> SecureRound 
         raise BadInputError(f"--weight-unit must be >= 1, got {args.weight_unit}")
     return SecureRound(args.training_id, round_number, args.round_attempt, args.threshold, args.neighbours,
                        args.secure_clip_norm, args.secure_seed, args.weight_unit, _listed(args.advertised),
-                       _listed(args.peers), _listed(args.survivors))
+                       _listed(args.peers), _listed(args.survivors), _listed(args.revealed))
 
 
 def secret_of(args: argparse.Namespace) -> bytes:

@@ -98,6 +98,7 @@ class Roster(TypedDict, total=False):
     advertised: tuple[str, ...]
     peers: tuple[str, ...]
     survivors: tuple[str, ...]
+    revealed: tuple[str, ...]
 
 
 class Progress(Enum):
@@ -755,8 +756,10 @@ def secure_roster(current: RoundStatus) -> Roster:
     if secure is None:
         return {}
     survivors = tuple(c for c in current.selected if current.clients[c].state == "succeeded")
+    unmasking = secure.stage == "unmask"
+    revealed = tuple(c for c, t in sorted(secure.tasks.items()) if t.state == "succeeded") if unmasking else ()
     return Roster(round_attempt=current.attempt, advertised=tuple(secure.advertised), peers=tuple(secure.shared),
-                  survivors=survivors if secure.stage == "unmask" else ())
+                  survivors=survivors if unmasking else (), revealed=revealed)
 
 
 def some(items: list[str], separator: str = ", ") -> str:

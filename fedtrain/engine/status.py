@@ -311,6 +311,7 @@ class Task:
     advertised: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
     survivors: tuple[str, ...] = ()
+    revealed: tuple[str, ...] = ()  # an aggregation: whose reveals it reads (their unmask tasks succeeded)
 
 
 @dataclass(frozen=True)

@@ -310,22 +310,25 @@ def test_make_shares_needs_threshold_advertised_members() -> None:
         make_shares(party.keys["alpha"], party.ads, ["bravo", "carol"], 2)
 
 
-def tamper(message: Reveal, kind: str, owner: str, change: str) -> Reveal:
+def tamper(message: Reveal, kind: str, owner: str, change: str, which: int = 0) -> Reveal:
+    """``message`` with ``owner``'s share of ``kind`` changed; ``which`` picks a different error per revealer.
+
+    Identical errors in two shares can cancel in GF(2^128) (the combined secret is then right), so
+    each tampering revealer flips other bits.
+    """
     shares = dict(getattr(message, kind))
     data = bytearray(base64.b64decode(shares[owner]))
     if change == "index":
         data[1] ^= 3
     else:
-        data[-1] ^= 1
+        data[-1 - 5 * which] ^= 0x5B + 17 * which
     shares[owner] = base64.b64encode(bytes(data)).decode()
     return message.model_copy(update={kind: shares})
 
 
-@pytest.mark.parametrize("change", ["share", "index"])
-@pytest.mark.parametrize(("kind", "owner", "stops"), [("seeds", "client-01", {}),
-                                                      ("masking_keys", "client-01", {"client-01": "upload"})])
-def test_a_tampered_reveal_fails_unmasking_naming_the_revealer(change: str, kind: str, owner: str,
-                                                               stops: dict[str, str]) -> None:
+def tampered_round(kind: str, owner: str, stops: dict[str, str], change: str, revealers: tuple[str, ...]
+                   ) -> tuple[Any, ...]:
+    """Five clients, threshold 3; ``revealers`` reveal a wrong share of ``owner``'s ``kind``."""
     clients = names(5)
     round_ = Round(clients, 4, 3, stops)
     keys, sets = round_.keys, round_.sets
@@ -337,9 +340,37 @@ def test_a_tampered_reveal_fails_unmasking_naming_the_revealer(change: str, kind
     masked = {c: mask(plan.quantise(deltas[c], weights[c]), keys[c], ads) for c in survivors}
     reveals = {r: reveal(keys[r], {s: open_share(keys[r], ads[s], messages[s]) for s in clients}, survivors,
                          set(clients) - set(survivors)) for r in survivors}
-    reveals["client-00"] = tamper(reveals["client-00"], kind, owner, change)
+    for which, revealer in enumerate(revealers):
+        reveals[revealer] = tamper(reveals[revealer], kind, owner, change, which)
+    return masked, reveals, ads, sets, clients, plan, deltas, weights, survivors
 
+
+KINDS = [("seeds", "client-01", {}), ("masking_keys", "client-01", {"client-01": "upload"})]
+
+
+@pytest.mark.parametrize(("kind", "owner", "stops"), KINDS)
+def test_a_revealed_index_that_is_not_the_revealers_fails_unmasking_naming_it(kind: str, owner: str,
+                                                                            stops: dict[str, str]) -> None:
+    masked, reveals, ads, sets, clients, *_ = tampered_round(kind, owner, stops, "index", ("client-00",))
     with pytest.raises(SecAggRefused, match=f"client-00.*{owner}|{owner}.*client-00") as refused:
+        unmask(masked, reveals, ads, sets, clients, 3, CONTEXT)
+    assert not isinstance(refused.value, ThresholdNotMet)
+
+
+@pytest.mark.parametrize(("kind", "owner", "stops"), KINDS)
+def test_one_wrong_share_is_left_out_when_enough_others_reveal(kind: str, owner: str, stops: dict[str, str]) -> None:
+    masked, reveals, ads, sets, clients, plan, _, weights, survivors = tampered_round(
+        kind, owner, stops, "share", ("client-00",))
+    _, weight_sum = plan.dequantise(unmask(masked, reveals, ads, sets, clients, 3, CONTEXT))
+    assert weight_sum == pytest.approx(sum(weights[c] for c in survivors), abs=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "owner", "stops"), KINDS)
+def test_too_many_wrong_shares_fail_unmasking_naming_the_revealers(kind: str, owner: str,
+                                                                  stops: dict[str, str]) -> None:
+    bad = ("client-00", "client-02", "client-03")  # every 3 of the revealers holds a wrong one
+    masked, reveals, ads, sets, clients, *_ = tampered_round(kind, owner, stops, "share", bad)
+    with pytest.raises(SecAggRefused, match=f"{owner}.*client-00.*too many of them revealed a wrong share") as refused:
         unmask(masked, reveals, ads, sets, clients, 3, CONTEXT)
     assert not isinstance(refused.value, ThresholdNotMet)
 

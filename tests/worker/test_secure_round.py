@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from fedtrain.contract.errors import SecureRoundError
+from fedtrain.contract.errors import BadInputError, SecureRoundError
 from fedtrain.contract.layout import Layout
 from fedtrain.contract.storage import DirectoryStore
 from fedtrain.worker.cli import main
@@ -182,3 +182,16 @@ def test_a_reveal_is_written_once_whatever_roster_a_second_run_names(trained: di
     again = reveal_shares(Messages(messages.store, Layout(), other), "client-00",
                           master_secret(tmp_path / "secrets" / "client-00.key"))
     assert again["already_revealed"] is True and messages.store.read_bytes(key) == before
+
+
+def test_a_secret_made_again_after_the_keys_stage_fails_the_clients_task_not_the_sum(
+        trained: dict[str, Any], tmp_path: Path) -> None:
+    messages, secure = run_secure_round(tmp_path, trained)
+    fresh = SecureRound(**{**vars(secure), "attempt": 2, "survivors": ()})  # a new round attempt, keys advertised
+    store = messages.store
+    for client in CLIENTS:
+        advertise(Messages(store, Layout(), fresh), client, master_secret(tmp_path / "secrets" / f"{client}.key"))
+    lost = tmp_path / "secrets" / "client-02.key"
+    lost.unlink()  # its file went away: the next task would make a new one
+    with pytest.raises(BadInputError, match="client-02's secret does not derive the keys it advertised"):
+        share(Messages(store, Layout(), fresh), "client-02", master_secret(lost))
