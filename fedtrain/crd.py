@@ -32,6 +32,7 @@ from fedtrain.spec import (
     KIND,
     MAX_TRAINING_NAME,
     PLURAL,
+    SECURE_MAX_CLIENTS,
     SHORT_NAME,
     SINGULAR,
     STORAGE_KINDS,
@@ -85,6 +86,9 @@ SPEC_RULES: list[dict[str, str]] = [
              f"[{', '.join(repr(n) for n in PER_UPDATE_STRATEGIES)}])",
      "message": "privacy.secureAggregation shows the aggregator only the sum of the updates: strategy.name must be "
                 f"{one_of(SUM_STRATEGIES)} (a median, a trimmed mean and Krum read each update)"},
+    {"rule": f"!({_SECURE}) || {_ROUND_SIZE} <= {SECURE_MAX_CLIENTS}",
+     "message": f"privacy.secureAggregation takes at most {SECURE_MAX_CLIENTS} clients per round (clients.perRound, "
+                "default clients.count)"},
     {"rule": f"!({_SECURE}) || self.privacy.secureAggregation.threshold <= {_ROUND_SIZE}",
      "message": "privacy.secureAggregation.threshold must be <= the clients of a round (clients.perRound, default "
                 "clients.count): a round could never complete"},

@@ -52,7 +52,7 @@ MAX_CLIENT_NAME = 40
 # Secure aggregation's rounds: every client holds a share of its neighbours' secrets and a task posts the
 # round's roster, so a secure round is bounded (SecAgg+ with privacy.secureAggregation.neighbours scales further
 # in cost than in roster).
-SECURE_MAX_CLIENTS = 200
+SECURE_MAX_CLIENTS = 128  # also keeps a site's unmask task (an inbox entry per member) within one argument
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "trimmedmean", "krum",
                        "multikrum"]

@@ -268,11 +268,11 @@ class SiteController:
         jobs = await self._jobs(meta["namespace"], meta["name"], meta["uid"])
         ended = await self._settle(jobs, spec, store, layout)
         pace = self._paces.setdefault(meta["uid"], Pace(float(spec.poll_seconds)))
-        pace.slowest = float(spec.poll_seconds)
         if ended:
             pace.moved()  # an answer was just written: the next task is coming
         posting = agent.vanished(await asyncio.to_thread(self._posting, store, layout, spec.site, meta["uid"], pace),
                                  status)
+        pace.follow(posting is not None and posting.phase == "Running", float(spec.poll_seconds))
         running = running_task(jobs)
         answered = posting is not None and posting.task is not None and await self._answered(
             store, layout, spec.site, posting.task.id, running, meta["uid"])

@@ -24,6 +24,7 @@ This module imports neither torch nor boto3 at import time: the operator uses it
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -90,8 +91,8 @@ class Store(Protocol):
         """The file if its version differs from ``seen`` (a tag a previous answer gave), within ``limit`` bytes.
 
         For what is polled (a site's ``task.json``): an unchanged file costs one conditional request
-        (S3: a GET with If-None-Match, answered 304 without a body; a directory: one stat) instead
-        of an existence check and a read.
+        (S3: a GET with If-None-Match, answered 304 without a body; a directory: one local read,
+        tagged by its digest) instead of an existence check and a read.
         """
         ...
 
@@ -121,7 +122,7 @@ class Version:
     """What a conditional read found: the file's bytes when it changed, its tag, whether it exists."""
 
     data: bytes | None  # None: unchanged since ``seen``, or missing
-    tag: str | None  # the version read (an ETag, or a file's inode, size and mtime); None: missing
+    tag: str | None  # the version read (an ETag, or a local file's sha256); None: missing
     changed: bool  # the version differs from the one the caller had seen
 
     @property
@@ -202,19 +203,16 @@ class DirectoryStore:
         return data
 
     def read_if_changed(self, key: str, limit: int, seen: str | None) -> Version:
+        # A local read costs what a stat costs, and a file rewritten in place within one clock tick keeps its
+        # size and mtime: the tag is the content's digest, so no change is ever taken for none.
         try:
-            stat = self.path(key).stat()
-        except (FileNotFoundError, NotADirectoryError):
+            data = self.read_bounded(key, limit)
+        except TooLargeError:
+            raise
+        except BadDataError:  # missing
             return Version(None, None, seen is not None)
-        tag = f"{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}"  # an atomic replace makes a new inode
-        if tag == seen:
-            return Version(None, tag, False)
-        try:
-            return Version(self.read_bounded(key, limit), tag, True)
-        except BadDataError as error:
-            if isinstance(error, TooLargeError):
-                raise
-            return Version(None, None, seen is not None)  # replaced by nothing between the stat and the read
+        tag = hashlib.sha256(data).hexdigest()
+        return Version(None, tag, False) if tag == seen else Version(data, tag, True)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with _atomic_file(self.path(key)) as stream:

@@ -1,9 +1,10 @@
 """A site on one machine (``fedtrain site run``): poll the store, judge each task, run it, answer.
 
-The loop is the site operator's, with processes instead of Jobs: every ``pollSeconds`` it reads the
-site's ``task.json``, asks `agent.plan` what to do, runs an accepted task with the worker's
-``site-task`` command (through the local runner's `LocalExecutor`, which records finished tasks
-in the work directory), writes the answer of a task that failed or was refused, and keeps
+The loop is the site operator's, with processes instead of Jobs: as `fedtrain.sites.pace` says (at
+least every ``pollSeconds``) it reads the site's ``task.json``, asks `agent.plan` what to do, runs
+an accepted task with the worker's ``site-task`` command (through the local runner's
+`LocalExecutor`, started beside the first reads, which records finished tasks in the work
+directory), writes the answer of a task that failed or was refused, and keeps
 ``site-status.json``. A result in the store means the task is done, so a site started again
 never runs or uploads a task twice. It stops when the training is over, or on Ctrl-C.
 """
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -107,6 +109,9 @@ class SiteLoop:
         self.data_path = site_data(manifest, workdir)
         self.status = load_site_status(workdir)
         self.started: LocalExecutor | None = None
+        self._starting = threading.Lock()  # `warm`'s thread and the loop both reach for the executor
+        self._warming: threading.Thread | None = None
+        self._released = threading.Event()  # `warm`'s thread may end: the executor is shut down
         self.running: SiteTask | None = None
         self.pace = Pace(float(self.spec.poll_seconds))
         self.posting_seen: tuple[str | None, Posting | None] | None = None  # the posting's tag, and what it said
@@ -114,11 +119,41 @@ class SiteLoop:
 
     @property
     def executor(self) -> LocalExecutor:
-        """The executor, started with the first task (its fork server loads torch, which waiting does not need)."""
-        if self.started is None:
-            self.started = LocalExecutor(self.workdir / "executor", 1, threads_per_task=self.threads,
-                                         environment=self.environment)
-        return self.started
+        """The executor, started on first use or by `warm` (its fork server imports torch and warms it up)."""
+        with self._starting:
+            if self.started is None:
+                self.started = LocalExecutor(self.workdir / "executor", 1, threads_per_task=self.threads,
+                                             environment=self.environment)
+            return self.started
+
+    def warm(self) -> None:
+        """Start the executor in the background while the loop reads the store.
+
+        Its fork server takes seconds to start (several on a busy machine); started with the first
+        task, every site's first round waited for it. ``fedtrain site run`` joins one training, so
+        the process it keeps ready is used soon. The thread that starts it lives until `run` shut
+        it down: the fork server is told to die with the thread that started it (PR_SET_PDEATHSIG
+        follows the thread, not the process).
+        """
+        if self._warming is None and self.started is None:
+            self._warming = threading.Thread(target=self._start_and_hold, name=f"site-{self.site}-executor",
+                                             daemon=True)
+            self._warming.start()
+
+    def _start_and_hold(self) -> None:
+        try:
+            _ = self.executor
+        finally:
+            self._released.wait()
+
+    def _shutdown(self) -> None:
+        """Stop the executor (one `warm` is still starting included), then let `warm`'s thread end."""
+        with self._starting:  # a start under way has finished
+            if self.started is not None:
+                self.started.shutdown()
+        self._released.set()
+        if self._warming is not None:
+            self._warming.join()
 
     @property
     def site(self) -> str:
@@ -128,6 +163,7 @@ class SiteLoop:
     def step(self) -> bool:
         """Look at the store once and act; True when the training is over."""
         posting = self._posting()
+        self.pace.follow(posting is not None and posting.phase == "Running", float(self.spec.poll_seconds))
         ended = self._reap()
         task = posting.task if posting is not None else None
         answered = task is not None and self._answered(task.id)
@@ -143,14 +179,14 @@ class SiteLoop:
         self._say(f"site {self.site}: joining training {self.spec.training.name or self.spec.training.id or '-'} "
                   f"at {self.location}")
         try:
+            self.warm()
             while not self.step():
                 self._pause()
             self._say(f"site {self.site}: {self.status.message}")
         except KeyboardInterrupt:
             self._say(f"site {self.site}: stopped; run the same command again to go on")
         finally:
-            if self.started is not None:
-                self.started.shutdown()
+            self._shutdown()
             signal.signal(signal.SIGTERM, previous)
         return 0
 

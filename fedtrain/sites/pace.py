@@ -3,11 +3,13 @@
 A round posts a site's next task seconds after the site answered its last one (the coordinator
 aggregates, then posts), so a site that has just answered, or whose posting just changed, reads
 again after `FASTEST` seconds, and each read that finds nothing new waits `GROWTH` times longer,
-up to the participation's ``pollSeconds``. Every read is conditional (`Store.read_if_changed`): an
-unchanged posting costs one request without a body. So a site reacts to a new task in well under
-a second during a training and, idle, costs one request every ``pollSeconds`` (the default 30 s:
-about a million requests a year, under half a dollar at AWS S3's GET price). Shared by
-``fedtrain site run`` and the site operator.
+up to `ACTIVE` seconds while its training runs and the participation's ``pollSeconds`` otherwise.
+Every read is conditional (`Store.read_if_changed`): an unchanged posting costs one request
+without a body. So a site sees its next task well under a second after it is posted when the
+round moves quickly (the next task follows its answer), within `ACTIVE` seconds after a long wait
+for the others, and, idle, costs one request every ``pollSeconds`` (the default 30 s: about a
+million requests a year, under half a dollar at AWS S3's GET price). Shared by ``fedtrain site
+run`` and the site operator.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 FASTEST = 0.2  # seconds: the first wait after something moved
 GROWTH = 1.5  # each read that finds nothing new waits this much longer
+ACTIVE = 5.0  # seconds: the longest wait while the site's training runs (its posting says Running)
 
 
 @dataclass
@@ -29,6 +32,11 @@ class Pace:
 
     def __post_init__(self) -> None:
         self.current = min(self.fastest, self.slowest)
+
+    def follow(self, running: bool, poll_seconds: float) -> None:
+        """While the training runs, never wait longer than `ACTIVE`; otherwise up to ``pollSeconds``."""
+        self.slowest = min(ACTIVE, poll_seconds) if running else poll_seconds
+        self.current = min(self.current, self.slowest)
 
     def moved(self) -> None:
         """Something happened (a new posting, a task that ended): read again soon."""

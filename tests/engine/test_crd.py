@@ -235,6 +235,10 @@ CASES = {
         "spec", "strategy.name must be fedavg, fedprox",
         sample(strategy={"name": "krum", "parameters": {"f": 1}}, privacy=SECURE),
         sample(strategy={"name": "fedadam"}, privacy=SECURE)),
+    "secure-aggregation-clients": RuleCase(
+        "spec", "privacy.secureAggregation takes at most",
+        sample(clients={"count": 200, "perRound": 129}, privacy=SECURE),
+        sample(clients={"count": 200, "perRound": 128}, privacy=SECURE)),
     "secure-aggregation-threshold": RuleCase(
         "spec", "threshold must be <= the clients of a round",
         sample(clients={"count": 4, "perRound": 2}, privacy=SECURE), sample(clients={"count": 3}, privacy=SECURE)),
