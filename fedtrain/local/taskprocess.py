@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 EXIT_INTERNAL = 70  # the worker's code for an internal error (fedtrain.contract.errors)
-REUSABLE = ("train", "aggregate", "evaluate")  # commands that leave no global state behind
+REUSABLE = ("train", "aggregate", "evaluate", "secure")  # commands that leave no global state behind
 MAX_TASKS = 200
 MEMORY_GROWTH = 1.5
 
