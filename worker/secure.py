@@ -30,6 +30,7 @@ from fedtrain.contract.secmessages import round_share_sets
 from fedtrain.contract.secrets import MASTER_SECRET_BYTES
 from fedtrain.contract.sitetask import SUM_STRATEGIES
 from fedtrain.contract.storage import Store
+from fedtrain.contract.tensorfile import MASKED_HEADER_LIMIT, MASKED_TENSOR
 from fedtrain.worker.secagg import (
     ADVERTISEMENT_LIMIT,
     REVEAL_LIMIT,
@@ -51,9 +52,6 @@ from fedtrain.worker.secagg import (
 from fedtrain.worker.strategies.arrays import cast_like
 from fedtrain.worker.strategies.protocol import Aggregate, Strategy
 from fedtrain.worker.weights import Weights, write_json
-
-MASKED_TENSOR = "masked"
-MASKED_HEADER_LIMIT = 4096  # a masked update's safetensors header: one tensor's name, dtype and shape
 
 
 @dataclass(frozen=True)

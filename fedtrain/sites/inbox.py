@@ -34,6 +34,7 @@ from fedtrain.contract.secmessages import (
 )
 from fedtrain.contract.sitetask import SecureSettings, TaskKind
 from fedtrain.contract.storage import Store
+from fedtrain.contract.tensorfile import MASKED_HEADER_LIMIT, check_masked, element_count
 from fedtrain.spec import FederatedTrainingSpec, SecureAggregationSpec
 from fedtrain.tasks import weight_unit
 
@@ -44,6 +45,7 @@ STAGE_MESSAGES: dict[str, tuple[str, int, Callable[[bytes, Context, str], Messag
     "unmask": ("reveal.json", REVEAL_LIMIT, Reveal.parse),
 }
 MASKED_UPDATE = "masked.safetensors"  # a masked training's upload (its length bounds the aggregation's read)
+GLOBAL_MODEL_LIMIT = 2 * 1024**3  # the coordinator's own global model, read once per round for its element count
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class SecureInbox:
     spec: FederatedTrainingSpec
     identity: str  # the training identity every key and message is bound to (`fedtrain.tasks.secure_identity`)
     cache: dict[tuple[int, int, str, str], Message] = field(default_factory=dict)
+    lengths: dict[int, int] = field(default_factory=dict)  # round -> elements of its masked vectors
 
     @property
     def layout(self) -> Layout:
@@ -131,10 +134,20 @@ class SecureInbox:
         return self.cache[key]
 
     def refusal(self, wanted: SecureAssignment) -> str | None:
-        """Why a site's answer that it finished its stage does not count (its message missing or not one); or None."""
+        """Why a site's answer that it finished its stage does not count (its message missing or not one); or None.
+
+        A masked update is checked whole (its length against the global model's): once the survivors
+        reveal, nobody can take a survivor's vector out of the sum again.
+        """
         if wanted.kind == "train":
             key = self.layout.secure_message(wanted.round, wanted.round_attempt, wanted.site, MASKED_UPDATE)
-            return None if self.store.exists(key) else f"{self.store.describe(key)}: no masked update there"
+            try:
+                length = self.masked_length(wanted.round)
+                check_masked(self.store.read_bounded(key, 4 * length + MASKED_HEADER_LIMIT), length,
+                             self.store.describe(key))
+            except BadDataError as error:
+                return str(error)
+            return None
         if wanted.kind not in STAGE_MESSAGES:
             return None
         try:
@@ -143,6 +156,15 @@ class SecureInbox:
             return str(error)
         return None
 
+    def masked_length(self, round_number: int) -> int:
+        """Elements of a masked vector in ``round_number``: the round's base model's values and the weight."""
+        if round_number not in self.lengths:
+            key = self.layout.global_weights(round_number - 1)
+            data = self.store.read_bounded(key, GLOBAL_MODEL_LIMIT)
+            self.lengths[round_number] = element_count(data, self.store.describe(key)) + 1
+        return self.lengths[round_number]
+
     def forget_before(self, round_number: int) -> None:
         """Drop the messages of rounds before ``round_number``: no task will relay them again."""
         self.cache = {key: message for key, message in self.cache.items() if key[0] >= round_number}
+        self.lengths = {number: length for number, length in self.lengths.items() if number >= round_number}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save as save_safetensors
 
 from fedtrain.contract.errors import EXIT_BAD_DATA
 from fedtrain.contract.layout import Layout
@@ -31,6 +32,9 @@ CLIENTS = ("hamburg", "hq", "munich")
 SITES = ("munich", "hamburg")
 LAYOUT = Layout(sites=frozenset(SITES))
 CONTEXT = Context(IDENTITY, 1, 1)
+
+
+MASKED = save_safetensors({"masked": np.zeros(4, np.uint32)})  # the 3 values of the global model, and the weight
 
 
 def spec() -> FederatedTrainingSpec:
@@ -161,8 +165,17 @@ def test_a_masked_training_counts_only_with_its_masked_update_and_no_example_cou
     relay.publish(status)
     answer(store, "munich", "r0001-munich-a1", {"metrics": {"val_accuracy": 0.5}, "length": 9})
     seen = relay.observe(status)["r0001-munich-a1"]
-    assert seen.state == "failed" and "no masked update there" in (seen.reason or ""), seen
-    store.write_bytes(LAYOUT.secure_message(1, 1, "munich", "masked.safetensors"), b"masked")
+    assert seen.state == "failed" and "secure-a1/masked.safetensors: missing" in (seen.reason or ""), seen
+    key = LAYOUT.secure_message(1, 1, "munich", "masked.safetensors")
+    for wrong in (b"masked", save_safetensors({"masked": np.zeros(5, np.uint32)}),
+                  save_safetensors({"masked": np.zeros(4, np.int32)}),
+                  save_safetensors({"masked": np.zeros(4, np.uint32), "extra": np.zeros(1, np.uint32)}),
+                  MASKED + b"  "):
+        store.write_bytes(key, wrong)  # checked whole: no survivor's vector can leave the sum once revealed
+        seen = relay.observe(status)["r0001-munich-a1"]
+        assert seen.state == "failed" and ("uint32 tensor 'masked' of 4 elements" in (seen.reason or "")
+                                           or "too short" in (seen.reason or "")), seen
+    store.write_bytes(key, MASKED)
     assert relay.observe(status)["r0001-munich-a1"].state == "succeeded"
     answer(store, "munich", "r0001-munich-a1", {"metrics": {}, "length": 9, "num_examples": 40})
     seen = relay.observe(status)["r0001-munich-a1"]
@@ -175,7 +188,7 @@ def test_the_unmask_task_relays_each_senders_share_for_this_site_alone_as_first_
     status = share(store, relay, advertise(store, relay, round_one(the_spec)))
     relay.publish(status)
     for site in SITES:
-        store.write_bytes(LAYOUT.secure_message(1, 1, site, "masked.safetensors"), b"masked")
+        store.write_bytes(LAYOUT.secure_message(1, 1, site, "masked.safetensors"), MASKED)
         answer(store, site, f"r0001-{site}-a1", {"metrics": {}, "length": 9})
     seen = {**relay.observe(status), "r0001-hq-a1": Observation("succeeded", 0)}
     status = decide(the_spec, status, seen, 104.0).status
