@@ -8,6 +8,7 @@ judged only by what it leaves in the store and in its work directory.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import yaml
 from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_REFUSED
 from fedtrain.contract.layout import Layout
 from fedtrain.contract.sitetask import Posting, SiteResult, TrainSettings, encode, parse_result
-from fedtrain.sites.local import STATUS_FILE
+from fedtrain.sites.local import STATUS_FILE, SiteLoop
+from fedtrain.sites.participation import load_participation
 from fedtrain.worker.cli import main as worker
 from tests.sites.documents import site_task
 
@@ -116,6 +118,28 @@ def test_a_site_trains_refuses_and_stops_with_the_training(tmp_path: Path, coord
     assert status["roundsDone"] == 1
     assert status["lastRefusal"].startswith("strategy krum")
     assert str(tmp_path) not in (answer_to_krum.reason or "")
+
+
+def test_a_site_starts_its_task_processes_while_it_waits_and_stops_them_when_it_ends(tmp_path: Path,
+                                                                                  coordinator: Path) -> None:
+    """The fork server (seconds to start) starts beside the site's first reads, not with its first task.
+
+    It outlives the thread that started it (it is told to die with that thread) until the loop ends.
+    """
+    post(coordinator, Posting("Running", None))
+    loop = SiteLoop(load_participation(participation(tmp_path, coordinator, SYNTHETIC)), tmp_path / "site",
+                    io.StringIO())
+    loop.warm()
+    deadline = time.monotonic() + 120
+    while loop.started is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert loop.started is not None and loop.started.server is not None, "the executor did not start"
+    server = loop.started.server.process
+    time.sleep(1.0)
+    assert server.poll() is None, "the fork server died with the thread that started it"
+    post(coordinator, Posting("Succeeded", None, "done"))
+    assert loop.run() == 0
+    assert loop.started.server is None and server.poll() is not None  # shut down with the loop
 
 
 def test_a_site_never_reruns_an_answered_task_and_answers_a_failed_one(tmp_path: Path, coordinator: Path,
