@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from fedtrain.contract.errors import BadDataError, BadInputError
 from fedtrain.worker.data.gtsrb import load_tree
 from fedtrain.worker.data.images import load_samples
 from fedtrain.worker.models import ModelConfig, build_model
 from fedtrain.worker.strategies.arrays import is_statistic
-from fedtrain.worker.training import TrainConfig, evaluate, load_numpy_state, state_to_numpy, train_local
+from fedtrain.worker.training import (
+    TrainConfig,
+    evaluate,
+    load_numpy_state,
+    make_optimizer,
+    state_to_numpy,
+    train_local,
+)
 from fedtrain.worker.weights import read_weights_file, save_weights_file
 
 
@@ -64,6 +73,29 @@ def test_fedprox_term_keeps_the_client_near_the_global_model(arrays: tuple[np.nd
                                                        mu=mu, seed=2))
         moved[mu] = distance(state_to_numpy(model), start)
     assert moved[10.0] < 0.7 * moved[0.0]
+
+
+@pytest.mark.parametrize(("optimizer", "reference"), [
+    ("sgd", lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, foreach=False)),
+    ("adam", lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=1e-3, foreach=False)),
+])
+def test_the_fused_optimisers_take_the_steps_of_torchs_reference_loop(optimizer: str, reference: Any) -> None:
+    """The worker's optimisers run in torch's fused kernels, which agree with its per-tensor loop to float32 rounding
+    (the vectorised kernel may fuse a multiply-add the loop rounds twice)."""
+    config = TrainConfig(optimizer=optimizer, learning_rate=0.05 if optimizer == "sgd" else 0.01, weight_decay=1e-3)
+    models = [build_model(ModelConfig("tiny_cnn", 5, 16)) for _ in range(2)]
+    load_numpy_state(models[1], state_to_numpy(models[0]))
+    optimizers = [make_optimizer(models[0], config), reference(list(models[1].parameters()))]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        gradients = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        for model, step in zip(models, optimizers, strict=True):
+            for parameter, gradient in zip(model.parameters(), gradients, strict=True):
+                parameter.grad = gradient.clone()
+            step.step()
+    fused, plain = (state_to_numpy(m) for m in models)
+    assert max(float(np.abs(fused[k] - plain[k]).max()) for k in fused) <= 1e-6
 
 
 def test_evaluation_marks_absent_classes() -> None:
