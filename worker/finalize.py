@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,9 +39,8 @@ from fedtrain.contract.sitetask import (
 )
 from fedtrain.contract.storage import Store
 from fedtrain.worker.data.gtsrb import GtsrbTree
-from fedtrain.worker.jobs import Workspace
+from fedtrain.worker.jobs import Stopwatch, Workspace
 from fedtrain.worker.models import build_model
-from fedtrain.worker.plots import plot_confusion, plot_per_round
 from fedtrain.worker.tracking import Tracker, TrackingReport, TrainingIdentity
 from fedtrain.worker.training import evaluate, load_numpy_state
 from fedtrain.worker.weights import read_json, read_weights, sidecar_of, write_json
@@ -173,8 +173,12 @@ def test_fingerprint(tree: GtsrbTree) -> str:
 
 def finalize(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
              device: torch.device, evaluation: EvaluationConfig | None = None) -> dict[str, Any]:
-    """Write ``final/`` (model, plots, summary) and track the training; return what the engine records."""
+    """Write ``final/`` (model, plots, summary) and track the training; return what the engine records.
+
+    ``timings`` in the summary: the seconds of each step, for the benchmarks.
+    """
     evaluation = evaluation or EvaluationConfig()
+    clock = Stopwatch()
     layout, store = workspace.layout, workspace.store
     final = layout.final_dir
     source = layout.global_weights(last_round)
@@ -183,24 +187,28 @@ def finalize(workspace: Workspace, last_round: int, identity: TrainingIdentity, 
     results = [read_json(store, layout.result(r)) for r in range(1, last_round + 1) if store.exists(layout.result(r))]
     scored = Scored(results, federated_rounds(store, evaluation.sites, last_round, evaluation.examples,
                                               evaluation.combine), evaluation.central, evaluation.min_sites)
+    clock.lap("results")
     with tempfile.TemporaryDirectory(prefix="fedtrain-final-") as scratch:
-        plots = _plots(Path(scratch), results, scored.federated)
-        for plot in plots:
-            store.upload(f"{final}/plots/{plot.name}", plot)
+        drawn = Plots(Path(scratch), results, scored.federated, store, final, clock)
+        drawn.start()  # drawn beside the tracking below, on another core
         store.download(f"{final}/model.json", Path(scratch) / "model.json")
+        report = None
+        if tracking.uri:
+            report = _track(workspace, last_round, identity, tracking, scored,
+                            lambda: [*drawn.wait(), Path(scratch) / "model.json"], device, clock)
+        plots = drawn.wait()
         last = scored.federated.get(last_round)
         summary: dict[str, Any] = {"rounds": last_round, "model_path": store.describe(f"{final}/model.safetensors"),
                                    "accuracy": scored.accuracy(last_round),
                                    "federated_accuracy": last.combined.accuracy if last else None,
                                    "federated": asdict(last.combined) if last else None,
                                    "plots": [store.describe(f"{final}/plots/{p.name}") for p in plots]}
-        if tracking.uri:
-            report = _track(workspace, last_round, identity, tracking, scored,
-                            [*plots, Path(scratch) / "model.json"], device)
+        if report is not None:
             summary.update({"run_id": report.run_id, "model_uri": report.model_uri,
                             "model_version": report.model_version, "champion": report.champion,
                             "champion_reason": report.champion_reason,
                             "not_logged": report.not_logged, "tracking_error": report.error})
+    summary["timings"] = clock.laps
     write_json(store, f"{final}/summary.json", summary)
     return summary
 
@@ -222,22 +230,90 @@ class Scored:
         return last.combined.accuracy if last else None
 
 
-def _plots(folder: Path, results: list[dict[str, Any]], federated: dict[int, RoundScores]) -> list[Path]:
+class Plots:
+    """The training's plots, drawn in a forked process while finalize tracks, then copied to ``final/plots``.
+
+    Drawing them (with matplotlib's import) took 0.4 to 0.7 s of finalize's critical path while the
+    second core was idle. The child draws into ``folder`` and exits; `wait` collects it and uploads
+    the files. Where the child cannot be forked, or did not draw them all, this process draws them.
+    """
+
+    def __init__(self, folder: Path, results: list[dict[str, Any]], federated: dict[int, RoundScores],
+                 store: Store, final: str, clock: Stopwatch) -> None:
+        self.drawings = _drawings(folder, results, federated)
+        self.store, self.final, self.clock = store, final, clock
+        self.child: int | None = None
+        self.done: list[Path] | None = None
+
+    def start(self) -> None:
+        """Fork the child that draws (nothing to draw, or no fork: `wait` draws)."""
+        if not self.drawings or not hasattr(os, "fork"):
+            return
+        try:
+            child = os.fork()
+        except OSError:
+            return
+        if child == 0:  # pragma: no cover - the forked child: draw, then leave without Python's teardown
+            code = 1
+            try:
+                for _, draw in self.drawings:
+                    draw()
+                code = 0
+            finally:
+                os._exit(code)
+        self.child = child
+
+    def wait(self) -> list[Path]:
+        """The plots' paths once drawn and uploaded (the first call waits; later calls return them)."""
+        if self.done is None:
+            drew = False
+            if self.child is not None:
+                _, status = os.waitpid(self.child, 0)
+                drew = os.waitstatus_to_exitcode(status) == 0
+            for path, draw in self.drawings:
+                if not (drew and path.is_file()):
+                    draw()  # here, so that what failed in the child fails (and says why) here
+                self.store.upload(f"{self.final}/plots/{path.name}", path)
+            self.done = [path for path, _ in self.drawings]
+            self.clock.lap("plots_wait")
+        return self.done
+
+
+def _drawings(folder: Path, results: list[dict[str, Any]], federated: dict[int, RoundScores]
+              ) -> list[tuple[Path, Callable[[], Path]]]:
+    """Each plot's file and how to draw it; matplotlib is imported by whoever draws."""
+    def per_round(path: Path, rounds: list[int], values: list[float], label: str, title: str) -> Callable[[], Path]:
+        def draw() -> Path:
+            from fedtrain.worker.plots import plot_per_round
+
+            return plot_per_round(path, rounds, values, label, title)
+        return draw
+
+    def confusion(path: Path, matrix: list[list[int]], title: str) -> Callable[[], Path]:
+        def draw() -> Path:
+            from fedtrain.worker.plots import plot_confusion
+
+            return plot_confusion(path, matrix, title)
+        return draw
+
     rounds = [int(r["round"]) for r in results]
-    plots = []
+    drawings = []
     if federated:
-        plots.append(plot_per_round(folder / "federated_accuracy.png", list(federated),
-                                    [s.combined.accuracy for s in federated.values()], "federated accuracy",
-                                    "Global model accuracy at the sites (example-weighted)"))
+        path = folder / "federated_accuracy.png"
+        accuracies = [s.combined.accuracy for s in federated.values()]
+        drawings.append((path, per_round(path, list(federated), accuracies, "federated accuracy",
+                                         "Global model accuracy at the sites (example-weighted)")))
     if results and all("accuracy" in r for r in results):
-        plots.append(plot_per_round(folder / "accuracy.png", rounds, [r["accuracy"] for r in results],
-                                    "test accuracy", "Global model accuracy per round"))
-        plots.append(plot_per_round(folder / "loss.png", rounds, [r["loss"] for r in results],
-                                    "test loss", "Global model loss per round"))
+        path = folder / "accuracy.png"
+        drawings.append((path, per_round(path, rounds, [r["accuracy"] for r in results], "test accuracy",
+                                         "Global model accuracy per round")))
+        path = folder / "loss.png"
+        drawings.append((path, per_round(path, rounds, [r["loss"] for r in results], "test loss",
+                                         "Global model loss per round")))
     if results and "confusion" in results[-1]:
-        plots.append(plot_confusion(folder / "confusion.png", results[-1]["confusion"],
-                                    f"Confusion matrix after round {rounds[-1]}"))
-    return plots
+        path = folder / "confusion.png"
+        drawings.append((path, confusion(path, results[-1]["confusion"], f"Confusion matrix after round {rounds[-1]}")))
+    return drawings
 
 
 def client_history(store: Store, results: list[dict[str, Any]]) -> dict[str, list[tuple[int, dict[str, float]]]]:
@@ -270,7 +346,8 @@ def _local_metrics(meta: dict[str, Any]) -> dict[str, float]:
 
 
 def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
-           scored: Scored, plots: list[Any], device: torch.device) -> TrackingReport:
+           scored: Scored, plots: Callable[[], list[Path]], device: torch.device, clock: Stopwatch
+           ) -> TrackingReport:
     report = TrackingReport()
     assert tracking.uri is not None
     # An sqlite store keeps its artifacts beside its database file (the server's store decides otherwise).
@@ -278,7 +355,9 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
         if tracking.uri.startswith("sqlite:///") else None
     try:
         tracker = Tracker(tracking.uri, tracking.experiment, identity, artifact_root)
+        clock.lap("tracking_store")
         report.run_id = tracker.parent_run()
+        clock.lap("tracking_run")
     except Exception as error:
         report.not_logged["run"] = _short(error)
         report.not_logged["metrics"] = "no run"
@@ -287,24 +366,24 @@ def _track(workspace: Workspace, last_round: int, identity: TrainingIdentity, tr
     federated = {number: scores.metrics() for number, scores in scored.federated.items()}
     steps: list[tuple[str, Any]] = [
         ("metrics", lambda: tracker.round_metrics(report.run_id, scored.results, federated)),
-        ("plots", lambda: tracker.artifacts(report.run_id, plots)),
     ]
     if tracking.log_clients:
         steps.append(("client runs", lambda: tracker.client_runs(report.run_id, client_history(workspace.store,
                                                                                                 scored.results))))
+    steps.append(("model", lambda: _log_model(workspace, last_round, identity, tracking, tracker, report, scored,
+                                              device, clock)))
+    steps.append(("plots", lambda: tracker.artifacts(report.run_id, plots())))  # last: drawn meanwhile
     for what, step in steps:
         try:
             step()
         except Exception as error:
             report.not_logged[what] = _short(error)
-    try:
-        _log_model(workspace, last_round, identity, tracking, tracker, report, scored, device)
-    except Exception as error:
-        report.not_logged["model"] = _short(error)
+        clock.lap(f"tracking_{'champion' if what == 'model' else what.replace(' ', '_')}")
     try:
         tracker.finish(report.run_id)
     except Exception as error:
         report.not_logged["run end"] = _short(error)
+    clock.lap("tracking_finish")
     return report
 
 
@@ -356,7 +435,8 @@ def _below_site_quorum(scored: Scored, last_round: int) -> str | None:
 
 
 def _log_model(workspace: Workspace, last_round: int, identity: TrainingIdentity, tracking: TrackingConfig,
-               tracker: Tracker, report: TrackingReport, scored: Scored, device: torch.device) -> None:
+               tracker: Tracker, report: TrackingReport, scored: Scored, device: torch.device,
+               clock: Stopwatch) -> None:
     weights, _ = read_weights(workspace.store, workspace.layout.global_weights(last_round))
     model = build_model(workspace.model)
     load_numpy_state(model, weights)
@@ -372,6 +452,7 @@ def _log_model(workspace: Workspace, last_round: int, identity: TrainingIdentity
             "num_classes": str(workspace.model.num_classes)}
     report.model_uri, report.model_version = tracker.model(report.run_id, model, example,
                                                            tracking.registered_model_name, tags, PIP_REQUIREMENTS)
+    clock.lap("tracking_model")
     if not (tracking.registered_model_name and report.model_version and tracking.promote):
         return
     held_back = _below_site_quorum(scored, last_round)
