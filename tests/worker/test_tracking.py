@@ -67,3 +67,48 @@ def test_parent_run_is_found_again_not_duplicated(tracker: Tracker) -> None:
 def test_spec_flattens_to_params() -> None:
     assert flatten({"training": {"learningRate": 0.001}, "model": {"architecture": "tiny_cnn"}}) == {
         "training.learningRate": "0.001", "model.architecture": "tiny_cnn"}
+
+
+def rows(database: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every table's rows and the schema, times and generated ids left out where they differ by nature."""
+    import sqlite3
+
+    connection = sqlite3.connect(database)
+    try:
+        tables = [r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        found: dict[str, list[tuple[object, ...]]] = {"schema": sorted(
+            (r[0] or "",) for r in connection.execute("SELECT sql FROM sqlite_master"))}
+        for table in tables:
+            found[table] = sorted(connection.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        found["experiments"] = [row[:4] for row in connection.execute(
+            "SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments ORDER BY 1")]
+        return found
+    finally:
+        connection.close()
+
+
+def test_a_new_sqlite_store_seeded_from_the_template_is_the_store_mlflow_makes(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from fedtrain.worker.tracking import seed_sqlite_store
+
+    templates = tmp_path / "cache"
+    seeded, fresh = tmp_path / "seeded.db", tmp_path / "fresh.db"
+    assert seed_sqlite_store(f"sqlite:///{seeded}", templates)
+    assert len(list(templates.glob("mlflow-*-empty.db"))) == 1
+    assert not seed_sqlite_store(f"sqlite:///{seeded}", templates)  # an existing store is never replaced
+    assert not seed_sqlite_store("http://mlflow:5000", templates)
+    for database in (seeded, fresh):
+        uri = f"sqlite:///{database}"
+        MlflowClient(uri, uri).create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
+    assert rows(seeded) == rows(fresh)
+    assert rows(seeded)["experiments"][0][:2] == (0, "Default")  # made by MLflow on opening, with its location
+
+
+def test_a_template_that_cannot_be_made_leaves_the_store_to_mlflow(tmp_path: Path) -> None:
+    from fedtrain.worker.tracking import seed_sqlite_store
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert not seed_sqlite_store(f"sqlite:///{tmp_path / 'mlflow.db'}", blocked / "cache")
+    assert not (tmp_path / "mlflow.db").exists()
