@@ -73,16 +73,23 @@ class ForkedTask:
 class ForkServer:
     """The runner's end of `fedtrain.local.forkserver`: one long-lived process that forks tasks."""
 
-    def __init__(self, preload: Sequence[str], environment: Mapping[str, str] | None = None, spares: int = 1) -> None:
-        """Start the server; ``spares``: how many tasks can start at once without waiting for a fork."""
+    def __init__(self, preload: Sequence[str], environment: Mapping[str, str] | None = None, spares: int = 1,
+                 prepare: Sequence[str] = ()) -> None:
+        """Start the server; ``spares``: how many tasks can start at once without waiting for a fork.
+
+        ``prepare``: commands to keep a process for, its imports done while the training runs
+        (`forkserver.PREPARED`).
+        """
+        options = [f"--prepare={command}" for command in prepare]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fedtrain.local.forkserver", "--spares", str(spares), *preload],
+            [sys.executable, "-m", "fedtrain.local.forkserver", "--spares", str(spares), *options, *preload],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_die_with_parent,
             env=environment)
         self.exit_codes: dict[str, int] = {}
         self.cpu_seconds: dict[str, float] = {}  # each finished task's user and system seconds
         self.resident_bytes: dict[str, int] = {}  # its process's resident memory after it (when it reported)
         self.pids: dict[str, int] = {}  # the process each task ran in
+        self.prepared: dict[str, int] = {}  # the process kept for each prepared command
         self.exited = threading.Event()  # set by the reader on every exit, so waiting needs no polling
         assert self.process.stdout is not None
         ready = self.process.stdout.readline()
@@ -95,6 +102,9 @@ class ForkServer:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             message = json.loads(line)
+            if "prepared" in message:
+                self.prepared[message["prepared"]] = int(message["pid"])
+                continue
             if "pid" in message:
                 self.pids[message["id"]] = int(message["pid"])
             if "exit" in message:
@@ -141,7 +151,7 @@ class LocalExecutor:
 
     def __init__(self, workdir: Path, parallelism: int, threads_per_task: int | None = None,
                  fork_server: bool = True, preload: Sequence[str] = (),
-                 environment: Mapping[str, str] | None = None) -> None:
+                 environment: Mapping[str, str] | None = None, prepare: Sequence[str] = ()) -> None:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.record = workdir / "tasks.jsonl"
@@ -150,7 +160,8 @@ class LocalExecutor:
         self.finished: dict[str, Observation] = self._load()
         self.running: dict[str, Handle] = {}
         self.environment = dict(environment if environment is not None else os.environ)
-        self.server = ForkServer(preload, self.environment, spares=parallelism) if fork_server else None
+        self.server = ForkServer(preload, self.environment, spares=parallelism, prepare=prepare) \
+            if fork_server else None
         self.queued: deque[tuple[str, list[str]]] = deque()
         self.started_at: dict[str, float] = {}
         self.durations: dict[str, float] = {}  # wall seconds of each finished task, from launch to its exit

@@ -16,13 +16,16 @@ What a task would otherwise pay besides its work stays off its critical path:
 - tearing a process down and noticing its exit: a task process reports its exit code through a
   pipe shared with the server as its first act after the task, so the next task starts at once;
   one that dies without reporting (killed, crashed) is reported when it is reaped, with its
-  signal as a negative exit code, and replaced.
+  signal as a negative exit code, and replaced;
+- the imports of the training's last task (``--prepare finalize``): once training is under way, a
+  process is forked for finalize and imports MLflow, its sqlite store and matplotlib (`PREPARED`:
+  about 2 s on a quiet core) beside the rounds, instead of after the last one.
 
 Protocol, one JSON object per line. In: ``{"id", "argv", "stdout", "stderr", "threads", "env"}`` to
 run, ``{"cancel": id}`` to stop (SIGTERM to the task's process group). Out: ``{"ready": true}``
-once, ``{"id", "pid"}`` when started, ``{"id", "exit", "cpu", "rss"}`` when done (``cpu``: the
-task's user and system seconds; ``rss``: its process's resident bytes afterwards, absent when it
-died).
+once, ``{"prepared", "pid"}`` for a process kept for a command, ``{"id", "pid"}`` when started,
+``{"id", "exit", "cpu", "rss"}`` when done (``cpu``: the task's user and system seconds; ``rss``:
+its process's resident bytes afterwards, absent when it died).
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ from typing import Any
 from fedtrain.local.taskprocess import REUSABLE, serve_tasks, write_all
 
 STOP_GRACE_SECONDS = 5.0  # for the last tasks to end after SIGTERM when the server stops
+# Commands a process can be prepared for (``--prepare``), and what such a process imports ahead of its
+# task: what finalize imports beyond the worker's other commands (MLflow's store opens its schema
+# modules on first use; the plots are drawn by a child forked from the finalize process).
+PREPARED: dict[str, tuple[str, ...]] = {
+    "finalize": ("fedtrain.worker.finalize", "fedtrain.worker.tracking", "fedtrain.worker.plots", "mlflow",
+                 "mlflow.pytorch", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
+                 "mlflow.store.model_registry.sqlalchemy_store"),
+}
+PREPARE_AFTER = "train"  # a prepared process is forked once the server hands out the first such task
 
 
 def _send(message: dict[str, Any]) -> None:
@@ -100,6 +112,7 @@ class Worker:
     task: str | None = None
     env: str | None = None  # None: fresh, it has run nothing yet
     command: str | None = None
+    prepared: str | None = None  # the command it imported ahead for (`PREPARED`); it runs no other
 
 
 def _command(request: dict[str, Any]) -> str:
@@ -113,8 +126,9 @@ def _env_key(request: dict[str, Any]) -> str:
 class Server:
     """Hands requests to task processes; reports starts and exits on stdout."""
 
-    def __init__(self, spares: int) -> None:
+    def __init__(self, spares: int, prepare: tuple[str, ...] = ()) -> None:
         self.wanted = max(1, spares)
+        self.to_prepare = [command for command in prepare if command in PREPARED]
         self.workers: dict[int, Worker] = {}
         self.notices, self.notice_end = _pipe(blocking_write=True)  # task processes report on notice_end
         self.wake, self.wake_end = _pipe(blocking_write=False)  # readable when a child exits (SIGCHLD)
@@ -140,9 +154,25 @@ class Server:
         self.workers.pop(worker.pid, None)
         os.close(worker.requests)
 
+    def general(self) -> list[Worker]:
+        """The processes that are not kept for one command (``spares`` counts these)."""
+        return [w for w in self.workers.values() if w.prepared is None]
+
+    def prepare(self) -> None:
+        """Fork the processes that ``--prepare`` asks for; each imports its command's modules while it waits."""
+        for command in self.to_prepare:
+            worker = self.fork_worker()
+            worker.prepared = command
+            write_all(worker.requests, json.dumps({"prepare": list(PREPARED[command])}).encode() + b"\n")
+            _send({"prepared": command, "pid": worker.pid})
+        self.to_prepare = []
+
     def choose(self, request: dict[str, Any]) -> Worker:
-        """A warm idle process for a reusable command with the same environment, else a fresh one."""
-        idle = [w for w in self.workers.values() if w.task is None]
+        """The process prepared for the command, a warm idle one for a reusable command, else a fresh one."""
+        prepared = [w for w in self.workers.values() if w.task is None and w.prepared == _command(request)]
+        if prepared:
+            return prepared[0]
+        idle = [w for w in self.general() if w.task is None]
         if _command(request) in REUSABLE:
             warm = [w for w in idle if w.env == _env_key(request)]
             if warm:
@@ -167,6 +197,8 @@ class Server:
                 self.retire(worker)
         worker.task, worker.env, worker.command = request["id"], _env_key(request), _command(request)
         _send({"id": request["id"], "pid": worker.pid})
+        if self.to_prepare and worker.command == PREPARE_AFTER:  # the training runs: no start waits for this
+            self.prepare()
 
     def read_notices(self) -> None:
         """Exit reports of tasks: passed on now, before a retiring process's teardown ends."""
@@ -185,7 +217,7 @@ class Server:
             worker.task = None
             if not notice["reusable"]:
                 self.retire(worker)
-            elif sum(w.task is None for w in self.workers.values()) > self.wanted:
+            elif sum(w.task is None for w in self.general()) > self.wanted:
                 self.retire(worker)  # more idle processes than tasks can run at once
 
     def reap(self) -> None:
@@ -210,7 +242,7 @@ class Server:
         """Until stdin closes: run requests, report exits, keep enough processes ready when nothing waits."""
         buffer = b""
         while True:
-            missing = len(self.workers) < self.wanted
+            missing = len(self.general()) < self.wanted
             readable, _, _ = select.select([stdin, self.wake, self.notices], [], [], 0 if missing else 1.0)
             if not readable and missing:
                 self.fork_worker()
@@ -253,14 +285,14 @@ class Server:
                 time.sleep(0.01)
 
 
-def serve(preload: list[str], spares: int = 1) -> None:
+def serve(preload: list[str], spares: int = 1, prepare: tuple[str, ...] = ()) -> None:
     """Import the heavy modules and warm them up, then run requests in forked children until stdin closes."""
     import importlib
 
     for module in ["torch", "fedtrain.worker.cli", "fedtrain.worker.jobs", *preload]:
         importlib.import_module(module)
     warm_up()
-    server = Server(spares)
+    server = Server(spares, prepare)
     for _ in range(server.wanted):
         server.fork_worker()
     _send({"ready": True})
@@ -268,12 +300,14 @@ def serve(preload: list[str], spares: int = 1) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m fedtrain.local.forkserver [--spares N] [module...]``."""
+    """``python -m fedtrain.local.forkserver [--spares N] [--prepare COMMAND] [module...]``."""
     parser = argparse.ArgumentParser(prog="fedtrain.local.forkserver")
     parser.add_argument("--spares", type=int, default=1, help="children forked ahead of time (the tasks run at once)")
+    parser.add_argument("--prepare", action="append", default=[], choices=sorted(PREPARED),
+                        help="keep a process for this command, its modules imported while the training runs")
     parser.add_argument("preload", nargs="*", help="modules to import before forking, besides torch and the worker")
     args = parser.parse_args(argv)
-    serve(args.preload, max(0, args.spares))
+    serve(args.preload, max(0, args.spares), tuple(args.prepare))
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ def _run_locked(manifest: FederatedTraining, options: RunOptions, workdir: Path,
         environment[S3_ENV["credentials_from"]] = "the environment of `fedtrain run` (AWS_ACCESS_KEY_ID, " \
                                                   "AWS_SECRET_ACCESS_KEY)"
     executor = LocalExecutor(workdir / "executor", options.parallelism or spec.worker.parallelism,
-                             fork_server=options.fork_server, preload=preload, environment=environment)
+                             fork_server=options.fork_server, preload=preload, environment=environment,
+                             prepare=("finalize",))  # its imports beside the rounds, not after the last
     relay = None
     if spec.clients.sites():
         relay = SiteRelay(open_store(where.workdir, environment), spec,

@@ -148,6 +148,17 @@ def run_task(request: dict[str, Any], pristine: Pristine) -> int:  # pragma: no 
         sys.stderr.flush()
 
 
+def prepare(modules: list[str]) -> None:  # pragma: no cover - runs in a task process
+    """Import ``modules`` ahead of the task; one that fails is left for the task, which then fails saying why."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception:  # the task imports it again and reports the error
+            continue
+
+
 def reusable(request: dict[str, Any], code: int, tasks: int, first_resident: int) -> bool:
     """Whether this process may run another task (see the module's docstring)."""
     command = (request.get("argv") or [""])[0]
@@ -169,6 +180,10 @@ def serve_tasks(requests: int, notices: int, inherited: list[int]) -> NoReturn: 
         tasks, first_resident = 0, 0
         while (line := lines.next()) is not None:
             request = json.loads(line)
+            if "prepare" in request:  # imports ahead of a task (the server's --prepare); nothing to report
+                prepare(request["prepare"])
+                pristine = Pristine.capture()  # what the imports set (MLflow's environment defaults) stays
+                continue
             started = cpu_seconds()
             code = run_task(request, pristine)
             tasks += 1

@@ -156,3 +156,33 @@ def wait_for(condition: Any, timeout: float = 60.0) -> Any:
             return value
         time.sleep(0.02)
     raise AssertionError("condition not reached in time")
+
+
+def test_finalize_runs_in_the_process_prepared_for_it_once_training_began(synth_tree: Path, tmp_path: Path) -> None:
+    """``prepare``: a process is forked for finalize at the first training task and imports MLflow while it waits."""
+    forks = ForkServer([], spares=1, prepare=["finalize"])
+    try:
+        (tmp_path / "logs").mkdir()
+        runner = Tasks(forks, tmp_path / "logs", tmp_path / "work")
+        ident, code = runner.run("init", "--workdir", runner.workdir, "--data", synth_tree, "--clients", 1,
+                                 "--architecture", "tiny_cnn", "--image-size", 16, "--seed", 1)
+        assert code == 0, runner.error(ident)
+        assert forks.prepared == {}  # nothing is prepared before the training runs: no start waits for it
+        trained, code = train(runner)
+        assert code == 0, runner.error(trained)
+        deadline = time.monotonic() + 30
+        while "finalize" not in forks.prepared and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert forks.prepared["finalize"] not in (forks.pids[ident], forks.pids[trained])
+        ident, code = runner.run("aggregate", "--workdir", runner.workdir, "--round", 1, "--device", "cpu")
+        assert code == 0, runner.error(ident)
+        assert forks.pids[ident] != forks.prepared["finalize"]  # kept for finalize only
+        ident, code = runner.run("finalize", "--workdir", runner.workdir, "--round", 1, "--device", "cpu",
+                                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert code == 0, runner.error(ident)
+        assert forks.pids[ident] == forks.prepared["finalize"]
+        summary = runner.output(ident)
+        assert summary["model_version"] is None and summary["tracking_error"] is None
+        assert sorted(Path(p).name for p in summary["plots"]) == ["accuracy.png", "confusion.png", "loss.png"]
+    finally:
+        forks.close()
