@@ -17,7 +17,8 @@ What a task would otherwise pay besides its work stays off its critical path:
   pipe shared with the server as its first act after the task, so the next task starts at once;
   one that dies without reporting (killed, crashed) is reported when it is reaped, with its
   signal as a negative exit code, and replaced;
-- the imports of the training's last task (``--prepare finalize``): once training is under way, a
+- the imports of the training's last task (``--prepare finalize``): once training is under way (the
+  first task after init: a client's training, or a sites-only coordinator's first aggregation), a
   process is forked for finalize and imports MLflow, its sqlite store and matplotlib (`PREPARED`:
   about 2 s on a quiet core) beside the rounds, instead of after the last one.
 
@@ -52,7 +53,10 @@ PREPARED: dict[str, tuple[str, ...]] = {
                  "mlflow.pytorch", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
                  "mlflow.store.model_registry.sqlalchemy_store"),
 }
-PREPARE_AFTER = "train"  # a prepared process is forked once the server hands out the first such task
+# A prepared process is forked once the server hands out the first task past the training's set-up: a
+# client's training, or, for a coordinator whose clients are all sites, the first aggregation (or secure
+# stage), so that no start of the set-up waits for it.
+SETUP_COMMANDS = ("init",)
 
 
 def _send(message: dict[str, Any]) -> None:
@@ -197,7 +201,7 @@ class Server:
                 self.retire(worker)
         worker.task, worker.env, worker.command = request["id"], _env_key(request), _command(request)
         _send({"id": request["id"], "pid": worker.pid})
-        if self.to_prepare and worker.command == PREPARE_AFTER:  # the training runs: no start waits for this
+        if self.to_prepare and worker.command not in SETUP_COMMANDS:  # the training runs: no start waits for this
             self.prepare()
 
     def read_notices(self) -> None:

@@ -158,6 +158,33 @@ def wait_for(condition: Any, timeout: float = 60.0) -> Any:
     raise AssertionError("condition not reached in time")
 
 
+def test_a_coordinator_whose_clients_all_train_elsewhere_prepares_at_its_first_aggregation(
+        synth_tree: Path, tmp_path: Path) -> None:
+    """A sites-only coordinator runs no training task: its first task after init is the aggregation."""
+    coordinator = ForkServer([], spares=1, prepare=["finalize"])
+    site = ForkServer([], spares=1)  # the site's own server: its training is no task of the coordinator's
+    try:
+        for logs in ("logs", "site-logs"):
+            (tmp_path / logs).mkdir()
+        tasks = Tasks(coordinator, tmp_path / "logs", tmp_path / "work")
+        ident, code = tasks.run("init", "--workdir", tasks.workdir, "--data", synth_tree, "--clients", 1,
+                                "--architecture", "tiny_cnn", "--image-size", 16, "--seed", 1)
+        assert code == 0, tasks.error(ident)
+        site_tasks = Tasks(site, tmp_path / "site-logs", tasks.workdir)
+        trained, code = train(site_tasks)
+        assert code == 0, site_tasks.error(trained)
+        assert coordinator.prepared == {}  # nothing before the training runs: no start of the set-up waits
+        ident, code = tasks.run("aggregate", "--workdir", tasks.workdir, "--round", 1, "--device", "cpu")
+        assert code == 0, tasks.error(ident)
+        deadline = time.monotonic() + 30
+        while "finalize" not in coordinator.prepared and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert coordinator.prepared["finalize"] != coordinator.pids[ident]
+    finally:
+        coordinator.close()
+        site.close()
+
+
 def test_finalize_runs_in_the_process_prepared_for_it_once_training_began(synth_tree: Path, tmp_path: Path) -> None:
     """``prepare``: a process is forked for finalize at the first training task and imports MLflow while it waits."""
     forks = ForkServer([], spares=1, prepare=["finalize"])
