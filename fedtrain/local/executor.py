@@ -74,13 +74,13 @@ class ForkServer:
     """The runner's end of `fedtrain.local.forkserver`: one long-lived process that forks tasks."""
 
     def __init__(self, preload: Sequence[str], environment: Mapping[str, str] | None = None, spares: int = 1,
-                 prepare: Sequence[str] = ()) -> None:
+                 prepare: Sequence[str] = (), warm: bool = True) -> None:
         """Start the server; ``spares``: how many tasks can start at once without waiting for a fork.
 
         ``prepare``: commands to keep a process for, its imports done while the training runs
-        (`forkserver.PREPARED`).
+        (`forkserver.PREPARED`). ``warm``: False when none of the tasks trains (no warm-up step).
         """
-        options = [f"--prepare={command}" for command in prepare]
+        options = [f"--prepare={command}" for command in prepare] + ([] if warm else ["--no-warm-up"])
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fedtrain.local.forkserver", "--spares", str(spares), *options, *preload],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_die_with_parent,
@@ -150,8 +150,9 @@ class LocalExecutor:
     """Runs tasks as processes; reports them as engine observations."""
 
     def __init__(self, workdir: Path, parallelism: int, threads_per_task: int | None = None,
-                 fork_server: bool = True, preload: Sequence[str] = (),
-                 environment: Mapping[str, str] | None = None, prepare: Sequence[str] = ()) -> None:
+                 fork_server: bool = True, preload: Sequence[str] = (), environment: Mapping[str, str] | None = None,
+                 prepare: Sequence[str] = (), trains: bool = True) -> None:
+        """``trains``: whether any task trains (a coordinator whose clients are all sites: none)."""
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.record = workdir / "tasks.jsonl"
@@ -160,7 +161,7 @@ class LocalExecutor:
         self.finished: dict[str, Observation] = self._load()
         self.running: dict[str, Handle] = {}
         self.environment = dict(environment if environment is not None else os.environ)
-        self.server = ForkServer(preload, self.environment, spares=parallelism, prepare=prepare) \
+        self.server = ForkServer(preload, self.environment, spares=parallelism, prepare=prepare, warm=trains) \
             if fork_server else None
         self.queued: deque[tuple[str, list[str]]] = deque()
         self.started_at: dict[str, float] = {}

@@ -289,13 +289,18 @@ class Server:
                 time.sleep(0.01)
 
 
-def serve(preload: list[str], spares: int = 1, prepare: tuple[str, ...] = ()) -> None:
-    """Import the heavy modules and warm them up, then run requests in forked children until stdin closes."""
+def serve(preload: list[str], spares: int = 1, prepare: tuple[str, ...] = (), warm: bool = True) -> None:
+    """Import the heavy modules and warm them up, then run requests in forked children until stdin closes.
+
+    ``warm``: False for a runner none of whose tasks trains (a coordinator whose clients are all
+    sites): the warm-up is a training step, about 1.2 s of a quiet core before the first task can start.
+    """
     import importlib
 
     for module in ["torch", "fedtrain.worker.cli", "fedtrain.worker.jobs", *preload]:
         importlib.import_module(module)
-    warm_up()
+    if warm:
+        warm_up()
     server = Server(spares, prepare)
     for _ in range(server.wanted):
         server.fork_worker()
@@ -309,9 +314,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--spares", type=int, default=1, help="children forked ahead of time (the tasks run at once)")
     parser.add_argument("--prepare", action="append", default=[], choices=sorted(PREPARED),
                         help="keep a process for this command, its modules imported while the training runs")
+    parser.add_argument("--no-warm-up", dest="warm", action="store_false",
+                        help="skip the warm-up training step: none of the runner's tasks trains")
     parser.add_argument("preload", nargs="*", help="modules to import before forking, besides torch and the worker")
     args = parser.parse_args(argv)
-    serve(args.preload, max(0, args.spares), tuple(args.prepare))
+    serve(args.preload, max(0, args.spares), tuple(args.prepare), args.warm)
 
 
 if __name__ == "__main__":

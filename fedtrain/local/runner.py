@@ -165,7 +165,8 @@ def _run_locked(manifest: FederatedTraining, options: RunOptions, workdir: Path,
                                                   "AWS_SECRET_ACCESS_KEY)"
     executor = LocalExecutor(workdir / "executor", options.parallelism or spec.worker.parallelism,
                              fork_server=options.fork_server, preload=preload, environment=environment,
-                             prepare=("finalize",))  # its imports beside the rounds, not after the last
+                             prepare=("finalize",),  # its imports beside the rounds, not after the last
+                             trains=len(spec.clients.sites()) < len(spec.clients.names()))
     relay = None
     if spec.clients.sites():
         relay = SiteRelay(open_store(where.workdir, environment), spec,

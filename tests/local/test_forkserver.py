@@ -161,7 +161,7 @@ def wait_for(condition: Any, timeout: float = 60.0) -> Any:
 def test_a_coordinator_whose_clients_all_train_elsewhere_prepares_at_its_first_aggregation(
         synth_tree: Path, tmp_path: Path) -> None:
     """A sites-only coordinator runs no training task: its first task after init is the aggregation."""
-    coordinator = ForkServer([], spares=1, prepare=["finalize"])
+    coordinator = ForkServer([], spares=1, prepare=["finalize"], warm=False)  # it trains nothing: no warm-up step
     site = ForkServer([], spares=1)  # the site's own server: its training is no task of the coordinator's
     try:
         for logs in ("logs", "site-logs"):
