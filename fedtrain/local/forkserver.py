@@ -47,11 +47,13 @@ from fedtrain.local.taskprocess import REUSABLE, serve_tasks, write_all
 STOP_GRACE_SECONDS = 5.0  # for the last tasks to end after SIGTERM when the server stops
 # Commands a process can be prepared for (``--prepare``), and what such a process imports ahead of its
 # task: what finalize imports beyond the worker's other commands (MLflow's store opens its schema
-# modules on first use; the plots are drawn by a child forked from the finalize process).
+# modules on first use; the plots are drawn by a child forked from the finalize process; MLflow logs a
+# PyTorch model through torch.export, whose first import brings in torch._dynamo: 2 s, which a server
+# that warmed up with a training step had paid already, one that skipped it had not).
 PREPARED: dict[str, tuple[str, ...]] = {
     "finalize": ("fedtrain.worker.finalize", "fedtrain.worker.tracking", "fedtrain.worker.plots", "mlflow",
                  "mlflow.pytorch", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
-                 "mlflow.store.model_registry.sqlalchemy_store"),
+                 "mlflow.store.model_registry.sqlalchemy_store", "torch.export._trace"),
 }
 # A prepared process is forked once the server hands out the first task past the training's set-up: a
 # client's training, or, for a coordinator whose clients are all sites, the first aggregation (or secure
