@@ -16,8 +16,9 @@ What a task sees is what a fresh process forked from the server gives it:
 - torch's thread count as the task asks.
 
 A process is retired (it exits right after reporting) when its task failed, when it ran a command
-that is not `REUSABLE` (init, finalize, site tasks: data generation, MLflow, plots set up global
-state), when a thread it started is still running, when it has run `MAX_TASKS`, or when its
+that is not `REUSABLE` (init and finalize: data generation, MLflow, plots set up global state; a
+site's task trains, evaluates or runs a secure stage on data its site made beforehand, so it is
+reusable), when a thread it started is still running, when it has run `MAX_TASKS`, or when its
 resident memory grew past `MEMORY_GROWTH` times what it held after its first task. The server
 forks another in its place.
 """
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 EXIT_INTERNAL = 70  # the worker's code for an internal error (fedtrain.contract.errors)
-REUSABLE = ("train", "aggregate", "evaluate", "secure")  # commands that leave no global state behind
+REUSABLE = ("train", "aggregate", "evaluate", "secure", "site-task")  # commands that leave no global state behind
 MAX_TASKS = 200
 MEMORY_GROWTH = 1.5
 

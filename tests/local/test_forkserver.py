@@ -86,6 +86,29 @@ def test_a_process_runs_the_next_task_from_the_state_a_fresh_one_has(tasks: Task
     assert tasks.server.cpu_seconds[again] > 0
 
 
+def test_a_site_runs_its_next_task_in_the_same_process_from_the_state_a_fresh_one_has(
+        server: ForkServer, synth_tree: Path, tmp_path: Path) -> None:
+    """A site's task reuses a warm process as a training does, and trains exactly as a fresh process."""
+    from tests.worker.test_site_task import SITE, posted
+
+    (tmp_path / "logs").mkdir()
+    site = Tasks(server, tmp_path / "logs", tmp_path / "work")
+    ident, code = site.run("init", "--workdir", site.workdir, "--data", synth_tree, "--clients", 2,
+                           "--client-names", f"hq,{SITE}", "--own-data-clients", SITE, "--architecture", "tiny_cnn",
+                           "--image-size", 16, "--seed", 1)
+    assert code == 0, site.error(ident)
+    answers = []
+    for attempt in (1, 2):  # two attempts of one task: the same work, answered under keys of their own
+        task = posted(site.workdir, "train", 1, attempt=attempt).to_json()
+        ident, code = site.run("site-task", "--workdir", site.workdir, "--task-json", json.dumps(task),
+                               "--data", synth_tree, "--device", "cpu")
+        assert code == 0, site.error(ident)
+        answers.append(ident)
+    first, again = answers
+    assert server.pids[again] == server.pids[first]
+    assert site.output(again)["sha256"] == site.output(first)["sha256"]
+
+
 def test_memory_does_not_grow_across_tasks(tasks: Tasks) -> None:
     idents = [evaluate(tasks)[0] for _ in range(6)]
     pids = {tasks.server.pids[i] for i in idents}
