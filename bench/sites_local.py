@@ -13,17 +13,17 @@ Baseline, measured in the same run: `fedtrain run` (a process, as the coordinato
 federation with N ordinary clients
 (N × per-class training images, iid, central test split of N × test-per-class images), so the same
 model, rounds, epochs and amounts of data, with no store protocol and no polling between the
-processes. Printed: wall time from start to the coordinator's exit (sites include generating
-their data, timed apart), the median round and its time beyond the slowest client's training
-loop, the final accuracy (federated for the sites, central for the baseline), and the ratios; with
-``--repeats R``, R such pairs in alternating order (single first, then sites first, ...) and the
-median ratios.
+processes. Printed: wall time from start to the coordinator's exit (sites include generating their
+data, timed apart), the CPU seconds of all the processes of each side (to the sites' exit), the
+median round and its time beyond the slowest client's training loop, the final accuracy (federated
+for the sites, central for the baseline), and the ratios; with ``--repeats R``, R such pairs in
+alternating order (single first, then sites first, ...) and the median ratios.
 
 ``--hostile`` runs the sites twice more, in the same run: all three honest, then with berlin
 replaced by a hostile site that writes only its own keys and answers every task at once with a lie
 the coordinator must refuse (an update claiming 10^9 examples, an evaluation of 7.0 over 10^18
-examples, by turns a NaN accuracy and an answer far over its size limit). Printed: the median
-round of each and their ratio, and the federated accuracy (the honest sites' alone when berlin lies).
+examples, by turns a NaN accuracy and an answer far over its size limit). Printed: the median round
+of each and their ratio, and the federated accuracy (the honest sites' alone when berlin lies).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,12 @@ def start(arguments: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", "fedtrain.cli", *arguments], stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def children_cpu() -> float:
+    """User and system seconds of every child process this one has waited for (theirs included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def round_seconds(status: dict[str, Any]) -> float:
@@ -149,7 +156,7 @@ def run_sites(scratch: Path, args: argparse.Namespace, hostile: str | None = Non
 
         site_data(load_participation(scratch / f"{site}.yaml"), scratch / site)
     generated = time.monotonic() - generated
-    began = time.monotonic()
+    began, cpu = time.monotonic(), children_cpu()
     processes = [start(["run", str(scratch / "coordinator.yaml")], scratch / "coordinator.log")]
     threads = str(max(1, (os.cpu_count() or 1) // len(sites)))  # the cores shared out, as the baseline does
     processes += [start(["site", "run", str(scratch / f"{site}.yaml"), "--workdir", str(scratch / site),
@@ -162,6 +169,7 @@ def run_sites(scratch: Path, args: argparse.Namespace, hostile: str | None = Non
     wall = time.monotonic() - began  # to the coordinator's exit; the sites end once they read that it is over
     for process in processes[1:]:
         process.wait()
+    cpu = children_cpu() - cpu
     stop.set()
     status = json.loads((store / "status.json").read_text())
     assert status["phase"] == "Succeeded", status.get("message")
@@ -169,7 +177,7 @@ def run_sites(scratch: Path, args: argparse.Namespace, hostile: str | None = Non
     def sidecars(number: int) -> list[Path]:
         return [store / "sites" / site / f"round-{number:04d}" / "update-a1.json" for site in sites if site != hostile]
 
-    return {"wall": wall, "round": round_seconds(status), "accuracy": status["federatedAccuracy"],
+    return {"wall": wall, "round": round_seconds(status), "accuracy": status["federatedAccuracy"], "cpu": cpu,
             "data_generation": generated, "scratch": str(scratch), "overhead": overhead_seconds(status, sidecars)}
 
 
@@ -187,16 +195,16 @@ def run_single(scratch: Path, args: argparse.Namespace) -> dict[str, float]:
                 evaluation={"central": True}, worker={"parallelism": args.sites, "device": "cpu"})
     manifest["metadata"]["name"] = "single"
     (scratch / "single.yaml").write_text(yaml.safe_dump(manifest))
-    began = time.monotonic()
+    began, cpu = time.monotonic(), children_cpu()
     start(["run", str(scratch / "single.yaml"), "--workdir", str(scratch / "single")], scratch / "single.log").wait()
-    wall = time.monotonic() - began
+    wall, cpu = time.monotonic() - began, children_cpu() - cpu
     status = json.loads((scratch / "single" / "status.json").read_text())
     assert status["phase"] == "Succeeded", status.get("message")
 
     def sidecars(number: int) -> list[Path]:
         return sorted((scratch / "single" / f"round-{number:04d}" / "clients").glob("*.json"))
 
-    return {"wall": wall, "round": round_seconds(status), "accuracy": float(status["accuracy"]),
+    return {"wall": wall, "round": round_seconds(status), "accuracy": float(status["accuracy"]), "cpu": cpu,
             "overhead": overhead_seconds(status, sidecars)}
 
 
@@ -234,14 +242,17 @@ def main() -> None:
             sites = run_sites(folder, args)
         print(f"pair {repeat + 1} ({'sites' if repeat % 2 else 'single'} first), load average "
               f"{load:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores")
-        print(f"  single process : wall {single['wall']:6.1f} s, median round {single['round']:5.1f} s "
-              f"(beyond training {single['overhead']:4.1f} s), central accuracy {single['accuracy']:.4f}")
-        print(f"  coordinator + {args.sites} sites: wall {sites['wall']:6.1f} s, median round {sites['round']:5.1f} s "
+        print(f"  single process : wall {single['wall']:6.1f} s, CPU {single['cpu']:5.1f} s, median round "
+              f"{single['round']:5.1f} s (beyond training {single['overhead']:4.1f} s), central accuracy "
+              f"{single['accuracy']:.4f}")
+        print(f"  coordinator + {args.sites} sites: wall {sites['wall']:6.1f} s, CPU {sites['cpu']:5.1f} s, "
+              f"median round {sites['round']:5.1f} s "
               f"(beyond training {sites['overhead']:4.1f} s), federated accuracy {sites['accuracy']:.4f} (sites "
               f"generated their data in {sites['data_generation']:.1f} s beforehand; logs and status in "
               f"{sites['scratch']})")
         ratios.append((sites["wall"] / single["wall"], sites["round"] / single["round"]))
-        print(f"  ratio sites / single: wall {ratios[-1][0]:.2f}, round {ratios[-1][1]:.2f}; a round's time beyond "
+        print(f"  ratio sites / single: wall {ratios[-1][0]:.2f}, round {ratios[-1][1]:.2f}, CPU "
+              f"{sites['cpu'] / single['cpu']:.2f}; a round's time beyond "
               f"training: {sites['overhead'] - single['overhead']:+.1f} s", flush=True)
     if len(ratios) > 1:
         print(f"median ratio sites / single over {len(ratios)} pairs: wall "
