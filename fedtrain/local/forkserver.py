@@ -19,8 +19,9 @@ What a task would otherwise pay besides its work stays off its critical path:
   signal as a negative exit code, and replaced;
 - the imports of the training's last task (``--prepare finalize``): once training is under way (the
   first task after init: a client's training, or a sites-only coordinator's first aggregation), a
-  process is forked for finalize and imports MLflow, its sqlite store and matplotlib (`PREPARED`:
-  about 2 s on a quiet core) beside the rounds, instead of after the last one.
+  process is forked for finalize and imports MLflow, its sqlite store, matplotlib and
+  `torch.export` (`PREPARED`: about 3.4 s of a quiet core) beside the rounds, instead of after the
+  last one.
 
 Protocol, one JSON object per line. In: ``{"id", "argv", "stdout", "stderr", "threads", "env"}`` to
 run, ``{"cancel": id}`` to stop (SIGTERM to the task's process group). Out: ``{"ready": true}``
@@ -48,8 +49,8 @@ STOP_GRACE_SECONDS = 5.0  # for the last tasks to end after SIGTERM when the ser
 # Commands a process can be prepared for (``--prepare``), and what such a process imports ahead of its
 # task: what finalize imports beyond the worker's other commands (MLflow's store opens its schema
 # modules on first use; the plots are drawn by a child forked from the finalize process; MLflow logs a
-# PyTorch model through torch.export, whose first import brings in torch._dynamo: 2 s, which a server
-# that warmed up with a training step had paid already, one that skipped it had not).
+# PyTorch model through torch.export, whose first import brings in torch._dynamo: 1.3 s of CPU, which a
+# server that warmed up with a training step had mostly paid already, one that skipped it had not).
 PREPARED: dict[str, tuple[str, ...]] = {
     "finalize": ("fedtrain.worker.finalize", "fedtrain.worker.tracking", "fedtrain.worker.plots", "mlflow",
                  "mlflow.pytorch", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",

@@ -166,7 +166,7 @@ def _run_locked(manifest: FederatedTraining, options: RunOptions, workdir: Path,
     executor = LocalExecutor(workdir / "executor", options.parallelism or spec.worker.parallelism,
                              fork_server=options.fork_server, preload=preload, environment=environment,
                              prepare=("finalize",),  # its imports beside the rounds, not after the last
-                             trains=len(spec.clients.sites()) < len(spec.clients.names()))
+                             trains=len(spec.clients.sites()) < len(spec.clients.names()))  # not all sites
     relay = None
     if spec.clients.sites():
         relay = SiteRelay(open_store(where.workdir, environment), spec,
