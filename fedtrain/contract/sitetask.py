@@ -33,6 +33,7 @@ from fedtrain.contract.wire import MAX_ATTEMPT as MAX_ATTEMPT
 from fedtrain.contract.wire import MAX_ROUND as MAX_ROUND
 from fedtrain.contract.wire import NAME_PATTERN as NAME_PATTERN
 from fedtrain.contract.wire import SHA256_PATTERN as SHA256_PATTERN
+from fedtrain.contract.wire import SiteText, showable
 from fedtrain.contract.wire import problems as problems
 
 # 2: a task carries its attempt, an update is update-a<attempt>.safetensors, a task is parsed strictly.
@@ -323,11 +324,12 @@ def expected_task_id(task: SiteTask) -> str:
 
 
 def parse_posting(data: bytes, where: str = "task.json") -> Posting:
-    """``task.json`` as written by the coordinator."""
+    """``task.json`` as written by the coordinator; its phase and message only as text to show, bounded."""
     value = _object(data, where)
     task = value.get("task")
-    return Posting(str(value.get("phase", "")), parse_task(task, where) if isinstance(task, dict) else None,
-                   str(value.get("message", "")))
+    return Posting(showable(str(value.get("phase", "")))[:REASON_KEPT],
+                   parse_task(task, where) if isinstance(task, dict) else None,
+                   showable(str(value.get("message", "")))[:REASON_LIMIT])
 
 
 @dataclass(frozen=True)
@@ -358,7 +360,7 @@ class ResultDocument(WireModel):
     site: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
     state: ResultState
     exit_code: Annotated[int, Field(ge=0, le=255)] | None = None
-    reason: Annotated[str, Field(max_length=REASON_LIMIT)] | None = None
+    reason: Annotated[SiteText, Field(max_length=REASON_LIMIT)] | None = None
     output: dict[str, Any] = {}
     version: int = PROTOCOL_VERSION  # checked first by `parse_result`, naming the side to upgrade
 
@@ -416,7 +418,8 @@ class StageOutput(WireModel):
 
     recipients: Annotated[int, Field(ge=0, le=MAX_SHARE_SET)] | None = None
     opened: Annotated[list[Name], Field(max_length=MAX_SHARE_SET)] = []
-    refused: Annotated[dict[Name, Annotated[str, Field(max_length=REASON_KEPT)]], Field(max_length=MAX_SHARE_SET)] = {}
+    refused: Annotated[dict[Name, Annotated[SiteText, Field(max_length=REASON_KEPT)]],
+                       Field(max_length=MAX_SHARE_SET)] = {}
 
 
 class EvaluationFile(EvaluationOutput):

@@ -7,12 +7,31 @@ these, so they live apart from either; `sitetask` re-exports them.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, ValidationError
 
 MAX_ATTEMPT = 9999  # attempts of one task: the engine retries far fewer; an update's key holds at most 4 digits
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a site's name: a DNS label
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MAX_ROUND = 10000  # spec.rounds' bound
+# Characters a site's free text may not carry into a status, an Event or the coordinator's terminal:
+# C0 and C1 controls but tab and newline (escape sequences, carriage returns, NUL) and the bidirectional
+# embeddings, overrides and isolates, which make text read other than it is.
+_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def showable(text: str) -> str:
+    """A site's free text with each character that could act on a display replaced by U+FFFD.
+
+    Replaced, not refused: an honest worker's reason may quote a library's coloured message, and
+    what it says is worth keeping; what it could do to a terminal or a reader is not.
+    """
+    return _UNSHOWABLE.sub("\ufffd", text)
+
+
+SiteText = Annotated[str, AfterValidator(showable)]  # free text from a site: shown, never acted on
 
 
 def problems(error: ValidationError, limit: int = 3) -> str:

@@ -174,6 +174,28 @@ def test_a_sites_failure_reason_is_kept_short(store: DirectoryStore) -> None:
     assert seen.state == "failed" and seen.reason == "x" * REASON_KEPT
 
 
+def test_a_sites_failure_reason_reaches_the_status_as_text_never_as_control_sequences(store: DirectoryStore) -> None:
+    """Escape sequences, a carriage return, NUL and a bidirectional override become U+FFFD; the words stay."""
+    the_spec = spec(minSuccessful=1)
+    relay = SiteRelay(store, the_spec, "team-signs/signs")
+    status = round_one(the_spec)
+    relay.publish(status)
+    reason = "disk full\x1b[2J\x1b]0;owned\x07\r\x00 at \u202eadmin\n\tretry later: é"
+    store.write_bytes(Layout().site_result("munich", "r0001-munich-a1"),
+                      answer_bytes("r0001-munich-a1", {}, state="failed", exit_code=1, reason=reason))
+    seen = relay.observe(status)["r0001-munich-a1"]
+    assert seen.state == "failed"
+    assert seen.reason == "disk full\ufffd[2J\ufffd]0;owned\ufffd\ufffd\ufffd at \ufffdadmin\n\tretry later: é"
+
+
+def test_a_posting_shows_its_phase_and_message_as_bounded_text() -> None:
+    """What the coordinator writes for a site to show is text too, and no longer than a reason."""
+    posting = parse_posting(json.dumps({"phase": "Failed\x1b[31m", "task": None,
+                                        "message": "\x1b[2J" + "m" * 10 * REASON_LIMIT}).encode())
+    assert posting.phase == "Failed\ufffd[31m"
+    assert posting.message.startswith("\ufffd[2J") and len(posting.message) == REASON_LIMIT
+
+
 @pytest.mark.parametrize(("data", "said"), HOSTILE_TRAINING)
 def test_a_hostile_training_answer_is_refused_with_its_reason(store: DirectoryStore, data: bytes, said: str) -> None:
     the_spec = spec(minSuccessful=1)
