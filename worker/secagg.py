@@ -64,6 +64,7 @@ from fedtrain.contract.secmessages import (
     share_sets,
     unb64,
 )
+from fedtrain.contract.secrets import MASTER_SECRET_BYTES
 from fedtrain.contract.wire import NAME_PATTERN
 from fedtrain.worker.quantisation import QuantisationPlan, QuantisationRangeError
 
@@ -117,8 +118,9 @@ class ClientKeys:
     @classmethod
     def derive(cls, master: bytes, context: Context, client: str) -> ClientKeys:
         """The keys of ``client`` in ``context`` from its 32-byte ``master`` secret."""
-        if len(master) != KEY_BYTES:
-            raise BadInputError(f"secure aggregation needs a {KEY_BYTES}-byte master secret, got {len(master)} bytes")
+        if len(master) != MASTER_SECRET_BYTES:
+            raise BadInputError(f"secure aggregation needs a {MASTER_SECRET_BYTES}-byte master secret, got "
+                                f"{len(master)} bytes")
         if not re.fullmatch(NAME_PATTERN, client) or len(client) > 63:
             raise BadInputError(f"client name {client!r} is not a DNS label")
         encryption = _hkdf(master, context.label("key", client, "encryption"))

@@ -98,15 +98,23 @@ def master_secret(path: Path, create: bool = True) -> bytes:
         except FileNotFoundError:
             raise BadInputError(f"--secret-file {path} does not exist: with --secret-provided the client's secret is "
                                 "given (a mounted Secret's key), never made here") from None
+    if not path.parent.is_dir():
+        raise BadInputError(f"--secret-file {path}: its folder does not exist")
+    # Written whole beside it, then linked into place, which fails if a secret is there already: a task
+    # killed mid-write, or a second task of the client at the same moment, never leaves a short secret.
+    secret = os.urandom(MASTER_SECRET_BYTES)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(secret)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(draft, path)
     except FileExistsError:
         return _checked_secret(path, path.read_bytes())
-    except FileNotFoundError:
-        raise BadInputError(f"--secret-file {path}: its folder does not exist") from None
-    secret = os.urandom(MASTER_SECRET_BYTES)
-    with os.fdopen(descriptor, "wb") as out:
-        out.write(secret)
+    finally:
+        draft.unlink(missing_ok=True)
     return secret
 
 

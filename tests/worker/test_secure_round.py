@@ -164,6 +164,19 @@ def test_a_provided_secret_is_only_read_and_a_missing_one_is_never_made(tmp_path
         master_secret(given, create=False)
 
 
+def test_a_secret_is_made_once_whole_whoever_asks_at_the_same_moment(tmp_path: Path) -> None:
+    """Tasks of one client racing to make its secret all get the one that landed, complete; no draft is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "client-00.key"
+    with ThreadPoolExecutor(8) as pool:
+        made = set(pool.map(lambda _: master_secret(path), range(32)))
+    assert made == {path.read_bytes()} and len(path.read_bytes()) == 32
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["client-00.key"]
+    assert master_secret(path) == path.read_bytes()  # made once: read ever after
+
+
 def test_a_sum_no_honest_round_can_give_fails_the_round_naming_it(trained: dict[str, Any], tmp_path: Path) -> None:
     messages, _ = run_secure_round(tmp_path, trained)
     key = messages.key("client-01", "masked.safetensors")
