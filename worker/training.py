@@ -110,7 +110,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
     Fused: one kernel per parameter instead of about ten tensor operations. On the CPU the default
     was torch's per-tensor loop, about a tenth of a MobileNetV3-small step at 64 px; fused Adam
-    makes the step 5 to 12% cheaper (docs/benchmarks.md). Both agree with the loop to float32
+    makes the step 5 to 14% cheaper (docs/benchmarks.md). Both agree with the loop to float32
     rounding (tests/worker/test_training.py), so a run's numbers move within float noise.
     """
     params = [p for p in model.parameters() if p.requires_grad]

@@ -28,7 +28,8 @@ from fedtrain.contract.wire import MAX_ATTEMPT, MAX_ROUND, NAME_PATTERN, SHA256_
 SECAGG_VERSION = 1
 DOMAIN = "fedtrain-secagg"  # first field of every label: no other protocol's key or AAD collides with ours
 
-# A share set is a client and its neighbours; the spec allows at most 200 clients a round, the wire a little more.
+# A share set is a client and its neighbours; the spec allows at most 128 clients a round
+# (spec.SECURE_MAX_CLIENTS), the wire a little more.
 MAX_SHARE_SET = 256
 ADVERTISEMENT_LIMIT = 4 * 1024
 SHARES_LIMIT = 128 * 1024  # 256 entries of a 63-character name and a 128-character ciphertext, with room
