@@ -66,8 +66,11 @@ def seed_sqlite_store(uri: str, templates: Path | None = None) -> bool:
             folder.mkdir(parents=True, exist_ok=True)
             _make_template(template)
         copy = database.with_name(f".{database.name}.{os.getpid()}.tmp")
-        shutil.copyfile(template, copy)
-        os.replace(copy, database)  # atomic: MLflow never sees half a file
+        try:
+            shutil.copyfile(template, copy)
+            os.replace(copy, database)  # atomic: MLflow never sees half a file
+        finally:
+            copy.unlink(missing_ok=True)  # gone already when it was moved into place
     except (OSError, sqlite3.Error, ImportError):
         return False
     return True
