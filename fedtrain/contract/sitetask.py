@@ -25,7 +25,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from fedtrain.contract.errors import BadDataError
 from fedtrain.contract.secmessages import MAX_SHARE_SET, Advertisement, Name, SharesMessage
@@ -33,8 +42,8 @@ from fedtrain.contract.wire import MAX_ATTEMPT as MAX_ATTEMPT
 from fedtrain.contract.wire import MAX_ROUND as MAX_ROUND
 from fedtrain.contract.wire import NAME_PATTERN as NAME_PATTERN
 from fedtrain.contract.wire import SHA256_PATTERN as SHA256_PATTERN
-from fedtrain.contract.wire import SiteText, showable
 from fedtrain.contract.wire import problems as problems
+from fedtrain.contract.wire import showable
 
 # 2: a task carries its attempt, an update is update-a<attempt>.safetensors, a task is parsed strictly.
 # 3: secure aggregation's stages are site tasks (keys, shares, unmask) and a secure round's tasks carry a
@@ -57,6 +66,9 @@ SIDECAR_LIMIT = 1024 * 1024  # any weights file's .json sidecar (a site's update
 UPDATE_HEADER_LIMIT = 1024 * 1024  # what an update may hold beyond its model's tensors (its safetensors header)
 REASON_LIMIT = 4096  # characters of the reason a failed answer gives (a termination message's size)
 REASON_KEPT = 500  # what a status keeps of a reason: a site's failure, the champion decision
+# A site's free text: bounded, then `showable` (kept as text, never acting on a terminal or a reader).
+Reason = Annotated[str, Field(max_length=REASON_LIMIT), AfterValidator(showable)]
+ShortReason = Annotated[str, Field(max_length=REASON_KEPT), AfterValidator(showable)]
 METRICS_LIMIT = 64  # entries of an update's metrics
 # A mean loss past this is no model's (cross-entropy of a diverged one is in the tens); the bound also keeps
 # loss x examples, summed over the sites, finite, so a combined score never becomes Infinity in a status.
@@ -360,7 +372,7 @@ class ResultDocument(WireModel):
     site: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
     state: ResultState
     exit_code: Annotated[int, Field(ge=0, le=255)] | None = None
-    reason: Annotated[SiteText, Field(max_length=REASON_LIMIT)] | None = None
+    reason: Reason | None = None
     output: dict[str, Any] = {}
     version: int = PROTOCOL_VERSION  # checked first by `parse_result`, naming the side to upgrade
 
@@ -418,8 +430,7 @@ class StageOutput(WireModel):
 
     recipients: Annotated[int, Field(ge=0, le=MAX_SHARE_SET)] | None = None
     opened: Annotated[list[Name], Field(max_length=MAX_SHARE_SET)] = []
-    refused: Annotated[dict[Name, Annotated[SiteText, Field(max_length=REASON_KEPT)]],
-                       Field(max_length=MAX_SHARE_SET)] = {}
+    refused: Annotated[dict[Name, ShortReason], Field(max_length=MAX_SHARE_SET)] = {}
 
 
 class EvaluationFile(EvaluationOutput):

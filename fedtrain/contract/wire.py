@@ -8,9 +8,8 @@ these, so they live apart from either; `sitetask` re-exports them.
 from __future__ import annotations
 
 import re
-from typing import Annotated
 
-from pydantic import AfterValidator, ValidationError
+from pydantic import ValidationError
 
 MAX_ATTEMPT = 9999  # attempts of one task: the engine retries far fewer; an update's key holds at most 4 digits
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a site's name: a DNS label
@@ -29,9 +28,6 @@ def showable(text: str) -> str:
     what it says is worth keeping; what it could do to a terminal or a reader is not.
     """
     return _UNSHOWABLE.sub("\ufffd", text)
-
-
-SiteText = Annotated[str, AfterValidator(showable)]  # free text from a site: shown, never acted on
 
 
 def problems(error: ValidationError, limit: int = 3) -> str:
