@@ -24,15 +24,17 @@ This module imports neither torch nor boto3 at import time: the operator uses it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from fedtrain.contract.errors import BadDataError, BadInputError, TemporaryStorageError, TooLargeError
@@ -163,6 +165,10 @@ def _check_key(key: str) -> str:
 # --- directory ------------------------------------------------------------------------------------
 
 
+class _Missing(BadDataError):
+    """No file behind a key in a directory store (a conditional read reports it; anything else it raises)."""
+
+
 @dataclass(frozen=True)
 class DirectoryStore:
     """A training's directory on a claim or a local disk."""
@@ -183,21 +189,48 @@ class DirectoryStore:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def read_bytes(self, key: str) -> bytes:
+    def _inside(self, key: str) -> Path:
+        """The file behind ``key``, refused if its folder leads out of the store through a link."""
+        path = self.path(key)
+        if not path.parent.resolve().is_relative_to(self.root.resolve()):
+            raise BadDataError(f"{self.describe(key)}: its folder leads out of the store (a link); refused")
+        return path
+
+    def _open(self, key: str) -> BinaryIO:
+        """The file behind ``key``, opened to read only if it is a regular file in the store.
+
+        Whoever shares the directory (a site on the same machine or filesystem) writes its folder:
+        a link there could lead a read to a file of the coordinator's, and a named pipe would block
+        the reader's open for ever. Both are refused, as a missing file is, by name.
+        """
+        path = self._inside(key)
         try:
-            return self.path(key).read_bytes()
-        except FileNotFoundError as error:
-            raise BadDataError(f"{self.describe(key)}: missing") from error
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError) as error:
+            raise _Missing(f"{self.describe(key)}: missing") from error
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise BadDataError(f"{self.describe(key)}: a link, not a file; refused") from error
+            raise
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(descriptor)
+            if stat.S_ISDIR(mode):
+                raise _Missing(f"{self.describe(key)}: missing")
+            raise BadDataError(f"{self.describe(key)}: not a regular file; refused")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._open(key) as stream:
+            return stream.read()
 
     def read_bounded(self, key: str, limit: int) -> bytes:
-        try:
-            with self.path(key).open("rb") as stream:
-                size = os.fstat(stream.fileno()).st_size
-                if size > limit:
-                    raise too_large(self.describe(key), size, limit)
-                data = stream.read(limit + 1)  # at most one byte more: a file that grew since fstat is refused too
-        except (FileNotFoundError, IsADirectoryError) as error:
-            raise BadDataError(f"{self.describe(key)}: missing") from error
+        with self._open(key) as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if size > limit:
+                raise too_large(self.describe(key), size, limit)
+            data = stream.read(limit + 1)  # at most one byte more: a file that grew since fstat is refused too
         if len(data) > limit:
             raise too_large(self.describe(key), f"more than {limit}", limit)
         return data
@@ -207,27 +240,22 @@ class DirectoryStore:
         # size and mtime: the tag is the content's digest, so no change is ever taken for none.
         try:
             data = self.read_bounded(key, limit)
-        except TooLargeError:
-            raise
-        except BadDataError:  # missing
+        except _Missing:
             return Version(None, None, seen is not None)
         tag = hashlib.sha256(data).hexdigest()
         return Version(None, tag, False) if tag == seen else Version(data, tag, True)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        with _atomic_file(self.path(key)) as stream:
+        with _atomic_file(self._inside(key)) as stream:
             stream.write(data)
 
     def upload(self, key: str, source: Path) -> None:
-        with source.open("rb") as reader, _atomic_file(self.path(key)) as stream:
+        with source.open("rb") as reader, _atomic_file(self._inside(key)) as stream:
             shutil.copyfileobj(reader, stream, PART_SIZE)
 
     def download(self, key: str, target: Path) -> None:
-        try:
-            with self.path(key).open("rb") as reader, _atomic_file(target) as stream:
-                shutil.copyfileobj(reader, stream, PART_SIZE)
-        except FileNotFoundError as error:
-            raise BadDataError(f"{self.describe(key)}: missing") from error
+        with self._open(key) as reader, _atomic_file(target) as stream:
+            shutil.copyfileobj(reader, stream, PART_SIZE)
 
     def list(self, prefix: str) -> list[str]:
         folder = self.root / prefix

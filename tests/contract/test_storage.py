@@ -12,7 +12,7 @@ import textwrap
 import threading
 import tracemalloc
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
@@ -109,6 +109,52 @@ def test_a_conditional_read_of_a_file_that_went_away_says_so(store: Store) -> No
     assert store.remove_all() == 1
     gone = store.read_if_changed("sites/munich/task.json", 1024, seen.tag)
     assert gone.missing and gone.changed and gone.data is None
+
+
+def test_a_directory_store_reads_only_regular_files_inside_it(tmp_path: Path) -> None:
+    """A party sharing the directory may plant links and named pipes in its folder: each is refused, none followed.
+
+    The pipe's open would block a reader for ever; each read runs in a thread, so a blocked one fails the test.
+    """
+    outside = tmp_path / "coordinator-secret.key"
+    outside.write_bytes(b"k" * 32)
+    (tmp_path / "elsewhere").mkdir()
+    root = tmp_path / "store"
+    store = DirectoryStore(root)
+    store.write_bytes("sites/evil/results/honest.json", b"{}")
+    folder = root / "sites" / "evil"
+    (folder / "results" / "linked.json").symlink_to(outside)
+    os.mkfifo(folder / "results" / "pipe.json")
+    (folder / "round-0001").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "update-a1.json").write_bytes(b"{}")
+
+    def outcome(read: Callable[[], object]) -> str:
+        found: list[str] = []
+
+        def attempt() -> None:
+            try:
+                read()
+                found.append("read")
+            except BadDataError as error:
+                found.append(str(error))
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+        assert found, "the read blocked"
+        return found[0]
+
+    assert outcome(lambda: store.read_bounded("sites/evil/results/honest.json", 10)) == "read"
+    assert outcome(lambda: store.read_bounded("sites/evil/results/linked.json", 100)).endswith(
+        "a link, not a file; refused")
+    assert outcome(lambda: store.read_bytes("sites/evil/results/pipe.json")).endswith("not a regular file; refused")
+    assert outcome(lambda: store.read_if_changed("sites/evil/results/pipe.json", 100, None)).endswith(
+        "not a regular file; refused")
+    assert outcome(lambda: store.read_bytes("sites/evil/round-0001/update-a1.json")).endswith(
+        "leads out of the store (a link); refused")
+    assert outcome(lambda: store.download("sites/evil/results/linked.json", tmp_path / "copy")).endswith("refused")
+    assert outcome(lambda: store.write_bytes("sites/evil/round-0001/task.json", b"{}")).endswith("refused")
+    assert not (tmp_path / "elsewhere" / "task.json").exists() and outside.read_bytes() == b"k" * 32
+    assert outcome(lambda: store.read_bounded("sites/evil/results", 100)).endswith("missing")  # a folder
 
 
 def test_large_files_stream_in_parts_and_come_back_whole(store: Store, tmp_path: Path) -> None:
