@@ -69,6 +69,11 @@ class Store(Protocol):
         """The training's ``--workdir``: a directory or ``s3://bucket/prefix``."""
         ...
 
+    @property
+    def reads_are_local(self) -> bool:
+        """Whether a read is a local file read: no request charge, no round trip; what polls it may poll often."""
+        ...
+
     def describe(self, key: str) -> str:
         """Where ``key`` is, for messages: a path or an ``s3://`` URL."""
         ...
@@ -178,6 +183,10 @@ class DirectoryStore:
     @property
     def location(self) -> str:
         return str(self.root)
+
+    @property
+    def reads_are_local(self) -> bool:
+        return True
 
     def path(self, key: str) -> Path:
         """The file behind ``key`` (local stores only: plots and MLflow's sqlite sit beside the weights)."""
@@ -358,6 +367,7 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.settings = settings
         self.location = s3_location(bucket, self.prefix)
+        self.reads_are_local = False  # every read is a request: billed, and a round trip away
         # botocore's standard retry mode: connection errors, timeouts, 5xx, 429 and throttling codes are
         # retried with exponential back-off and jitter before anything reaches `_S3Errors`.
         retries = {"mode": "standard", "total_max_attempts": settings.max_attempts}

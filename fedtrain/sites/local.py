@@ -113,7 +113,7 @@ class SiteLoop:
         self._warming: threading.Thread | None = None
         self._released = threading.Event()  # `warm`'s thread may end: the executor is shut down
         self.running: SiteTask | None = None
-        self.pace = Pace(float(self.spec.poll_seconds))
+        self.pace = Pace.for_store(float(self.spec.poll_seconds), self.store.reads_are_local)
         self.posting_seen: tuple[str | None, Posting | None] | None = None  # the posting's tag, and what it said
         self.answered: set[str] = set()  # tasks whose answer is in the store (asked once, or written here)
 

@@ -177,6 +177,7 @@ class SiteRelay:
     checksums: dict[int, str] = field(default_factory=dict)  # round -> sha256 of its global model
     recorded: set[int] = field(default_factory=set)  # rounds whose accepted site scores this process recorded
     relayed: SecureInbox | None = None  # secure rounds' messages, read once (made on first use)
+    published: TrainingStatus | None = None  # the status `publish` wrote everything for last
 
     @property
     def inbox(self) -> SecureInbox:
@@ -187,6 +188,10 @@ class SiteRelay:
                                     "messages against")
             self.relayed = SecureInbox(self.store, self.spec, self.identity)
         return self.relayed
+
+    def awaits_answers(self, status: TrainingStatus) -> bool:
+        """Whether some site has a task the engine waits for: an answer can arrive at any moment."""
+        return bool(assignments(self.spec, status))
 
     def observe(self, status: TrainingStatus) -> dict[str, Observation]:
         """Observations of the site tasks the engine waits for.
@@ -271,7 +276,11 @@ class SiteRelay:
         """Make every site's ``task.json`` say what the status wants of it (writing only what changed).
 
         Then record the accepted site scores of rounds that finished their evaluation (`record_scores`).
+        A status equal to the one published last changes nothing and is skipped: a coordinator
+        waiting on a local store passes many times a second.
         """
+        if status == self.published:
+            return
         wanted = assignments(self.spec, status)
         if self.relayed is not None:
             self.relayed.forget_before(status.current_round)
@@ -280,6 +289,7 @@ class SiteRelay:
             task = self.task(assignment) if assignment is not None else None
             self._post(site, Posting(status.phase, task, posting_message(status)))
         self.record_scores(status)
+        self.published = status.model_copy(deep=True)  # only once all of it is written: a failure tries again
 
     def end(self, message: str = "the coordinator deleted the training") -> None:
         """Tell every site that the training is gone (its resource is being deleted): no task, phase `DELETED`.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_REFUSED
+from fedtrain.contract.errors import EXIT_BAD_DATA, EXIT_REFUSED, TemporaryStorageError
 from fedtrain.contract.layout import Layout
 from fedtrain.contract.sitetask import (
     PROTOCOL_VERSION,
@@ -358,3 +358,38 @@ def test_a_hostile_carried_score_loses_the_score_never_the_update(store: Directo
     assert first is not None and first.evaluations is not None and first.evaluations["munich"].state == "failed"
     assert said in (first.evaluations["munich"].reason or "") and first.federated is None
     assert second is not None and second.clients["munich"].state == "succeeded"
+
+
+class FailingWrites:
+    """A store whose next ``failures`` writes fail as a store that is down for a moment does."""
+
+    def __init__(self, store: DirectoryStore, failures: int) -> None:
+        self.store, self.failures = store, failures
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise TemporaryStorageError(f"{key}: the store did not answer")
+        self.store.write_bytes(key, data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+
+def test_an_unchanged_status_is_published_once_and_again_after_a_failed_try(
+        store: DirectoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    the_spec = spec()
+    status = round_one(the_spec)
+    relay = SiteRelay(FailingWrites(store, failures=1), the_spec, "team-signs/signs")  # type: ignore[arg-type]
+    with pytest.raises(TemporaryStorageError):
+        relay.publish(status)
+    relay.publish(status)  # the same status: tried again, since the last try did not get through
+    assert parse_posting(store.read_bytes("sites/munich/task.json")).task is not None
+    built: list[object] = []
+    monkeypatch.setattr(SiteRelay, "task", lambda self, wanted: built.append(wanted))
+    relay.publish(status)
+    relay.publish(status.model_copy(deep=True))  # an equal status: nothing to build or write
+    assert built == []
+    status.round(1).clients["munich"].state = "dropped"  # type: ignore[union-attr]  # changed in place
+    relay.publish(status)
+    assert parse_posting(store.read_bytes("sites/munich/task.json")).task is None
