@@ -17,11 +17,10 @@ What a task would otherwise pay besides its work stays off its critical path:
   pipe shared with the server as its first act after the task, so the next task starts at once;
   one that dies without reporting (killed, crashed) is reported when it is reaped, with its
   signal as a negative exit code, and replaced;
-- the imports of the training's last task (``--prepare finalize``): once training is under way (the
-  first task after init: a client's training, or a sites-only coordinator's first aggregation), a
-  process is forked for finalize and imports MLflow, its sqlite store, matplotlib and
-  `torch.export` (`PREPARED`: about 3.4 s of a quiet core) beside the rounds, instead of after the
-  last one.
+- the imports of the training's last task (``--prepare finalize``): once init has ended (or a
+  resumed training's first task is handed out), a process is forked for finalize and imports
+  MLflow, its sqlite store, matplotlib and `torch.export` (`PREPARED`: about 3.4 s of a quiet core)
+  beside the rounds, instead of after the last one.
 
 Protocol, one JSON object per line. In: ``{"id", "argv", "stdout", "stderr", "threads", "env"}`` to
 run, ``{"cancel": id}`` to stop (SIGTERM to the task's process group). Out: ``{"ready": true}``
@@ -56,9 +55,10 @@ PREPARED: dict[str, tuple[str, ...]] = {
                  "mlflow.pytorch", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
                  "mlflow.store.model_registry.sqlalchemy_store", "torch.export._trace"),
 }
-# A prepared process is forked once the server hands out the first task past the training's set-up: a
-# client's training, or, for a coordinator whose clients are all sites, the first aggregation (or secure
-# stage), so that no start of the set-up waits for it.
+# A prepared process is forked once the training's set-up is over: when a set-up task ends (as soon as
+# nothing else waits on the server), or when the server hands out a task past the set-up (a resumed
+# training's first). So no start of the set-up waits for it, and a coordinator whose clients are all
+# sites imports while they train the first round instead of beside its first aggregation.
 SETUP_COMMANDS = ("init",)
 
 
@@ -136,6 +136,7 @@ class Server:
     def __init__(self, spares: int, prepare: tuple[str, ...] = ()) -> None:
         self.wanted = max(1, spares)
         self.to_prepare = [command for command in prepare if command in PREPARED]
+        self.set_up = False  # a set-up task has ended: the prepared processes are due
         self.workers: dict[int, Worker] = {}
         self.notices, self.notice_end = _pipe(blocking_write=True)  # task processes report on notice_end
         self.wake, self.wake_end = _pipe(blocking_write=False)  # readable when a child exits (SIGCHLD)
@@ -222,6 +223,7 @@ class Server:
             _send({"id": worker.task, "exit": int(notice["exit"]), "cpu": float(notice["cpu"]),
                    "rss": int(notice["rss"])})
             worker.task = None
+            self.set_up = self.set_up or worker.command in SETUP_COMMANDS
             if not notice["reusable"]:
                 self.retire(worker)
             elif sum(w.task is None for w in self.general()) > self.wanted:
@@ -250,9 +252,13 @@ class Server:
         buffer = b""
         while True:
             missing = len(self.general()) < self.wanted
-            readable, _, _ = select.select([stdin, self.wake, self.notices], [], [], 0 if missing else 1.0)
+            due = self.set_up and bool(self.to_prepare)
+            readable, _, _ = select.select([stdin, self.wake, self.notices], [], [], 0 if missing or due else 1.0)
             if not readable and missing:
                 self.fork_worker()
+                continue
+            if not readable and due:
+                self.prepare()
                 continue
             if self.notices in readable:
                 self.read_notices()

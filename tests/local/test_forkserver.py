@@ -181,35 +181,25 @@ def wait_for(condition: Any, timeout: float = 60.0) -> Any:
     raise AssertionError("condition not reached in time")
 
 
-def test_a_coordinator_whose_clients_all_train_elsewhere_prepares_at_its_first_aggregation(
+def test_a_coordinator_whose_clients_all_train_elsewhere_prepares_once_init_has_ended(
         synth_tree: Path, tmp_path: Path) -> None:
-    """A sites-only coordinator runs no training task: its first task after init is the aggregation."""
+    """A sites-only coordinator runs no task while the sites train round 1: it prepares finalize then, not later."""
     coordinator = ForkServer([], spares=1, prepare=["finalize"], warm=False)  # it trains nothing: no warm-up step
-    site = ForkServer([], spares=1)  # the site's own server: its training is no task of the coordinator's
     try:
-        for logs in ("logs", "site-logs"):
-            (tmp_path / logs).mkdir()
+        (tmp_path / "logs").mkdir()
         tasks = Tasks(coordinator, tmp_path / "logs", tmp_path / "work")
+        assert coordinator.prepared == {}  # set-up first: init's start waits for no fork
         ident, code = tasks.run("init", "--workdir", tasks.workdir, "--data", synth_tree, "--clients", 1,
                                 "--architecture", "tiny_cnn", "--image-size", 16, "--seed", 1)
         assert code == 0, tasks.error(ident)
-        site_tasks = Tasks(site, tmp_path / "site-logs", tasks.workdir)
-        trained, code = train(site_tasks)
-        assert code == 0, site_tasks.error(trained)
-        assert coordinator.prepared == {}  # nothing before the training runs: no start of the set-up waits
-        ident, code = tasks.run("aggregate", "--workdir", tasks.workdir, "--round", 1, "--device", "cpu")
-        assert code == 0, tasks.error(ident)
-        deadline = time.monotonic() + 30
-        while "finalize" not in coordinator.prepared and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert coordinator.prepared["finalize"] != coordinator.pids[ident]
+        prepared = wait_for(lambda: coordinator.prepared.get("finalize"))  # no other task asked for
+        assert prepared != coordinator.pids[ident]
     finally:
         coordinator.close()
-        site.close()
 
 
 def test_finalize_runs_in_the_process_prepared_for_it_once_training_began(synth_tree: Path, tmp_path: Path) -> None:
-    """``prepare``: a process is forked for finalize at the first training task and imports MLflow while it waits."""
+    """``prepare``: a process is forked for finalize once init has ended and imports MLflow while it waits."""
     forks = ForkServer([], spares=1, prepare=["finalize"])
     try:
         (tmp_path / "logs").mkdir()
@@ -217,7 +207,6 @@ def test_finalize_runs_in_the_process_prepared_for_it_once_training_began(synth_
         ident, code = runner.run("init", "--workdir", runner.workdir, "--data", synth_tree, "--clients", 1,
                                  "--architecture", "tiny_cnn", "--image-size", 16, "--seed", 1)
         assert code == 0, runner.error(ident)
-        assert forks.prepared == {}  # nothing is prepared before the training runs: no start waits for it
         trained, code = train(runner)
         assert code == 0, runner.error(trained)
         deadline = time.monotonic() + 30
