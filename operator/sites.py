@@ -267,7 +267,8 @@ class SiteController:
         layout = Layout()
         jobs = await self._jobs(meta["namespace"], meta["name"], meta["uid"])
         ended = await self._settle(jobs, spec, store, layout)
-        pace = self._paces.setdefault(meta["uid"], Pace.for_store(float(spec.poll_seconds), store.reads_are_local))
+        # A pass lists the site's Jobs from the API server whatever the store: never the pace of a local store's reads.
+        pace = self._paces.setdefault(meta["uid"], Pace(float(spec.poll_seconds)))
         if ended:
             pace.moved()  # an answer was just written: the next task is coming
         posting = agent.vanished(await asyncio.to_thread(self._posting, store, layout, spec.site, meta["uid"], pace),
