@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -59,6 +60,9 @@ TEMPORARY_ERRORS = ("SlowDown", "Throttling", "ThrottlingException", "RequestTim
                     "ServiceUnavailable", "InternalError", "TooManyRequests", "RequestLimitExceeded",
                     "TooManyRequestsException", "429")
 MAX_ATTEMPTS = 5
+# How long a listing that showed a key absent answers for that key's 403s (`S3Store.listed_absent`): a
+# site waiting for its first posting on AWS lists once per this, not once per read.
+ABSENCE_TRUSTED_SECONDS = 600.0
 
 
 class Store(Protocol):
@@ -356,6 +360,14 @@ class S3Store:
     refusal of the credentials. This is safe where mapping every 403 to "missing" would not be: the
     store itself, under the same key, says the key is absent. The coordinator's requests are
     unchanged (it gets 404s, never reaches the listing).
+
+    A listing that showed a key absent stands for that key's 403s for `ABSENCE_TRUSTED_SECONDS`:
+    a site polling a posting not yet written costs one GET a read and one LIST per ten minutes,
+    not a LIST per read (about $0.70 a year at AWS's prices instead of $5.79). The price: a key that
+    appears in that time and may not be read (a read grant withdrawn, an object encrypted with a
+    key the site may not use) reads as missing until the next listing, at most ten minutes, and
+    then as refused. A readable key is never affected (its GET succeeds), nor any 403 of a key
+    that was not listed absent.
     """
 
     def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
@@ -379,6 +391,7 @@ class S3Store:
             verify=settings.ca_bundle or settings.verify_tls, config=config)
         self.transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
                                        max_concurrency=4)
+        self.absent_since: dict[str, float] = {}  # key -> when a listing last showed it absent (monotonic)
 
     @classmethod
     def from_url(cls, url: str, environment: Mapping[str, str]) -> S3Store:
@@ -445,10 +458,12 @@ class S3Store:
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors(key):  # one PUT when small, a multipart upload in parts when large
             self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer)
+        self.absent_since.pop(key, None)
 
     def upload(self, key: str, source: Path) -> None:
         with self._errors(key):
             self.client.upload_file(str(source), self.bucket, self._key(key), Config=self.transfer)
+        self.absent_since.pop(key, None)
 
     def download(self, key: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -478,10 +493,15 @@ class S3Store:
         """Whether listing exactly ``key`` is allowed and shows no such object (see the class's docstring).
 
         Keys come back in byte order and ``key`` is a prefix of every other key the listing can
-        return, so if it exists it is the first: one result is enough.
+        return, so if it exists it is the first: one result is enough. An absence listed less than
+        `ABSENCE_TRUSTED_SECONDS` ago is not listed again.
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
+        now = time.monotonic()
+        listed = self.absent_since.get(key)
+        if listed is not None and now - listed < ABSENCE_TRUSTED_SECONDS:
+            return True
         full = self._key(key)
         try:
             answer = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1)
@@ -490,7 +510,13 @@ class S3Store:
         except BotoCoreError as error:  # refused, reset, timed out: the store failed, not this key's grant
             raise TemporaryStorageError(f"{self.describe(key)}: cannot reach {self.settings.endpoint or 'AWS S3'} "
                                         f"after {self.settings.max_attempts} attempt(s) ({error})") from error
-        return all(item["Key"] != full for item in answer.get("Contents", []))
+        absent = all(item["Key"] != full for item in answer.get("Contents", []))
+        self.absent_since = {k: t for k, t in self.absent_since.items() if now - t < ABSENCE_TRUSTED_SECONDS}
+        if absent:
+            self.absent_since[key] = now
+        else:
+            self.absent_since.pop(key, None)
+        return absent
 
     def _errors(self, key: str, missing_ok: bool = False, read: bool = False) -> _S3Errors:
         return _S3Errors(self, key, missing_ok, read)

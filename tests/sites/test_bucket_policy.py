@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import pytest
@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from fedtrain.cli import main
 from fedtrain.contract.errors import BadDataError, BadInputError
 from fedtrain.contract.layout import Layout
-from fedtrain.contract.storage import Store
+from fedtrain.contract.storage import ABSENCE_TRUSTED_SECONDS, S3Store, Store
 from fedtrain.sites.bucket_policy import coordinator_policy, site_policy
 from tests.sites.conftest import BUCKET, PREFIX, TRAINING_ID, FederationStore
 
@@ -130,6 +130,23 @@ def test_a_missing_key_in_its_own_folder_is_missing_not_refused(published: Feder
     refused(lambda: munich.exists(LAYOUT.manifest))
     refused(lambda: munich.read_bytes(LAYOUT.global_weights(7)))  # a global model not written yet: 403 too
     assert published.store("coordinator").exists(answer) is False  # the coordinator's HEAD gets its 404
+
+
+def test_a_listed_absence_answers_for_its_key_for_ten_minutes(published: FederationStore) -> None:
+    """A site waiting for a key of its own folder lists it once per `ABSENCE_TRUSTED_SECONDS`, not on every 403."""
+    munich, answer = cast(S3Store, published.store("munich")), LAYOUT.site_result("munich", "r0010-munich-a1")
+    listings: list[dict[str, Any]] = []
+    listing = munich.client.list_objects_v2
+    munich.client.list_objects_v2 = lambda **request: listings.append(request) or listing(**request)  # type: ignore[method-assign]
+    assert [munich.exists(answer) for _ in range(3)] == [False] * 3  # three 403s
+    assert len(listings) == 1
+    munich.absent_since[answer] -= ABSENCE_TRUSTED_SECONDS  # ten minutes later: listed again
+    assert munich.exists(answer) is False and len(listings) == 2
+    published.store("coordinator").write_bytes(answer, b"{}")  # written meanwhile by another party
+    assert munich.exists(answer) is True and munich.read_bytes(answer) == b"{}"  # a readable key: never hidden
+    assert len(listings) == 2
+    refused(lambda: munich.exists(HAMBURG_UPDATE))  # outside its folder: no listing is allowed, nothing stands
+    refused(lambda: munich.exists(HAMBURG_UPDATE))
 
 
 def test_the_coordinator_does_everything_under_the_training(published: FederationStore) -> None:
