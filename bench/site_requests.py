@@ -1,6 +1,7 @@
 """S3 requests of a site (``fedtrain site run``) and of the coordinator (``fedtrain run``), counted at the store.
 
 Usage: python bench/site_requests.py [--idle-minutes 6] [--sites 3] [--rounds 3] [--skip-idle] [--skip-rounds]
+       [--aws]
 
 moto's S3 server runs in this process behind a WSGI middleware that records every request it is sent:
 the time, the access key that signed it (each process runs with a key of its own, so requests are
@@ -13,6 +14,12 @@ and ``still``, whose posting says the training runs but has no task for it and n
 Printed: requests per minute over the whole time, over the first minute (the pace grows from 0.2 s
 to ``pollSeconds``), and after it (the steady state), and a year of the steady state at AWS S3's
 published GET price.
+
+With ``--aws`` the idle sites sign with IAM users of moto that hold their ``fedtrain site policy``, and
+the server is `tests.strict_s3`'s, which answers as AWS S3 does: a GET of the missing posting is 403
+AccessDenied (the site may list only its own folder), so the site's store lists the key to tell
+"missing" from "refused" (`S3Store.listed_absent`). The price of a year then counts LISTs at AWS's
+LIST price.
 
 Rounds: the local sites sample (``samples/sites/``: tiny CNN at 32 px, 2 local epochs, federated
 evaluation every round) with its store in the bucket: ``fedtrain run`` of the coordinator and N
@@ -51,6 +58,7 @@ from tests.strict_s3 import access_key_of  # noqa: E402
 BUCKET = "fedtrain-bench"
 PREFIX = "bench"
 GET_PRICE = 0.0004 / 1000  # US dollars per GET request: AWS S3 Standard, us-east-1, published price
+LIST_PRICE = 0.005 / 1000  # per LIST (and PUT) request, the same table
 MINUTES_A_YEAR = 365 * 24 * 60
 SITES = ("munich", "hamburg", "berlin")
 
@@ -91,13 +99,16 @@ class Counting:
             return [r for r in self.requests if r.key_id == key_id and since <= r.at < until]
 
 
-def serve() -> tuple[str, Counting]:
-    """moto's S3 on a free loopback port, in a thread of this process, behind `Counting`."""
+def serve(aws: bool = False) -> tuple[str, Counting]:
+    """moto's S3 on a free loopback port, in a thread of this process, behind `Counting` (and `StrictS3`: ``aws``)."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
+    from tests.strict_s3 import StrictS3
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    counting = Counting(DomainDispatcherApplication(create_backend_app))
+    app = DomainDispatcherApplication(create_backend_app)
+    counting = Counting(StrictS3(app) if aws else app)
     server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler)
     os.environ.setdefault("MOTO_PORT", str(server.server_port))
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -109,10 +120,25 @@ def serve() -> tuple[str, Counting]:
     return endpoint, counting
 
 
-def environment(endpoint: str, key_id: str) -> dict[str, str]:
+def environment(endpoint: str, key_id: str, secret: str = "secret") -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FEDTRAIN_S3_"))}
-    return {**clean, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": "secret", "PYTHONUNBUFFERED": "1",
+    return {**clean, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "PYTHONUNBUFFERED": "1",
             "FEDTRAIN_S3_ENDPOINT": endpoint, "FEDTRAIN_S3_REGION": "us-east-1"}
+
+
+def site_user(endpoint: str, site: str, training_id: str) -> tuple[str, str]:
+    """An IAM user of moto for ``site`` holding its ``fedtrain site policy``; its access key and secret."""
+    import boto3
+
+    from fedtrain.sites.bucket_policy import site_policy
+
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                       aws_secret_access_key="setup")
+    iam.create_user(UserName=f"site-{site}")
+    iam.put_user_policy(UserName=f"site-{site}", PolicyName="federation",
+                        PolicyDocument=json.dumps(site_policy(BUCKET, PREFIX, training_id, site)))
+    key = iam.create_access_key(UserName=f"site-{site}")["AccessKey"]
+    return str(key["AccessKeyId"]), str(key["SecretAccessKey"])
 
 
 def start(arguments: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -154,30 +180,32 @@ def per_minute(count: int, seconds: float) -> float:
     return 60.0 * count / seconds if seconds > 0 else float("nan")
 
 
-def idle(scratch: Path, endpoint: str, counting: Counting, minutes: float) -> None:
-    """Two sites with nothing to do: nothing posted, and a posting that never changes."""
+def idle(scratch: Path, endpoint: str, counting: Counting, minutes: float, aws: bool = False) -> None:
+    """Two sites with nothing to do: nothing posted, and a posting that never changes (``aws``: IAM users)."""
     from fedtrain.contract.sitetask import Posting, encode
     from fedtrain.contract.storage import open_store, s3_location
 
-    still = "default/still-00000000"
-    store = open_store(s3_location(BUCKET, PREFIX, still), environment(endpoint, "poster"))
+    trainings = {"empty": "default/empty-00000000", "still": "default/still-00000000"}
+    store = open_store(s3_location(BUCKET, PREFIX, trainings["still"]), environment(endpoint, "poster"))
     store.write_bytes("sites/still/task.json", encode(Posting("Running", None)))
-    files = {"empty": site_file(scratch, "empty", endpoint, "default/empty-00000000", 21, imagesPerClass=2,
-                                testImagesPerClass=1, framesPerTrack=2),
-             "still": site_file(scratch, "still", endpoint, still, 22, imagesPerClass=2, testImagesPerClass=1,
-                                framesPerTrack=2)}
+    seeds = {"empty": 21, "still": 22}
+    files = {site: site_file(scratch, site, endpoint, training, seeds[site], imagesPerClass=2, testImagesPerClass=1,
+                             framesPerTrack=2) for site, training in trainings.items()}
+    keys = {site: site_user(endpoint, site, training) if aws else (f"site-{site}", "secret")
+            for site, training in trainings.items()}
     began = time.monotonic()
     processes = {site: start(["site", "run", str(path), "--workdir", str(scratch / site), "--threads", "1"],
-                             scratch / f"{site}.log", environment(endpoint, f"site-{site}"))
+                             scratch / f"{site}.log", environment(endpoint, *keys[site]))
                  for site, path in files.items()}
     time.sleep(minutes * 60)
     ended = time.monotonic()
     for process in processes.values():
         process.terminate()
         process.wait(timeout=60)
-    print(f"idle, {minutes:g} min, pollSeconds 30 (the default); load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"idle, {minutes:g} min, pollSeconds 30 (the default){', AWS semantics' if aws else ''}; load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
     for site in files:
-        requests = counting.of(f"site-{site}", began, ended)
+        requests = counting.of(keys[site][0], began, ended)
         if not requests:
             print(f"  {site}: no requests (see {scratch / site}.log)")
             continue
@@ -185,12 +213,14 @@ def idle(scratch: Path, endpoint: str, counting: Counting, minutes: float) -> No
         early = [r for r in requests if r.at < first + 60]
         steady = [r for r in requests if r.at >= first + 60]
         steady_rate = per_minute(len(steady), ended - first - 60)
+        listings = sum(kind(r) == "GET list" for r in steady)
+        price = ((len(steady) - listings) * GET_PRICE + listings * LIST_PRICE) / (ended - first - 60) * 60
         kinds = Counter(kind(r) for r in requests)
         print(f"  {site:5}: {len(requests)} requests in {(ended - first) / 60:.1f} min from its first "
               f"({per_minute(len(requests), ended - first):.2f}/min); first minute {len(early)}; after it "
-              f"{len(steady)} in {(ended - first - 60) / 60:.1f} min = {steady_rate:.2f}/min, "
-              f"{steady_rate * MINUTES_A_YEAR:,.0f} a year = ${steady_rate * MINUTES_A_YEAR * GET_PRICE:.2f} a year "
-              f"at $0.0004 per 1,000 GETs; by kind: {dict(kinds)}")
+              f"{len(steady)} in {(ended - first - 60) / 60:.1f} min = {steady_rate:.2f}/min ({listings} LISTs), "
+              f"{steady_rate * MINUTES_A_YEAR:,.0f} a year = ${price * MINUTES_A_YEAR:.2f} a year "
+              f"at $0.0004 per 1,000 GETs and $0.005 per 1,000 LISTs; by kind: {dict(kinds)}")
 
 
 def rounds(scratch: Path, endpoint: str, counting: Counting, sites: list[str], count: int) -> None:
@@ -252,15 +282,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--skip-rounds", action="store_true")
+    parser.add_argument("--aws", action="store_true", help="idle sites with IAM users, answered as AWS S3 answers")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="fedtrain-site-requests-"))
-    endpoint, counting = serve()
+    endpoint, counting = serve(args.aws)
     print(f"moto at {endpoint}; logs in {scratch}; load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     sites = list(SITES[:args.sites]) + [f"site{n:02d}" for n in range(len(SITES) + 1, args.sites + 1)]
     threads = []
     if not args.skip_idle:
         (scratch / "idle").mkdir()
-        threads.append(threading.Thread(target=idle, args=(scratch / "idle", endpoint, counting, args.idle_minutes)))
+        threads.append(threading.Thread(target=idle, args=(scratch / "idle", endpoint, counting, args.idle_minutes,
+                                                          args.aws)))
     if not args.skip_rounds:
         (scratch / "rounds").mkdir()
         threads.append(threading.Thread(target=rounds, args=(scratch / "rounds", endpoint, counting, sites,

@@ -15,8 +15,8 @@ A store in a directory (one machine, or a shared filesystem) charges nothing per
 in microseconds, so there a site reads every `LOCAL_FASTEST` seconds after something moved and at
 most every `LOCAL_ACTIVE` seconds while the training runs: it sees its next task a few hundredths
 of a second after it is posted, for a fraction of a percent of a core. Idle, it still waits
-``pollSeconds``. The site operator keeps the first pace whatever its store: each of its passes
-also lists the site's Jobs from the API server.
+``pollSeconds``. The site operator keeps the object store's pace whatever its store: each of its
+passes also lists the site's Jobs from the API server.
 """
 
 from __future__ import annotations
