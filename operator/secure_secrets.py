@@ -13,8 +13,6 @@ in a client's namespace it cannot be (owners cannot cross namespaces), so the fi
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +30,7 @@ from fedtrain.operator.jobs import (
     secure_secret_manifest,
     secure_secret_name,
 )
+from fedtrain.operator.key_secrets import create_once, held_key_bytes
 from fedtrain.operator.kube import ApiError, Kube, Paths
 from fedtrain.operator.training_api import Refusal, owned_by
 from fedtrain.spec import FederatedTrainingSpec
@@ -44,12 +43,8 @@ def secret_problem(secret: dict[str, Any], owner: Owner, clients: list[str]) -> 
     if not owned_by(secret, owner.uid):
         return (f"{where} exists and is not this training's; secure aggregation keeps its clients' keys there: "
                 "delete or rename it")
-    data = secret.get("data") or {}
     for client in clients:
-        try:
-            size = len(base64.b64decode(data[secret_file(client)], validate=True))
-        except (KeyError, binascii.Error):
-            size = -1
+        size = held_key_bytes(secret, secret_file(client))
         if size != MASTER_SECRET_BYTES:
             held = "has none" if size < 0 else f"holds {size} bytes"
             return (f"{where} must hold a {MASTER_SECRET_BYTES}-byte key {secret_file(client)} for client {client} "
@@ -94,24 +89,9 @@ class SecureSecrets:
 
     async def _ensure(self, owner: Owner, namespace: str, clients: list[str]) -> None:
         wanted = secure_secret_manifest(owner, namespace, {c: self.random(MASTER_SECRET_BYTES) for c in clients})
-        collection = Paths.core(namespace, "secrets")
-        path = f"{collection}/{wanted['metadata']['name']}"
-        for _ in range(2):  # the second time after removing an earlier training's Secret
-            try:
-                await self.kube.create(collection, wanted)
-                return
-            except ApiError as error:
-                if error.status != 409:
-                    raise
-            existing = await self.kube.get(path)
-            if not earlier_incarnation(existing, owner, namespace):
-                problem = secret_problem(existing, owner, clients)
-                if problem:
-                    raise Refusal(Reason.SECURE_SECRET, problem)
-                return
-            await self.kube.delete(path)
-        raise ApiError(409, "Conflict", f"{path} of an earlier training of this name is still being deleted",
-                       f"POST {collection}")
+        await create_once(self.kube, wanted, lambda found: earlier_incarnation(found, owner, namespace),
+                          lambda found: secret_problem(found, owner, clients),
+                          lambda problem: Refusal(Reason.SECURE_SECRET, problem), "training")
 
 
 async def delete_foreign_secrets(kube: Kube, spec: FederatedTrainingSpec, owner: Owner) -> None:

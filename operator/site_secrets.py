@@ -13,7 +13,6 @@ answered as failed with the reason. Secrets are read by name only, never listed 
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,8 @@ from typing import Any
 from fedtrain.contract.errors import BadInputError
 from fedtrain.contract.secrets import MASTER_SECRET_BYTES, secret_file
 from fedtrain.operator.jobs import LABEL_MANAGED_BY, LABEL_PARTICIPATION, MANAGER, SECRET_MODE, SECRETS_MOUNT, fit
-from fedtrain.operator.kube import ApiError, Kube, Paths
+from fedtrain.operator.key_secrets import create_once, held_key_bytes
+from fedtrain.operator.kube import Kube
 from fedtrain.sites.agent import SecretFile
 from fedtrain.sites.participation import PARTICIPATION_KIND
 from fedtrain.spec import API_VERSION
@@ -70,10 +70,7 @@ def site_secret_problem(secret: dict[str, Any], participation: dict[str, Any], s
     if not _owned(secret, participation["metadata"]["uid"]):
         return (f"{where} exists and is not this participation's; the site keeps its secure-aggregation key there: "
                 "delete or rename it")
-    try:
-        size = len(base64.b64decode((secret.get("data") or {})[secret_file(site)], validate=True))
-    except (KeyError, binascii.Error):
-        size = -1
+    size = held_key_bytes(secret, secret_file(site))
     if size == MASTER_SECRET_BYTES:
         return ""
     held = "has none" if size < 0 else f"holds {size} bytes"
@@ -107,23 +104,6 @@ class SiteSecrets:
         if uid in self._ready:
             return
         wanted = site_secret_manifest(participation, site, self.random(MASTER_SECRET_BYTES))
-        collection = Paths.core(participation["metadata"]["namespace"], "secrets")
-        path = f"{collection}/{wanted['metadata']['name']}"
-        for _ in range(2):  # the second time after removing an earlier participation's Secret
-            try:
-                await self.kube.create(collection, wanted)
-                self._ready.add(uid)
-                return
-            except ApiError as error:
-                if error.status != 409:
-                    raise
-            existing = await self.kube.get(path)
-            if not _earlier(existing, participation):
-                problem = site_secret_problem(existing, participation, site)
-                if problem:
-                    raise BadInputError(problem)
-                self._ready.add(uid)
-                return
-            await self.kube.delete(path)
-        raise ApiError(409, "Conflict", f"{path} of an earlier participation of this name is still being deleted",
-                       f"POST {collection}")
+        await create_once(self.kube, wanted, lambda found: _earlier(found, participation),
+                          lambda found: site_secret_problem(found, participation, site), BadInputError, "participation")
+        self._ready.add(uid)
